@@ -1,0 +1,272 @@
+"""``autocomp`` command line. Heavy imports (torch, optuna, transformers) happen inside commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from autocomp.errors import AutocompError
+
+STUDIES_DIR = click.option("--studies-dir", type=click.Path(path_type=Path), default=None,
+                           help="Where studies live (default: $AUTOCOMP_STUDIES or ./studies).")
+
+
+def _studies_dir(value: Path | None) -> Path:
+    return value or Path(os.environ.get("AUTOCOMP_STUDIES", "studies"))
+
+
+def _console(stderr: bool = True) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="autocomp")
+def cli() -> None:
+    """Search per-layer compression plans (quantization, pruning, low-rank) under a size budget."""
+
+
+# -- search ------------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--budget", required=True, help="Size limit: 200MB, 1.5GB (10^n), 30MiB (2^n), 25% of fp32, or bytes.")
+@click.option("--model", default="minilm", show_default=True, help="minilm | file.py:fn | pkg.module:fn | hf:DIR")
+@click.option("--data", default=None, help="Calibration batches: file.py:fn | pkg.module:fn (default: the model's own).")
+@click.option("--study", default=None, help="Study name (default: from --model and --budget, so re-running resumes).")
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///studies/<study>.db).")
+@click.option("--space", default="default", show_default=True, help="Search space: a name in search_spaces/ or a YAML path.")
+@click.option("--trials", default=100, show_default=True, type=int, help="Total finished trials the study should have.")
+@click.option("--sampler", default="tpe", show_default=True, type=click.Choice(["tpe", "nsga2", "random"]))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--metric", default="auto", show_default=True, type=click.Choice(["auto", "cosine", "kl", "mse"]),
+              help="Output distortion; auto: the model's own (cosine for embeddings, kl for logits, else mse).")
+@click.option("--repair/--no-repair", default=True, show_default=True,
+              help="Move over-budget proposals onto the budget instead of skipping them.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+@STUDIES_DIR
+def search(budget: str, model: str, data: str | None, study: str | None, storage: str | None, space: str,
+           trials: int, sampler: str, seed: int, metric: str, repair: bool, as_json: bool,
+           studies_dir: Path | None) -> None:
+    """Search compression plans under --budget; resumes the study if it exists."""
+    from autocomp.engine import SearchConfig, run_search
+
+    cfg = SearchConfig(budget=budget, model=model, data=data, study=study, storage=storage, space=space,
+                       trials=trials, sampler=sampler, seed=seed, metric=metric, repair=repair,
+                       studies_dir=_studies_dir(studies_dir))
+    progress = _SearchProgress(_console())
+    try:
+        result = run_search(cfg, on_event=progress.event)
+    finally:
+        progress.close()
+    _print_result(result, as_json)
+
+
+class _SearchProgress:
+    """Rich progress bar on stderr: trials done and the best feasible proxy so far."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self.progress: Any = None
+        self.task: Any = None
+        self.budget = 0
+
+    def _best(self, front: list[Any]) -> str:
+        from autocomp.budget import format_bytes
+
+        if not front:
+            return "no feasible plan yet"
+        proxy, size = min(front)
+        return f"best proxy {proxy:.4g} at {format_bytes(size)}  (front: {len(front)})"
+
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        from autocomp.budget import format_bytes
+
+        if kind == "status":
+            self.console.print(f"[dim]{data['message']}…[/dim]")
+        elif kind == "warning":
+            self.console.print(f"[yellow]warning:[/yellow] {data['message']}")
+        elif kind == "start":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.console.print(
+                f"study [bold]{data['study']}[/bold] ({data['storage']}): budget {format_bytes(data['budget_bytes'])} "
+                f"of {format_bytes(data['fp32_bytes'])} fp32, smallest plan {format_bytes(data['smallest_bytes'])}, "
+                f"{data['params']} choices; {data['done']}/{data['total']} trials done"
+            )
+            self.progress = Progress(TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                     TextColumn("{task.fields[best]}"), console=self.console, transient=False)
+            self.progress.start()
+            front = [(e["proxy"], e["size_bytes"]) for e in data["front"]]
+            self.task = self.progress.add_task("search", total=data["total"], completed=data["done"],
+                                               best=self._best(front))
+        elif kind == "trial" and self.progress is not None:
+            self.progress.update(self.task, completed=data["done"], best=self._best(data["front"]))
+        elif kind == "interrupted":
+            self.close()
+        elif kind == "done":
+            self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _print_result(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    from rich.table import Table
+
+    from autocomp.budget import format_bytes
+
+    con = _console(stderr=False)
+    fp32 = result["model"]["fp32_bytes"]
+    table = Table(title=f"Pareto front of {result['study']} (budget {format_bytes(result['budget_bytes'])}, "
+                        f"{result['trials_complete']} complete, {result['trials_failed']} failed)")
+    for col in ("trial", "size", "of fp32", "proxy", "plan"):
+        table.add_column(col, justify="right" if col != "plan" else "left")
+    for e in result["pareto"]:
+        table.add_row(str(e["trial"]), format_bytes(e["size_bytes"]), f"{e['size_bytes'] / fp32:.1%}",
+                      f"{e['proxy']:.5f}", e["plan_path"])
+    con.print(table)
+    if not result["pareto"]:
+        con.print("no feasible plan yet")
+
+
+# -- pareto / plan -----------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--study", required=True)
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///studies/<study>.db).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+@STUDIES_DIR
+def pareto(study: str, storage: str | None, as_json: bool, studies_dir: Path | None) -> None:
+    """Show the stored Pareto front of a study (runs no trials, loads no model)."""
+    from autocomp.engine import open_study, study_result
+
+    handle = open_study(study, storage, _studies_dir(studies_dir))
+    _print_result(study_result(handle), as_json)
+
+
+@cli.command()
+@click.option("--study", required=True)
+@click.option("--storage", default=None)
+@click.option("--pick", default="best", show_default=True,
+              help="best (lowest proxy) | smallest | knee | trial:N (a front trial number)")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Where to write the plan JSON.")
+@STUDIES_DIR
+def plan(study: str, storage: str | None, pick: str, out: Path, studies_dir: Path | None) -> None:
+    """Write one plan of the study's Pareto front to --out."""
+    from autocomp.engine import front_trials, open_study, plan_of
+    from autocomp.search.pareto import knee_index
+
+    handle = open_study(study, storage, _studies_dir(studies_dir))
+    front = front_trials(handle.study, handle.budget_bytes)
+    if not front:
+        raise AutocompError(f"study {study!r} has no feasible plan yet; run `autocomp search` first")
+    if pick == "best":
+        chosen = min(front, key=lambda t: (t.values[0], t.values[1]))
+    elif pick == "smallest":
+        chosen = front[0]
+    elif pick == "knee":
+        chosen = front[knee_index([(t.values[1], t.values[0]) for t in front])]
+    elif pick.startswith("trial:") and pick[6:].isdigit():
+        number = int(pick[6:])
+        match = [t for t in handle.study.get_trials(deepcopy=False) if t.number == number and t.values]
+        if not match or "plan" not in match[0].user_attrs:
+            raise AutocompError(f"study {study!r} has no completed trial {number}")
+        chosen = match[0]
+    else:
+        raise AutocompError(f"--pick {pick!r} is not best, smallest, knee or trial:N")
+    p = plan_of(chosen, handle)
+    p = type(p)(**{**p.__dict__, "meta": {**p.meta, "study": study, "trial": chosen.number,
+                                           "budget_bytes": handle.budget_bytes}})
+    p.save(out)
+    from autocomp.budget import format_bytes
+
+    _console().print(f"wrote {out}: trial {chosen.number}, {format_bytes(chosen.values[1])}, proxy {chosen.values[0]:.5f}")
+
+
+# -- layers / score ----------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--model", default="minilm", show_default=True)
+@click.option("--data", default=None)
+@click.option("--json", "as_json", is_flag=True)
+def layers(model: str, data: str | None, as_json: bool) -> None:
+    """List the compressible layers of a model: shape, parameters, FLOPs per sample, block, modality."""
+    from autocomp.models import load_model
+    from autocomp.models.introspect import introspect
+
+    desc = introspect(load_model(model, data=data))
+    if as_json:
+        click.echo(json.dumps(desc.to_dict()))
+        return
+    from rich.table import Table
+
+    from autocomp.budget import format_bytes
+
+    table = Table(title=f"{desc.name}: {desc.params:,} parameters, {format_bytes(desc.fp32_bytes)}")
+    for col in ("layer", "type", "shape", "params", "MFLOPs/sample", "block", "modality"):
+        table.add_column(col, justify="left" if col in ("layer", "type", "modality") else "right")
+    for lay in desc.layers:
+        table.add_row(lay.name, lay.type, f"{lay.rows}x{lay.cols}", f"{lay.params:,}",
+                      f"{lay.flops_per_sample / 1e6:.2f}", "" if lay.block is None else str(lay.block), lay.modality)
+    _console(stderr=False).print(table)
+
+
+@cli.command()
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True)
+@click.option("--model", default=None, help="Default: the model the plan was made for.")
+@click.option("--data", default=None)
+@click.option("--metric", default="auto", type=click.Choice(["auto", "cosine", "kl", "mse"]))
+@click.option("--json", "as_json", is_flag=True)
+def score(plan_path: Path, model: str | None, data: str | None, metric: str, as_json: bool) -> None:
+    """Apply a plan to its model and report exact size and proxy (checks the plan fits the model)."""
+    from autocomp.compressors.apply import check_plan
+    from autocomp.cost.size import plan_bytes
+    from autocomp.evaluators.proxy import ProxyEvaluator
+    from autocomp.models import load_model
+    from autocomp.models.introspect import introspect
+    from autocomp.plan import Plan
+
+    p = Plan.load(plan_path)
+    spec = model or p.model_spec
+    if not spec:
+        raise AutocompError(f"plan {str(plan_path)!r} names no model; pass --model")
+    loaded = load_model(spec, data=data, metric=metric)
+    desc = introspect(loaded)
+    check_plan(p, desc)
+    out = {"model": spec, "size_bytes": plan_bytes(desc, p), "fp32_bytes": desc.fp32_bytes,
+           "proxy": ProxyEvaluator(loaded, desc)(p)}
+    click.echo(json.dumps(out) if as_json else
+               f"{spec}: {out['size_bytes']} bytes ({out['size_bytes'] / desc.fp32_bytes:.1%} of fp32), proxy {out['proxy']:.5f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors print one line and exit 2; Ctrl-C exits 130 after saving."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except AutocompError as e:
+        click.echo(f"error: {e}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished trials are saved; run the same command again to resume", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Apply a plan to a live model by swapping weights in, and undo it by swapping the originals back.
+
+The model is never reloaded or deep-copied per trial: :meth:`PlanApplier.applied` replaces each affected
+parameter's ``.data`` with a compressed tensor and restores the original tensor object afterwards, so the
+weights come back bit for bit. Compressed weights are cached (LRU, bounded in bytes) by (layer, choice,
+structured shape), and per-layer expensive work (SVD, magnitude sorts, unit orders) is computed once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from typing import Any, Iterator
+
+from autocomp.compressors.base import LayerContext, Part, reconstruct, run_pipeline
+from autocomp.compressors.structured import kept_index, kept_units, unit_order
+from autocomp.desc import ModelDesc
+from autocomp.errors import AutocompError, PlanMismatchError
+from autocomp.models.introspect import compressible_modules, fingerprint, weight_matrix_view
+from autocomp.plan import Plan
+
+__all__ = ["PlanApplier", "check_plan"]
+
+
+def check_plan(plan: Plan, desc: ModelDesc) -> None:
+    """Refuse a plan made for another model, or one the packed format cannot hold."""
+    if plan.fingerprint and plan.fingerprint != desc.fingerprint:
+        raise PlanMismatchError(
+            f"plan was made for model {plan.model_spec or '?'} (fingerprint {plan.fingerprint}), "
+            f"not for {desc.spec} (fingerprint {desc.fingerprint}); search again for this model"
+        )
+    names = desc.by_name
+    unknown = [n for n in plan.layers if n not in names]
+    for g in plan.structured.values():
+        unknown += [n for n in (*g.producers, *g.consumers) if n not in names]
+    if unknown:
+        raise PlanMismatchError(
+            f"plan names {len(unknown)} layer(s) this model does not have (first: {unknown[0]!r}); "
+            "it was made for another model"
+        )
+    for key, g in plan.structured.items():
+        for n in g.producers:
+            if names[n].rows % g.units:
+                raise AutocompError(f"structured group {key!r}: {n} has {names[n].rows} rows, not divisible by {g.units} units")
+        for n in g.consumers:
+            if names[n].cols % g.units:
+                raise AutocompError(f"structured group {key!r}: {n} has {names[n].cols} inputs, not divisible by {g.units} units")
+
+
+class PlanApplier:
+    """Swaps compressed weights into ``model`` for the duration of a ``with applied(plan):`` block."""
+
+    def __init__(self, model: Any, desc: ModelDesc, cache_bytes: int = 1 << 30,
+                 row_subsets: dict[str, Any] | None = None) -> None:
+        """``row_subsets``: for Embedding layers, the only rows the caller will ever look up (e.g. the
+        calibration tokens). Only those rows are compressed; the others keep their original values,
+        which cannot change any output the caller computes. Exact for the proxy, and ~50x less work
+        for a 30k-token vocabulary."""
+        mods = compressible_modules(model)
+        self.row_subsets = dict(row_subsets or {})
+        self.model = model
+        self.desc = desc
+        self.modules = {layer.name: mods[layer.name] for layer in desc.layers}
+        self.cache: dict[Any, Any] = {}  # SVDs, sort orders, unit orders: small relative to weights
+        self._weights: OrderedDict[Any, tuple[Any, Any]] = OrderedDict()
+        self._weights_bytes = 0
+        self.cache_bytes = cache_bytes
+        if fingerprint(model) != desc.fingerprint:
+            raise PlanMismatchError("model does not match its description (fingerprint differs)")
+
+    # -- per-layer compressed tensors ------------------------------------------------------------------
+    def _matrix(self, name: str) -> Any:
+        mod, kind = self.modules[name]
+        return weight_matrix_view(kind, mod.weight.data)
+
+    def _kept(self, plan: Plan, name: str) -> tuple[Any, Any, tuple[int, ...]]:
+        rows = cols = None
+        key: list[int] = []
+        for gname, g in sorted(plan.structured.items()):
+            if g.keep >= g.units or (name not in g.producers and name not in g.consumers):
+                continue
+            okey = ("unit_order", gname, g.units, g.producers, g.consumers)
+            order = self.cache.get(okey)
+            if order is None:
+                order = self.cache[okey] = unit_order(g, {n: self._matrix(n) for n in (*g.producers, *g.consumers)})
+            units = kept_units(order, g.keep)
+            m = self._matrix(name)
+            if name in g.producers:
+                rows = kept_index(units, m.shape[0], g.units)
+                key += [0, g.keep]
+            if name in g.consumers:
+                cols = kept_index(units, m.shape[1], g.units)
+                key += [1, g.keep]
+        return rows, cols, tuple(key)
+
+    def layer_parts(self, plan: Plan, name: str) -> tuple[list[Part], Any, Any]:
+        """The stored parts of one layer under ``plan`` plus the kept row / column indices (or None)."""
+        import torch
+
+        rows, cols, skey = self._kept(plan, name)
+        with torch.no_grad():
+            m = self._matrix(name).float()
+            if rows is not None:
+                m = m.index_select(0, rows)
+            if cols is not None:
+                m = m.index_select(1, cols)
+            choice = plan.layer(name)
+            if choice.is_identity:
+                return [Part(values=m)], rows, cols
+            subset = self.row_subsets.get(name) if rows is None and cols is None else None
+            return run_pipeline(m, choice, LayerContext(name, skey, self.cache), row_subset=subset), rows, cols
+
+    def compressed(self, plan: Plan, name: str) -> tuple[Any, Any]:
+        """(weight, bias) in the module's own shapes and dtypes, or (None, None) if unchanged."""
+        import torch
+
+        choice = plan.layer(name)
+        rows, cols, skey = self._kept(plan, name)
+        if choice.is_identity and rows is None and cols is None:
+            return None, None
+        ckey = (name, choice, skey)
+        hit = self._weights.get(ckey)
+        if hit is not None:
+            self._weights.move_to_end(ckey)
+            return hit
+        mod, kind = self.modules[name]
+        with torch.no_grad():
+            parts, rows, cols = self.layer_parts(plan, name)
+            sub = reconstruct(parts)
+            full_m = weight_matrix_view(kind, mod.weight.data)
+            subset = self.row_subsets.get(name) if rows is None and cols is None else None
+            if subset is not None:
+                dense = full_m.detach().clone().float()
+                dense[subset] = sub
+            elif rows is None and cols is None:
+                dense = sub
+            else:
+                dense = torch.zeros(full_m.shape, dtype=torch.float32)
+                r = rows if rows is not None else torch.arange(full_m.shape[0])
+                c = cols if cols is not None else torch.arange(full_m.shape[1])
+                dense[r[:, None], c[None, :]] = sub
+            w = dense.t() if kind == "Conv1D" else dense
+            w = w.reshape(mod.weight.shape).to(mod.weight.dtype).contiguous()
+            bias = None
+            if rows is not None and getattr(mod, "bias", None) is not None and mod.bias.numel() == full_m.shape[0]:
+                bias = torch.zeros_like(mod.bias.data)
+                bias[rows] = mod.bias.data[rows]
+        self._weights[ckey] = (w, bias)
+        self._weights_bytes += w.numel() * w.element_size()
+        while self._weights_bytes > self.cache_bytes and len(self._weights) > 1:
+            _, (old, _) = self._weights.popitem(last=False)
+            self._weights_bytes -= old.numel() * old.element_size()
+        return w, bias
+
+    @contextlib.contextmanager
+    def applied(self, plan: Plan) -> Iterator[None]:
+        """Within the block the model computes with the plan's weights; afterwards it is restored."""
+        check_plan(plan, self.desc)
+        saved: list[tuple[Any, str, Any]] = []
+        try:
+            for name in self.modules:
+                w, b = self.compressed(plan, name)
+                if w is None:
+                    continue
+                mod, _ = self.modules[name]
+                saved.append((mod, "weight", mod.weight.data))
+                mod.weight.data = w
+                if b is not None:
+                    saved.append((mod, "bias", mod.bias.data))
+                    mod.bias.data = b
+            yield
+        finally:
+            for mod, attr, data in reversed(saved):
+                getattr(mod, attr).data = data

@@ -1,0 +1,443 @@
+"""The trial loop: ask -> plan -> size -> (repair) -> budget check -> proxy -> tell; anytime persistence.
+
+The study is a normal Optuna study (two objectives, both minimized: proxy, size_bytes) with a ``size``
+constraint (``size_bytes - budget <= 0`` is feasible) set on every trial before its proxy runs.
+Everything needed to read the study back without the model (model description, budget, search-space
+hash, calibration-data hash) is stored in the study's user attributes under ``autocomp``.
+
+Resume: opening an existing study checks it was made for the same model / data / space / budget, fails
+trials a killed process left RUNNING (marked ``autocomp_stale``) and enqueues their parameters again,
+then runs only the missing trials. ``--trials N`` counts finished trials (complete, or failed with a
+reason such as a non-finite proxy); stale ones do not count and are retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from autocomp.budget import format_bytes, parse_budget
+from autocomp.desc import ModelDesc
+from autocomp.errors import AutocompError
+from autocomp.plan import Plan, atomic_write_text
+from autocomp.search.pareto import pareto_front
+
+__all__ = ["SearchConfig", "run_search", "StudyHandle", "open_study", "study_result", "default_study_name",
+           "check_study_name", "ENGINE_VERSION"]
+
+ENGINE_VERSION = 1
+ATTR = "autocomp"
+_STUDY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass
+class SearchConfig:
+    budget: str
+    model: str = "minilm"
+    data: str | None = None
+    study: str | None = None
+    storage: str | None = None
+    space: str = "default"
+    trials: int = 100
+    sampler: str = "tpe"
+    seed: int = 0
+    metric: str = "auto"
+    repair: bool = True
+    studies_dir: Path = field(default_factory=lambda: Path("studies"))
+
+
+def check_study_name(name: str) -> str:
+    if not _STUDY_RE.match(name) or ".." in name:
+        raise AutocompError(
+            f"study name {name!r} is not allowed; use letters, digits, '-', '_' and '.' (no '/' or '..'), "
+            "at most 100 characters"
+        )
+    return name
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "x"
+
+
+def default_study_name(model_spec: str, budget_text: str) -> str:
+    """Deterministic from the command, so re-running the same command resumes the same study."""
+    if model_spec.startswith("hf:"):
+        model = "hf-" + Path(model_spec[3:].rstrip("/")).name
+    elif ":" in model_spec:
+        target, _, fn = model_spec.rpartition(":")
+        model = f"{Path(target).stem if target.endswith('.py') else target.rsplit('.', 1)[-1]}-{fn}"
+    else:
+        model = model_spec
+    budget = budget_text.strip().replace("%", "pct")
+    return _slug(f"{model}-{budget}")[:100]
+
+
+def _mask_url(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def _storage_url(cfg_storage: str | None, studies_dir: Path, study: str) -> str:
+    if cfg_storage:
+        return cfg_storage
+    studies_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(studies_dir / f'{study}.db').as_posix()}"
+
+
+def _open_storage(url: str) -> Any:
+    import optuna
+
+    try:
+        if url.startswith("sqlite:///"):
+            path = Path(url[len("sqlite:///"):])
+            if not path.parent.is_dir():
+                raise AutocompError(f"storage {url!r} cannot be opened: folder {str(path.parent)!r} does not exist")
+            storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+            _sqlite_wal(storage.engine)
+            return storage
+        if url.endswith((".log", ".jsonl")) and "://" not in url:
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            return JournalStorage(JournalFileBackend(url))
+        return optuna.storages.get_storage(url)
+    except AutocompError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AutocompError(f"storage {_mask_url(url)!r} cannot be opened: {first[:300]}") from None
+
+
+def _sqlite_wal(engine: Any) -> None:
+    """WAL journal + synchronous=NORMAL: each commit is appended to the WAL without an fsync, so the
+    ~120 parameter writes of a trial cost milliseconds instead of ~0.8 s. A killed process loses nothing
+    it committed (the WAL is in the OS); only a power cut can drop the last commits, never corrupt."""
+    from sqlalchemy import event
+
+    def on_connect(dbapi_conn: Any, record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    event.listen(engine, "connect", on_connect)
+    engine.dispose()  # connections made while creating the tables predate the listener
+
+
+@dataclass
+class StudyHandle:
+    """An opened autocomp study plus what it was made for."""
+
+    study: Any
+    name: str
+    storage_url: str
+    meta: dict[str, Any]
+    out_dir: Path
+
+    @property
+    def desc(self) -> ModelDesc:
+        return ModelDesc.from_dict(self.meta["model"])
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.meta["budget_bytes"])
+
+
+def open_study(name: str, storage: str | None = None, studies_dir: Path = Path("studies"),
+               must_exist: bool = True) -> StudyHandle:
+    """Open an existing autocomp study (for ``pareto``, ``plan``); no model is loaded."""
+    import optuna
+
+    check_study_name(name)
+    if storage is None and must_exist and not (studies_dir / f"{name}.db").is_file():
+        raise AutocompError(f"study {name!r} not found under {str(studies_dir)!r}; run `autocomp search ... --study {name}` first"
+                            " or pass --storage")
+    url = _storage_url(storage, studies_dir, name)
+    st = _open_storage(url)
+    try:
+        study = optuna.load_study(study_name=name, storage=st)
+    except KeyError:
+        raise AutocompError(f"study {name!r} does not exist in {_mask_url(url)!r}") from None
+    meta = study.user_attrs.get(ATTR)
+    if not meta:
+        raise AutocompError(f"study {name!r} was not made by autocomp (no '{ATTR}' attributes)")
+    return StudyHandle(study, name, url, meta, studies_dir / name)
+
+
+# -- results ------------------------------------------------------------------------------------------------
+def _finished(trial: Any) -> bool:
+    import optuna
+
+    S = optuna.trial.TrialState
+    return trial.state == S.COMPLETE or (trial.state == S.FAIL and not trial.user_attrs.get("autocomp_stale"))
+
+
+def front_trials(study: Any, budget: int) -> list[Any]:
+    import optuna
+
+    done = [t for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
+            if t.values and t.values[1] <= budget and all(math.isfinite(v) for v in t.values)]
+    idx = pareto_front([(t.values[1], t.values[0]) for t in done])
+    return [done[i] for i in idx]  # sorted by size
+
+
+def plan_of(trial: Any, handle: StudyHandle) -> Plan:
+    d = trial.user_attrs.get("plan")
+    if d is None:
+        raise AutocompError(f"trial {trial.number} of study {handle.name!r} has no stored plan")
+    plan = Plan.from_dict(d, source=f"trial {trial.number}")
+    return plan.with_metrics(proxy=trial.values[0], size_bytes=int(trial.values[1]))
+
+
+def write_front(handle: StudyHandle, front: list[Any]) -> list[dict[str, Any]]:
+    """Write plan files for the front, then pareto.json (atomically): a killed run leaves both valid."""
+    entries = []
+    plans_dir = handle.out_dir / "plans"
+    for t in front:
+        path = plans_dir / f"trial-{t.number}.json"
+        if not path.is_file():
+            plan_of(t, handle).save(path)
+        entries.append({"trial": t.number, "size_bytes": int(t.values[1]), "proxy": float(t.values[0]),
+                        "plan_path": str(path)})
+    return entries
+
+
+def study_result(handle: StudyHandle, write: bool = True) -> dict[str, Any]:
+    import optuna
+
+    S = optuna.trial.TrialState
+    trials = handle.study.get_trials(deepcopy=False)
+    front = front_trials(handle.study, handle.budget_bytes)
+    entries = write_front(handle, front) if write else [
+        {"trial": t.number, "size_bytes": int(t.values[1]), "proxy": float(t.values[0]),
+         "plan_path": str(handle.out_dir / "plans" / f"trial-{t.number}.json")} for t in front]
+    model = handle.meta["model"]
+    result = {
+        "study": handle.name,
+        "storage": _mask_url(handle.storage_url),
+        "trials_complete": sum(t.state == S.COMPLETE for t in trials),
+        "trials_failed": sum(t.state == S.FAIL and not t.user_attrs.get("autocomp_stale") for t in trials),
+        "model": {"name": model["name"], "params": int(model["params"]), "fp32_bytes": int(model["fp32_bytes"])},
+        "budget_bytes": handle.budget_bytes,
+        "pareto": entries,
+    }
+    if write:
+        atomic_write_text(handle.out_dir / "pareto.json", json.dumps(result, indent=1) + "\n")
+    return result
+
+
+# -- the search -------------------------------------------------------------------------------------------
+def _space_hash(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _check_same(meta: dict[str, Any], new: dict[str, Any], name: str) -> None:
+    checks = (
+        ("model_spec", "--model"), ("fingerprint", "--model (its weights' layout)"),
+        ("data_fingerprint", "--data (calibration data)"), ("space_hash", "--space (file contents)"),
+        ("budget_bytes", "--budget"), ("metric", "--metric"),
+    )
+    for key, flag in checks:
+        if meta.get(key) != new.get(key):
+            raise AutocompError(
+                f"study {name!r} was made with a different {flag}: {meta.get(key)!r}, now {new.get(key)!r}; "
+                f"rerun with the original settings to resume, or use a new --study"
+            )
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) a search; returns the contract result (see ``autocomp search --json``)."""
+    import optuna
+
+    from autocomp.cost.size import plan_bytes
+    from autocomp.evaluators.proxy import ProxyEvaluator, data_fingerprint
+    from autocomp.models import load_model
+    from autocomp.models.introspect import introspect
+    from autocomp.search.repair import repair
+    from autocomp.search.samplers import make_sampler
+    from autocomp.space import SearchSpace, reference_assignments, resolve_space_path
+
+    import warnings
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    emit = on_event or (lambda kind, data: None)
+    if cfg.trials < 1:
+        raise AutocompError(f"--trials must be >= 1, got {cfg.trials}")
+    name = check_study_name(cfg.study or default_study_name(cfg.model, cfg.budget))
+    space_path = resolve_space_path(cfg.space)
+    make_sampler(cfg.sampler, cfg.seed)  # validate the name before loading anything heavy
+    parse_budget(cfg.budget, fp32_bytes=1)  # syntax check before loading the model
+    url = _storage_url(cfg.storage, cfg.studies_dir, name)
+    storage = _open_storage(url)
+
+    emit("status", {"message": f"loading model {cfg.model}"})
+    loaded = load_model(cfg.model, data=cfg.data, metric=cfg.metric)
+    desc = introspect(loaded)
+    space = SearchSpace.from_yaml(space_path, desc)
+    budget = parse_budget(cfg.budget, fp32_bytes=desc.fp32_bytes)
+    smallest = plan_bytes(desc, space.decode(space.smallest_assignment()))
+    if budget < smallest:
+        raise AutocompError(
+            f"budget {cfg.budget} ({format_bytes(budget)}) is below the smallest plan this search space allows "
+            f"({format_bytes(smallest)}, {smallest} bytes); raise --budget or allow more compression in the space"
+        )
+    if budget >= desc.fp32_bytes:
+        emit("warning", {"message": f"budget {format_bytes(budget)} is above the model's fp32 size "
+                                    f"({format_bytes(desc.fp32_bytes)}); searching the proxy/size trade-off under it"})
+    emit("status", {"message": "computing teacher outputs"})
+    evaluator = ProxyEvaluator(loaded, desc)
+    meta = {
+        "engine_version": ENGINE_VERSION, "model_spec": cfg.model, "data_spec": cfg.data or loaded.data_spec,
+        "fingerprint": desc.fingerprint, "data_fingerprint": data_fingerprint(loaded.batches),
+        "space": str(space_path), "space_hash": _space_hash(str(space_path)), "budget": cfg.budget,
+        "budget_bytes": budget, "metric": evaluator.metric, "sampler": cfg.sampler, "seed": cfg.seed,
+        "repair": cfg.repair, "smallest_bytes": smallest, "model": desc.to_dict(),
+    }
+    sampler = make_sampler(cfg.sampler, cfg.seed)
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                    directions=["minimize", "minimize"], load_if_exists=True)
+    except Exception as e:
+        raise AutocompError(f"study {name!r} cannot be created in {_mask_url(url)!r}: {e}") from None
+    old = study.user_attrs.get(ATTR)
+    if old:
+        _check_same(old, meta, name)
+    elif study.get_trials(deepcopy=False):
+        raise AutocompError(f"study {name!r} in {_mask_url(url)!r} exists but was not made by autocomp; use another --study")
+    else:
+        study.set_user_attr(ATTR, meta)
+        study.set_metric_names(["proxy", "size_bytes"])
+        # start from the uniform reference plans (repaired onto the budget when they do not fit)
+        for label, assignment in reference_assignments(space).items():
+            study.enqueue_trial(assignment, user_attrs={"reference": label})
+    handle = StudyHandle(study, name, url, old or meta, cfg.studies_dir / name)
+    _recover_stale(study)
+
+    known: dict[str, tuple[float, int]] = {}
+    for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
+        if "plan_key" in t.user_attrs and t.user_attrs.get("evaluated", True):
+            known.setdefault(t.user_attrs["plan_key"], (t.values[0], t.number))
+    done = sum(_finished(t) for t in study.get_trials(deepcopy=False))
+    result = study_result(handle)
+    emit("start", {"study": name, "storage": _mask_url(url), "done": done, "total": cfg.trials,
+                   "budget_bytes": budget, "fp32_bytes": desc.fp32_bytes, "smallest_bytes": smallest,
+                   "params": len(space.params), "front": result["pareto"]})
+    front_ids = [e["trial"] for e in result["pareto"]]
+    attempts, max_attempts = 0, 20 * max(1, cfg.trials - done) + 100
+    with _sigterm_as_interrupt():
+        while done < cfg.trials and attempts < max_attempts:
+            attempts += 1
+            trial = study.ask()
+            try:
+                outcome = _run_trial(trial, space, desc, budget, evaluator, known, cfg.repair, repair, plan_bytes)
+            except (KeyboardInterrupt, _Interrupted):
+                trial.set_user_attr("autocomp_stale", True)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                if trial.params:
+                    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+                result = study_result(handle)
+                emit("interrupted", {"done": done, "total": cfg.trials})
+                raise KeyboardInterrupt from None
+            state, values = outcome
+            study.tell(trial, values=values, state=state)
+            if state != optuna.trial.TrialState.PRUNED:
+                done += 1
+            front = front_trials(study, budget)
+            if [t.number for t in front] != front_ids:
+                front_ids = [t.number for t in front]
+                result = study_result(handle)
+            emit("trial", {"number": trial.number, "state": state.name, "values": values, "done": done,
+                           "total": cfg.trials, "front": [(t.values[0], t.values[1]) for t in front]})
+    if done < cfg.trials:
+        emit("warning", {"message": f"stopped after {attempts} proposals: only {done} of {cfg.trials} trials "
+                                    "fit the budget; enable --repair or loosen --budget"})
+    result = study_result(handle)
+    emit("done", {"done": done, "total": cfg.trials, "result": result})
+    return result
+
+
+def _run_trial(trial: Any, space: Any, desc: ModelDesc, budget: int, evaluator: Any,
+               known: dict[str, tuple[float, int]], do_repair: bool, repair: Any, plan_bytes: Any) -> tuple[Any, Any]:
+    import optuna
+
+    S = optuna.trial.TrialState
+    assignment = {p: trial.suggest_categorical(p, list(opts)) for p, opts in space.params.items()}
+    plan = space.decode(assignment)
+    size = plan_bytes(desc, plan)
+    if size > budget and do_repair:
+        fixed, size = repair(space, assignment, budget, size)
+        changed = {p: [assignment[p], fixed[p]] for p in fixed if fixed[p] != assignment[p]}
+        trial.set_user_attr("repair", changed)
+        plan = space.decode(fixed)
+        size = plan_bytes(desc, plan)
+    trial.set_constraint("size", float(size - budget))
+    trial.set_user_attr("size_bytes", int(size))
+    if size > budget:  # never evaluated
+        trial.set_user_attr("skipped", f"over budget: {size} > {budget} bytes")
+        return S.PRUNED, None
+    key = hashlib.sha1(plan.key().encode()).hexdigest()
+    trial.set_user_attr("plan_key", key)
+    body = plan.to_dict()
+    body.pop("metrics", None)
+    trial.set_user_attr("plan", body)
+    if key in known:
+        proxy, source = known[key]
+        trial.set_user_attr("duplicate_of", source)
+        trial.set_user_attr("evaluated", False)
+        return S.COMPLETE, [proxy, float(size)]
+    t0 = time.perf_counter()
+    proxy = evaluator(plan)
+    trial.set_user_attr("eval_seconds", round(time.perf_counter() - t0, 4))
+    if not math.isfinite(proxy):
+        trial.set_user_attr("fail_reason", "proxy is not finite (NaN/inf outputs)")
+        return S.FAIL, None
+    known[key] = (proxy, trial.number)
+    return S.COMPLETE, [float(proxy), float(size)]
+
+
+def _recover_stale(study: Any) -> int:
+    """Fail trials a killed process left RUNNING and enqueue their parameters again (single-writer)."""
+    import optuna
+
+    S = optuna.trial.TrialState
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=[S.RUNNING]):
+        storage = study._storage
+        try:
+            storage.set_trial_user_attr(t._trial_id, "autocomp_stale", True)
+            storage.set_trial_state_values(t._trial_id, state=S.FAIL)
+        except Exception:  # finished meanwhile by its owner
+            continue
+        if t.params:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        n += 1
+    return n
+
+
+class _sigterm_as_interrupt:
+    """SIGTERM ends the run like Ctrl-C: the current trial is marked for retry and outputs are written."""
+
+    def __enter__(self) -> None:
+        self._old = None
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread
+            pass
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+    @staticmethod
+    def _handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt

@@ -1,0 +1,148 @@
+"""The proxy: how far the compressed model's outputs drift from the original's on calibration data.
+
+Teacher outputs are computed once. Scoring a plan swaps its weights into the live model
+(:class:`~autocomp.compressors.apply.PlanApplier`), runs the calibration batches and restores the weights;
+the model is never reloaded or copied.
+
+Metrics (0 = identical, lower is better), averaged over samples (and valid tokens where an
+``attention_mask`` in the batch matches the output's token axis):
+
+* ``cosine``: ``1 - cos(teacher, student)`` along the last axis (embeddings);
+* ``kl``:     ``KL(softmax(teacher) || softmax(student))`` along the last axis, per token (logits);
+* ``mse``:    ``sum (student - teacher)^2 / sum teacher^2`` (normalized MSE; anything else).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+from autocomp.compressors.apply import PlanApplier
+from autocomp.desc import ModelDesc
+from autocomp.errors import AutocompError
+from autocomp.models.base import LoadedModel, extract_output, run_batch
+from autocomp.plan import Plan
+
+__all__ = ["ProxyEvaluator", "distortion", "METRICS", "data_fingerprint"]
+
+METRICS = ("auto", "cosine", "kl", "mse")
+
+
+def _token_mask(batch: Any, out: Any) -> Any:
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if mask is None or out.dim() < 3 or tuple(mask.shape) != tuple(out.shape[:2]):
+        return None
+    return mask.to(out.dtype)
+
+
+def distortion(metric: str, teacher: Any, student: Any, mask: Any = None) -> tuple[float, float]:
+    """(sum of per-item distortion, item count) so batches combine into one mean; for mse (num, den)."""
+    import torch
+
+    t, s = teacher.float(), student.float()
+    if metric == "mse":
+        err, ref = (s - t).pow(2), t.pow(2)
+        if mask is not None:
+            m = mask.unsqueeze(-1)
+            err, ref = err * m, ref * m
+        return float(err.sum()), float(ref.sum())
+    if metric == "cosine":
+        per = 1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-12)
+    elif metric == "kl":
+        lt, ls = torch.log_softmax(t, dim=-1), torch.log_softmax(s, dim=-1)
+        per = (lt.exp() * (lt - ls)).sum(dim=-1)
+    else:
+        raise AutocompError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    if mask is not None:
+        return float((per * mask).sum()), float(mask.sum())
+    return float(per.sum()), float(per.numel())
+
+
+def data_fingerprint(batches: list[Any]) -> str:
+    import torch
+
+    h = hashlib.sha256()
+    for b in batches:
+        items = sorted(b.items()) if isinstance(b, dict) else list(enumerate(b)) if isinstance(b, (list, tuple)) else [(0, b)]
+        for k, v in items:
+            if isinstance(v, torch.Tensor):
+                h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _record_lookups(model: Any, desc: ModelDesc) -> tuple[dict[str, set[int]], list[Any]]:
+    """Hooks that collect the rows each Embedding layer looks up (skipped for weights shared with
+    another layer, e.g. an output head tied to the embedding, where every row is used)."""
+    import torch
+
+    from autocomp.models.introspect import compressible_modules
+
+    mods = compressible_modules(model)
+    weight_users: dict[int, int] = {}
+    for mod, _ in mods.values():
+        weight_users[id(mod.weight)] = weight_users.get(id(mod.weight), 0) + 1
+    seen: dict[str, set[int]] = {}
+    hooks = []
+    for layer in desc.layers:
+        mod, kind = mods[layer.name]
+        if kind != "Embedding" or weight_users[id(mod.weight)] > 1 or getattr(mod, "max_norm", None):
+            continue
+        seen[layer.name] = set()
+
+        def hook(m: Any, inputs: Any, output: Any, name: str = layer.name) -> None:
+            seen[name].update(torch.unique(inputs[0]).tolist())
+
+        hooks.append(mod.register_forward_hook(hook))
+    return seen, hooks
+
+
+class ProxyEvaluator:
+    """``evaluator(plan) -> float``. Deterministic: same plan, same number, on the same machine."""
+
+    def __init__(self, loaded: LoadedModel, desc: ModelDesc, applier: PlanApplier | None = None) -> None:
+        import torch
+
+        self.loaded = loaded
+        self.model = loaded.module.eval()
+        self.batches = loaded.batches
+        self.teacher: list[Any] = []
+        self.masks: list[Any] = []
+        metric = loaded.metric
+        looked_up, hooks = _record_lookups(self.model, desc)
+        with torch.inference_mode():
+            for i, batch in enumerate(self.batches):
+                try:
+                    out = run_batch(self.model, batch)
+                except Exception as e:
+                    msg = str(e).splitlines()[0] if str(e) else ""
+                    raise AutocompError(
+                        f"calibration batch {i} does not fit model {loaded.spec!r}: {type(e).__name__}: {msg}"
+                    ) from None
+                tensor, auto = extract_output(out)
+                if metric == "auto":
+                    metric = auto
+                if not torch.isfinite(tensor).all():
+                    raise AutocompError(f"the original model's output on calibration batch {i} is not finite")
+                self.teacher.append(tensor.detach().clone())
+                self.masks.append(_token_mask(batch, tensor))
+        for h in hooks:
+            h.remove()
+        subsets = {n: torch.tensor(sorted(ix), dtype=torch.long) for n, ix in looked_up.items()}
+        self.applier = applier or PlanApplier(self.model, desc, row_subsets=subsets)
+        if metric not in METRICS[1:]:
+            raise AutocompError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+        self.metric = metric
+
+    def __call__(self, plan: Plan) -> float:
+        import torch
+
+        num = den = 0.0
+        with torch.inference_mode(), self.applier.applied(plan):
+            for batch, teacher, mask in zip(self.batches, self.teacher, self.masks):
+                student, _ = extract_output(run_batch(self.model, batch))
+                a, b = distortion(self.metric, teacher, student, mask)
+                num, den = num + a, den + b
+        value = num / den if den > 0 else float("nan")
+        return value if math.isfinite(value) else float("nan")

@@ -1,0 +1,166 @@
+"""Find the compressible layers of a real model and measure their FLOPs with a real forward pass."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from autocomp.desc import LayerDesc, ModelDesc
+from autocomp.errors import AutocompError
+from autocomp.models.base import LoadedModel, run_batch
+
+__all__ = ["introspect", "describe_static", "compressible_modules", "fingerprint", "weight_matrix_view", "MODALITY_PATTERNS"]
+
+# first match wins; names are lower-cased before matching
+MODALITY_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("fusion", r"(fusion|cross_?attn|crossattention|multi_?modal|mm_projector|visual_projection|text_projection|logit_scale)"),
+    ("vision", r"(vision|visual|image|pixel|patch|vit\b|conv_stem)"),
+    ("audio", r"(audio|speech|wav|mel|acoustic)"),
+    ("text", r"(text|token|word|lm_head|embed_tokens|bert|roberta)"),
+)
+_BLOCK = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+def _layer_type(module: Any) -> str | None:
+    import torch
+
+    if isinstance(module, torch.nn.Linear):
+        return "Linear"
+    if isinstance(module, torch.nn.Conv2d):
+        return "Conv2d"
+    if isinstance(module, torch.nn.Conv1d):
+        return "Conv1d"
+    if isinstance(module, torch.nn.Embedding):
+        return "Embedding"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers GPT-2 style
+        return "Conv1D"
+    return None
+
+
+def compressible_modules(model: Any) -> dict[str, tuple[Any, str]]:
+    """module path -> (module, type name) for every Linear / Conv1d / Conv2d / Embedding / Conv1D."""
+    out = {}
+    for name, mod in model.named_modules():
+        kind = _layer_type(mod)
+        if kind is not None and getattr(mod, "weight", None) is not None and name:
+            out[name] = (mod, kind)
+    return out
+
+
+def weight_matrix_view(kind: str, weight: Any) -> Any:
+    """The weight as ``rows x cols`` (outputs x inputs). A view where possible."""
+    if kind == "Conv1D":
+        return weight.t()
+    if weight.dim() > 2:
+        return weight.reshape(weight.shape[0], -1)
+    return weight
+
+
+def fingerprint(model: Any) -> str:
+    """Hash of parameter names and shapes: plans made for one architecture do not apply to another."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+    return h.hexdigest()[:16]
+
+
+def _modality(name: str, default: str) -> str:
+    low = name.lower()
+    for tag, pattern in MODALITY_PATTERNS:
+        if re.search(pattern, low):
+            return tag
+    return default
+
+
+def _batch_size(batch: Any) -> int:
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    values = list(batch.values()) if isinstance(batch, dict) else list(batch)
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.dim():
+            return int(v.shape[0])
+    return 1
+
+
+def describe_static(loaded: LoadedModel) -> ModelDesc:
+    """Like :func:`introspect` without the forward pass (FLOPs stay 0)."""
+    return introspect(loaded, measure=False)
+
+
+def introspect(loaded: LoadedModel, measure: bool = True) -> ModelDesc:
+    """Describe every compressible layer; FLOPs per sample come from a forward on the first batch."""
+    import torch
+
+    model = loaded.module
+    mods = compressible_modules(model)
+    if not mods:
+        raise AutocompError(
+            f"model {loaded.spec!r} has no compressible layers (Linear, Conv1d, Conv2d, Embedding, Conv1D)"
+        )
+    flops: dict[str, int] = {}
+
+    def hook(name: str, kind: str):
+        def fn(mod: Any, inputs: Any, output: Any) -> None:
+            x = inputs[0]
+            if kind == "Embedding":
+                f = 0
+            elif kind in ("Linear", "Conv1D"):
+                w = weight_matrix_view(kind, mod.weight)
+                f = 2 * x.numel() // w.shape[1] * w.shape[0] * w.shape[1]
+            else:  # conv: 2 * output elements * (in / groups * kernel)
+                f = 2 * output.numel() * mod.weight[0].numel()
+            flops[name] = flops.get(name, 0) + int(f)
+        return fn
+
+    bs = 1
+    if measure:
+        handles = [m.register_forward_hook(hook(n, k)) for n, (m, k) in mods.items()]
+        batch = loaded.batches[0]
+        try:
+            with torch.inference_mode():
+                run_batch(model, batch)
+        except AutocompError:
+            raise
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise AutocompError(
+                f"calibration batch 0 does not fit model {loaded.spec!r}: {type(e).__name__}: {msg}"
+            ) from None
+        finally:
+            for h in handles:
+                h.remove()
+        bs = max(1, _batch_size(batch))
+
+    seen: set[int] = set()
+    layer_param_ids: set[int] = set()
+    layers = []
+    for name, (mod, kind) in mods.items():
+        w = mod.weight
+        if id(w) in seen:  # tied weight (e.g. lm_head tied to the embedding): compress it once
+            continue
+        seen.add(id(w))
+        rows, cols = weight_matrix_view(kind, w).shape
+        b = getattr(mod, "bias", None)
+        layer_param_ids.add(id(w))
+        if isinstance(b, torch.nn.Parameter):
+            layer_param_ids.add(id(b))
+        m = _BLOCK.search(name)
+        layers.append(LayerDesc(
+            name=name, type=kind, rows=int(rows), cols=int(cols), weight_itemsize=w.element_size(),
+            bias=int(b.numel()) if isinstance(b, torch.Tensor) else 0,
+            bias_itemsize=b.element_size() if isinstance(b, torch.Tensor) else 4,
+            flops_per_sample=flops.get(name, 0) // bs,
+            block=int(m.group(1)) if m else None,
+            modality=_modality(name, loaded.modality),
+            groups=int(getattr(mod, "groups", 1)),
+        ))
+    params = list(model.parameters())  # deduplicated by torch
+    total_bytes = sum(p.numel() * p.element_size() for p in params)
+    other = sum(p.numel() * p.element_size() for p in params if id(p) not in layer_param_ids)
+    info = dict(loaded.info)
+    return ModelDesc(name=loaded.name, spec=loaded.spec, params=sum(p.numel() for p in params),
+                     fp32_bytes=int(total_bytes), other_bytes=int(other), layers=tuple(layers),
+                     fingerprint=fingerprint(model), info=info)

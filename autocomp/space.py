@@ -1,0 +1,521 @@
+"""Search spaces: per-layer choices declared in YAML (search_spaces/*.yaml), bound to a real model.
+
+A space file has ``layers`` rules (first match wins) and optional ``structured`` coupling rules::
+
+    version: 1
+    layers:
+      - types: [Embedding]                  # Linear, Conv1d, Conv2d, Embedding, Conv1D
+        match: '.*word_embeddings'          # optional regex, full match on the module path
+        quant: [keep, 8c, 4g128, 3g32a]     # bits + (c = per channel | gN = groups of N) + (a = asymmetric)
+        prune: [none, u50, '2:4']           # uNN = NN% magnitude sparsity
+        rank: [full, r0.5]                  # fraction of the full rank
+        tie: '{block}.attn'                 # optional: layers with the same key share one choice
+    structured:
+      - kind: neurons                       # neurons | heads | channels
+        producers: ['(?P<p>.+)\\.intermediate\\.dense']   # first: a regex; the rest: templates
+        consumers: ['{p}.output.dense']
+        keep: [1.0, 0.75, 0.5]
+        heads: auto                         # heads only: a count, or auto (from the model config)
+
+Binding to a model drops options that would not save bytes on that layer (a rank whose factors are
+larger than the matrix, 2:4 on an input size not divisible by 4, ...). Each remaining choice with more
+than one option becomes one categorical Optuna parameter; :meth:`SearchSpace.decode` turns a full
+assignment into a :class:`~autocomp.plan.Plan` that the packed format can hold.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from autocomp.cost.size import layer_bytes, structured_shape, tensor_bytes
+from autocomp.desc import LayerDesc, ModelDesc
+from autocomp.errors import AutocompError
+from autocomp.plan import LayerPlan, Plan, StructuredGroup
+
+__all__ = ["SearchSpace", "reference_assignments", "uniform_assignment", "resolve_space_path", "parse_quant", "parse_prune", "SPACES_DIR"]
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D")
+_QUANT = re.compile(r"^(?:keep|(\d+)(c|g(\d+))(a?))$")
+_PRUNE = re.compile(r"^(?:none|u(\d{1,2})|2:4)$")
+_RANK = re.compile(r"^(?:full|r(0?\.\d+|1(?:\.0*)?))$")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def resolve_space_path(space: str) -> Path:
+    """``default`` -> search_spaces/default.yaml; a path is used as is."""
+    p = Path(space).expanduser()
+    if p.is_file():
+        return p
+    if _NAME.match(space):
+        cand = SPACES_DIR / f"{space}.yaml"
+        if cand.is_file():
+            return cand
+    known = ", ".join(sorted(x.stem for x in SPACES_DIR.glob("*.yaml"))) if SPACES_DIR.is_dir() else ""
+    raise AutocompError(f"search space {space!r} not found; use a YAML path or one of: {known}")
+
+
+@functools.lru_cache(maxsize=None)
+def parse_quant(label: str) -> tuple[int | None, int, bool]:
+    m = _QUANT.match(str(label))
+    if not m:
+        raise ValueError(f"quant option {label!r} is not keep or <bits><c|gN>[a] (e.g. 8c, 4g128, 3g32a)")
+    if label == "keep":
+        return None, 0, True
+    bits = int(m.group(1))
+    if not 2 <= bits <= 8:
+        raise ValueError(f"quant option {label!r}: bits must be 2..8")
+    group = int(m.group(3)) if m.group(3) else 0
+    if m.group(3) and group < 1:
+        raise ValueError(f"quant option {label!r}: group size must be >= 1")
+    return bits, group, m.group(4) != "a"
+
+
+@functools.lru_cache(maxsize=None)
+def parse_prune(label: str) -> tuple[str, float]:
+    m = _PRUNE.match(str(label))
+    if not m:
+        raise ValueError(f"prune option {label!r} is not none, uNN (NN% magnitude) or 2:4")
+    if label == "none":
+        return "none", 0.0
+    if label == "2:4":
+        return "2:4", 0.5
+    pct = int(m.group(1))
+    if not 0 < pct < 100:
+        raise ValueError(f"prune option {label!r}: percentage must be 1..99")
+    return "unstructured", pct / 100
+
+
+@functools.lru_cache(maxsize=None)
+def parse_rank(label: str) -> float | None:
+    m = _RANK.match(str(label))
+    if not m:
+        raise ValueError(f"rank option {label!r} is not full or rF with 0 < F < 1 (e.g. r0.25)")
+    if label == "full":
+        return None
+    f = float(m.group(1))
+    if not 0 < f < 1:
+        raise ValueError(f"rank option {label!r}: fraction must be in (0, 1)")
+    return f
+
+
+def rank_for(fraction: float, rows: int, cols: int) -> int | None:
+    """Rank for a fraction of ``min(rows, cols)``, rounded down to a multiple of 4 (2:4- and SIMD-friendly);
+    None when the two factors would not be smaller than the matrix."""
+    r = int(fraction * min(rows, cols)) // 4 * 4
+    if r < 4 or r * (rows + cols) >= rows * cols:
+        return None
+    return r
+
+
+@dataclass(frozen=True)
+class _Rule:
+    match: Any
+    types: frozenset[str] | None
+    modality: frozenset[str] | None
+    quant: tuple[str, ...]
+    prune: tuple[str, ...]
+    rank: tuple[str, ...]
+    tie: str | None
+
+
+@dataclass(frozen=True)
+class _StructRule:
+    kind: str
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...]
+    keep: tuple[float, ...]
+    heads: Any
+
+
+@dataclass(frozen=True)
+class _Group:
+    key: str
+    kind: str
+    units: int
+    unit_size: int
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...]
+    keeps: dict[str, int]  # label -> kept units
+
+
+def _as_list(value: Any, where: str) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, (str, int, float)):
+        return [value]
+    raise AutocompError(f"{where} must be a list")
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise AutocompError(f"search space {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise AutocompError(f"search space {str(path)!r} cannot be read: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise AutocompError(f"search space {str(path)!r} must be a mapping with a 'layers' list")
+    return data
+
+
+def _parse_rules(data: Mapping[str, Any], src: str) -> tuple[list[_Rule], list[_StructRule]]:
+    unknown = set(data) - {"version", "description", "layers", "structured"}
+    if unknown:
+        raise AutocompError(f"{src}: unknown key {sorted(unknown)[0]!r}; allowed: version, description, layers, structured")
+    if data.get("version", 1) != 1:
+        raise AutocompError(f"{src}: version {data.get('version')!r} is not supported; use version: 1")
+    layers = data.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise AutocompError(f"{src}: 'layers' must be a non-empty list of rules")
+    rules = []
+    for i, r in enumerate(layers):
+        where = f"{src}: layers[{i}]"
+        if not isinstance(r, dict):
+            raise AutocompError(f"{where} must be a mapping")
+        bad = set(r) - {"match", "types", "modality", "quant", "prune", "rank", "tie"}
+        if bad:
+            raise AutocompError(f"{where}: unknown key {sorted(bad)[0]!r}; allowed: match, types, modality, quant, prune, rank, tie")
+        try:
+            match = re.compile(str(r["match"])) if "match" in r else None
+        except re.error as e:
+            raise AutocompError(f"{where}.match: invalid regex: {e}") from None
+        types = None
+        if "types" in r:
+            types = frozenset(str(t) for t in _as_list(r["types"], f"{where}.types"))
+            if types - set(LAYER_TYPES):
+                raise AutocompError(f"{where}.types: unknown type {sorted(types - set(LAYER_TYPES))[0]!r}; use {', '.join(LAYER_TYPES)}")
+        modality = frozenset(_as_list(r["modality"], f"{where}.modality")) if "modality" in r else None
+        opts: dict[str, tuple[str, ...]] = {}
+        for key, parse, default in (("quant", parse_quant, ["keep"]), ("prune", parse_prune, ["none"]),
+                                    ("rank", parse_rank, ["full"])):
+            labels = [str(x) for x in _as_list(r.get(key, default), f"{where}.{key}")]
+            if not labels:
+                raise AutocompError(f"{where}.{key}: needs at least one option")
+            for lab in labels:
+                try:
+                    parse(lab)
+                except ValueError as e:
+                    raise AutocompError(f"{where}.{key}: {e}") from None
+            opts[key] = tuple(dict.fromkeys(labels))
+        tie = r.get("tie")
+        if tie is not None and not isinstance(tie, str):
+            raise AutocompError(f"{where}.tie must be a string template such as '{{block}}.attn'")
+        rules.append(_Rule(match, types, modality, opts["quant"], opts["prune"], opts["rank"], tie))
+    structs = []
+    for i, s in enumerate(data.get("structured") or []):
+        where = f"{src}: structured[{i}]"
+        if not isinstance(s, dict):
+            raise AutocompError(f"{where} must be a mapping")
+        bad = set(s) - {"kind", "producers", "consumers", "keep", "heads"}
+        if bad:
+            raise AutocompError(f"{where}: unknown key {sorted(bad)[0]!r}; allowed: kind, producers, consumers, keep, heads")
+        kind = s.get("kind")
+        if kind not in ("neurons", "heads", "channels"):
+            raise AutocompError(f"{where}.kind: {kind!r} is not neurons, heads or channels")
+        prods = [str(x) for x in _as_list(s.get("producers", []), f"{where}.producers")]
+        cons = [str(x) for x in _as_list(s.get("consumers", []), f"{where}.consumers")]
+        if not prods or not cons:
+            raise AutocompError(f"{where}: needs at least one producer and one consumer")
+        try:
+            re.compile(prods[0])
+        except re.error as e:
+            raise AutocompError(f"{where}.producers[0]: invalid regex: {e}") from None
+        keep = _as_list(s.get("keep", [1.0]), f"{where}.keep")
+        try:
+            keep_f = tuple(float(k) for k in keep)
+        except (TypeError, ValueError):
+            raise AutocompError(f"{where}.keep: fractions in (0, 1] expected, got {keep!r}") from None
+        if any(not 0 < k <= 1 for k in keep_f):
+            raise AutocompError(f"{where}.keep: fractions in (0, 1] expected, got {keep!r}")
+        heads = s.get("heads", "auto" if kind == "heads" else None)
+        if kind == "heads" and not (heads == "auto" or (isinstance(heads, int) and heads > 0)):
+            raise AutocompError(f"{where}.heads: a positive count or 'auto', got {heads!r}")
+        structs.append(_StructRule(kind, tuple(prods), tuple(cons), keep_f, heads))
+    return rules, structs
+
+
+class SearchSpace:
+    """Per-layer categorical choices for one model. Build with :meth:`from_yaml`."""
+
+    def __init__(self, desc: ModelDesc, rules: list[_Rule], structs: list[_StructRule], source: str = "") -> None:
+        self.desc = desc
+        self.source = source
+        self.params: dict[str, tuple[str, ...]] = {}  # optuna parameter -> option labels
+        self.fixed: dict[str, str] = {}  # choices with a single option
+        self.layer_keys: dict[str, str] = {}  # layer -> tie key ("<key>:q" etc. are its choices)
+        self.members: dict[str, list[str]] = {}  # tie key -> layers
+        self.groups: dict[str, _Group] = {}
+        self._by_name = by_name = desc.by_name
+        rule_of: dict[str, _Rule] = {}
+        self._bind_structured(structs, by_name, source)
+        for layer in desc.layers:
+            rule = next((r for r in rules if self._matches(r, layer)), None)
+            if rule is None:
+                continue
+            key = self._tie_key(rule, layer)
+            self.layer_keys[layer.name] = key
+            self.members.setdefault(key, []).append(layer.name)
+            rule_of[key] = rule
+        for key, names in self.members.items():
+            rule = rule_of[key]
+            layers = [by_name[n] for n in names]
+            for dim, labels in (("q", rule.quant), ("p", rule.prune), ("r", rule.rank)):
+                valid = [lab for lab in labels if all(self._saves(dim, lab, lay) for lay in layers)]
+                valid = self._dedupe_groups(valid, layers) if dim == "q" else valid
+                if not valid:
+                    valid = [{"q": "keep", "p": "none", "r": "full"}[dim]]
+                if len(valid) == 1:
+                    self.fixed[f"{key}:{dim}"] = valid[0]
+                else:
+                    self.params[f"{key}:{dim}"] = tuple(valid)
+        self._bytes_memo: dict[tuple[Any, ...], int] = {}
+        self._layer_groups: dict[str, tuple[str, ...]] = {}
+        for gk, g in self.groups.items():
+            for n in dict.fromkeys((*g.producers, *g.consumers)):
+                self._layer_groups[n] = (*self._layer_groups.get(n, ()), gk)
+        for g in self.groups.values():
+            labels = tuple(g.keeps)
+            if len(labels) == 1:
+                self.fixed[f"{g.key}:keep"] = labels[0]
+            else:
+                self.params[f"{g.key}:keep"] = labels
+
+    # -- construction helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def _matches(rule: _Rule, layer: LayerDesc) -> bool:
+        if rule.types is not None and layer.type not in rule.types:
+            return False
+        if rule.modality is not None and layer.modality not in rule.modality:
+            return False
+        return rule.match is None or rule.match.fullmatch(layer.name) is not None
+
+    @staticmethod
+    def _tie_key(rule: _Rule, layer: LayerDesc) -> str:
+        if not rule.tie:
+            return layer.name
+        if "{block}" in rule.tie and layer.block is None:
+            return layer.name
+        try:
+            return rule.tie.format(block=layer.block, modality=layer.modality, type=layer.type, name=layer.name)
+        except (KeyError, IndexError) as e:
+            raise AutocompError(f"tie template {rule.tie!r} uses unknown field {e}; use block, modality, type, name") from None
+
+    @staticmethod
+    def _saves(dim: str, label: str, layer: LayerDesc) -> bool:
+        """Whether an option alone makes this layer smaller (and is representable for it)."""
+        dense = layer.rows * layer.cols * layer.weight_itemsize
+        if dim == "q":
+            bits, group, sym = parse_quant(label)
+            if bits is None:
+                return True
+            return tensor_bytes(layer.rows, layer.cols, LayerPlan(bits, group, sym), layer.weight_itemsize) < dense
+        if dim == "p":
+            kind, s = parse_prune(label)
+            if kind == "none":
+                return True
+            if kind == "2:4" and layer.cols % 4:
+                return False
+            return tensor_bytes(layer.rows, layer.cols, LayerPlan(prune=kind, sparsity=s), layer.weight_itemsize) < dense
+        f = parse_rank(label)
+        if f is None:
+            return True
+        return layer.groups == 1 and rank_for(f, layer.rows, layer.cols) is not None
+
+    @staticmethod
+    def _dedupe_groups(labels: list[str], layers: list[LayerDesc]) -> list[str]:
+        """A group as wide as every member's row is per-channel quantization: keep one label for it."""
+        seen: dict[tuple[Any, ...], str] = {}
+        for lab in labels:
+            bits, group, sym = parse_quant(lab)
+            eff = tuple(0 if group >= lay.cols else group for lay in layers)
+            seen.setdefault((bits, sym, eff), lab)
+        return [lab for lab in labels if lab in seen.values()]
+
+    def _bind_structured(self, structs: list[_StructRule], by_name: dict[str, LayerDesc], src: str) -> None:
+        claimed: set[str] = set()
+        for rule in structs:
+            pat = re.compile(rule.producers[0])
+            for layer in self.desc.layers:
+                m = pat.fullmatch(layer.name)
+                if not m or layer.name in claimed:
+                    continue
+                fields = m.groupdict()
+                try:
+                    prods = (layer.name, *(p.format(**fields) for p in rule.producers[1:]))
+                    cons = tuple(c.format(**fields) for c in rule.consumers)
+                except (KeyError, IndexError) as e:
+                    raise AutocompError(f"{src}: structured template uses {e}, which producers[0] does not capture") from None
+                if any(n not in by_name for n in (*prods, *cons)):
+                    continue
+                if rule.kind == "heads":
+                    heads = rule.heads if rule.heads != "auto" else self.desc.info.get("num_attention_heads")
+                    if not heads:
+                        raise AutocompError(f"{src}: structured heads rule needs 'heads: N' (the model config has no num_attention_heads)")
+                    units = int(heads)
+                else:
+                    units = layer.rows
+                if any(by_name[p].rows != layer.rows for p in prods) or any(by_name[c].cols % units for c in cons) \
+                        or layer.rows % units:
+                    continue
+                keeps: dict[str, int] = {}
+                for f in sorted(set(rule.keep), reverse=True):
+                    k = units if f >= 1 else max(1, round(units * f))
+                    if f < 1 and rule.kind != "heads" and units >= 64:
+                        k = max(8, k // 8 * 8)  # whole multiples of 8 channels: kernel-friendly
+                    if k not in keeps.values():  # two fractions that round to one count: one option
+                        keeps[f"k{f:g}"] = k
+                key = f"{rule.kind}@{layer.name}"
+                self.groups[key] = _Group(key, rule.kind, units, layer.rows // units, prods, cons, keeps)
+                claimed.update(prods)
+
+    # -- public ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, space: str | Path, desc: ModelDesc) -> "SearchSpace":
+        path = resolve_space_path(str(space))
+        rules, structs = _parse_rules(_load_yaml(path), str(path))
+        sp = cls(desc, rules, structs, source=str(path))
+        if not sp.params:
+            raise AutocompError(
+                f"search space {str(path)!r} offers no choice for model {desc.spec!r}; "
+                "check its match/types patterns against `autocomp layers`"
+            )
+        return sp
+
+    def choice(self, name: str, assignment: Mapping[str, str]) -> str:
+        return assignment[name] if name in assignment else self.fixed[name]
+
+    def structured_of(self, assignment: Mapping[str, str]) -> dict[str, StructuredGroup]:
+        out = {}
+        for key, g in self.groups.items():
+            keep = g.keeps[self.choice(f"{key}:keep", assignment)]
+            out[key] = StructuredGroup(g.kind, g.units, g.unit_size, keep, g.producers, g.consumers)
+        return out
+
+    def layer_choice(self, layer: LayerDesc, key: str, assignment: Mapping[str, str], rows: int, cols: int) -> LayerPlan:
+        bits, group, sym = parse_quant(self.choice(f"{key}:q", assignment))
+        prune, sparsity = parse_prune(self.choice(f"{key}:p", assignment))
+        f = parse_rank(self.choice(f"{key}:r", assignment))
+        rank = rank_for(f, rows, cols) if f is not None else None
+        if bits is not None and group >= (rank if rank is not None else cols):
+            group = 0  # a group spanning the whole row is per-channel
+        if prune == "2:4" and (cols % 4 or (rank is not None and rank % 4)):
+            prune, sparsity = "none", 0.0  # the packed 2:4 format needs whole groups of 4 inputs
+        return LayerPlan(bits=bits, group_size=group if bits is not None else 0, symmetric=sym,
+                         prune=prune, sparsity=sparsity if prune == "unstructured" else 0.0, rank=rank)
+
+    def decode(self, assignment: Mapping[str, str]) -> Plan:
+        """A full assignment (every parameter of :attr:`params`) -> the plan it means for this model."""
+        missing = [p for p in self.params if p not in assignment]
+        if missing:
+            raise AutocompError(f"assignment lacks {len(missing)} parameter(s), e.g. {missing[0]!r}")
+        groups = self.structured_of(assignment)
+        active = {k: g for k, g in groups.items() if g.keep < g.units}
+        layers = {}
+        for layer in self.desc.layers:
+            key = self.layer_keys.get(layer.name)
+            if key is None:
+                continue
+            rows, cols = structured_shape(layer, active)
+            choice = self.layer_choice(layer, key, assignment, rows, cols)
+            if not choice.is_identity:
+                layers[layer.name] = choice
+        return Plan(layers=layers, structured=active, model_spec=self.desc.spec, model_name=self.desc.name,
+                    fingerprint=self.desc.fingerprint)
+
+    def layer_bytes(self, name: str, assignment: Mapping[str, str]) -> int:
+        """Bytes of one layer under an assignment (memoized; used by repair for incremental sizes)."""
+        key = self.layer_keys.get(name)
+        gkeys = self._layer_groups.get(name, ())
+        labels = tuple(self.choice(f"{key}:{d}", assignment) for d in "qpr") if key else ()
+        keeps = tuple(self.groups[g].keeps[self.choice(f"{g}:keep", assignment)] for g in gkeys)
+        memo_key = (name, labels, keeps)
+        hit = self._bytes_memo.get(memo_key)
+        if hit is not None:
+            return hit
+        layer = self._by_name[name]
+        rows, cols = layer.rows, layer.cols
+        for gk, keep in zip(gkeys, keeps):
+            g = self.groups[gk]
+            if keep < g.units:
+                rows = rows // g.units * keep if name in g.producers else rows
+                cols = cols // g.units * keep if name in g.consumers else cols
+        choice = self.layer_choice(layer, key, assignment, rows, cols) if key else LayerPlan()
+        out = self._bytes_memo[memo_key] = layer_bytes(layer, choice, rows, cols)
+        return out
+
+    def param_layers(self, param: str) -> list[str]:
+        """The layers whose bytes depend on one parameter."""
+        key, _, dim = param.rpartition(":")
+        if dim == "keep":
+            g = self.groups[key]
+            return list(dict.fromkeys((*g.producers, *g.consumers)))
+        return list(self.members[key])
+
+    def smallest_assignment(self) -> dict[str, str]:
+        """The assignment of least bytes (exact: per tie key, all option combinations are tried)."""
+        out: dict[str, str] = {}
+        for key, g in self.groups.items():
+            if f"{key}:keep" in self.params:
+                out[f"{key}:keep"] = min(g.keeps, key=lambda lab: g.keeps[lab])
+        for key in self.members:
+            dims = [f"{key}:{d}" for d in "qpr" if f"{key}:{d}" in self.params]
+            best = None
+            for combo in itertools.product(*(self.params[d] for d in dims)):
+                trial = {**out, **dict(zip(dims, combo))}
+                size = sum(self.layer_bytes(n, trial) for n in self.members[key])
+                if best is None or size < best[0]:
+                    best = (size, combo)
+            if best is not None:
+                out.update(zip(dims, best[1]))
+        return out
+
+    def largest_assignment(self) -> dict[str, str]:
+        """Every parameter at its first option (by convention the least compressed)."""
+        return {p: opts[0] for p, opts in self.params.items()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "params": {k: list(v) for k, v in self.params.items()},
+                "fixed": dict(self.fixed), "structured_groups": len(self.groups),
+                "layers_searched": len(self.layer_keys)}
+
+
+def uniform_assignment(space: SearchSpace, quant: str) -> dict[str, str] | None:
+    """Every quant choice at ``quant``, no pruning, full rank, all structured units kept;
+    None if some quant parameter does not offer ``quant``."""
+    out: dict[str, str] = {}
+    for p, opts in space.params.items():
+        dim = p.rpartition(":")[2]
+        if dim == "q":
+            if quant not in opts:
+                return None
+            out[p] = quant
+        else:
+            neutral = {"p": "none", "r": "full"}.get(dim)
+            if dim == "keep":
+                key = p.rpartition(":")[0]
+                neutral = max(opts, key=lambda lab: space.groups[key].keeps[lab])
+            out[p] = neutral if neutral in opts else opts[0]
+    return out
+
+
+def reference_assignments(space: SearchSpace) -> dict[str, dict[str, str]]:
+    """The uniform plans every study starts from: one per quantization option all layers share
+    (e.g. ``uniform-8c``, ``uniform-4g128``), least compressed first."""
+    labels: list[str] = []
+    for p, opts in space.params.items():
+        if p.endswith(":q"):
+            labels += [o for o in opts if o != "keep" and o not in labels]
+    out = {}
+    for lab in labels:
+        a = uniform_assignment(space, lab)
+        if a is not None:
+            out[f"uniform-{lab}"] = a
+    return out
