@@ -254,10 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     except AutocompError as e:
         click.echo(f"error: {e}", err=True)
         return 2
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        return 130
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         click.echo("interrupted: finished trials are saved; run the same command again to resume", err=True)
         return 130
     except click.ClickException as e:

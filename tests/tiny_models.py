@@ -1,0 +1,85 @@
+"""Tiny user-style models and data for tests, loaded through `file.py:fn` / `module:fn` like a user's."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Embedding -> FFN (fc1 -> relu -> fc2) -> head. Output: logits-like tensor (metric: mse)."""
+
+    def __init__(self, vocab: int = 100, dim: int = 32, hidden: int = 64, out: int = 10) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, out)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        delay = float(os.environ.get("TINY_SLEEP", "0"))
+        if delay:
+            time.sleep(delay)  # a slow model, so tests can kill a search in the middle of a trial
+        h = self.emb(ids).mean(1)
+        h = self.norm(h + self.fc2(torch.relu(self.fc1(h))))
+        return self.head(h)
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyNet().eval()
+
+
+def calib() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 100, (8, 6), generator=g) for _ in range(4)]
+
+
+class TinyConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, stride=2)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def tiny_conv() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyConv().eval()
+
+
+def conv_calib() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(4, 3, 8, 8, generator=g) for _ in range(2)]
+
+
+# -- deliberately bad factories ---------------------------------------------------------------------------
+def not_a_module() -> dict:
+    return {"weights": [1, 2, 3]}
+
+
+def no_layers() -> nn.Module:
+    return nn.Sequential(nn.ReLU(), nn.LayerNorm(4))
+
+
+def empty_data() -> list:
+    return []
+
+
+def wrong_shape_data() -> list[torch.Tensor]:
+    return [torch.randn(8, 6)]  # floats where token ids are expected
+
+
+def nan_model() -> nn.Module:
+    m = tiny()
+    with torch.no_grad():
+        m.head.weight[0, 0] = float("nan")
+    return m
