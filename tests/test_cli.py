@@ -232,3 +232,18 @@ def test_help_is_light():
     res = subprocess.run([sys.executable, "-m", "autocomp.cli", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "search" in res.stdout
     assert time.time() - t0 < 10  # generous: the point is no torch import (which alone takes seconds cold)
+
+
+def test_no_repair_never_evaluates_over_budget_plans(capsys, studies):
+    code, out, err = search(capsys, studies, "--no-repair", "--sampler", "random", trials=6, budget="30%")
+    assert code == 0, err
+    trials = load(studies).trials
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 6 and pruned, "a random sampler at 30% should propose over-budget plans"
+    budget = json.loads(out)["budget_bytes"]
+    for t in pruned:
+        assert t.user_attrs["size_bytes"] > budget and "plan" not in t.user_attrs
+        assert t.constraints[0] > 0
+    for t in complete:
+        assert t.values[1] <= budget and t.constraints[0] <= 0

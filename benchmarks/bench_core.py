@@ -1,0 +1,159 @@
+"""Core figures for docs/BENCHMARKS.md (issue #2). Prints a table; asserts nothing.
+
+    .venv/bin/python benchmarks/bench_core.py            # all figures
+    .venv/bin/python benchmarks/bench_core.py --quick    # fewer repetitions
+
+1. proxy evaluations per second on MiniLM with the default calibration set: TPE-like trials (a plan
+   changes a few layers from a recent one, so compressed-weight caches hit) and cold random plans
+   (every layer changes: the worst case);
+2. wall time of `autocomp search --budget 30MB --trials 50` from the command to the written front,
+   run as a user would (a fresh process, a fresh study);
+3. predicted bytes vs numpy-packed bytes for every layer of MiniLM under several plans (exact?).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def evals_per_second(n: int) -> dict[str, float]:
+    import torch
+
+    from autocomp.cost.size import plan_bytes
+    from autocomp.evaluators.proxy import ProxyEvaluator
+    from autocomp.models import load_model
+    from autocomp.models.introspect import introspect
+    from autocomp.search.repair import repair
+    from autocomp.space import SearchSpace, reference_assignments
+
+    loaded = load_model("minilm")
+    desc = introspect(loaded)
+    space = SearchSpace.from_yaml("default", desc)
+    ev = ProxyEvaluator(loaded, desc)
+    tokens = sum(int(b["attention_mask"].sum()) for b in loaded.batches)
+    padded = sum(b["attention_mask"].numel() for b in loaded.batches)
+    rng = random.Random(0)
+
+    def fit(a):
+        size = plan_bytes(desc, space.decode(a))
+        return repair(space, a, 30_000_000, size)[0] if size > 30_000_000 else a
+
+    # warm the per-layer caches (SVDs, sort orders) as a search does in its first trials
+    for _ in range(10):
+        ev(space.decode(fit({p: rng.choice(o) for p, o in space.params.items()})))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(n):
+            for b in loaded.batches:
+                loaded.module(**b)
+    forward = (time.perf_counter() - t0) / n
+
+    cold = [space.decode(fit({p: rng.choice(o) for p, o in space.params.items()})) for _ in range(n)]
+    t0 = time.perf_counter()
+    for plan in cold:
+        ev(plan)
+    cold_s = (time.perf_counter() - t0) / n
+
+    # TPE-like: mutate 3 choices of a reference plan each trial
+    base = dict(reference_assignments(space)["uniform-6g128"])
+    local = []
+    for _ in range(n):
+        a = dict(base)
+        for p in rng.sample(list(space.params), 3):
+            a[p] = rng.choice(space.params[p])
+        local.append(space.decode(fit(a)))
+    t0 = time.perf_counter()
+    for plan in local:
+        ev(plan)
+    local_s = (time.perf_counter() - t0) / n
+    return {"calibration_sentences": sum(b["input_ids"].shape[0] for b in loaded.batches),
+            "tokens": tokens, "tokens_padded": padded, "forward_s": forward,
+            "evals_per_s_local": 1 / local_s, "evals_per_s_cold": 1 / cold_s}
+
+
+def search_wall_time() -> float:
+    tmp = Path(tempfile.mkdtemp(prefix="autocomp-bench-"))
+    try:
+        t0 = time.perf_counter()
+        res = subprocess.run([str(ROOT / ".venv/bin/autocomp"), "search", "--budget", "30MB", "--trials", "50",
+                              "--studies-dir", str(tmp), "--json"], capture_output=True, text=True, cwd=ROOT)
+        wall = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise SystemExit(res.stderr)
+        assert (tmp / "minilm-30MB" / "pareto.json").is_file()
+        front = json.loads(res.stdout)["pareto"]
+        print(f"  front: {[(e['size_bytes'], round(e['proxy'], 5)) for e in front]}")
+        return wall
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bytes_exact() -> tuple[int, int, int]:
+    import numpy as np
+
+    from autocomp.compressors.apply import PlanApplier
+    from autocomp.cost.size import plan_bytes
+    from autocomp.models import load_model
+    from autocomp.models.introspect import introspect
+    from autocomp.packing import pack_layer
+    from autocomp.space import SearchSpace, reference_assignments
+
+    loaded = load_model("minilm")
+    desc = introspect(loaded)
+    space = SearchSpace.from_yaml("transformer", desc)
+    rng = random.Random(1)
+    plans = [space.decode(a) for a in list(reference_assignments(space).values())[:3]]
+    plans += [space.decode({p: rng.choice(o) for p, o in space.params.items()}) for _ in range(2)]
+    applier = PlanApplier(loaded.module, desc)
+    mods = dict(loaded.module.named_modules())
+    names = {n for layer in desc.layers for n in (f"{layer.name}.weight", f"{layer.name}.bias")}
+    other = sum(p.detach().numpy().nbytes for n, p in loaded.module.named_parameters() if n not in names)
+    exact = 0
+    for plan in plans:
+        total = other
+        for layer in desc.layers:
+            parts, rows, _ = applier.layer_parts(plan, layer.name)
+            bias = getattr(mods[layer.name], "bias", None)
+            if bias is not None:
+                bias = bias.detach()[rows] if rows is not None else bias.detach()
+            total += sum(a.nbytes for a in pack_layer(layer.name, parts, plan.layer(layer.name).bits, bias=bias).values())
+        total += sum(np.packbits(np.ones(g.units, bool)).nbytes for g in plan.structured.values())
+        predicted = plan_bytes(desc, plan)
+        print(f"  plan with {len(plan.layers)} layers, {len(plan.structured)} structured groups: "
+              f"predicted {predicted} B, packed {total} B")
+        exact += predicted == total
+    return exact, len(plans), 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.machine()}, "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, python {platform.python_version()})")
+    e = evals_per_second(10 if args.quick else 30)
+    print(f"proxy evaluation on MiniLM ({e['calibration_sentences']} sentences, {e['tokens']} tokens, "
+          f"{e['tokens_padded']} with padding): forward alone {e['forward_s'] * 1000:.0f} ms")
+    print(f"  evaluations/s, TPE-like plans (3 choices changed): {e['evals_per_s_local']:.2f}")
+    print(f"  evaluations/s, random plans (every layer changed): {e['evals_per_s_cold']:.2f}")
+    exact, n, _ = bytes_exact()
+    print(f"predicted == numpy-packed bytes: {exact}/{n} plans exact")
+    wall = search_wall_time()
+    print(f"autocomp search --budget 30MB --trials 50 (fresh process and study): {wall:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
