@@ -247,3 +247,10 @@ def test_no_repair_never_evaluates_over_budget_plans(capsys, studies):
         assert t.constraints["size"] > 0
     for t in complete:
         assert t.values[1] <= budget and t.constraints["size"] <= 0
+
+
+def test_budget_above_model_size_warns_and_searches(capsys, studies):
+    code, out, err = search(capsys, studies, trials=4, budget="1GB")
+    assert code == 0 and "above the model's fp32 size" in err
+    result = json.loads(out)
+    assert result["budget_bytes"] == 10**9 and result["pareto"]
