@@ -47,17 +47,26 @@ def cli() -> None:
               help="Output distortion; auto: the model's own (cosine for embeddings, kl for logits, else mse).")
 @click.option("--repair/--no-repair", default=True, show_default=True,
               help="Move over-budget proposals onto the budget instead of skipping them.")
+@click.option("--hardware", default=None, help="Device for latency/energy: a name from `autocomp hardware list`, "
+              "cpu-local (after calibrate) or a device YAML.")
+@click.option("--workload", default=None, help="BATCH or BATCHxSEQ for latency (default 1x128 for sequence models).")
+@click.option("--latency-budget", default=None, help="Latency limit on --hardware, e.g. 40ms; checked before the proxy.")
+@click.option("--bitops-budget", default=None, help="BitOps limit, e.g. 300G; checked before the proxy.")
+@click.option("--objectives", default="proxy,size", show_default=True,
+              help="2 or 3 of proxy, size, latency, bitops, energy (must include proxy).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @STUDIES_DIR
 def search(budget: str, model: str, data: str | None, study: str | None, storage: str | None, space: str,
-           trials: int, sampler: str, seed: int, metric: str, repair: bool, as_json: bool,
-           studies_dir: Path | None) -> None:
+           trials: int, sampler: str, seed: int, metric: str, repair: bool, hardware: str | None,
+           workload: str | None, latency_budget: str | None, bitops_budget: str | None, objectives: str,
+           as_json: bool, studies_dir: Path | None) -> None:
     """Search compression plans under --budget; resumes the study if it exists."""
     from autocomp.engine import SearchConfig, run_search
 
     cfg = SearchConfig(budget=budget, model=model, data=data, study=study, storage=storage, space=space,
                        trials=trials, sampler=sampler, seed=seed, metric=metric, repair=repair,
-                       studies_dir=_studies_dir(studies_dir))
+                       studies_dir=_studies_dir(studies_dir), hardware=hardware, workload=workload,
+                       latency_budget=latency_budget, bitops_budget=bitops_budget, objectives=objectives)
     progress = _SearchProgress(_console())
     try:
         result = run_search(cfg, on_event=progress.event)
@@ -129,11 +138,14 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
     fp32 = result["model"]["fp32_bytes"]
     table = Table(title=f"Pareto front of {result['study']} (budget {format_bytes(result['budget_bytes'])}, "
                         f"{result['trials_complete']} complete, {result['trials_failed']} failed)")
-    for col in ("trial", "size", "of fp32", "proxy", "plan"):
+    hw = "latency_ms" in (result["pareto"][0] if result["pareto"] else {})
+    cols = ("trial", "size", "of fp32", "proxy", *(("ms", "GBitOps", "energy") if hw else ()), "plan")
+    for col in cols:
         table.add_column(col, justify="right" if col != "plan" else "left")
     for e in result["pareto"]:
+        extra = (f"{e['latency_ms']:.2f}", f"{e['bitops']:.1f}", f"{e['energy']:.2f}") if hw else ()
         table.add_row(str(e["trial"]), format_bytes(e["size_bytes"]), f"{e['size_bytes'] / fp32:.1%}",
-                      f"{e['proxy']:.5f}", e["plan_path"])
+                      f"{e['proxy']:.5f}", *extra, e["plan_path"])
     con.print(table)
     if not result["pareto"]:
         con.print("no feasible plan yet")
@@ -167,14 +179,17 @@ def plan(study: str, storage: str | None, pick: str, out: Path, studies_dir: Pat
 
     handle = open_study(study, storage, _studies_dir(studies_dir))
     front = front_trials(handle.study, handle.budget_bytes)
+    from autocomp.engine import trial_metric
+
+    objs = handle.meta.get("objectives", ["proxy", "size"])
     if not front:
         raise AutocompError(f"study {study!r} has no feasible plan yet; run `autocomp search` first")
     if pick == "best":
-        chosen = min(front, key=lambda t: (t.values[0], t.values[1]))
+        chosen = min(front, key=lambda t: (trial_metric(t, "proxy", objs), trial_metric(t, "size", objs)))
     elif pick == "smallest":
         chosen = front[0]
     elif pick == "knee":
-        chosen = front[knee_index([(t.values[1], t.values[0]) for t in front])]
+        chosen = front[knee_index([(trial_metric(t, "size", objs), trial_metric(t, "proxy", objs)) for t in front])]
     elif pick.startswith("trial:") and pick[6:].isdigit():
         number = int(pick[6:])
         match = [t for t in handle.study.get_trials(deepcopy=False) if t.number == number and t.values]
@@ -189,7 +204,8 @@ def plan(study: str, storage: str | None, pick: str, out: Path, studies_dir: Pat
     p.save(out)
     from autocomp.budget import format_bytes
 
-    _console().print(f"wrote {out}: trial {chosen.number}, {format_bytes(chosen.values[1])}, proxy {chosen.values[0]:.5f}")
+    _console().print(f"wrote {out}: trial {chosen.number}, {format_bytes(p.metrics['size_bytes'])}, "
+                     f"proxy {p.metrics['proxy']:.5f}")
 
 
 # -- layers / score ----------------------------------------------------------------------------------------
@@ -245,6 +261,94 @@ def score(plan_path: Path, model: str | None, data: str | None, metric: str, as_
            "proxy": ProxyEvaluator(loaded, desc)(p)}
     click.echo(json.dumps(out) if as_json else
                f"{spec}: {out['size_bytes']} bytes ({out['size_bytes'] / desc.fp32_bytes:.1%} of fp32), proxy {out['proxy']:.5f}")
+
+
+# -- hardware ----------------------------------------------------------------------------------------------
+@cli.group()
+def hardware() -> None:
+    """Devices for the latency / BitOps / energy cost model: list, calibrate this machine, validate."""
+
+
+@hardware.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def hardware_list(as_json: bool) -> None:
+    """Devices with their figures and where each figure comes from."""
+    from autocomp.cost.device import list_devices
+
+    devices = list_devices()
+    if as_json:
+        click.echo(json.dumps([d.summary() for d in devices]))
+        return
+    from rich.table import Table
+
+    table = Table(title="devices (dense peaks; sparse figures are never used as peaks)")
+    for col in ("name", "kind", "fp32 TFLOP/s", "fp16", "int8 TOP/s", "GB/s", "accelerates", "calibrated"):
+        table.add_column(col)
+    for d in devices:
+        acc = ", ".join(x for x in ("int8" if d.int8 else "", f"w{'/'.join(map(str, d.weight_only_bits))}-only"
+                                    if d.weight_only_bits else "", "2:4" if d.sparse_2_4 else "") if x)
+        pk = d.peak_ops
+        table.add_row(d.name, d.kind, f"{pk.get('fp32', 0) / 1e12:.3g}", f"{pk.get('fp16', 0) / 1e12:.3g}",
+                      f"{pk.get('int8', 0) / 1e12:.3g}", f"{d.memory_bandwidth / 1e9:.4g}", acc or "-",
+                      "yes" if d.correction else "no")
+    con = _console(stderr=False)
+    con.print(table)
+    for d in devices:
+        con.print(f"[bold]{d.name}[/bold] ({d.path}): {d.description}")
+        for k, v in d.sources.items():
+            con.print(f"   {k}: {v}")
+
+
+@hardware.command("calibrate")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Device file to write (default: studies/hardware/cpu-local.yaml, found as --hardware cpu-local).")
+@click.option("--name", default="cpu-local", show_default=True)
+@click.option("--quick", is_flag=True, help="Fewer kernels (for tests).")
+def hardware_calibrate(out: Path | None, name: str, quick: bool) -> None:
+    """Time representative kernels here and fit a correction on top of the analytic model."""
+    from autocomp.cost.device import local_dir
+    from autocomp.hardware import calibrate
+
+    out = out or local_dir() / f"{name}.yaml"
+    con = _console()
+    con.print(f"calibrating {name}: timing matmul, int8 and attention/elementwise kernels…")
+    calibrate(out, name=name, quick=quick, log=con.print)
+    con.print(f"wrote {out}; use it with --hardware {out if out.parent != local_dir() else name}")
+
+
+@hardware.command("validate")
+@click.option("--model", default="minilm", show_default=True)
+@click.option("--data", default=None)
+@click.option("--hardware", "hw", default="cpu-local", show_default=True, help="Device name or file (must describe this machine).")
+@click.option("--space", default="default", show_default=True)
+@click.option("--plans", default=30, show_default=True, type=int)
+@click.option("--workload", default=None, help="BATCH or BATCHxSEQ (default: 1x128 for sequence models).")
+@click.option("--runs", default=10, show_default=True, type=int, help="Timed runs per plan (median; warm-up excluded).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+def hardware_validate(model: str, data: str | None, hw: str, space: str, plans: int, workload: str | None,
+                      runs: int, seed: int, as_json: bool) -> None:
+    """Predict, build and time random plans on this machine; report the agreement."""
+    from autocomp.cost.device import load_device
+    from autocomp.cost.latency import parse_workload
+    from autocomp.hardware import validate
+    from autocomp.models import load_model
+    from autocomp.models.introspect import introspect
+    from autocomp.space import SearchSpace
+
+    device = load_device(hw)
+    loaded = load_model(model, data=data)
+    desc = introspect(loaded)
+    wl = parse_workload(workload, desc)
+    sp = SearchSpace.from_yaml(space, desc)
+    con = _console()
+    con.print(f"validating {device.name} on {model}, workload {wl.label()}, {plans} random plans from {space}…")
+    result = validate(loaded, desc, sp, device, wl, plans, seed=seed, runs=runs, log=con.print)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{device.name}: Spearman {result['spearman']:.3f}, within ±10% {result['within_10pct']:.0%}, "
+                   f"within ±25% {result['within_25pct']:.0%}, MAPE {result['mape']:.1%} over {plans} plans")
 
 
 def main(argv: list[str] | None = None) -> int:

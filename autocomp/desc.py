@@ -32,6 +32,7 @@ class LayerDesc:
     block: int | None = None
     modality: str = "default"
     groups: int = 1
+    positions: float = 0.0  # activation rows per sample at calibration (tokens, output pixels, lookups)
 
     @property
     def params(self) -> int:

@@ -51,6 +51,43 @@ class SearchConfig:
     metric: str = "auto"
     repair: bool = True
     studies_dir: Path = field(default_factory=lambda: Path("studies"))
+    hardware: str | None = None
+    workload: str | None = None
+    latency_budget: str | None = None
+    bitops_budget: str | None = None
+    objectives: str = "proxy,size"
+
+
+OBJECTIVES = ("proxy", "size", "latency", "bitops", "energy")
+_METRIC_ATTR = {"size": "size_bytes", "latency": "latency_ms", "bitops": "bitops", "energy": "energy"}
+
+
+def parse_objectives(text: str, hardware: str | None) -> list[str]:
+    objs = [o.strip() for o in text.split(",") if o.strip()]
+    bad = [o for o in objs if o not in OBJECTIVES]
+    if bad:
+        raise AutocompError(f"--objectives: unknown {bad[0]!r}; choose 2 or 3 of {', '.join(OBJECTIVES)}")
+    if not 2 <= len(objs) <= 3 or len(set(objs)) != len(objs):
+        raise AutocompError(f"--objectives {text!r}: give 2 or 3 different objectives, e.g. proxy,size or proxy,latency")
+    if "proxy" not in objs:
+        raise AutocompError(f"--objectives {text!r} must include proxy (the quality of a plan)")
+    if hardware is None and any(o in ("latency", "energy") for o in objs):
+        raise AutocompError("--objectives latency/energy need --hardware (e.g. cpu-local or x86-avx512-vnni)")
+    return objs
+
+
+def parse_time_ms(text: str) -> float:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|us)\s*", text or "")
+    if not m or float(m.group(1)) <= 0:
+        raise AutocompError(f"--latency-budget {text!r} is not a positive time; use e.g. 40ms, 0.5s or 800us")
+    return float(m.group(1)) * {"ms": 1.0, "s": 1e3, "us": 1e-3}[m.group(2)]
+
+
+def parse_count(text: str, flag: str) -> float:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)\s*", text or "")
+    if not m or float(m.group(1)) <= 0:
+        raise AutocompError(f"{flag} {text!r} is not a positive count; use e.g. 250G (GBitOps) or 2.5e11")
+    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[m.group(2).lower()]
 
 
 def check_study_name(name: str) -> str:
@@ -177,13 +214,25 @@ def _finished(trial: Any) -> bool:
     return trial.state == S.COMPLETE or (trial.state == S.FAIL and not trial.user_attrs.get("autocomp_stale"))
 
 
-def front_trials(study: Any, budget: int) -> list[Any]:
+def trial_metric(t: Any, name: str, objectives: list[str]) -> float:
+    """A trial's figure: from its objective values, else from its user attributes."""
+    if name in objectives:
+        return float(t.values[objectives.index(name)])
+    return float(t.user_attrs[_METRIC_ATTR.get(name, name)])
+
+
+def front_trials(study: Any, budget: int, objectives: list[str] | None = None) -> list[Any]:
+    """Feasible, non-dominated trials in the study's objectives, sorted by size."""
     import optuna
 
+    objectives = objectives or study.user_attrs.get(ATTR, {}).get("objectives", ["proxy", "size"])
     done = [t for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
-            if t.values and t.values[1] <= budget and all(math.isfinite(v) for v in t.values)]
-    idx = pareto_front([(t.values[1], t.values[0]) for t in done])
-    return [done[i] for i in idx]  # sorted by size
+            if t.values and all(math.isfinite(v) for v in t.values)
+            and all(c <= 0 for c in t.constraints.values())
+            and trial_metric(t, "size", objectives) <= budget]
+    idx = pareto_front([tuple(t.values) for t in done])
+    front = [done[i] for i in idx]
+    return sorted(front, key=lambda t: (trial_metric(t, "size", objectives), trial_metric(t, "proxy", objectives)))
 
 
 def plan_of(trial: Any, handle: StudyHandle) -> Plan:
@@ -191,19 +240,31 @@ def plan_of(trial: Any, handle: StudyHandle) -> Plan:
     if d is None:
         raise AutocompError(f"trial {trial.number} of study {handle.name!r} has no stored plan")
     plan = Plan.from_dict(d, source=f"trial {trial.number}")
-    return plan.with_metrics(proxy=trial.values[0], size_bytes=int(trial.values[1]))
+    objectives = handle.meta.get("objectives", ["proxy", "size"])
+    extra = {k: trial.user_attrs[k] for k in ("latency_ms", "bitops", "energy") if k in trial.user_attrs}
+    return plan.with_metrics(proxy=trial_metric(trial, "proxy", objectives),
+                             size_bytes=int(trial_metric(trial, "size", objectives)), **extra)
+
+
+def _entry(t: Any, handle: StudyHandle) -> dict[str, Any]:
+    objectives = handle.meta.get("objectives", ["proxy", "size"])
+    e = {"trial": t.number, "size_bytes": int(trial_metric(t, "size", objectives)),
+         "proxy": trial_metric(t, "proxy", objectives),
+         "plan_path": str(handle.out_dir / "plans" / f"trial-{t.number}.json")}
+    if handle.meta.get("hardware"):
+        for k in ("latency_ms", "bitops", "energy"):
+            e[k] = round(float(t.user_attrs[k]), 6)
+    return e
 
 
 def write_front(handle: StudyHandle, front: list[Any]) -> list[dict[str, Any]]:
     """Write plan files for the front, then pareto.json (atomically): a killed run leaves both valid."""
     entries = []
-    plans_dir = handle.out_dir / "plans"
     for t in front:
-        path = plans_dir / f"trial-{t.number}.json"
-        if not path.is_file():
-            plan_of(t, handle).save(path)
-        entries.append({"trial": t.number, "size_bytes": int(t.values[1]), "proxy": float(t.values[0]),
-                        "plan_path": str(path)})
+        e = _entry(t, handle)
+        if not Path(e["plan_path"]).is_file():
+            plan_of(t, handle).save(e["plan_path"])
+        entries.append(e)
     return entries
 
 
@@ -213,9 +274,7 @@ def study_result(handle: StudyHandle, write: bool = True) -> dict[str, Any]:
     S = optuna.trial.TrialState
     trials = handle.study.get_trials(deepcopy=False)
     front = front_trials(handle.study, handle.budget_bytes)
-    entries = write_front(handle, front) if write else [
-        {"trial": t.number, "size_bytes": int(t.values[1]), "proxy": float(t.values[0]),
-         "plan_path": str(handle.out_dir / "plans" / f"trial-{t.number}.json")} for t in front]
+    entries = write_front(handle, front) if write else [_entry(t, handle) for t in front]
     model = handle.meta["model"]
     result = {
         "study": handle.name,
@@ -226,6 +285,8 @@ def study_result(handle: StudyHandle, write: bool = True) -> dict[str, Any]:
         "budget_bytes": handle.budget_bytes,
         "pareto": entries,
     }
+    if handle.meta.get("hardware"):
+        result["hardware"] = handle.meta["hardware"]
     if write:
         atomic_write_text(handle.out_dir / "pareto.json", json.dumps(result, indent=1) + "\n")
     return result
@@ -238,12 +299,15 @@ def _space_hash(path: str) -> str:
 
 def _check_same(meta: dict[str, Any], new: dict[str, Any], name: str) -> None:
     checks = (
+        ("objectives", "--objectives"), ("hardware", "--hardware"), ("workload", "--workload"),
+        ("latency_budget_ms", "--latency-budget"), ("bitops_budget", "--bitops-budget"),
         ("model_spec", "--model"), ("fingerprint", "--model (its weights' layout)"),
         ("data_fingerprint", "--data (calibration data)"), ("space_hash", "--space (file contents)"),
         ("budget_bytes", "--budget"), ("metric", "--metric"),
     )
+    defaults = {"objectives": ["proxy", "size"]}
     for key, flag in checks:
-        if meta.get(key) != new.get(key):
+        if meta.get(key, defaults.get(key)) != new.get(key, defaults.get(key)):
             raise AutocompError(
                 f"study {name!r} was made with a different {flag}: {meta.get(key)!r}, now {new.get(key)!r}; "
                 f"rerun with the original settings to resume, or use a new --study"
@@ -262,7 +326,6 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
     from autocomp.evaluators.proxy import ProxyEvaluator, data_fingerprint
     from autocomp.models import load_model
     from autocomp.models.introspect import introspect
-    from autocomp.search.repair import repair
     from autocomp.search.samplers import make_sampler
     from autocomp.space import SearchSpace, reference_assignments, resolve_space_path
 
@@ -277,6 +340,16 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
     space_path = resolve_space_path(cfg.space)
     make_sampler(cfg.sampler, cfg.seed)  # validate the name before loading anything heavy
     parse_budget(cfg.budget, fp32_bytes=1)  # syntax check before loading the model
+    objectives = parse_objectives(cfg.objectives, cfg.hardware)
+    latency_budget = parse_time_ms(cfg.latency_budget) if cfg.latency_budget else None
+    bitops_budget = parse_count(cfg.bitops_budget, "--bitops-budget") if cfg.bitops_budget else None
+    if latency_budget is not None and not cfg.hardware:
+        raise AutocompError("--latency-budget needs --hardware (e.g. cpu-local or x86-avx512-vnni)")
+    device = None
+    if cfg.hardware or bitops_budget is not None or "bitops" in objectives:
+        from autocomp.cost.device import load_device
+
+        device = load_device(cfg.hardware or "x86-avx512-vnni")  # BitOps do not depend on the device
     url = _storage_url(cfg.storage, cfg.studies_dir, name)
     storage = _open_storage(url)
 
@@ -294,6 +367,37 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
     if budget >= desc.fp32_bytes:
         emit("warning", {"message": f"budget {format_bytes(budget)} is above the model's fp32 size "
                                     f"({format_bytes(desc.fp32_bytes)}); searching the proxy/size trade-off under it"})
+    from autocomp.search.repair import Limit, size_limit
+
+    limits = [size_limit(space, budget)]
+    cost = None
+    if device is not None:
+        from autocomp.cost.latency import CostModel, parse_workload
+
+        cost = CostModel(device, desc, parse_workload(cfg.workload, desc))
+        other_s = cost._other()[0]
+
+        def layer_seconds(n: str, a: Any) -> float:
+            layer, choice, rows, cols = space.layer_plan(n, a)
+            return cost.layer(layer, choice, rows, cols)[0]
+
+        def layer_gbitops(n: str, a: Any) -> float:
+            layer, choice, rows, cols = space.layer_plan(n, a)
+            return cost.layer(layer, choice, rows, cols)[1] / 1e9
+
+        if latency_budget is not None:
+            fastest = cost.latency_ms(space.decode(space.smallest_assignment(layer_seconds)))
+            if latency_budget < fastest:
+                raise AutocompError(
+                    f"latency budget {cfg.latency_budget} is below the fastest plan this space allows on "
+                    f"{device.name} at workload {cost.workload.label()} ({fastest:.2f} ms); raise --latency-budget")
+            limits.append(Limit("latency", layer_seconds, other_s, latency_budget / 1e3))
+        if bitops_budget is not None:
+            least = cost.evaluate(space.decode(space.smallest_assignment(layer_gbitops)))["bitops"]
+            if bitops_budget / 1e9 < least:
+                raise AutocompError(f"BitOps budget {cfg.bitops_budget} is below the least this space allows "
+                                    f"({least:.4g} G); raise --bitops-budget")
+            limits.append(Limit("bitops", layer_gbitops, 0.0, bitops_budget / 1e9))
     emit("status", {"message": "computing teacher outputs"})
     evaluator = ProxyEvaluator(loaded, desc)
     meta = {
@@ -301,12 +405,15 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
         "fingerprint": desc.fingerprint, "data_fingerprint": data_fingerprint(loaded.batches),
         "space": str(space_path), "space_hash": _space_hash(str(space_path)), "budget": cfg.budget,
         "budget_bytes": budget, "metric": evaluator.metric, "sampler": cfg.sampler, "seed": cfg.seed,
-        "repair": cfg.repair, "smallest_bytes": smallest, "model": desc.to_dict(),
+        "repair": cfg.repair, "smallest_bytes": smallest, "model": desc.to_dict(), "objectives": objectives,
+        "hardware": device.name if (device is not None and cfg.hardware) else None,
+        "workload": cost.workload.label() if cost else None, "latency_budget_ms": latency_budget,
+        "bitops_budget": bitops_budget,
     }
     sampler = make_sampler(cfg.sampler, cfg.seed)
     try:
         study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
-                                    directions=["minimize", "minimize"], load_if_exists=True)
+                                    directions=["minimize"] * len(objectives), load_if_exists=True)
     except Exception as e:
         raise AutocompError(f"study {name!r} cannot be created in {_mask_url(url)!r}: {e}") from None
     old = study.user_attrs.get(ATTR)
@@ -316,7 +423,7 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
         raise AutocompError(f"study {name!r} in {_mask_url(url)!r} exists but was not made by autocomp; use another --study")
     else:
         study.set_user_attr(ATTR, meta)
-        study.set_metric_names(["proxy", "size_bytes"])
+        study.set_metric_names([_METRIC_ATTR.get(o, o) for o in objectives])
         # start from the uniform reference plans (repaired onto the budget when they do not fit)
         for label, assignment in reference_assignments(space).items():
             study.enqueue_trial(assignment, user_attrs={"reference": label})
@@ -326,20 +433,21 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
     known: dict[str, tuple[float, int]] = {}
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
         if "plan_key" in t.user_attrs and t.user_attrs.get("evaluated", True):
-            known.setdefault(t.user_attrs["plan_key"], (t.values[0], t.number))
+            known.setdefault(t.user_attrs["plan_key"], (trial_metric(t, "proxy", objectives), t.number))
     done = sum(_finished(t) for t in study.get_trials(deepcopy=False))
     result = study_result(handle)
     emit("start", {"study": name, "storage": _mask_url(url), "done": done, "total": cfg.trials,
                    "budget_bytes": budget, "fp32_bytes": desc.fp32_bytes, "smallest_bytes": smallest,
                    "params": len(space.params), "front": result["pareto"]})
     front_ids = [e["trial"] for e in result["pareto"]]
+    objectives_of_front = objectives
     attempts, max_attempts = 0, 20 * max(1, cfg.trials - done) + 100
     with _sigterm_as_interrupt():
         while done < cfg.trials and attempts < max_attempts:
             attempts += 1
             trial = study.ask()
             try:
-                outcome = _run_trial(trial, space, desc, budget, evaluator, known, cfg.repair, repair, plan_bytes)
+                outcome = _run_trial(trial, space, desc, limits, cost, objectives, evaluator, known, cfg.repair)
             except (KeyboardInterrupt, _Interrupted):
                 trial.set_user_attr("autocomp_stale", True)
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -357,7 +465,9 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
                 front_ids = [t.number for t in front]
                 result = study_result(handle)
             emit("trial", {"number": trial.number, "state": state.name, "values": values, "done": done,
-                           "total": cfg.trials, "front": [(t.values[0], t.values[1]) for t in front]})
+                           "total": cfg.trials,
+                           "front": [(trial_metric(t, "proxy", objectives_of_front), trial_metric(t, "size", objectives_of_front))
+                                     for t in front]})
     if done < cfg.trials:
         emit("warning", {"message": f"stopped after {attempts} proposals: only {done} of {cfg.trials} trials "
                                     "fit the budget; enable --repair or loosen --budget"})
@@ -366,35 +476,59 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
     return result
 
 
-def _run_trial(trial: Any, space: Any, desc: ModelDesc, budget: int, evaluator: Any,
-               known: dict[str, tuple[float, int]], do_repair: bool, repair: Any, plan_bytes: Any) -> tuple[Any, Any]:
+def _run_trial(trial: Any, space: Any, desc: ModelDesc, limits: list[Any], cost: Any, objectives: list[str],
+               evaluator: Any, known: dict[str, tuple[float, int]], do_repair: bool) -> tuple[Any, Any]:
     import optuna
+
+    from autocomp.cost.size import plan_bytes
+    from autocomp.search.repair import repair
 
     S = optuna.trial.TrialState
     assignment = {p: trial.suggest_categorical(p, list(opts)) for p, opts in space.params.items()}
-    plan = space.decode(assignment)
-    size = plan_bytes(desc, plan)
-    if size > budget and do_repair:
-        fixed, size = repair(space, assignment, budget, size)
-        changed = {p: [assignment[p], fixed[p]] for p in fixed if fixed[p] != assignment[p]}
-        trial.set_user_attr("repair", changed)
-        plan = space.decode(fixed)
-        size = plan_bytes(desc, plan)
-    trial.set_constraint("size", float(size - budget))
-    trial.set_user_attr("size_bytes", int(size))
-    if size > budget:  # never evaluated
-        trial.set_user_attr("skipped", f"over budget: {size} > {budget} bytes")
+
+    def figures(a: dict[str, str]) -> tuple[Any, dict[str, float]]:
+        plan = space.decode(a)
+        out = {"size_bytes": float(plan_bytes(desc, plan))}
+        if cost is not None:
+            out.update(cost.evaluate(plan))
+        return plan, out
+
+    def over(f: dict[str, float]) -> dict[str, float]:
+        got = {"size": f["size_bytes"], "latency": f.get("latency_ms", 0) / 1e3, "bitops": f.get("bitops", 0)}
+        return {lim.name: got[lim.name] - lim.budget for lim in limits}
+
+    plan, fig = figures(assignment)
+    if do_repair and any(v > 0 for v in over(fig).values()):
+        fixed, _ = repair(space, assignment, limits)
+        trial.set_user_attr("repair", {p: [assignment[p], fixed[p]] for p in fixed if fixed[p] != assignment[p]})
+        plan, fig = figures(fixed)
+    excess = over(fig)
+    scale = {"size": 1.0, "latency": 1e3, "bitops": 1.0}  # constraints in bytes, ms, GBitOps
+    for name, v in excess.items():
+        trial.set_constraint(name, float(v * scale[name]))
+    trial.set_user_attr("size_bytes", int(fig["size_bytes"]))
+    for k in ("latency_ms", "bitops", "energy"):
+        if k in fig:
+            trial.set_user_attr(k, float(fig[k]))
+    if any(v > 0 for v in excess.values()):  # never evaluated
+        trial.set_user_attr("skipped", "over budget: " + ", ".join(k for k, v in excess.items() if v > 0))
         return S.PRUNED, None
     key = hashlib.sha1(plan.key().encode()).hexdigest()
     trial.set_user_attr("plan_key", key)
     body = plan.to_dict()
     body.pop("metrics", None)
     trial.set_user_attr("plan", body)
+
+    def values(proxy: float) -> list[float]:
+        named = {"proxy": proxy, "size": fig["size_bytes"], "latency": fig.get("latency_ms"),
+                 "bitops": fig.get("bitops"), "energy": fig.get("energy")}
+        return [float(named[o]) for o in objectives]
+
     if key in known:
         proxy, source = known[key]
         trial.set_user_attr("duplicate_of", source)
         trial.set_user_attr("evaluated", False)
-        return S.COMPLETE, [proxy, float(size)]
+        return S.COMPLETE, values(proxy)
     t0 = time.perf_counter()
     proxy = evaluator(plan)
     trial.set_user_attr("eval_seconds", round(time.perf_counter() - t0, 4))
@@ -402,7 +536,7 @@ def _run_trial(trial: Any, space: Any, desc: ModelDesc, budget: int, evaluator: 
         trial.set_user_attr("fail_reason", "proxy is not finite (NaN/inf outputs)")
         return S.FAIL, None
     known[key] = (proxy, trial.number)
-    return S.COMPLETE, [float(proxy), float(size)]
+    return S.COMPLETE, values(proxy)
 
 
 def _recover_stale(study: Any) -> int:

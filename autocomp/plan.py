@@ -35,6 +35,8 @@ class LayerPlan:
                  ``"2:4"`` (two of every four consecutive inputs kept).
     rank:        truncated-SVD rank (``W ~ B @ A``), or ``None`` for no factorization. Absolute rank of the
                  (possibly structurally pruned) matrix.
+    act_bits:    ``8`` for W8A8 execution (inputs quantized on the fly, per tensor, as int8 kernels do; only
+                 with 8-bit per-channel symmetric weights on Linear layers), ``None`` for float activations.
     """
 
     bits: int | None = None
@@ -43,8 +45,11 @@ class LayerPlan:
     prune: str = "none"
     sparsity: float = 0.0
     rank: int | None = None
+    act_bits: int | None = None
 
     def __post_init__(self) -> None:
+        if self.act_bits is not None and (self.act_bits != 8 or self.bits != 8 or self.group_size or not self.symmetric):
+            raise AutocompError("act_bits 8 (W8A8) needs bits 8, group_size 0 (per channel) and symmetric weights")
         if self.bits is not None and not 1 <= int(self.bits) <= 16:
             raise AutocompError(f"bits must be in 1..16 or null, got {self.bits}")
         if self.group_size < 0:
@@ -69,7 +74,9 @@ class LayerPlan:
             parts.append(f"u{round(self.sparsity * 100)}")
         elif self.prune == "2:4":
             parts.append("2:4")
-        if self.bits is not None:
+        if self.act_bits == 8:
+            parts.append("int8")
+        elif self.bits is not None:
             g = "c" if self.group_size == 0 else f"g{self.group_size}"
             parts.append(f"{self.bits}{g}{'' if self.symmetric else 'a'}")
         return "+".join(parts) or "keep"

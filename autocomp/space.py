@@ -41,7 +41,7 @@ __all__ = ["SearchSpace", "reference_assignments", "uniform_assignment", "resolv
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D")
-_QUANT = re.compile(r"^(?:keep|(\d+)(c|g(\d+))(a?))$")
+_QUANT = re.compile(r"^(?:keep|int8|(\d+)(c|g(\d+))(a?))$")
 _PRUNE = re.compile(r"^(?:none|u(\d{1,2})|2:4)$")
 _RANK = re.compile(r"^(?:full|r(0?\.\d+|1(?:\.0*)?))$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -61,19 +61,23 @@ def resolve_space_path(space: str) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def parse_quant(label: str) -> tuple[int | None, int, bool]:
+def parse_quant(label: str) -> tuple[int | None, int, bool, int | None]:
+    """-> (bits, group_size, symmetric, act_bits). ``int8`` = W8A8: 8-bit per-channel weights and
+    activations quantized on the fly (what int8 kernels run)."""
     m = _QUANT.match(str(label))
     if not m:
-        raise ValueError(f"quant option {label!r} is not keep or <bits><c|gN>[a] (e.g. 8c, 4g128, 3g32a)")
+        raise ValueError(f"quant option {label!r} is not keep, int8 or <bits><c|gN>[a] (e.g. 8c, 4g128, 3g32a)")
     if label == "keep":
-        return None, 0, True
+        return None, 0, True, None
+    if label == "int8":
+        return 8, 0, True, 8
     bits = int(m.group(1))
     if not 2 <= bits <= 8:
         raise ValueError(f"quant option {label!r}: bits must be 2..8")
     group = int(m.group(3)) if m.group(3) else 0
     if m.group(3) and group < 1:
         raise ValueError(f"quant option {label!r}: group size must be >= 1")
-    return bits, group, m.group(4) != "a"
+    return bits, group, m.group(4) != "a", None
 
 
 @functools.lru_cache(maxsize=None)
@@ -276,7 +280,7 @@ class SearchSpace:
                     self.fixed[f"{key}:{dim}"] = valid[0]
                 else:
                     self.params[f"{key}:{dim}"] = tuple(valid)
-        self._bytes_memo: dict[tuple[Any, ...], int] = {}
+        self._plan_memo: dict[tuple[Any, ...], tuple[LayerDesc, LayerPlan, int, int]] = {}
         self._layer_groups: dict[str, tuple[str, ...]] = {}
         for gk, g in self.groups.items():
             for n in dict.fromkeys((*g.producers, *g.consumers)):
@@ -313,9 +317,11 @@ class SearchSpace:
         """Whether an option alone makes this layer smaller (and is representable for it)."""
         dense = layer.rows * layer.cols * layer.weight_itemsize
         if dim == "q":
-            bits, group, sym = parse_quant(label)
+            bits, group, sym, act = parse_quant(label)
             if bits is None:
                 return True
+            if act and layer.type != "Linear":
+                return False  # W8A8 kernels exist for Linear layers
             return tensor_bytes(layer.rows, layer.cols, LayerPlan(bits, group, sym), layer.weight_itemsize) < dense
         if dim == "p":
             kind, s = parse_prune(label)
@@ -334,9 +340,9 @@ class SearchSpace:
         """A group as wide as every member's row is per-channel quantization: keep one label for it."""
         seen: dict[tuple[Any, ...], str] = {}
         for lab in labels:
-            bits, group, sym = parse_quant(lab)
+            bits, group, sym, act = parse_quant(lab)
             eff = tuple(0 if group >= lay.cols else group for lay in layers)
-            seen.setdefault((bits, sym, eff), lab)
+            seen.setdefault((bits, sym, act, eff), lab)
         return [lab for lab in labels if lab in seen.values()]
 
     def _bind_structured(self, structs: list[_StructRule], by_name: dict[str, LayerDesc], src: str) -> None:
@@ -400,7 +406,7 @@ class SearchSpace:
         return out
 
     def layer_choice(self, layer: LayerDesc, key: str, assignment: Mapping[str, str], rows: int, cols: int) -> LayerPlan:
-        bits, group, sym = parse_quant(self.choice(f"{key}:q", assignment))
+        bits, group, sym, act = parse_quant(self.choice(f"{key}:q", assignment))
         prune, sparsity = parse_prune(self.choice(f"{key}:p", assignment))
         f = parse_rank(self.choice(f"{key}:r", assignment))
         rank = rank_for(f, rows, cols) if f is not None else None
@@ -409,7 +415,8 @@ class SearchSpace:
         if prune == "2:4" and (cols % 4 or (rank is not None and rank % 4)):
             prune, sparsity = "none", 0.0  # the packed 2:4 format needs whole groups of 4 inputs
         return LayerPlan(bits=bits, group_size=group if bits is not None else 0, symmetric=sym,
-                         prune=prune, sparsity=sparsity if prune == "unstructured" else 0.0, rank=rank)
+                         prune=prune, sparsity=sparsity if prune == "unstructured" else 0.0, rank=rank,
+                         act_bits=act)
 
     def decode(self, assignment: Mapping[str, str]) -> Plan:
         """A full assignment (every parameter of :attr:`params`) -> the plan it means for this model."""
@@ -430,14 +437,14 @@ class SearchSpace:
         return Plan(layers=layers, structured=active, model_spec=self.desc.spec, model_name=self.desc.name,
                     fingerprint=self.desc.fingerprint)
 
-    def layer_bytes(self, name: str, assignment: Mapping[str, str]) -> int:
-        """Bytes of one layer under an assignment (memoized; used by repair for incremental sizes)."""
+    def layer_plan(self, name: str, assignment: Mapping[str, str]) -> tuple[LayerDesc, LayerPlan, int, int]:
+        """(layer, its choice, rows, cols after structured pruning) under an assignment; memoized."""
         key = self.layer_keys.get(name)
         gkeys = self._layer_groups.get(name, ())
         labels = tuple(self.choice(f"{key}:{d}", assignment) for d in "qpr") if key else ()
         keeps = tuple(self.groups[g].keeps[self.choice(f"{g}:keep", assignment)] for g in gkeys)
         memo_key = (name, labels, keeps)
-        hit = self._bytes_memo.get(memo_key)
+        hit = self._plan_memo.get(memo_key)
         if hit is not None:
             return hit
         layer = self._by_name[name]
@@ -448,8 +455,16 @@ class SearchSpace:
                 rows = rows // g.units * keep if name in g.producers else rows
                 cols = cols // g.units * keep if name in g.consumers else cols
         choice = self.layer_choice(layer, key, assignment, rows, cols) if key else LayerPlan()
-        out = self._bytes_memo[memo_key] = layer_bytes(layer, choice, rows, cols)
+        out = self._plan_memo[memo_key] = (layer, choice, rows, cols)
         return out
+
+    def layer_bytes(self, name: str, assignment: Mapping[str, str]) -> int:
+        """Bytes of one layer under an assignment (used by repair for incremental sizes)."""
+        layer, choice, rows, cols = self.layer_plan(name, assignment)
+        return layer_bytes(layer, choice, rows, cols)
+
+    def group_mask_bytes(self, assignment: Mapping[str, str]) -> int:
+        return sum((g.units + 7) // 8 for g in self.structured_of(assignment).values() if g.keep < g.units)
 
     def param_layers(self, param: str) -> list[str]:
         """The layers whose bytes depend on one parameter."""
@@ -459,8 +474,10 @@ class SearchSpace:
             return list(dict.fromkeys((*g.producers, *g.consumers)))
         return list(self.members[key])
 
-    def smallest_assignment(self) -> dict[str, str]:
-        """The assignment of least bytes (exact: per tie key, all option combinations are tried)."""
+    def smallest_assignment(self, layer_cost: Any = None) -> dict[str, str]:
+        """The assignment of least total cost, exact for costs additive over layers and monotone in
+        structured pruning: per tie key every option combination is tried. Default cost: bytes."""
+        cost = layer_cost or self.layer_bytes
         out: dict[str, str] = {}
         for key, g in self.groups.items():
             if f"{key}:keep" in self.params:
@@ -470,7 +487,7 @@ class SearchSpace:
             best = None
             for combo in itertools.product(*(self.params[d] for d in dims)):
                 trial = {**out, **dict(zip(dims, combo))}
-                size = sum(self.layer_bytes(n, trial) for n in self.members[key])
+                size = sum(cost(n, trial) for n in self.members[key])
                 if best is None or size < best[0]:
                     best = (size, combo)
             if best is not None:
@@ -494,9 +511,12 @@ def uniform_assignment(space: SearchSpace, quant: str) -> dict[str, str] | None:
     for p, opts in space.params.items():
         dim = p.rpartition(":")[2]
         if dim == "q":
-            if quant not in opts:
+            if quant in opts:
+                out[p] = quant
+            elif quant == "int8" and "8c" in opts:  # layers without W8A8 kernels (embeddings) keep 8-bit weights
+                out[p] = "8c"
+            else:
                 return None
-            out[p] = quant
         else:
             neutral = {"p": "none", "r": "full"}.get(dim)
             if dim == "keep":

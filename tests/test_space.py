@@ -8,7 +8,7 @@ import pytest
 from autocomp import AutocompError
 from autocomp.cost.size import plan_bytes
 from autocomp.models.introspect import introspect
-from autocomp.search.repair import repair
+from autocomp.search.repair import Limit, repair, size_limit
 from autocomp.space import SPACES_DIR, SearchSpace, reference_assignments
 from conftest import tiny_loaded
 
@@ -109,9 +109,24 @@ def test_repair_fits_and_is_deterministic(tmp_path, desc, seed):
     size = plan_bytes(desc, sp.decode(a))
     smallest = plan_bytes(desc, sp.decode(sp.smallest_assignment()))
     budget = smallest + (size - smallest) // 3
-    fixed, fsize = repair(sp, a, budget, size)
-    assert fsize == plan_bytes(desc, sp.decode(fixed)) <= budget
-    assert repair(sp, a, budget, size) == (fixed, fsize)
+    fixed, totals = repair(sp, a, [size_limit(sp, budget)])
+    assert totals["size"] == plan_bytes(desc, sp.decode(fixed)) <= budget
+    assert repair(sp, a, [size_limit(sp, budget)]) == (fixed, totals)
+
+
+def test_repair_meets_two_budgets_at_once(desc):
+    """Size and a second additive cost (here: weight bits x MACs) are both brought under their limits."""
+    sp = SearchSpace.from_yaml("default", desc)
+
+    def bits_cost(n, a):
+        layer, choice, rows, cols = sp.layer_plan(n, a)
+        return (choice.bits or 32) * rows * cols
+
+    a = sp.largest_assignment()
+    full = Limit("bits", bits_cost, 0.0, 1.0).total(sp, a)
+    limits = [size_limit(sp, int(plan_bytes(desc, sp.decode(a)) * 0.6)), Limit("bits", bits_cost, 0.0, full * 0.2)]
+    fixed, totals = repair(sp, a, limits)
+    assert totals["size"] <= limits[0].budget and totals["bits"] <= limits[1].budget
 
 
 def test_reference_plans_are_uniform(desc):

@@ -154,9 +154,15 @@ class PlanApplier:
 
     @contextlib.contextmanager
     def applied(self, plan: Plan) -> Iterator[None]:
-        """Within the block the model computes with the plan's weights; afterwards it is restored."""
+        """Within the block the model computes with the plan's weights; afterwards it is restored.
+
+        W8A8 layers (``act_bits == 8``) also quantize their inputs on the fly exactly as torch's dynamic
+        int8 Linear does on x86 (per tensor, asymmetric, 7-bit range ``reduce_range``), so the proxy sees
+        the drift the real int8 kernels cause."""
         check_plan(plan, self.desc)
         saved: list[tuple[Any, str, Any]] = []
+        hooks = [self.modules[n][0].register_forward_pre_hook(_fake_quant_input)
+                 for n, c in plan.layers.items() if c.act_bits == 8 and n in self.modules]
         try:
             for name in self.modules:
                 w, b = self.compressed(plan, name)
@@ -170,5 +176,20 @@ class PlanApplier:
                     mod.bias.data = b
             yield
         finally:
+            for h in hooks:
+                h.remove()
             for mod, attr, data in reversed(saved):
                 getattr(mod, attr).data = data
+
+
+def _fake_quant_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Dynamic per-tensor asymmetric activation quantization, 7-bit (fbgemm's reduce_range=True)."""
+    import torch
+
+    x = args[0]
+    lo = torch.clamp(x.min(), max=0.0)
+    hi = torch.clamp(x.max(), min=0.0)
+    scale = torch.clamp((hi - lo) / 127, min=1e-12)
+    zp = torch.round(-lo / scale)
+    xq = (torch.clamp(torch.round(x / scale) + zp, 0, 127) - zp) * scale
+    return (xq, *args[1:])

@@ -149,6 +149,8 @@ def load_hf(directory: str, spec: str) -> LoadedModel:
         batches = tokenize_batches(tokenizer, calibration_sentences(), max_length=min(32, max_pos))
         modality = "text"
     info = {k: getattr(config, k) for k in ("num_attention_heads", "model_type") if hasattr(config, k)}
+    if getattr(config, "max_position_embeddings", None):
+        info["max_positions"] = int(config.max_position_embeddings)
     return LoadedModel(module=model, name=path.name or spec, spec=spec, batches=batches,
                        modality=modality, info=info,
                        data_spec="builtin:stdlib-docstrings" if batches else "")

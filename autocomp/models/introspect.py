@@ -85,6 +85,11 @@ def _batch_size(batch: Any) -> int:
     return 1
 
 
+def _seq_len(batch: Any) -> int | None:
+    ids = batch.get("input_ids") if isinstance(batch, dict) else None
+    return int(ids.shape[1]) if ids is not None and ids.dim() == 2 else None
+
+
 def describe_static(loaded: LoadedModel) -> ModelDesc:
     """Like :func:`introspect` without the forward pass (FLOPs stay 0)."""
     return introspect(loaded, measure=False)
@@ -101,27 +106,49 @@ def introspect(loaded: LoadedModel, measure: bool = True) -> ModelDesc:
             f"model {loaded.spec!r} has no compressible layers (Linear, Conv1d, Conv2d, Embedding, Conv1D)"
         )
     flops: dict[str, int] = {}
+    positions: dict[str, int] = {}
+    elementwise = [0]
 
     def hook(name: str, kind: str):
         def fn(mod: Any, inputs: Any, output: Any) -> None:
             x = inputs[0]
+            w = weight_matrix_view(kind, mod.weight)
             if kind == "Embedding":
-                f = 0
+                f, pos = 0, x.numel()
             elif kind in ("Linear", "Conv1D"):
-                w = weight_matrix_view(kind, mod.weight)
-                f = 2 * x.numel() // w.shape[1] * w.shape[0] * w.shape[1]
+                pos = x.numel() // w.shape[1]
+                f = 2 * pos * w.shape[0] * w.shape[1]
             else:  # conv: 2 * output elements * (in / groups * kernel)
+                pos = output.numel() // w.shape[0]
                 f = 2 * output.numel() * mod.weight[0].numel()
             flops[name] = flops.get(name, 0) + int(f)
+            positions[name] = positions.get(name, 0) + int(pos)
         return fn
 
+    calls = [0]
+
+    def elementwise_hook(mod: Any, inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):  # read + write of the output-sized tensor
+            elementwise[0] += 2 * output.numel() * output.element_size()
+
+    def call_hook(mod: Any, inputs: Any, output: Any) -> None:
+        calls[0] += 1
+
     bs = 1
+    total_flops = 0
     if measure:
+        from torch.utils.flop_counter import FlopCounterMode
+
         handles = [m.register_forward_hook(hook(n, k)) for n, (m, k) in mods.items()]
+        handles += [m.register_forward_hook(elementwise_hook) for m in model.modules()
+                    if not list(m.children()) and _layer_type(m) is None
+                    and not isinstance(m, torch.nn.Dropout)]
+        handles += [m.register_forward_hook(call_hook) for m in model.modules() if _layer_type(m) is None]
         batch = loaded.batches[0]
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), FlopCounterMode(display=False) as counter:
                 run_batch(model, batch)
+            total_flops = int(counter.get_total_flops())
         except AutocompError:
             raise
         except Exception as e:
@@ -156,11 +183,20 @@ def introspect(loaded: LoadedModel, measure: bool = True) -> ModelDesc:
             block=int(m.group(1)) if m else None,
             modality=_modality(name, loaded.modality),
             groups=int(getattr(mod, "groups", 1)),
+            positions=positions.get(name, 0) / bs,
         ))
     params = list(model.parameters())  # deduplicated by torch
     total_bytes = sum(p.numel() * p.element_size() for p in params)
     other = sum(p.numel() * p.element_size() for p in params if id(p) not in layer_param_ids)
     info = dict(loaded.info)
+    if measure:
+        # matmul FLOPs outside the compressible layers (attention scores, ...) and elementwise traffic
+        info["other_flops_per_sample"] = max(0, total_flops - sum(flops.values())) / bs
+        info["elementwise_bytes_per_sample"] = elementwise[0] / bs
+        info["module_calls"] = calls[0]  # calls of modules other than the compressible layers, per forward
+        seq = _seq_len(batch)
+        if seq:
+            info["seq_len"] = seq
     return ModelDesc(name=loaded.name, spec=loaded.spec, params=sum(p.numel() for p in params),
                      fp32_bytes=int(total_bytes), other_bytes=int(other), layers=tuple(layers),
                      fingerprint=fingerprint(model), info=info)

@@ -73,5 +73,6 @@ def load_minilm(n_calibration: int = 32) -> LoadedModel:
 
     return LoadedModel(module=SentenceEncoder(bert).eval(), name="minilm", spec="minilm", batches=batches,
                        metric="cosine", modality="text", data_spec="builtin:stdlib-docstrings",
-                       info={"num_attention_heads": bert.config.num_attention_heads},
+                       info={"num_attention_heads": bert.config.num_attention_heads,
+                                             "max_positions": bert.config.max_position_embeddings},
                        train_batches=train_batches)

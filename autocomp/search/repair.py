@@ -1,53 +1,68 @@
-"""Budget repair: move an over-budget assignment onto the budget instead of discarding it.
+"""Budget repair: move an over-budget assignment onto the budgets instead of discarding it.
 
-Greedy and size-only: repeatedly take the single one-notch step (one parameter to its next smaller
-option) that saves the most bytes, until the plan fits. Deterministic, so the objective the sampler
-sees is a function of its own proposal. (Sensitivity-guided repair replaces this in a later issue.)
+Greedy: repeatedly take the single one-notch step (one parameter to its next cheaper option) that most
+reduces the violated budgets (each counted relative to its limit), until every budget holds. Budgets are
+additive over layers (bytes, latency, BitOps), so a step is scored from the layers it touches only.
+Deterministic, so the objective the sampler sees is a function of its own proposal. (Sensitivity-guided
+repair replaces this heuristic in a later issue.)
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 from autocomp.space import SearchSpace
 
-__all__ = ["repair"]
+__all__ = ["Limit", "repair", "size_limit"]
 
 
-def repair(space: SearchSpace, assignment: Mapping[str, str], budget: int, current: int) -> tuple[dict[str, str], int]:
-    """-> (assignment that fits, its bytes). Assumes the smallest assignment fits (checked up front)."""
+@dataclass(frozen=True)
+class Limit:
+    """A budget on a cost that is a constant plus a sum over layers (plus structured-mask bytes)."""
+
+    name: str
+    layer_cost: Callable[[str, Mapping[str, str]], float]
+    constant: float
+    budget: float
+    counts_masks: bool = False
+
+    def total(self, space: SearchSpace, a: Mapping[str, str]) -> float:
+        t = self.constant + sum(self.layer_cost(layer.name, a) for layer in space.desc.layers)
+        return t + (space.group_mask_bytes(a) if self.counts_masks else 0)
+
+
+def size_limit(space: SearchSpace, budget: int) -> Limit:
+    return Limit("size", space.layer_bytes, space.desc.other_bytes, budget, counts_masks=True)
+
+
+def repair(space: SearchSpace, assignment: Mapping[str, str], limits: list[Limit]) -> tuple[dict[str, str], dict[str, float]]:
+    """-> (assignment within every limit where reachable, its totals per limit)."""
     a = dict(assignment)
-    size = current
-    layer_bytes = {n: space.layer_bytes(n, a) for n in space.layer_keys}
-    groups_bytes = _group_mask_bytes(space, a)
-    while size > budget:
+    totals = {lim.name: lim.total(space, a) for lim in limits}
+    while any(totals[lim.name] > lim.budget for lim in limits):
+        violated = [lim for lim in limits if totals[lim.name] > lim.budget]
         best = None
         for p, opts in space.params.items():
             layers = space.param_layers(p)
-            before = sum(layer_bytes.get(n) or space.layer_bytes(n, a) for n in layers)
+            before = {lim.name: sum(lim.layer_cost(n, a) for n in layers)
+                      + (space.group_mask_bytes(a) if lim.counts_masks and p.endswith(":keep") else 0) for lim in violated}
             step = None
             for opt in opts:
                 if opt == a[p]:
                     continue
-                trial = {**a, p: opt}
-                after = sum(space.layer_bytes(n, trial) for n in layers)
-                if p.endswith(":keep"):
-                    after += _group_mask_bytes(space, trial) - groups_bytes
-                saved = before - after
-                if saved > 0 and (step is None or saved < step[0]):
-                    step = (saved, opt)  # the next notch: the smallest saving available
+                t = {**a, p: opt}
+                gain = 0.0
+                for lim in violated:
+                    after = sum(lim.layer_cost(n, t) for n in layers)
+                    after += space.group_mask_bytes(t) if lim.counts_masks and p.endswith(":keep") else 0
+                    gain += (before[lim.name] - after) / lim.budget
+                if gain > 0 and (step is None or gain < step[0]):
+                    step = (gain, opt)  # the next notch: the smallest improvement available
             if step is not None and (best is None or step[0] > best[0]):
                 best = (step[0], p, step[1])
         if best is None:
             break
-        saved, p, opt = best
-        a[p] = opt
-        size -= saved
-        for n in space.param_layers(p):
-            layer_bytes[n] = space.layer_bytes(n, a)
-        groups_bytes = _group_mask_bytes(space, a)
-    return a, size
-
-
-def _group_mask_bytes(space: SearchSpace, a: Mapping[str, str]) -> int:
-    return sum((g.units + 7) // 8 for g in space.structured_of(a).values() if g.keep < g.units)
+        a[best[1]] = best[2]
+        totals = {lim.name: lim.total(space, a) for lim in limits}
+    return a, totals
