@@ -12,9 +12,10 @@ Per layer, a roofline: ``max(compute, memory) + overhead`` where
   ``sparse_2_4`` kernels, unstructured sparsity only with ``unstructured_sparse`` kernels.
 
 Work outside the compressible layers (attention score matmuls, norms, activations) is included from
-what introspection measured: ``other_flops_per_sample`` (scaled by seq^2),
-``elementwise_bytes_per_sample`` (scaled by seq) and, on calibrated devices, ``module_calls`` x the
-measured cost of one eager module call. Structured head pruning does not shrink that term (it
+what introspection measured: ``other_flops_per_sample`` (scaled by seq^2) and the bytes those
+operations move (scaled by seq); on calibrated devices also ``module_calls`` and ``other_ops`` (every
+eager tensor operation outside the layers, counted with a dispatch mode, with its output elements per
+operation type) at their measured fixed and per-element costs (GELU's erf is not an add). Structured head pruning does not shrink that term (it
 is small). A device file calibrated on this machine replaces ``max(...) + overhead`` with a fitted
 ``a x compute + b x memory + c`` per kernel class (``dense``, ``int8``, ``other``).
 
@@ -160,21 +161,28 @@ class CostModel:
 
     # -- whole model ---------------------------------------------------------------------------------------
     def _other(self) -> tuple[float, float]:
+        """(seconds, energy pJ) of the work outside the compressible layers."""
         d, info = self.device, self.desc.info
-        flops = float(info.get("other_flops_per_sample", 0.0)) * self.workload.batch * self._seq_ratio**2
-        ew_bytes = float(info.get("elementwise_bytes_per_sample", 0.0)) * self.workload.batch * self._seq_ratio
-        ew_bytes *= d.act_bytes / 4  # measured in fp32
+        b, r = self.workload.batch, self._seq_ratio
+        flops = float(info.get("other_flops_per_sample", 0.0)) * b * r**2  # attention scores ~ seq^2
         compute = flops / (d.peak_ops[d.default_dtype] * d.eff_compute)
-        memory = ew_bytes / (d.memory_bandwidth * d.eff_memory)
-        corr = d.correction
-        if corr and "other" in corr:
-            c = corr["other"]
-            seconds = c["compute"] * compute + c["memory"] * memory
+        corr = d.correction or {}
+        if "op_element_s" in corr:
+            # calibrated: attention matmuls at the fitted rate, every eager module call and tensor operation
+            # outside the layers at its measured fixed cost, and each operation's output elements at the
+            # measured per-element cost of that operation (unknown operations priced as an add)
+            per = corr["op_element_s"]
+            elems = info.get("other_op_elements_per_sample", {})
+            work = sum(n * b * (r * r if op == "softmax" else r) * per.get(op, per.get("add", 0.0))
+                       for op, n in elems.items())
+            a = corr.get("other", {}).get("compute", 1.0)
+            seconds = (a * compute + float(info.get("module_calls", 0)) * corr.get("module_call_s", 0.0)
+                       + float(info.get("other_ops", 0)) * corr.get("op_s", 0.0) + work)
+            moved = 2.0 * sum(elems.values()) * b * r * d.act_bytes
         else:
-            seconds = compute + memory
-        # eager frameworks pay a fixed cost per module call (norms, activations, attention wrappers, ...)
-        seconds += float(info.get("module_calls", 0)) * (corr or {}).get("module_call_s", 0.0)
-        energy = flops / 2 * self._mac_pj.get(d.default_dtype, 4.6) + ew_bytes * self._dram_pj
+            moved = float(info.get("elementwise_bytes_per_sample", 0.0)) * b * r * d.act_bytes / 4
+            seconds = compute + moved / (d.memory_bandwidth * d.eff_memory)
+        energy = flops / 2 * self._mac_pj.get(d.default_dtype, 4.6) + moved * self._dram_pj
         return seconds, energy
 
     def _raw(self, plan: Plan) -> tuple[float, float, float]:

@@ -20,6 +20,12 @@ MODALITY_PATTERNS: tuple[tuple[str, str], ...] = (
     ("text", r"(text|token|word|lm_head|embed_tokens|bert|roberta)"),
 )
 _BLOCK = re.compile(r"\.(\d+)(?:\.|$)")
+# aten ops that do no arithmetic (views) or whose FLOPs FlopCounterMode already counts (matmuls)
+VIEW_OPS = frozenset({"view", "_unsafe_view", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
+                      "squeeze", "t", "detach", "alias", "as_strided", "split", "unbind", "reshape", "lift_fresh",
+                      "_reshape_alias", "empty", "empty_like", "zeros", "ones", "arange", "full", "scalar_tensor"})
+MATMUL_OPS = frozenset({"mm", "bmm", "addmm", "baddbmm", "matmul", "linear", "convolution", "_scaled_dot_product_flash_attention",
+                        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_attention_math"})
 
 
 def _layer_type(module: Any) -> str | None:
@@ -85,6 +91,34 @@ def _batch_size(batch: Any) -> int:
     return 1
 
 
+def _OpCounter(inside: list[int]) -> Any:
+    """Counts aten operations (and their output bytes) that run outside the compressible layers."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+            self.nbytes = 0
+            self.elements: dict[str, int] = {}  # op name -> output elements (views and matmuls excluded)
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if not inside[0]:
+                self.count += 1
+                tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+                name = func.overloadpacket.__name__
+                if name not in VIEW_OPS and name not in MATMUL_OPS and tensors:
+                    n = tensors[0].numel()
+                    self.elements[name] = self.elements.get(name, 0) + n
+                    self.nbytes += sum(t.numel() * t.element_size() for t in tensors)
+            return out
+
+    return Counter()
+
+
 def _seq_len(batch: Any) -> int | None:
     ids = batch.get("input_ids") if isinstance(batch, dict) else None
     return int(ids.shape[1]) if ids is not None and ids.dim() == 2 else None
@@ -144,9 +178,13 @@ def introspect(loaded: LoadedModel, measure: bool = True) -> ModelDesc:
                     if not list(m.children()) and _layer_type(m) is None
                     and not isinstance(m, torch.nn.Dropout)]
         handles += [m.register_forward_hook(call_hook) for m in model.modules() if _layer_type(m) is None]
+        inside = [0]
+        handles += [m.register_forward_pre_hook(lambda *a: inside.__setitem__(0, inside[0] + 1)) for m, _ in mods.values()]
+        handles += [m.register_forward_hook(lambda *a: inside.__setitem__(0, inside[0] - 1)) for m, _ in mods.values()]
+        ops = _OpCounter(inside)
         batch = loaded.batches[0]
         try:
-            with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            with torch.inference_mode(), FlopCounterMode(display=False) as counter, ops:
                 run_batch(model, batch)
             total_flops = int(counter.get_total_flops())
         except AutocompError:
@@ -194,6 +232,9 @@ def introspect(loaded: LoadedModel, measure: bool = True) -> ModelDesc:
         info["other_flops_per_sample"] = max(0, total_flops - sum(flops.values())) / bs
         info["elementwise_bytes_per_sample"] = elementwise[0] / bs
         info["module_calls"] = calls[0]  # calls of modules other than the compressible layers, per forward
+        info["other_ops"] = ops.count  # tensor operations outside the compressible layers, per forward
+        info["other_op_bytes_per_sample"] = ops.nbytes / bs  # their output bytes (written once, read once)
+        info["other_op_elements_per_sample"] = {k: v / bs for k, v in sorted(ops.elements.items())}
         seq = _seq_len(batch)
         if seq:
             info["seq_len"] = seq
