@@ -103,8 +103,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "x"
 
 
-def default_study_name(model_spec: str, budget_text: str) -> str:
-    """Deterministic from the command, so re-running the same command resumes the same study."""
+def default_study_name(model_spec: str, budget_text: str, hardware: str | None = None, objectives: str = "proxy,size",
+                       latency: str | None = None, bitops: str | None = None, workload: str | None = None) -> str:
+    """Deterministic from the command, so re-running the same command resumes the same study; commands
+    that differ in what they optimize get different studies."""
     if model_spec.startswith("hf:"):
         model = "hf-" + Path(model_spec[3:].rstrip("/")).name
     elif ":" in model_spec:
@@ -112,8 +114,13 @@ def default_study_name(model_spec: str, budget_text: str) -> str:
         model = f"{Path(target).stem if target.endswith('.py') else target.rsplit('.', 1)[-1]}-{fn}"
     else:
         model = model_spec
-    budget = budget_text.strip().replace("%", "pct")
-    return _slug(f"{model}-{budget}")[:100]
+    parts = [model, budget_text.strip().replace("%", "pct")]
+    if hardware:
+        parts.append(Path(hardware).stem)
+    if objectives.replace(" ", "") != "proxy,size":
+        parts.append(objectives.replace(" ", "").replace(",", "+"))
+    parts += [x for x in (latency, f"{bitops}ops" if bitops else None, workload) if x]
+    return _slug("-".join(parts))[:100]
 
 
 def _mask_url(url: str) -> str:
@@ -336,7 +343,9 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
     emit = on_event or (lambda kind, data: None)
     if cfg.trials < 1:
         raise AutocompError(f"--trials must be >= 1, got {cfg.trials}")
-    name = check_study_name(cfg.study or default_study_name(cfg.model, cfg.budget))
+    name = check_study_name(cfg.study or default_study_name(
+        cfg.model, cfg.budget, hardware=cfg.hardware, objectives=cfg.objectives, latency=cfg.latency_budget,
+        bitops=cfg.bitops_budget, workload=cfg.workload))
     space_path = resolve_space_path(cfg.space)
     make_sampler(cfg.sampler, cfg.seed)  # validate the name before loading anything heavy
     parse_budget(cfg.budget, fp32_bytes=1)  # syntax check before loading the model

@@ -254,3 +254,14 @@ def test_budget_above_model_size_warns_and_searches(capsys, studies):
     assert code == 0 and "above the model's fp32 size" in err
     result = json.loads(out)
     assert result["budget_bytes"] == 10**9 and result["pareto"]
+
+
+def test_default_study_names_follow_the_command():
+    from autocomp.engine import default_study_name as name
+
+    assert name("minilm", "30MB") == "minilm-30MB"
+    assert name("hf:/models/bert/", "25%") == "hf-bert-25pct"
+    assert name("src/m.py:build", "1GB") == "m-build-1GB"
+    assert name("minilm", "30MB", hardware="cpu-local", objectives="proxy,latency", latency="40ms") == \
+        "minilm-30MB-cpu-local-proxy+latency-40ms"
+    assert name("minilm", "30MB", hardware="hw/x.yaml") != name("minilm", "30MB")
