@@ -263,5 +263,5 @@ def test_default_study_names_follow_the_command():
     assert name("hf:/models/bert/", "25%") == "hf-bert-25pct"
     assert name("src/m.py:build", "1GB") == "m-build-1GB"
     assert name("minilm", "30MB", hardware="cpu-local", objectives="proxy,latency", latency="40ms") == \
-        "minilm-30MB-cpu-local-proxy+latency-40ms"
+        "minilm-30MB-cpu-local-proxy-latency-40ms"
     assert name("minilm", "30MB", hardware="hw/x.yaml") != name("minilm", "30MB")
