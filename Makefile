@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/autocomp search --model minilm --budget 10MB --trials 60 --study demo-minilm-10MB
+	$(BIN)/autocomp search --model minilm --budget 10MB --trials 60 --seeds ilp --study demo-minilm-10MB
 	$(BIN)/autocomp plan --study demo-minilm-10MB --pick best --out studies/demo-minilm-10MB/best-plan.json
 
 test: $(STAMP)

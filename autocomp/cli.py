@@ -55,19 +55,23 @@ def cli() -> None:
 @click.option("--bitops-budget", default=None, help="BitOps limit, e.g. 300G; checked before the proxy.")
 @click.option("--objectives", default="proxy,size", show_default=True,
               help="2 or 3 of proxy, size, latency, bitops, energy (must include proxy).")
+@click.option("--seeds", default="uniform", show_default=True, type=click.Choice(["uniform", "ilp"]),
+              help="First trials of a new study: uniform plans, or also the additive integer program's plans "
+                   "over a sensitivity database (profiled once, cached under studies/sensitivity/).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @STUDIES_DIR
 def search(budget: str, model: str, data: str | None, study: str | None, storage: str | None, space: str,
            trials: int, sampler: str, seed: int, metric: str, repair: bool, hardware: str | None,
            workload: str | None, latency_budget: str | None, bitops_budget: str | None, objectives: str,
-           as_json: bool, studies_dir: Path | None) -> None:
+           seeds: str, as_json: bool, studies_dir: Path | None) -> None:
     """Search compression plans under --budget; resumes the study if it exists."""
     from autocomp.engine import SearchConfig, run_search
 
     cfg = SearchConfig(budget=budget, model=model, data=data, study=study, storage=storage, space=space,
                        trials=trials, sampler=sampler, seed=seed, metric=metric, repair=repair,
                        studies_dir=_studies_dir(studies_dir), hardware=hardware, workload=workload,
-                       latency_budget=latency_budget, bitops_budget=bitops_budget, objectives=objectives)
+                       latency_budget=latency_budget, bitops_budget=bitops_budget, objectives=objectives,
+                       seeds=seeds)
     progress = _SearchProgress(_console())
     try:
         result = run_search(cfg, on_event=progress.event)

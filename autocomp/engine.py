@@ -56,6 +56,7 @@ class SearchConfig:
     latency_budget: str | None = None
     bitops_budget: str | None = None
     objectives: str = "proxy,size"
+    seeds: str = "uniform"  # "uniform" | "ilp" (sensitivity database + additive integer program + uniform)
 
 
 OBJECTIVES = ("proxy", "size", "latency", "bitops", "energy")
@@ -308,11 +309,11 @@ def _check_same(meta: dict[str, Any], new: dict[str, Any], name: str) -> None:
     checks = (
         ("objectives", "--objectives"), ("hardware", "--hardware"), ("workload", "--workload"),
         ("latency_budget_ms", "--latency-budget"), ("bitops_budget", "--bitops-budget"),
-        ("model_spec", "--model"), ("fingerprint", "--model (its weights' layout)"),
+        ("seeds", "--seeds"), ("model_spec", "--model"), ("fingerprint", "--model (its weights' layout)"),
         ("data_fingerprint", "--data (calibration data)"), ("space_hash", "--space (file contents)"),
         ("budget_bytes", "--budget"), ("metric", "--metric"),
     )
-    defaults = {"objectives": ["proxy", "size"]}
+    defaults = {"objectives": ["proxy", "size"], "seeds": "uniform"}
     for key, flag in checks:
         if meta.get(key, defaults.get(key)) != new.get(key, defaults.get(key)):
             raise AutocompError(
@@ -407,8 +408,11 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
                 raise AutocompError(f"BitOps budget {cfg.bitops_budget} is below the least this space allows "
                                     f"({least:.4g} G); raise --bitops-budget")
             limits.append(Limit("bitops", layer_gbitops, 0.0, bitops_budget / 1e9))
+    if cfg.seeds not in ("uniform", "ilp"):
+        raise AutocompError(f"--seeds {cfg.seeds!r} is not uniform or ilp")
     emit("status", {"message": "computing teacher outputs"})
     evaluator = ProxyEvaluator(loaded, desc)
+    sens = _sensitivity(cfg, loaded, desc, space, evaluator, emit) if cfg.seeds == "ilp" else None
     meta = {
         "engine_version": ENGINE_VERSION, "model_spec": cfg.model, "data_spec": cfg.data or loaded.data_spec,
         "fingerprint": desc.fingerprint, "data_fingerprint": data_fingerprint(loaded.batches),
@@ -417,7 +421,7 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
         "repair": cfg.repair, "smallest_bytes": smallest, "model": desc.to_dict(), "objectives": objectives,
         "hardware": device.name if (device is not None and cfg.hardware) else None,
         "workload": cost.workload.label() if cost else None, "latency_budget_ms": latency_budget,
-        "bitops_budget": bitops_budget,
+        "bitops_budget": bitops_budget, "seeds": cfg.seeds,
     }
     sampler = make_sampler(cfg.sampler, cfg.seed)
     try:
@@ -433,6 +437,9 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
     else:
         study.set_user_attr(ATTR, meta)
         study.set_metric_names([_METRIC_ATTR.get(o, o) for o in objectives])
+        if cfg.seeds == "ilp":  # plans of the additive model for a sweep of budgets up to the user's
+            for frac, assignment in _ilp_seeds(space, sens, budget, smallest):
+                study.enqueue_trial(assignment, user_attrs={"reference": f"ilp-{frac:.2f}"})
         # start from the uniform reference plans (repaired onto the budget when they do not fit)
         for label, assignment in reference_assignments(space).items():
             study.enqueue_trial(assignment, user_attrs={"reference": label})
@@ -456,7 +463,8 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
             attempts += 1
             trial = study.ask()
             try:
-                outcome = _run_trial(trial, space, desc, limits, cost, objectives, evaluator, known, cfg.repair)
+                outcome = _run_trial(trial, space, desc, limits, cost, objectives, evaluator, known, cfg.repair,
+                                     sens.table if sens is not None else None)
             except (KeyboardInterrupt, _Interrupted):
                 trial.set_user_attr("autocomp_stale", True)
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -485,8 +493,40 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
     return result
 
 
+def _sensitivity(cfg: SearchConfig, loaded: Any, desc: ModelDesc, space: Any, evaluator: Any, emit: Any) -> Any:
+    """The sensitivity database for this model / data / space, profiled on the first calibration batch."""
+    import dataclasses
+
+    from autocomp.evaluators.proxy import ProxyEvaluator, data_fingerprint
+    from autocomp.search.sensitivity import profile, weights_hash
+
+    sliced = dataclasses.replace(loaded, batches=loaded.batches[:1], metric=evaluator.metric)
+    fast = ProxyEvaluator(sliced, desc)
+    parts = {"weights": weights_hash(loaded.module), "data": data_fingerprint(sliced.batches),
+             "metric": evaluator.metric, "evaluator": "proxy-v1"}
+    emit("status", {"message": "sensitivity database (cached after the first run)"})
+    return profile(space, fast, cfg.studies_dir / "sensitivity", parts,
+                   log=lambda m: emit("status", {"message": m}))
+
+
+def _ilp_seeds(space: Any, sens: Any, budget: int, smallest: int) -> list[tuple[float, dict[str, str]]]:
+    from autocomp.search.sensitivity import ilp_assignment
+
+    seeds, seen = [], set()
+    for frac in (1.0, 0.95, 0.9, 0.8):
+        b = int(budget * frac)
+        if b < smallest:
+            continue
+        a = ilp_assignment(space, sens, b)
+        if a is not None and tuple(sorted(a.items())) not in seen:
+            seen.add(tuple(sorted(a.items())))
+            seeds.append((frac, a))
+    return seeds
+
+
 def _run_trial(trial: Any, space: Any, desc: ModelDesc, limits: list[Any], cost: Any, objectives: list[str],
-               evaluator: Any, known: dict[str, tuple[float, int]], do_repair: bool) -> tuple[Any, Any]:
+               evaluator: Any, known: dict[str, tuple[float, int]], do_repair: bool,
+               sensitivity: Any = None) -> tuple[Any, Any]:
     import optuna
 
     from autocomp.cost.size import plan_bytes
@@ -508,7 +548,7 @@ def _run_trial(trial: Any, space: Any, desc: ModelDesc, limits: list[Any], cost:
 
     plan, fig = figures(assignment)
     if do_repair and any(v > 0 for v in over(fig).values()):
-        fixed, _ = repair(space, assignment, limits)
+        fixed, _ = repair(space, assignment, limits, sensitivity)
         trial.set_user_attr("repair", {p: [assignment[p], fixed[p]] for p in fixed if fixed[p] != assignment[p]})
         plan, fig = figures(fixed)
     excess = over(fig)

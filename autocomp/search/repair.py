@@ -36,8 +36,12 @@ def size_limit(space: SearchSpace, budget: int) -> Limit:
     return Limit("size", space.layer_bytes, space.desc.other_bytes, budget, counts_masks=True)
 
 
-def repair(space: SearchSpace, assignment: Mapping[str, str], limits: list[Limit]) -> tuple[dict[str, str], dict[str, float]]:
-    """-> (assignment within every limit where reachable, its totals per limit)."""
+def repair(space: SearchSpace, assignment: Mapping[str, str], limits: list[Limit],
+           sensitivity: Mapping[str, Mapping[str, float]] | None = None) -> tuple[dict[str, str], dict[str, float]]:
+    """-> (assignment within every limit where reachable, its totals per limit).
+
+    With a ``sensitivity`` table (param -> option -> proxy increase), each step is instead the move with
+    the most budget regained per unit of added sensitivity (free moves first), not the next notch."""
     a = dict(assignment)
     totals = {lim.name: lim.total(space, a) for lim in limits}
     while any(totals[lim.name] > lim.budget for lim in limits):
@@ -57,7 +61,14 @@ def repair(space: SearchSpace, assignment: Mapping[str, str], limits: list[Limit
                     after = sum(lim.layer_cost(n, t) for n in layers)
                     after += space.group_mask_bytes(t) if lim.counts_masks and p.endswith(":keep") else 0
                     gain += (before[lim.name] - after) / lim.budget
-                if gain > 0 and (step is None or gain < step[0]):
+                if gain <= 0:
+                    continue
+                if sensitivity is not None:
+                    added = max(0.0, sensitivity[p][opt] - sensitivity[p][a[p]])
+                    score = gain / (added + 1e-9)
+                    if step is None or score > step[0]:
+                        step = (score, opt)
+                elif step is None or gain < step[0]:
                     step = (gain, opt)  # the next notch: the smallest improvement available
             if step is not None and (best is None or step[0] > best[0]):
                 best = (step[0], p, step[1])
