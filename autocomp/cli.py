@@ -42,7 +42,8 @@ def cli() -> None:
 @click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///studies/<study>.db).")
 @click.option("--space", default="default", show_default=True, help="Search space: a name in search_spaces/ or a YAML path.")
 @click.option("--trials", default=100, show_default=True, type=int, help="Total finished trials the study should have.")
-@click.option("--sampler", default="tpe", show_default=True, type=click.Choice(["tpe", "nsga2", "random"]))
+@click.option("--sampler", default="tpe", show_default=True, type=click.Choice(["tpe", "nsga2", "random", "refine"]),
+              help="refine: mutate front plans (level switches between layers), EvoPress-style.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--metric", default="auto", show_default=True, type=click.Choice(["auto", "cosine", "kl", "mse"]),
               help="Output distortion; auto: the model's own (cosine for embeddings, kl for logits, else mse).")
@@ -58,12 +59,14 @@ def cli() -> None:
 @click.option("--seeds", default="uniform", show_default=True, type=click.Choice(["uniform", "ilp"]),
               help="First trials of a new study: uniform plans, or also the additive integer program's plans "
                    "over a sensitivity database (profiled once, cached under studies/sensitivity/).")
+@click.option("--staged/--no-staged", default=False, show_default=True,
+              help="Score the first calibration batch first and skip candidates the front clearly beats.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @STUDIES_DIR
 def search(budget: str, model: str, data: str | None, study: str | None, storage: str | None, space: str,
            trials: int, sampler: str, seed: int, metric: str, repair: bool, hardware: str | None,
            workload: str | None, latency_budget: str | None, bitops_budget: str | None, objectives: str,
-           seeds: str, as_json: bool, studies_dir: Path | None) -> None:
+           seeds: str, staged: bool, as_json: bool, studies_dir: Path | None) -> None:
     """Search compression plans under --budget; resumes the study if it exists."""
     from autocomp.engine import SearchConfig, run_search
 
@@ -71,7 +74,7 @@ def search(budget: str, model: str, data: str | None, study: str | None, storage
                        trials=trials, sampler=sampler, seed=seed, metric=metric, repair=repair,
                        studies_dir=_studies_dir(studies_dir), hardware=hardware, workload=workload,
                        latency_budget=latency_budget, bitops_budget=bitops_budget, objectives=objectives,
-                       seeds=seeds)
+                       seeds=seeds, staged=staged)
     progress = _SearchProgress(_console())
     try:
         result = run_search(cfg, on_event=progress.event)

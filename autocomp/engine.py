@@ -57,6 +57,7 @@ class SearchConfig:
     bitops_budget: str | None = None
     objectives: str = "proxy,size"
     seeds: str = "uniform"  # "uniform" | "ilp" (sensitivity database + additive integer program + uniform)
+    staged: bool = False  # score the first calibration batch first; skip candidates the front clearly beats
 
 
 OBJECTIVES = ("proxy", "size", "latency", "bitops", "energy")
@@ -421,7 +422,7 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
         "repair": cfg.repair, "smallest_bytes": smallest, "model": desc.to_dict(), "objectives": objectives,
         "hardware": device.name if (device is not None and cfg.hardware) else None,
         "workload": cost.workload.label() if cost else None, "latency_budget_ms": latency_budget,
-        "bitops_budget": bitops_budget, "seeds": cfg.seeds,
+        "bitops_budget": bitops_budget, "seeds": cfg.seeds, "staged": cfg.staged,
     }
     sampler = make_sampler(cfg.sampler, cfg.seed)
     try:
@@ -464,7 +465,8 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
             trial = study.ask()
             try:
                 outcome = _run_trial(trial, space, desc, limits, cost, objectives, evaluator, known, cfg.repair,
-                                     sens.table if sens is not None else None)
+                                     sens.table if sens is not None else None,
+                                     _stage_front(study, objectives) if cfg.staged and len(evaluator.batches) > 1 else None)
             except (KeyboardInterrupt, _Interrupted):
                 trial.set_user_attr("autocomp_stale", True)
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -524,9 +526,18 @@ def _ilp_seeds(space: Any, sens: Any, budget: int, smallest: int) -> list[tuple[
     return seeds
 
 
+def _stage_front(study: Any, objectives: list[str]) -> list[tuple[float, float]]:
+    """(size, first-batch proxy) of the current front's trials, for staged evaluation."""
+    out = []
+    for t in front_trials(study, 2**62, objectives):
+        if "proxy_stage1" in t.user_attrs:
+            out.append((trial_metric(t, "size", objectives), float(t.user_attrs["proxy_stage1"])))
+    return out
+
+
 def _run_trial(trial: Any, space: Any, desc: ModelDesc, limits: list[Any], cost: Any, objectives: list[str],
                evaluator: Any, known: dict[str, tuple[float, int]], do_repair: bool,
-               sensitivity: Any = None) -> tuple[Any, Any]:
+               sensitivity: Any = None, stage_front: list[tuple[float, float]] | None = None) -> tuple[Any, Any]:
     import optuna
 
     from autocomp.cost.size import plan_bytes
@@ -579,7 +590,20 @@ def _run_trial(trial: Any, space: Any, desc: ModelDesc, limits: list[Any], cost:
         trial.set_user_attr("evaluated", False)
         return S.COMPLETE, values(proxy)
     t0 = time.perf_counter()
-    proxy = evaluator(plan)
+    if stage_front is not None:
+        # staged (EvoPress-style): the first calibration batch first; a candidate that a no-larger front plan
+        # beats by more than 10% on that batch is not evaluated further (and not stored as complete)
+        n0, d0 = evaluator.partial(plan, [0])
+        first = evaluator.finish(n0, d0)
+        trial.set_user_attr("proxy_stage1", first)
+        if any(size <= fig["size_bytes"] and s1 * 1.1 < first for size, s1 in stage_front):
+            trial.set_user_attr("skipped", f"staged: first-batch proxy {first:.4g} is dominated by the front")
+            trial.set_user_attr("eval_seconds", round(time.perf_counter() - t0, 4))
+            return S.PRUNED, None
+        n1, d1 = evaluator.partial(plan, range(1, len(evaluator.batches)))
+        proxy = evaluator.finish(n0 + n1, d0 + d1)
+    else:
+        proxy = evaluator(plan)
     trial.set_user_attr("eval_seconds", round(time.perf_counter() - t0, 4))
     if not math.isfinite(proxy):
         trial.set_user_attr("fail_reason", "proxy is not finite (NaN/inf outputs)")

@@ -243,7 +243,7 @@ def test_no_repair_never_evaluates_over_budget_plans(capsys, studies):
     assert len(complete) == 16 and pruned, "a random sampler at 25% should propose over-budget plans"
     budget = json.loads(out)["budget_bytes"]
     for t in pruned:
-        assert t.user_attrs["size_bytes"] > budget and "plan" not in t.user_attrs
+        assert t.user_attrs["size_bytes"] > budget and "plan" not in t.user_attrs  # over budget, not staged
         assert t.constraints["size"] > 0
     for t in complete:
         assert t.values[1] <= budget and t.constraints["size"] <= 0

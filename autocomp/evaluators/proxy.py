@@ -136,13 +136,22 @@ class ProxyEvaluator:
         self.metric = metric
 
     def __call__(self, plan: Plan) -> float:
+        return self.finish(*self.partial(plan, range(len(self.batches))))
+
+    def partial(self, plan: Plan, indices: Any) -> tuple[float, float]:
+        """(numerator, denominator) over some calibration batches; partials of disjoint batch sets add up
+        to the full-set value (staged evaluation reuses the first stage's work)."""
         import torch
 
         num = den = 0.0
         with torch.inference_mode(), self.applier.applied(plan):
-            for batch, teacher, mask in zip(self.batches, self.teacher, self.masks):
-                student, _ = extract_output(run_batch(self.model, batch))
-                a, b = distortion(self.metric, teacher, student, mask)
+            for i in indices:
+                student, _ = extract_output(run_batch(self.model, self.batches[i]))
+                a, b = distortion(self.metric, self.teacher[i], student, self.masks[i])
                 num, den = num + a, den + b
+        return num, den
+
+    @staticmethod
+    def finish(num: float, den: float) -> float:
         value = num / den if den > 0 else float("nan")
         return value if math.isfinite(value) else float("nan")

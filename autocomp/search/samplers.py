@@ -8,7 +8,7 @@ from autocomp.errors import AutocompError
 
 __all__ = ["SAMPLERS", "make_sampler"]
 
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("tpe", "nsga2", "random", "refine")
 
 
 def make_sampler(name: str, seed: int | None, n_startup: int = 10) -> Any:
@@ -22,4 +22,8 @@ def make_sampler(name: str, seed: int | None, n_startup: int = 10) -> Any:
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(8, n_startup))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if name == "refine":
+        from autocomp.search.refiner import FrontRefiner
+
+        return FrontRefiner(seed=seed)
     raise AutocompError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")
