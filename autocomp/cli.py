@@ -56,7 +56,7 @@ def cli() -> None:
 @click.option("--bitops-budget", default=None, help="BitOps limit, e.g. 300G; checked before the proxy.")
 @click.option("--objectives", default="proxy,size", show_default=True,
               help="2 or 3 of proxy, size, latency, bitops, energy (must include proxy).")
-@click.option("--seeds", default="uniform", show_default=True, type=click.Choice(["uniform", "ilp"]),
+@click.option("--seeds", default="uniform", show_default=True, type=click.Choice(["uniform", "ilp", "none"]),
               help="First trials of a new study: uniform plans, or also the additive integer program's plans "
                    "over a sensitivity database (profiled once, cached under studies/sensitivity/).")
 @click.option("--staged/--no-staged", default=False, show_default=True,

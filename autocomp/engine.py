@@ -323,10 +323,6 @@ def _check_same(meta: dict[str, Any], new: dict[str, Any], name: str) -> None:
             )
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a search; returns the contract result (see ``autocomp search --json``)."""
     import optuna
@@ -409,8 +405,8 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
                 raise AutocompError(f"BitOps budget {cfg.bitops_budget} is below the least this space allows "
                                     f"({least:.4g} G); raise --bitops-budget")
             limits.append(Limit("bitops", layer_gbitops, 0.0, bitops_budget / 1e9))
-    if cfg.seeds not in ("uniform", "ilp"):
-        raise AutocompError(f"--seeds {cfg.seeds!r} is not uniform or ilp")
+    if cfg.seeds not in ("uniform", "ilp", "none"):
+        raise AutocompError(f"--seeds {cfg.seeds!r} is not uniform, ilp or none")
     emit("status", {"message": "computing teacher outputs"})
     evaluator = ProxyEvaluator(loaded, desc)
     sens = _sensitivity(cfg, loaded, desc, space, evaluator, emit) if cfg.seeds == "ilp" else None
@@ -442,7 +438,7 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
             for frac, assignment in _ilp_seeds(space, sens, budget, smallest):
                 study.enqueue_trial(assignment, user_attrs={"reference": f"ilp-{frac:.2f}"})
         # start from the uniform reference plans (repaired onto the budget when they do not fit)
-        for label, assignment in reference_assignments(space).items():
+        for label, assignment in (reference_assignments(space).items() if cfg.seeds != "none" else ()):
             study.enqueue_trial(assignment, user_attrs={"reference": label})
     handle = StudyHandle(study, name, url, old or meta, cfg.studies_dir / name)
     _recover_stale(study)
@@ -457,7 +453,6 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
                    "budget_bytes": budget, "fp32_bytes": desc.fp32_bytes, "smallest_bytes": smallest,
                    "params": len(space.params), "front": result["pareto"]})
     front_ids = [e["trial"] for e in result["pareto"]]
-    objectives_of_front = objectives
     attempts, max_attempts = 0, 20 * max(1, cfg.trials - done) + 100
     with _sigterm_as_interrupt():
         while done < cfg.trials and attempts < max_attempts:
@@ -467,25 +462,25 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
                 outcome = _run_trial(trial, space, desc, limits, cost, objectives, evaluator, known, cfg.repair,
                                      sens.table if sens is not None else None,
                                      _stage_front(study, objectives) if cfg.staged and len(evaluator.batches) > 1 else None)
-            except (KeyboardInterrupt, _Interrupted):
+            except KeyboardInterrupt:
                 trial.set_user_attr("autocomp_stale", True)
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 if trial.params:
                     study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-                result = study_result(handle)
+                study_result(handle)  # the front so far is on disk before we stop
                 emit("interrupted", {"done": done, "total": cfg.trials})
                 raise KeyboardInterrupt from None
             state, values = outcome
             study.tell(trial, values=values, state=state)
             if state != optuna.trial.TrialState.PRUNED:
                 done += 1
-            front = front_trials(study, budget)
+            front = front_trials(study, budget, objectives)
             if [t.number for t in front] != front_ids:
                 front_ids = [t.number for t in front]
                 result = study_result(handle)
             emit("trial", {"number": trial.number, "state": state.name, "values": values, "done": done,
                            "total": cfg.trials,
-                           "front": [(trial_metric(t, "proxy", objectives_of_front), trial_metric(t, "size", objectives_of_front))
+                           "front": [(trial_metric(t, "proxy", objectives), trial_metric(t, "size", objectives))
                                      for t in front]})
     if done < cfg.trials:
         emit("warning", {"message": f"stopped after {attempts} proposals: only {done} of {cfg.trials} trials "
@@ -515,7 +510,7 @@ def _ilp_seeds(space: Any, sens: Any, budget: int, smallest: int) -> list[tuple[
     from autocomp.search.sensitivity import ilp_assignment
 
     seeds, seen = [], set()
-    for frac in (1.0, 0.95, 0.9, 0.8):
+    for frac in (1.0, 0.9, 0.8, 0.7, 0.6):  # the front below the budget too
         b = int(budget * frac)
         if b < smallest:
             continue

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from autocomp.search.pareto import knee_index, pareto_front
+from autocomp.search.pareto import hypervolume, knee_index, pareto_front
 
 
 def brute_force(points):
@@ -34,3 +34,12 @@ def test_knee():
     # a sharp elbow at (1, 1)
     assert knee_index([(0, 10), (1, 1), (5, 0.5), (10, 0)]) == 1
     assert knee_index([(0, 1)]) == 0
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_hypervolume_matches_a_grid_count(seed):
+    rng = random.Random(seed)
+    pts = [(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(rng.randint(0, 12))]
+    ref = (10, 10)
+    cells = sum(1 for x in range(10) for y in range(10) if any(px <= x and py <= y for px, py in pts))
+    assert hypervolume(pts, ref) == cells

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["pareto_front"]
+__all__ = ["pareto_front", "knee_index", "hypervolume"]
 
 
 def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
@@ -42,3 +42,14 @@ def knee_index(points: Sequence[Sequence[float]]) -> int:
     (x0, y0), (x1, y1) = norm[0], norm[-1]
     dist = [abs((y1 - y0) * x - (x1 - x0) * y + x1 * y0 - y1 * x0) for x, y in norm]
     return max(range(len(points)), key=lambda i: dist[i])
+
+
+def hypervolume(points: Sequence[Sequence[float]], ref: Sequence[float]) -> float:
+    """Area dominated by 2-objective ``points`` (both minimized) and bounded by the reference point."""
+    pts = sorted((p[0], p[1]) for p in points if p[0] < ref[0] and p[1] < ref[1])
+    hv, best = 0.0, ref[1]
+    for i, (x, y) in enumerate(pts):
+        best = min(best, y)
+        nxt = pts[i + 1][0] if i + 1 < len(pts) else ref[0]
+        hv += (nxt - x) * (ref[1] - best)
+    return hv

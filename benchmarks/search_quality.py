@@ -1,0 +1,123 @@
+"""Search quality on MiniLM (issue #4's contract): autocomp vs random search vs cold TPE, by hypervolume.
+
+    .venv/bin/python benchmarks/search_quality.py --model minilm --trials 200 --json
+
+Runs, on the same model and calibration data in one process: (a) autocomp (`--seeds ilp --sampler
+refine`), (b) random search (budget repair, no seeds), (c) cold TPE (no seeds, no repair), each for
+--trials trials and every seed in --seeds, plus (d) every uniform plan, and a reference front: the union
+of all runs plus a long random+repair run of --reference-trials. Hypervolume is over (proxy, size / fp32
+size), both minimized, with reference point (proxy 1.0, size = the search budget, 15% of fp32).
+Per-method figures are medians over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from autocomp.search.pareto import hypervolume
+
+BUDGET_FRAC = 0.15
+REF_PROXY = 1.0
+
+
+def run(model: str, trials: int, seed: int, sampler: str, seeds: str, repair: bool, budget: str,
+        studies: Path) -> list[tuple[float, float, int]]:
+    import optuna
+
+    from autocomp.engine import SearchConfig, run_search
+
+    name = f"{sampler}-{seeds}-{int(repair)}-{seed}"
+    run_search(SearchConfig(budget=budget, model=model, trials=trials, sampler=sampler, seed=seed, seeds=seeds,
+                            repair=repair, study=name, studies_dir=studies))
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{studies}/{name}.db")
+    return [(t.values[1], t.values[0], t.number) for t in study.trials
+            if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--trials", type=int, default=200)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--reference-trials", type=int, default=3000)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from autocomp.models import load_model
+    from autocomp.models.introspect import introspect
+
+    desc = introspect(load_model(args.model))
+    fp32 = desc.fp32_bytes
+    budget = str(int(fp32 * BUDGET_FRAC))
+    studies = Path(tempfile.mkdtemp(prefix="autocomp-sq-"))
+    ref = (BUDGET_FRAC, REF_PROXY)
+    methods = {"autocomp": ("refine", "ilp", True), "random": ("random", "none", True), "cold_tpe": ("tpe", "none", False)}
+    results: dict[str, list[list[tuple[float, float, int]]]] = {m: [] for m in methods}
+    first_front: list[float] = []
+    t_start = time.perf_counter()
+    try:
+        for m, (sampler, seeds, repair) in methods.items():
+            for seed in args.seeds:
+                t0 = time.perf_counter()
+                pts = run(args.model, args.trials, seed, sampler, seeds, repair, budget, studies)
+                results[m].append(pts)
+                if m == "autocomp":
+                    first_front.append(time.perf_counter() - t0)  # upper bound: whole run incl. profiling
+                print(f"  {m} seed {seed}: {len(pts)} trials in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        union = [p for runs in results.values() for pts in runs for p in pts]
+        if args.reference_trials:
+            union += run(args.model, args.reference_trials, 99, "random", "uniform", True, budget, studies)
+        norm = lambda pts: [(s / fp32, p) for s, p, _ in pts]  # noqa: E731
+        hv_ref = hypervolume(norm(union), ref)
+        hv = {m: statistics.median(hypervolume(norm(pts), ref) for pts in runs) for m, runs in results.items()}
+
+        from autocomp.evaluators.proxy import ProxyEvaluator
+        from autocomp.search.sensitivity import ilp_assignment, profile, weights_hash
+        from autocomp.space import SearchSpace, reference_assignments
+
+        loaded = load_model(args.model)
+        space = SearchSpace.from_yaml("default", desc)
+        ev = ProxyEvaluator(loaded, desc)
+        from autocomp.cost.size import plan_bytes
+
+        uniforms = [(plan_bytes(desc, space.decode(a)), ev(space.decode(a))) for a in reference_assignments(space).values()]
+        import dataclasses
+
+        sens = profile(space, ProxyEvaluator(dataclasses.replace(loaded, batches=loaded.batches[:1]), desc),
+                       studies / "sensitivity", {"weights": weights_hash(loaded.module), "bench": 1})
+        rows_u, rows_i = [], []
+        for frac in (0.10, 0.12, 0.15):
+            b = fp32 * frac
+            best = statistics.median(min((p for s, p, _ in pts if s <= b), default=float("nan"))
+                                     for pts in results["autocomp"])
+            fit = [p for s, p in uniforms if s <= b]
+            rows_u.append({"budget_frac": frac, "uniform_proxy": min(fit) if fit else None, "autocomp_proxy": best})
+            a = ilp_assignment(space, sens, int(b))
+            rows_i.append({"budget_frac": frac, "ilp_proxy": ev(space.decode(a)) if a else None, "autocomp_proxy": best})
+        t0 = time.perf_counter()
+        plan = space.decode(reference_assignments(space)["uniform-6g128"])
+        for _ in range(10):
+            ev(plan)
+        eps = 10 / (time.perf_counter() - t0)
+        out = {"trials": args.trials, "hv_reference": hv_ref, "hv": hv,
+               "hv_ratio_vs_reference": hv["autocomp"] / hv_ref if hv_ref else 0.0,
+               "hv_ratio_vs_random": hv["autocomp"] / hv["random"] if hv["random"] else float("inf"),
+               "uniform": rows_u, "ilp": rows_i, "evals_per_second": eps,
+               "seconds_to_first_front": statistics.median(first_front)}
+        print(json.dumps(out) if args.json else json.dumps(out, indent=1))
+        print(f"  total {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
+    finally:
+        shutil.rmtree(studies, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
