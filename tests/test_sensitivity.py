@@ -126,3 +126,17 @@ def test_staged_evaluation_skips_dominated_candidates(capsys, studies):
     ev = ProxyEvaluator(tiny_loaded(), introspect(tiny_loaded()))
     t = complete[-1]
     assert ev(Plan.from_dict(t.user_attrs["plan"])) == pytest.approx(t.values[0], rel=1e-9)
+
+
+def test_ilp_search_json_stdout_is_one_object(studies):
+    """C libraries (HiGHS) must not write into the --json stdout: check it at the file-descriptor level."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    res = subprocess.run([sys.executable, "-m", "autocomp.cli", "search", "--model", f"{TINY}:tiny", "--data",
+                          f"{TINY}:calib", "--budget", "40%", "--trials", "6", "--seeds", "ilp", "--studies-dir",
+                          str(studies), "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["pareto"]

@@ -14,12 +14,15 @@ binary variable per (tie key, option combination).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import os
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from autocomp.plan import atomic_write_text
 from autocomp.space import SearchSpace
@@ -100,6 +103,20 @@ def profile(space: SearchSpace, evaluate: Callable[[Any], float], cache_dir: Pat
     return sens
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send file descriptor 1 to stderr for the duration (catches output of C libraries too)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def ilp_assignment(space: SearchSpace, sens: Sensitivity, budget: int) -> dict[str, str] | None:
     """Minimize summed sensitivity subject to size <= budget (structured groups kept whole).
 
@@ -131,8 +148,10 @@ def ilp_assignment(space: SearchSpace, sens: Sensitivity, budget: int) -> dict[s
     for j, col in enumerate(columns):
         one_per_key[keys.index(col[0]), j] = 1.0
     size_row = np.array([[col[2] for col in columns]])
-    res = milp(c, integrality=np.ones(n), bounds=Bounds(0, 1),
-               constraints=[LinearConstraint(one_per_key, 1, 1), LinearConstraint(size_row, -np.inf, budget - fixed_bytes)])
+    with _stdout_to_stderr():  # HiGHS prints progress from C; stdout is reserved for --json results
+        res = milp(c, integrality=np.ones(n), bounds=Bounds(0, 1), options={"disp": False},
+                   constraints=[LinearConstraint(one_per_key, 1, 1),
+                                LinearConstraint(size_row, -np.inf, budget - fixed_bytes)])
     if res.status != 0 or res.x is None:
         return None
     out = dict(base)
