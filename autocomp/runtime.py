@@ -70,16 +70,17 @@ def build_runtime_model(model: Any, desc: ModelDesc, plan: Plan, applier: PlanAp
     mods = compressible_modules(runtime)
     for layer in desc.layers:
         choice = plan.layer(layer.name)
-        parts, rows, cols = applier.layer_parts(plan, layer.name)
         mod, kind = mods[layer.name]
-        if choice.is_identity and rows is None and cols is None:
-            continue
         if kind != "Linear":  # Embedding / Conv / Conv1D: as stored, dequantized, masked
-            w, b = applier.compressed(plan, layer.name)
-            with torch.no_grad():
-                mod.weight.copy_(w)
-                if b is not None:
-                    mod.bias.copy_(b)
+            w, b = applier.compressed(plan, layer.name)  # (None, None) when the plan leaves it alone
+            if w is not None:
+                with torch.no_grad():
+                    mod.weight.copy_(w)
+                    if b is not None:
+                        mod.bias.copy_(b)
+            continue
+        parts, rows, cols = applier.layer_parts(plan, layer.name)
+        if choice.is_identity and rows is None and cols is None:
             continue
         bias = mod.bias
         if bias is not None and rows is not None:

@@ -19,6 +19,16 @@ from conftest import TINY, run_cli, tiny_loaded
 SMALL = "version: 1\nlayers:\n  - types: [Linear]\n    quant: [keep, 8c, 4g16, 2c]\n    prune: [none, u50]\n"
 
 
+def tiny_search(capsys, studies, study, *extra, budget="40%", trials=12):
+    """Run `autocomp search --json` on the tiny model; -> (parsed result, the study's trials)."""
+    code, out, err = run_cli(["search", "--model", f"{TINY}:tiny", "--data", f"{TINY}:calib", "--budget", budget,
+                              "--trials", str(trials), *extra, "--studies-dir", str(studies), "--study", study,
+                              "--json"], capsys)
+    assert code == 0, err
+    trials_ = optuna.load_study(study_name=study, storage=f"sqlite:///{studies}/{study}.db").trials
+    return json.loads(out), trials_
+
+
 @pytest.fixture
 def setup(tmp_path):
     (tmp_path / "s.yaml").write_text(SMALL)
@@ -75,15 +85,11 @@ def test_sensitivity_guided_repair_adds_less_sensitivity(setup, tmp_path):
 
 
 def test_search_with_ilp_seeds(capsys, studies):
-    code, out, err = run_cli(["search", "--model", f"{TINY}:tiny", "--data", f"{TINY}:calib", "--budget", "40%",
-                              "--trials", "12", "--seeds", "ilp", "--studies-dir", str(studies), "--study", "s",
-                              "--json"], capsys)
-    assert code == 0, err
-    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{studies}/s.db").trials
+    result, trials = tiny_search(capsys, studies, "s", "--seeds", "ilp")
     refs = [t.user_attrs.get("reference", "") for t in trials]
     assert refs[0] == "ilp-1.00" and any(r.startswith("uniform-") for r in refs)
     assert list((studies / "sensitivity").glob("*.json"))
-    assert json.loads(out)["pareto"]
+    assert result["pareto"]
 
 
 def test_partial_evaluations_add_up_to_the_full_proxy(setup):
@@ -95,11 +101,7 @@ def test_partial_evaluations_add_up_to_the_full_proxy(setup):
 
 
 def test_refiner_mutates_front_plans(capsys, studies):
-    code, out, err = run_cli(["search", "--model", f"{TINY}:tiny", "--data", f"{TINY}:calib", "--budget", "40%",
-                              "--trials", "24", "--sampler", "refine", "--studies-dir", str(studies), "--study", "r",
-                              "--json"], capsys)
-    assert code == 0, err
-    trials = optuna.load_study(study_name="r", storage=f"sqlite:///{studies}/r.db").trials
+    _, trials = tiny_search(capsys, studies, "r", "--sampler", "refine", trials=24)
     seeded = [t for t in trials if "reference" in t.user_attrs]
     proposed = [t for t in trials if "reference" not in t.user_attrs and t.params]
     assert proposed, "the refiner should propose after the seeds"
@@ -110,11 +112,7 @@ def test_refiner_mutates_front_plans(capsys, studies):
 
 
 def test_staged_evaluation_skips_dominated_candidates(capsys, studies):
-    code, out, err = run_cli(["search", "--model", f"{TINY}:tiny", "--data", f"{TINY}:calib", "--budget", "60%",
-                              "--trials", "20", "--sampler", "random", "--staged", "--studies-dir", str(studies),
-                              "--study", "st", "--json"], capsys)
-    assert code == 0, err
-    trials = optuna.load_study(study_name="st", storage=f"sqlite:///{studies}/st.db").trials
+    _, trials = tiny_search(capsys, studies, "st", "--sampler", "random", "--staged", budget="60%", trials=20)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     staged = [t for t in trials if str(t.user_attrs.get("skipped", "")).startswith("staged")]
     assert len(complete) == 20 and staged, "random proposals at 60% include clearly dominated ones"

@@ -17,7 +17,7 @@ from autocomp.models.introspect import introspect
 from autocomp.packing import pack_bits, pack_layer, unpack_bits, unpack_matrix
 from autocomp.plan import LayerPlan, Plan
 from autocomp.space import SearchSpace
-from conftest import TESTS, tiny_loaded
+from conftest import tiny_loaded
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
