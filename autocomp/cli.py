@@ -56,9 +56,12 @@ def cli() -> None:
 @click.option("--bitops-budget", default=None, help="BitOps limit, e.g. 300G; checked before the proxy.")
 @click.option("--objectives", default="proxy,size", show_default=True,
               help="2 or 3 of proxy, size, latency, bitops, energy (must include proxy).")
-@click.option("--seeds", default="uniform", show_default=True, type=click.Choice(["uniform", "ilp", "none"]),
+@click.option("--seeds", default="ilp", show_default=True, type=click.Choice(["uniform", "ilp", "none"]),
               help="First trials of a new study: uniform plans, or also the additive integer program's plans "
                    "over a sensitivity database (profiled once, cached under studies/sensitivity/).")
+@click.option("--sensitivity", default="fisher", show_default=True, type=click.Choice(["measured", "fisher"]),
+              help="How --seeds ilp gets per-option sensitivities: one proxy evaluation each, or the cheaper "
+                   "squared-gradient (Fisher) estimate.")
 @click.option("--staged/--no-staged", default=False, show_default=True,
               help="Score the first calibration batch first and skip candidates the front clearly beats.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
@@ -66,7 +69,7 @@ def cli() -> None:
 def search(budget: str, model: str, data: str | None, study: str | None, storage: str | None, space: str,
            trials: int, sampler: str, seed: int, metric: str, repair: bool, hardware: str | None,
            workload: str | None, latency_budget: str | None, bitops_budget: str | None, objectives: str,
-           seeds: str, staged: bool, as_json: bool, studies_dir: Path | None) -> None:
+           seeds: str, sensitivity: str, staged: bool, as_json: bool, studies_dir: Path | None) -> None:
     """Search compression plans under --budget; resumes the study if it exists."""
     from autocomp.engine import SearchConfig, run_search
 
@@ -74,7 +77,7 @@ def search(budget: str, model: str, data: str | None, study: str | None, storage
                        trials=trials, sampler=sampler, seed=seed, metric=metric, repair=repair,
                        studies_dir=_studies_dir(studies_dir), hardware=hardware, workload=workload,
                        latency_budget=latency_budget, bitops_budget=bitops_budget, objectives=objectives,
-                       seeds=seeds, staged=staged)
+                       seeds=seeds, staged=staged, sensitivity=sensitivity)
     progress = _SearchProgress(_console())
     try:
         result = run_search(cfg, on_event=progress.event)
@@ -311,16 +314,30 @@ def hardware_list(as_json: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Device file to write (default: studies/hardware/cpu-local.yaml, found as --hardware cpu-local).")
 @click.option("--name", default="cpu-local", show_default=True)
+@click.option("--model", default="minilm", show_default=True,
+              help="Also time real compressed versions of this model and fit a whole-model correction for it "
+                   "('none' to time kernels only).")
+@click.option("--data", default=None, help="Calibration data for --model (user models).")
+@click.option("--workload", default=None, help="BATCH or BATCHxSEQ for the whole-model runs (default 1x128).")
+@click.option("--fit-plans", default=12, show_default=True, type=int, help="Random plans timed for the whole-model fit.")
 @click.option("--quick", is_flag=True, help="Fewer kernels (for tests).")
-def hardware_calibrate(out: Path | None, name: str, quick: bool) -> None:
+def hardware_calibrate(out: Path | None, name: str, model: str, data: str | None, workload: str | None,
+                       fit_plans: int, quick: bool) -> None:
     """Time representative kernels here and fit a correction on top of the analytic model."""
     from autocomp.cost.device import local_dir
     from autocomp.hardware import calibrate
 
     out = out or local_dir() / f"{name}.yaml"
+    loaded = None
+    if model.lower() != "none":
+        from autocomp.models import load_model
+
+        if fit_plans < 2:
+            raise AutocompError(f"--fit-plans must be >= 2, got {fit_plans}")
+        loaded = load_model(model, data=data)  # fails here, before minutes of timing, on a bad --model
     con = _console()
     con.print(f"calibrating {name}: timing matmul, int8 and attention/elementwise kernels…")
-    calibrate(out, name=name, quick=quick, log=con.print)
+    calibrate(out, name=name, quick=quick, log=con.print, model=loaded, workload=workload, fit_plans=fit_plans)
     con.print(f"wrote {out}; use it with --hardware {out if out.parent != local_dir() else name}")
 
 
@@ -331,7 +348,8 @@ def hardware_calibrate(out: Path | None, name: str, quick: bool) -> None:
 @click.option("--space", default="default", show_default=True)
 @click.option("--plans", default=30, show_default=True, type=int)
 @click.option("--workload", default=None, help="BATCH or BATCHxSEQ (default: 1x128 for sequence models).")
-@click.option("--runs", default=10, show_default=True, type=int, help="Timed runs per plan (median; warm-up excluded).")
+@click.option("--runs", default=15, show_default=True, type=int,
+              help="Timed forwards per plan, interleaved with the other plans in shuffled rounds (lower quartile; warm-up excluded).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True)
 def hardware_validate(model: str, data: str | None, hw: str, space: str, plans: int, workload: str | None,

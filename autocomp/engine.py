@@ -56,8 +56,9 @@ class SearchConfig:
     latency_budget: str | None = None
     bitops_budget: str | None = None
     objectives: str = "proxy,size"
-    seeds: str = "uniform"  # "uniform" | "ilp" (sensitivity database + additive integer program + uniform)
+    seeds: str = "ilp"  # "uniform" | "ilp" (sensitivity database + additive integer program + uniform)
     staged: bool = False  # score the first calibration batch first; skip candidates the front clearly beats
+    sensitivity: str = "fisher"  # "measured" (one proxy evaluation per option) | "fisher" (squared gradients)
 
 
 OBJECTIVES = ("proxy", "size", "latency", "bitops", "energy")
@@ -407,6 +408,8 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
             limits.append(Limit("bitops", layer_gbitops, 0.0, bitops_budget / 1e9))
     if cfg.seeds not in ("uniform", "ilp", "none"):
         raise AutocompError(f"--seeds {cfg.seeds!r} is not uniform, ilp or none")
+    if cfg.sensitivity not in ("measured", "fisher"):
+        raise AutocompError(f"--sensitivity {cfg.sensitivity!r} is not measured or fisher")
     emit("status", {"message": "computing teacher outputs"})
     evaluator = ProxyEvaluator(loaded, desc)
     sens = _sensitivity(cfg, loaded, desc, space, evaluator, emit) if cfg.seeds == "ilp" else None
@@ -419,6 +422,7 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
         "hardware": device.name if (device is not None and cfg.hardware) else None,
         "workload": cost.workload.label() if cost else None, "latency_budget_ms": latency_budget,
         "bitops_budget": bitops_budget, "seeds": cfg.seeds, "staged": cfg.staged,
+        "sensitivity": cfg.sensitivity if cfg.seeds == "ilp" else None,
     }
     sampler = make_sampler(cfg.sampler, cfg.seed)
     try:
@@ -495,15 +499,17 @@ def _sensitivity(cfg: SearchConfig, loaded: Any, desc: ModelDesc, space: Any, ev
     import dataclasses
 
     from autocomp.evaluators.proxy import ProxyEvaluator, data_fingerprint
-    from autocomp.search.sensitivity import profile, weights_hash
+    from autocomp.search.sensitivity import fisher_profile, profile, weights_hash
 
     sliced = dataclasses.replace(loaded, batches=loaded.batches[:1], metric=evaluator.metric)
     fast = ProxyEvaluator(sliced, desc)
     parts = {"weights": weights_hash(loaded.module), "data": data_fingerprint(sliced.batches),
              "metric": evaluator.metric, "evaluator": "proxy-v1"}
-    emit("status", {"message": "sensitivity database (cached after the first run)"})
-    return profile(space, fast, cfg.studies_dir / "sensitivity", parts,
-                   log=lambda m: emit("status", {"message": m}))
+    emit("status", {"message": f"{cfg.sensitivity} sensitivity database (cached after the first run)"})
+    log = lambda m: emit("status", {"message": m})  # noqa: E731
+    if cfg.sensitivity == "fisher":
+        return fisher_profile(space, fast, cfg.studies_dir / "sensitivity", parts, log=log)
+    return profile(space, fast, cfg.studies_dir / "sensitivity", parts, log=log)
 
 
 def _ilp_seeds(space: Any, sens: Any, budget: int, smallest: int) -> list[tuple[float, dict[str, str]]]:

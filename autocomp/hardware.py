@@ -74,14 +74,26 @@ def _elementwise_costs(op_s: float) -> dict[str, float]:
     return {name: max((_time(fn) - op_s) / n, 0.0) for name, (fn, n) in kernels.items()}
 
 
-def calibrate(out: Path, name: str = "cpu-local", quick: bool = False, log: Callable[[str], None] = print) -> Device:
+def calibrate(out: Path, name: str = "cpu-local", quick: bool = False, log: Callable[[str], None] = print,
+              model: Any = None, workload: str | None = None, fit_plans: int = 12) -> Device:
     """Micro-benchmark matmuls (fp32 dense, int8, low-rank factor shapes), attention-like and elementwise
     kernels on this machine; take the best achieved rates as peaks, then fit a per-class correction
-    ``t = a * compute + b * memory + c`` with scikit-learn (non-negative least squares, relative error)."""
+    ``t = a * compute + b * memory + c`` with scikit-learn (non-negative least squares, relative error).
+
+    With ``model`` (a :class:`~autocomp.models.base.LoadedModel`), also time ``fit_plans`` real compressed
+    versions of it (plus fp32 and uniform int8) and fit a whole-model correction on top of the kernel-level
+    prediction: what isolated kernels miss inside a real network (cache misses, per-forward overhead)."""
     import numpy as np
     import torch
     from sklearn.linear_model import LinearRegression
 
+    fit = None
+    if model is not None:  # check the model and workload before minutes of timing
+        from autocomp.cost.latency import parse_workload
+        from autocomp.models.introspect import introspect
+
+        desc = introspect(model)
+        fit = (model, desc, parse_workload(workload, desc))
     shapes = _SHAPES[:6] if quick else _SHAPES
     rows = _ROWS[::2] if quick else _ROWS
     samples: dict[str, list[tuple[float, float, float]]] = {"dense": [], "int8": [], "other": []}  # (flops, bytes, s)
@@ -170,6 +182,9 @@ def calibrate(out: Path, name: str = "cpu-local", quick: bool = False, log: Call
     import yaml
 
     device = parse_device(doc, str(out))
+    if fit is not None:
+        correction["end_to_end"] = fit_end_to_end(*fit, device, fit_plans, log=log)
+        device = parse_device(doc, str(out))
     atomic_write_text(out, yaml.safe_dump(doc, sort_keys=False))
     log(f"peaks: fp32 {peak['dense'] / 1e9:.1f} GFLOP/s, int8 {peak['int8'] / 1e9:.1f} GOP/s; "
         f"memory {bandwidth / 1e9:.1f} GB/s")
@@ -194,38 +209,107 @@ def workload_batch(loaded: Any, desc: Any, workload: Any) -> Any:
     return first
 
 
+def time_models(models: list[Any], batch: Any, runs: int = 10, seed: int = 0) -> list[float]:
+    """Milliseconds per forward of each model. After two warm-up forwards each, ``runs`` rounds time every
+    model once, in a fresh random order per round, so the machine's speed drift (tens of percent within
+    minutes here) hits all models alike instead of lining up with their order. A model's figure is the
+    lower quartile of its rounds: shared-machine noise only ever adds time."""
+    import time
+
+    import torch
+
+    from autocomp.models.base import run_batch
+
+    rng = random.Random(seed)
+    times: list[list[float]] = [[] for _ in models]
+    with torch.inference_mode():
+        for model in models:
+            run_batch(model, batch)
+            run_batch(model, batch)
+        order = list(range(len(models)))
+        for _ in range(max(1, runs)):
+            rng.shuffle(order)
+            for i in order:
+                t0 = time.perf_counter()
+                run_batch(models[i], batch)
+                times[i].append((time.perf_counter() - t0) * 1e3)
+    return [sorted(t)[(len(t) - 1) // 4] for t in times]
+
+
+def _random_plans(space: Any, n: int, seed: int) -> list[Any]:
+    rng = random.Random(seed)
+    return [space.decode({p: rng.choice(o) for p, o in space.params.items()}) for _ in range(n)]
+
+
+def fit_end_to_end(loaded: Any, desc: Any, wl: Any, device: Device, n_plans: int = 12,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Time fp32, uniform int8 and ``n_plans`` random plans of ``loaded`` (drawn with seeds that
+    ``validate`` does not use) and fit ``t = a*dense + b*int8 + c*other + d`` on the kernel-level
+    breakdown with scikit-learn (non-negative, relative error). Applied only to this model (its weight
+    fingerprint)."""
+    import numpy as np
+    from sklearn.linear_model import LinearRegression
+
+    from autocomp.compressors.apply import PlanApplier
+    from autocomp.cost.latency import CostModel
+    from autocomp.plan import Plan
+    from autocomp.runtime import build_runtime_model
+    from autocomp.space import SearchSpace, reference_assignments
+
+    default = SearchSpace.from_yaml("default", desc)
+    plans = [Plan(layers={})]
+    refs = reference_assignments(default)
+    if "uniform-int8" in refs:
+        plans.append(default.decode(refs["uniform-int8"]))
+    spaces = [default]
+    if desc.info.get("num_attention_heads"):
+        try:
+            spaces.append(SearchSpace.from_yaml("transformer", desc))
+        except AutocompError:
+            pass
+    for j, sp in enumerate(spaces):
+        k = n_plans // len(spaces) + (1 if j < n_plans % len(spaces) else 0)
+        plans += _random_plans(sp, k, seed=1_000_003 + j)
+    log(f"  timing {len(plans)} real plans of {desc.name} at {wl.label()} (round-robin)…")
+    applier = PlanApplier(loaded.module, desc)
+    models = [build_runtime_model(loaded.module, desc, p, applier) for p in plans]
+    measured = np.array(time_models(models, workload_batch(loaded, desc, wl), runs=15)) / 1e3
+    cost = CostModel(device, desc, wl)
+    parts = [cost.breakdown(p) for p in plans]
+    X = np.array([[b["dense"], b["int8"], b["other"], 1.0] for b in parts])
+    reg = LinearRegression(positive=True, fit_intercept=False).fit(X, measured, sample_weight=1.0 / measured**2)
+    a, b, c, d = (float(z) for z in reg.coef_)
+    before = float(np.mean(np.abs(X[:, :3].sum(1) - measured) / measured))
+    after = float(np.mean(np.abs(reg.predict(X) - measured) / measured))
+    log(f"  whole model: t = {a:.3f} x dense + {b:.3f} x int8 + {c:.3f} x other + {d * 1e3:.2f} ms "
+        f"(error on the {len(plans)} fitted plans {before:.1%} -> {after:.1%})")
+    return {"model": desc.name, "fingerprint": desc.fingerprint, "workload": wl.label(), "plans": len(plans),
+            "dense": a, "int8": b, "other": c, "intercept_s": d,
+            "mape_kernel_level": round(before, 4), "mape_fitted": round(after, 4)}
+
+
 def validate(loaded: Any, desc: Any, space: Any, device: Device, workload: Any, n_plans: int, seed: int = 0,
-             runs: int = 10, log: Callable[[str], None] = print) -> dict[str, Any]:
+             runs: int = 15, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Predicted vs measured latency for ``n_plans`` random plans of ``space`` plus the uncompressed model."""
     import numpy as np
     from scipy.stats import spearmanr
 
     from autocomp.compressors.apply import PlanApplier
     from autocomp.cost.latency import CostModel
-    from autocomp.runtime import build_runtime_model, measure_latency_ms
+    from autocomp.runtime import build_runtime_model
 
     if n_plans < 3:
         raise AutocompError(f"--plans must be >= 3 to measure agreement, got {n_plans}")
     cost = CostModel(device, desc, workload)
     batch = workload_batch(loaded, desc, workload)
     applier = PlanApplier(loaded.module, desc)
-    rng = random.Random(seed)
-    plans = [space.decode({p: rng.choice(o) for p, o in space.params.items()}) for _ in range(n_plans)]
+    plans = _random_plans(space, n_plans, seed)
     predicted = [cost.latency_ms(plan) for plan in plans]
     models = [build_runtime_model(loaded.module, desc, plan, applier) for plan in plans]
-    # Round-robin over the plans: this machine's speed drifts by tens of percent within minutes, so a
-    # slow phase must hit every plan alike. Each plan's figure is the median over rounds of the median
-    # of `runs` timed forwards (warm-up excluded).
-    rounds = 3
-    per_round = max(1, runs // rounds)
-    measured: list[list[float]] = [[] for _ in plans]
-    for r in range(rounds):
-        for i, model in enumerate(models):
-            measured[i].append(measure_latency_ms(model, batch, warmup=2 if r == 0 else 1, runs=per_round))
-        log(f"  round {r + 1}/{rounds} done")
+    measured = time_models(models, batch, runs=runs)
     rows = []
     for i in range(n_plans):
-        m_ms = sorted(measured[i])[len(measured[i]) // 2]
+        m_ms = measured[i]
         rows.append({"predicted_ms": round(predicted[i], 4), "measured_ms": round(m_ms, 4)})
         log(f"  plan {i + 1}/{n_plans}: predicted {predicted[i]:.2f} ms, measured {m_ms:.2f} ms")
     p = np.array([r["predicted_ms"] for r in rows])

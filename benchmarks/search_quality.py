@@ -27,18 +27,30 @@ BUDGET_FRAC = 0.15
 REF_PROXY = 1.0
 
 
-def run(model: str, trials: int, seed: int, sampler: str, seeds: str, repair: bool, budget: str,
-        studies: Path) -> list[tuple[float, float, int]]:
+def run(model: str, trials: int, seed: int, sampler: str | None, seeds: str | None, repair: bool, budget: str,
+        studies: Path) -> tuple[list[tuple[float, float, int]], float]:
+    """One search (None = the engine's default); -> ((size, proxy, number) of completed trials, seconds from
+    the call until the seeded first trials (ILP + uniform references) were all evaluated: the first front)."""
     import optuna
 
     from autocomp.engine import SearchConfig, run_search
 
+    opts = {k: v for k, v in (("sampler", sampler), ("seeds", seeds)) if v is not None}
     name = f"{sampler}-{seeds}-{int(repair)}-{seed}"
-    run_search(SearchConfig(budget=budget, model=model, trials=trials, sampler=sampler, seed=seed, seeds=seeds,
-                            repair=repair, study=name, studies_dir=studies))
+    done_at: dict[int, float] = {}
+    t0 = time.perf_counter()
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "trial":
+            done_at[data["number"]] = time.perf_counter() - t0
+
+    run_search(SearchConfig(budget=budget, model=model, trials=trials, seed=seed, repair=repair, study=name,
+                            studies_dir=studies, **opts), on_event=on_event)
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{studies}/{name}.db")
+    seeded = [t.number for t in study.trials if t.user_attrs.get("reference")]
+    first = done_at.get(max(seeded), float("nan")) if seeded else min(done_at.values(), default=float("nan"))
     return [(t.values[1], t.values[0], t.number) for t in study.trials
-            if t.state == optuna.trial.TrialState.COMPLETE]
+            if t.state == optuna.trial.TrialState.COMPLETE], first
 
 
 def main() -> None:
@@ -48,6 +60,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--reference-trials", type=int, default=3000)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--compare-samplers", nargs="*", default=[],
+                    help="also run the default seeds with these samplers (e.g. tpe nsga2 refine) and report "
+                         "their hypervolumes under 'variants' (how the default was chosen)")
     args = ap.parse_args()
     import warnings
 
@@ -60,7 +75,8 @@ def main() -> None:
     budget = str(int(fp32 * BUDGET_FRAC))
     studies = Path(tempfile.mkdtemp(prefix="autocomp-sq-"))
     ref = (BUDGET_FRAC, REF_PROXY)
-    methods = {"autocomp": ("refine", "ilp", True), "random": ("random", "none", True), "cold_tpe": ("tpe", "none", False)}
+    methods = {"autocomp": (None, None, True), "random": ("random", "none", True), "cold_tpe": ("tpe", "none", False)}
+    methods.update({f"autocomp+{s}": (s, None, True) for s in args.compare_samplers})
     results: dict[str, list[list[tuple[float, float, int]]]] = {m: [] for m in methods}
     first_front: list[float] = []
     t_start = time.perf_counter()
@@ -68,14 +84,14 @@ def main() -> None:
         for m, (sampler, seeds, repair) in methods.items():
             for seed in args.seeds:
                 t0 = time.perf_counter()
-                pts = run(args.model, args.trials, seed, sampler, seeds, repair, budget, studies)
+                pts, first = run(args.model, args.trials, seed, sampler, seeds, repair, budget, studies)
                 results[m].append(pts)
                 if m == "autocomp":
-                    first_front.append(time.perf_counter() - t0)  # upper bound: whole run incl. profiling
+                    first_front.append(first)
                 print(f"  {m} seed {seed}: {len(pts)} trials in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         union = [p for runs in results.values() for pts in runs for p in pts]
         if args.reference_trials:
-            union += run(args.model, args.reference_trials, 99, "random", "uniform", True, budget, studies)
+            union += run(args.model, args.reference_trials, 99, "random", "uniform", True, budget, studies)[0]
         norm = lambda pts: [(s / fp32, p) for s, p, _ in pts]  # noqa: E731
         hv_ref = hypervolume(norm(union), ref)
         hv = {m: statistics.median(hypervolume(norm(pts), ref) for pts in runs) for m, runs in results.items()}
@@ -108,11 +124,14 @@ def main() -> None:
         for _ in range(10):
             ev(plan)
         eps = 10 / (time.perf_counter() - t0)
+        variants = {m: hv.pop(m) for m in list(hv) if m.startswith("autocomp+")}
         out = {"trials": args.trials, "hv_reference": hv_ref, "hv": hv,
                "hv_ratio_vs_reference": hv["autocomp"] / hv_ref if hv_ref else 0.0,
                "hv_ratio_vs_random": hv["autocomp"] / hv["random"] if hv["random"] else float("inf"),
                "uniform": rows_u, "ilp": rows_i, "evals_per_second": eps,
                "seconds_to_first_front": statistics.median(first_front)}
+        if variants:
+            out["variants"] = variants
         print(json.dumps(out) if args.json else json.dumps(out, indent=1))
         print(f"  total {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
     finally:

@@ -87,22 +87,27 @@ def test_rerun_resumes_and_extends(capsys, studies):
     code, out, _ = search(capsys, studies, trials=14)  # a larger N extends
     assert code == 0 and json.loads(out)["trials_complete"] == 14
     after = {t.number: t.values for t in load(studies).trials}
-    assert all(after[n] == v for n, v in before.items())
+    assert all(after[n] == v for n, v in before.items() if v is not None)  # seeds still queued then have run
 
 
 def test_references_seed_a_new_study(capsys, studies):
-    search(capsys, studies, trials=10, budget="90%")
+    search(capsys, studies, trials=10, budget="90%")  # default --seeds ilp: the additive sweep, then uniform plans
     refs = [t.user_attrs.get("reference") for t in load(studies).trials if t.user_attrs.get("reference")]
-    assert refs[0] == "uniform-8c" and "uniform-4g128" in refs
+    first_uniform = refs.index("uniform-8c")
+    assert first_uniform > 0 and all(r.startswith("ilp-") for r in refs[:first_uniform]) and "uniform-4g128" in refs
+    search(capsys, studies, "--seeds", "uniform", trials=10, budget="90%", study="u")
+    refs = [t.user_attrs.get("reference") for t in load(studies, "u").trials if t.user_attrs.get("reference")]
+    assert refs[0] == "uniform-8c" and not any(r.startswith("ilp-") for r in refs)
 
 
 def test_stale_running_trial_is_failed_and_retried(capsys, studies):
-    assert search(capsys, studies, trials=6)[0] == 0
+    # uniform seeds only, so that no queued seed stands before the retry when the search resumes
+    assert search(capsys, studies, "--seeds", "uniform", trials=6)[0] == 0
     study = load(studies)
     orphan = study.ask()  # a trial a killed process would leave RUNNING
     for p, opts in study.trials[0].distributions.items():
         orphan.suggest_categorical(p, opts.choices)
-    assert search(capsys, studies, trials=8)[0] == 0
+    assert search(capsys, studies, "--seeds", "uniform", trials=8)[0] == 0
     trials = load(studies).trials
     stale = trials[orphan.number]
     assert stale.state == optuna.trial.TrialState.FAIL and stale.user_attrs["autocomp_stale"]

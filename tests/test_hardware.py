@@ -151,10 +151,21 @@ def test_runtime_model_uses_real_kernels_and_matches_the_simulation():
 
 def test_calibrate_and_validate_contract(capsys, tmp_path):
     out = tmp_path / "cpu.yaml"
-    code, _, err = run_cli(["hardware", "calibrate", "--quick", "--out", str(out)], capsys)
+    code, _, err = run_cli(["hardware", "calibrate", "--quick", "--out", str(out), "--model", f"{TINY}:tiny",
+                            "--data", f"{TINY}:calib", "--fit-plans", "4"], capsys)
     assert code == 0, err
     dev = load_device(str(out))
-    assert dev.correction and {"dense", "int8", "other", "module_call_s"} <= set(dev.correction)
+    assert dev.correction and {"dense", "int8", "other", "module_call_s", "end_to_end"} <= set(dev.correction)
+    e2e = dev.correction["end_to_end"]
+    assert e2e["plans"] == 6 and min(e2e["dense"], e2e["int8"], e2e["other"], e2e["intercept_s"]) >= 0
+    # the whole-model correction applies to the model it was fitted on, and only to it
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    fitted = CostModel(dev, desc).latency_ms(Plan(layers={}))
+    kernel = sum(CostModel(dev, desc).breakdown(Plan(layers={})).values()) * 1e3
+    assert e2e["fingerprint"] == desc.fingerprint and fitted != pytest.approx(kernel, rel=1e-9)
+    other = ModelDesc(**{**desc.__dict__, "fingerprint": "another"})
+    assert CostModel(dev, other).latency_ms(Plan(layers={})) == pytest.approx(kernel)
     assert all("measured here" in s for k, s in dev.sources.items() if k in ("fp32", "int8", "memory_bandwidth"))
     code, out_json, err = run_cli(["hardware", "validate", "--model", f"{TINY}:tiny", "--data", f"{TINY}:calib",
                                    "--hardware", str(out), "--plans", "4", "--runs", "3", "--json"], capsys)

@@ -138,3 +138,52 @@ def test_ilp_search_json_stdout_is_one_object(studies):
                           str(studies), "--json"], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["pareto"]
+
+
+@pytest.mark.parametrize("metric", ["mse", "cosine"])
+def test_fisher_estimate_tracks_measured(tmp_path, metric):
+    """The squared-gradient estimate needs no forward pass per option and ranks options like the
+    measured database; at small perturbations it is close in value too (second-order regime)."""
+    from scipy.stats import spearmanr
+
+    from autocomp.search.sensitivity import fisher_profile
+
+    (tmp_path / "s.yaml").write_text("version: 1\nlayers:\n  - types: [Linear]\n"
+                                     "    quant: [keep, 8c, 6c, 4g16, 3c, int8]\n    prune: [none, u10, u30]\n")
+    loaded = tiny_loaded()
+    loaded.metric = metric
+    desc = introspect(loaded)
+    space = SearchSpace.from_yaml(tmp_path / "s.yaml", desc)
+    ev = ProxyEvaluator(loaded, desc)
+    measured = profile(space, ev, tmp_path / "m", {"weights": "w"})
+    fisher = fisher_profile(space, ev, tmp_path / "f", {"weights": "w"}, probes=32)
+    pairs = [(measured.table[p][o], fisher.table[p][o]) for p in space.params for o in space.params[p]
+             if measured.table[p][o] > 0]
+    rho = spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic
+    assert rho > 0.8, pairs
+    small = [(a, b) for a, b in pairs if a < 1e-3]
+    assert small and all(0.3 < b / a < 3 for a, b in small), small
+    assert all(p.grad is None for p in loaded.module.parameters())  # the model is left as found
+    again = fisher_profile(space, ev, tmp_path / "f", {"weights": "w"}, probes=32)
+    assert again.table == fisher.table  # cached
+
+
+@pytest.mark.parametrize("tie", [None, "'{block}'"])
+def test_deep_model_stays_searchable(capsys, studies, tmp_path, tie):
+    """211 layers: the space binds, the sensitivity database and ILP seeds are computed, the search runs, and
+    tied blocks share one choice."""
+    rule = "  - types: [Linear]\n    quant: [keep, 8c, 4g16, 2c]\n    prune: [none, u50]\n"
+    (tmp_path / "deep.yaml").write_text("version: 1\nlayers:\n" + rule + (f"    tie: {tie}\n" if tie else ""))
+    code, out, err = run_cli(["search", "--model", f"{TINY}:deep", "--data", f"{TINY}:deep_calib", "--budget", "40%",
+                              "--trials", "8", "--space", str(tmp_path / "deep.yaml"), "--seeds", "ilp",
+                              "--studies-dir", str(studies), "--study", "deep", "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["pareto"] and all(e["size_bytes"] <= r["budget_bytes"] for e in r["pareto"])
+    trials = optuna.load_study(study_name="deep", storage=f"sqlite:///{studies}/deep.db").trials
+    params = trials[-1].params
+    if tie:
+        assert len(params) == 2 * 71  # one (quant, prune) choice per block, plus the head
+    else:
+        assert len(params) == 2 * 211
+    assert any(t.user_attrs.get("reference", "").startswith("ilp-") for t in trials)

@@ -83,3 +83,29 @@ def nan_model() -> nn.Module:
     with torch.no_grad():
         m.head.weight[0, 0] = float("nan")
     return m
+
+
+class DeepNet(nn.Module):
+    """A synthetic deep model: ``depth`` residual blocks of three Linear layers each (210 + 1 layers at the
+    default depth), for checking that a 200+-layer model stays searchable."""
+
+    def __init__(self, depth: int = 70, dim: int = 16) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"a": nn.Linear(dim, dim), "b": nn.Linear(dim, dim),
+                                                   "c": nn.Linear(dim, dim)}) for _ in range(depth))
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            x = x + 0.2 * blk["c"](torch.relu(blk["b"](torch.relu(blk["a"](x)))))
+        return self.head(x)
+
+
+def deep() -> nn.Module:
+    torch.manual_seed(0)
+    return DeepNet().eval()
+
+
+def deep_calib() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(16, 16, generator=g) for _ in range(2)]

@@ -96,6 +96,10 @@ class CostModel:
         self._mac_pj = {k: float(v["value"]) for k, v in e["mac_pj"].items()}
         self._dram_pj = float(e["dram_pj_per_byte"]["value"])
         self._base: tuple[float, float, float] | None = None
+        # A whole-model correction fitted by `calibrate --model` on real runs of this very model (matched by
+        # weight fingerprint): per-class scales on the kernel-level prediction plus a per-forward constant.
+        e2e = (device.correction or {}).get("end_to_end")
+        self._e2e = e2e if e2e and e2e.get("fingerprint") == desc.fingerprint else None
 
     # -- per layer ---------------------------------------------------------------------------------------
     def positions(self, layer: LayerDesc) -> float:
@@ -129,7 +133,8 @@ class CostModel:
         m = self.positions(layer)
         if layer.type == "Embedding":  # a gather: memory only
             dram = m * cols * d.act_bytes
-            out = (self._combine(0.0, dram / (d.memory_bandwidth * d.eff_memory), "dense"), 0.0, dram * self._dram_pj, 0.0)
+            seconds = self._combine(0.0, dram / (d.memory_bandwidth * d.eff_memory), "dense")
+            out = (seconds * (self._e2e["dense"] if self._e2e else 1.0), 0.0, dram * self._dram_pj, 0.0)
             self._memo[key] = out
             return out
         int8 = runs_int8(d, choice)
@@ -148,9 +153,10 @@ class CostModel:
         shapes = [(cols, rows)] if choice.rank is None else [(cols, choice.rank), (choice.rank, rows)]
         seconds = energy = macs = 0.0
         cls = "int8" if int8 else "dense"
+        scale = self._e2e[cls] if self._e2e else 1.0
         for k, n in shapes:
             comp, mem, dram = self._matmul(m, k, n, dtype, w_bits, speed, density)
-            seconds += self._combine(comp, mem, cls)
+            seconds += scale * self._combine(comp, mem, cls)
             macs += m * k * n
             energy += m * k * n * self._mac_pj.get(dtype, self._mac_pj["fp32"]) + dram * self._dram_pj
         a_bits = 8 if choice.act_bits == 8 else 32
@@ -183,6 +189,8 @@ class CostModel:
             moved = float(info.get("elementwise_bytes_per_sample", 0.0)) * b * r * d.act_bytes / 4
             seconds = compute + moved / (d.memory_bandwidth * d.eff_memory)
         energy = flops / 2 * self._mac_pj.get(d.default_dtype, 4.6) + moved * self._dram_pj
+        if self._e2e:
+            seconds = seconds * self._e2e["other"] + self._e2e["intercept_s"]
         return seconds, energy
 
     def _raw(self, plan: Plan) -> tuple[float, float, float]:
@@ -204,3 +212,19 @@ class CostModel:
 
     def latency_ms(self, plan: Plan) -> float:
         return self.evaluate(plan)["latency_ms"]
+
+    def breakdown(self, plan: Plan) -> dict[str, float]:
+        """Kernel-level seconds per class (``dense``, ``int8``, ``other``) before any whole-model
+        correction: the features `calibrate --model` fits on."""
+        saved, self._e2e, self._memo = self._e2e, None, {}
+        try:
+            out = {"dense": 0.0, "int8": 0.0, "other": self._other()[0]}
+            groups = {k: g for k, g in plan.structured.items() if g.keep < g.units}
+            for layer in self.desc.layers:
+                rows, cols = structured_shape(layer, groups) if groups else (layer.rows, layer.cols)
+                choice = plan.layer(layer.name)
+                cls = "int8" if layer.type != "Embedding" and runs_int8(self.device, choice) else "dense"
+                out[cls] += self.layer(layer, choice, rows, cols)[0]
+            return out
+        finally:
+            self._e2e, self._memo = saved, {}

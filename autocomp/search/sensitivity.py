@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 from autocomp.plan import atomic_write_text
 from autocomp.space import SearchSpace
 
-__all__ = ["Sensitivity", "profile", "ilp_assignment", "weights_hash"]
+__all__ = ["Sensitivity", "profile", "fisher_profile", "ilp_assignment", "weights_hash"]
 
 
 def weights_hash(model: Any) -> str:
@@ -158,3 +158,123 @@ def ilp_assignment(space: SearchSpace, sens: Sensitivity, budget: int) -> dict[s
     for j in np.flatnonzero(res.x > 0.5):
         out.update(columns[j][1])
     return out
+
+
+def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_parts: dict[str, Any], probes: int = 8,
+                   seed: int = 0, log: Callable[[str], None] = lambda s: None) -> Sensitivity:
+    """The gradient-based estimate of the sensitivity database: no forward pass per option.
+
+    Around the original weights the proxy is ~0 with zero gradient, so its second-order term decides:
+    ``proxy(W + d) ~ k * sum_i F_i d_i^2 / den`` with ``F`` the diagonal of the output metric's
+    Gauss-Newton / Fisher matrix, estimated from squared gradients of random output probes (``probes``
+    backward passes per calibration batch): for ``cosine`` a Gaussian probe orthogonal to each output
+    row scaled by 1/|y| (k = 1/2), for ``kl`` a one-hot class sampled from the teacher's softmax minus
+    the softmax (the true Fisher, k = 1/2), for ``mse`` a Gaussian probe (k = 1, den = sum of t^2).
+    ``d`` is each option's real weight error (the compressor's own output); W8A8 options add the
+    activation-rounding noise (step^2 / 12 per input element) weighted by the squared input gradients.
+    Diagonal and additive: it ignores interactions the measured database also ignores, plus those within
+    a layer."""
+    import torch
+
+    from autocomp.models.base import extract_output, run_batch
+
+    key = hashlib.sha256(json.dumps({**key_parts, "params": space.params, "probes": probes, "seed": seed,
+                                     "kind": "fisher-v1"}, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir / f"{key}.json"
+    if path.is_file():
+        d = json.loads(path.read_text())
+        if d.get("_type") == "autocomp.Sensitivity" and d.get("_version") == 1:
+            log(f"fisher sensitivity: cached ({path})")
+            return Sensitivity(d["table"], d["base"], d["seconds"], d["evals"])
+    t0 = time.perf_counter()
+    model, applier, metric = evaluator.model, evaluator.applier, evaluator.metric
+    mods = {name: applier.modules[name][0] for name in applier.modules}
+    fw = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in mods.items()}
+    fb = {n: torch.zeros_like(m.bias, dtype=torch.float32) for n, m in mods.items() if getattr(m, "bias", None) is not None}
+    act = {n: 0.0 for n in mods}  # sum over probes of sum_x g_x^2 * step^2 / 12
+    gen = torch.Generator().manual_seed(seed)
+    den = 0.0
+    params = {id(p) for m in mods.values() for p in m.parameters(recurse=False)}
+    saved_grad = [(p, p.requires_grad) for p in model.parameters()]
+    taps: dict[str, tuple[Any, float]] = {}
+
+    def tap(name: str) -> Any:
+        def hook(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            x = args[0]
+            if not torch.is_floating_point(x):
+                return args
+            xd = x.detach()
+            step = float((torch.clamp(xd.max(), min=0.0) - torch.clamp(xd.min(), max=0.0)) / 127)
+            z = torch.zeros_like(x, requires_grad=True)
+            taps[name] = (z, step)
+            return (x + z, *args[1:])
+        return hook
+
+    hooks = [m.register_forward_pre_hook(tap(n)) for n, m in mods.items() if m.__class__.__name__ != "Embedding"]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in params)
+        for bi, batch in enumerate(evaluator.batches):
+            mask = evaluator.masks[bi]
+            t = evaluator.teacher[bi].float()
+            rows = t.reshape(-1, t.shape[-1])
+            w = (mask.reshape(-1) if mask is not None else torch.ones(rows.shape[0])).float()
+            den += float((rows.pow(2).sum(-1) * w).sum()) if metric == "mse" else float(w.sum())
+            for _ in range(probes):
+                model.zero_grad(set_to_none=True)
+                taps.clear()
+                with torch.enable_grad():
+                    y = extract_output(run_batch(model, batch))[0].float().reshape(-1, rows.shape[-1])
+                    if metric == "kl":
+                        pr = torch.softmax(rows, -1)
+                        c = torch.multinomial(pr, 1, generator=gen).squeeze(-1)
+                        r = torch.nn.functional.one_hot(c, pr.shape[-1]).float() - pr
+                    else:
+                        r = torch.randn(rows.shape, generator=gen)
+                        if metric == "cosine":
+                            u = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                            r = (r - (r * u).sum(-1, keepdim=True) * u) / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                    loss = ((r * y).sum(-1) * w.sqrt()).sum()
+                    loss.backward()
+                for n, m in mods.items():
+                    if m.weight.grad is not None:
+                        fw[n] += m.weight.grad.float().pow(2)
+                    if n in fb and m.bias.grad is not None:
+                        fb[n] += m.bias.grad.float().pow(2)
+                    if n in taps and taps[n][0].grad is not None:
+                        act[n] += float(taps[n][0].grad.pow(2).sum()) * taps[n][1] ** 2 / 12
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in saved_grad:
+            p.requires_grad_(flag)
+            p.grad = None
+    k = 1.0 if metric == "mse" else 0.5
+    scale = k / (probes * max(den, 1e-30))
+    neutral = _neutral(space)
+    table: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for p, opts in space.params.items():
+            row = {}
+            for o in opts:
+                if o == neutral[p]:
+                    row[o] = 0.0
+                    continue
+                plan = space.decode({**neutral, p: o})
+                total = 0.0
+                for name in plan.layers.keys() | {n for g in plan.structured.values() for n in (*g.producers, *g.consumers)}:
+                    if name not in mods:
+                        continue
+                    wq, bq = applier.compressed(plan, name)
+                    if wq is not None:
+                        total += float((fw[name] * (wq.float() - mods[name].weight.float()).pow(2)).sum())
+                    if bq is not None and name in fb:
+                        total += float((fb[name] * (bq.float() - mods[name].bias.float()).pow(2)).sum())
+                    if plan.layer(name).act_bits == 8:
+                        total += act[name]
+                row[o] = total * scale
+            table[p] = row
+    sens = Sensitivity(table, 0.0, time.perf_counter() - t0, probes * len(evaluator.batches))
+    atomic_write_text(path, json.dumps(sens.to_dict()))
+    log(f"fisher sensitivity: {sens.evals} backward passes, {sens.seconds:.1f} s -> {path}")
+    return sens
