@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutocompError", "PlanMismatchError", "LayerPlan", "Plan", "StructuredGroup", "parse_budget",
-    "apply_plan", "plan_bytes", "__version__",
+    "apply_plan", "plan_bytes", "prepare_for_training", "distillation_loss", "finalize", "export", "load",
+    "__version__",
 ]
 
 
@@ -43,3 +44,42 @@ def apply_plan(model: Any, plan: Plan, desc: Any = None) -> Any:
 
     desc = desc or describe_static(LoadedModel(module=model, name=plan.model_name, spec=plan.model_spec, batches=[]))
     return PlanApplier(model, desc).applied(plan)
+
+
+def prepare_for_training(model: Any, plan: Plan, desc: Any = None, schedule: str = "fixed") -> Any:
+    """A trainable copy of ``model`` computing with ``plan``'s compressed weights: fake quantization with a
+    straight-through estimator, fixed (or ``schedule="progressive"``) pruning masks, trainable low-rank
+    factors. See :mod:`autocomp.training`."""
+    from autocomp.training import prepare_for_training as _p
+
+    return _p(model, plan, desc, schedule)
+
+
+def distillation_loss(student_out: Any, teacher_out: Any, kind: str = "response", temperature: float = 2.0,
+                      metric: str = "cosine", mask: Any = None) -> Any:
+    """Response (KL with temperature, cosine or MSE), feature or relation distillation loss."""
+    from autocomp.training import distillation_loss as _d
+
+    return _d(student_out, teacher_out, kind, temperature, metric, mask)
+
+
+def finalize(student: Any) -> Any:
+    """A plain model whose weights are exactly the plan's stored (compressed) weights."""
+    from autocomp.training import finalize as _f
+
+    return _f(student)
+
+
+def export(model: Any, plan: Plan, path: Any, spec: str | None = None, data_spec: str | None = None) -> dict[str, Any]:
+    """Write the packed safetensors file (docs/FORMAT.md); -> {"path", "predicted_bytes", "payload_bytes",
+    "file_bytes"}."""
+    from autocomp.artifact import export as _e
+
+    return _e(model, plan, path, spec=spec, data_spec=data_spec)
+
+
+def load(path: Any, model: Any = None) -> Any:
+    """Rebuild a runnable model from an export file (checksum and layout checked)."""
+    from autocomp.artifact import load as _l
+
+    return _l(path, model)

@@ -274,6 +274,152 @@ def score(plan_path: Path, model: str | None, data: str | None, metric: str, as_
                f"{spec}: {out['size_bytes']} bytes ({out['size_bytes'] / desc.fp32_bytes:.1%} of fp32), proxy {out['proxy']:.5f}")
 
 
+# -- train / export / evaluate -------------------------------------------------------------------------------
+@cli.command()
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True)
+@click.option("--model", default=None, help="Default: the model the plan was made for.")
+@click.option("--data", default=None, help="Training batches, file.py:fn or pkg.module:fn (built-in models bring "
+                                           "their own, disjoint from the calibration data).")
+@click.option("--steps", default=300, show_default=True, type=int)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint (safetensors); resumed if it exists.")
+@click.option("--lr", default=5e-5, show_default=True, type=float)
+@click.option("--distill", default="response,relation", show_default=True,
+              help="Distillation losses: any of response, feature, relation.")
+@click.option("--temperature", default=2.0, show_default=True, type=float, help="Softening for KL (logit outputs).")
+@click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16"]))
+@click.option("--schedule", default="fixed", show_default=True, type=click.Choice(["fixed", "progressive"]),
+              help="progressive: unstructured sparsity ramps up over the first 30% of steps.")
+@click.option("--task-loss", default=None, help="file.py:fn(output, batch) -> loss tensor, added when you have labels.")
+@click.option("--checkpoint-every", default=50, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+def train(plan_path: Path, model: str | None, data: str | None, steps: int, out: Path, lr: float, distill: str,
+          temperature: float, amp: str, schedule: str, task_loss: str | None, checkpoint_every: int,
+          as_json: bool) -> None:
+    """Quantization-aware training with distillation from the original model."""
+    if steps < 1:
+        raise AutocompError(f"--steps must be >= 1, got {steps}")
+    from autocomp.deploy import load_for_plan
+    from autocomp.training import train as run_train
+
+    plan_obj, loaded, desc = load_for_plan(plan_path, model, data)
+    if data:
+        batches = loaded.batches  # the given data, loaded and checked against the model
+    elif loaded.train_batches is not None:
+        batches = loaded.train_batches()
+    else:
+        raise AutocompError(f"model {loaded.spec!r} brings no training data; pass --data file.py:fn")
+    loss_fn = None
+    if task_loss:
+        from autocomp.models.intake import resolve_callable
+
+        loss_fn = resolve_callable(task_loss, what="task loss")
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    kinds = tuple(k.strip() for k in distill.split(",") if k.strip())
+    with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=_console(),
+                  transient=False) as bar:
+        tid = bar.add_task("train", total=steps, info="")
+
+        def on_step(done: int, total: int, losses: dict[str, float], rate: float) -> None:
+            bar.update(tid, completed=done, info=f"loss {losses['loss']:.5f}  {rate:.1f} items/s")
+
+        result = run_train(loaded, plan_obj, desc, steps, out, batches, lr=lr, distill=kinds,
+                           temperature=temperature, amp=amp, schedule=schedule, task_loss=loss_fn,
+                           checkpoint_every=checkpoint_every, on_step=on_step)
+    summary = {"out": str(out), "steps": result["steps"], "start_step": result["start_step"],
+               "seconds": round(result["seconds"], 2), "items_per_second": round(result["items_per_second"], 2),
+               "final_loss": result["final_loss"]}
+    click.echo(json.dumps(summary) if as_json else
+               f"wrote {out}: {steps} steps ({result['start_step']} resumed), final loss "
+               f"{result['final_loss'].get('loss', float('nan')):.5f}, {summary['items_per_second']} items/s")
+
+
+@cli.command()
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True)
+@click.option("--model", default=None, help="Default: the model the plan was made for.")
+@click.option("--data", default=None, help="Calibration data spec recorded for user models (file.py:fn).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="A checkpoint from `autocomp train`.")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--json", "as_json", is_flag=True)
+def export(plan_path: Path, model: str | None, data: str | None, weights: Path | None, out: Path, as_json: bool) -> None:
+    """Write the packed model (safetensors, docs/FORMAT.md); its payload is exactly the predicted size."""
+    from autocomp.deploy import load_for_plan
+    from autocomp.artifact import export as do_export
+
+    plan_obj, loaded, desc = load_for_plan(plan_path, model, data)
+    if weights is not None:
+        from autocomp.training import load_student
+
+        student, _ = load_student(loaded.module, plan_obj, desc, weights)
+    else:
+        from autocomp.training import prepare_for_training
+
+        student = prepare_for_training(loaded.module, plan_obj, desc)
+    result = do_export(student, plan_obj, out, spec=model or plan_obj.model_spec,
+                       data_spec=data or (loaded.data_spec if ":" in (loaded.data_spec or "") and not
+                                          loaded.data_spec.startswith("builtin:") else None), desc=desc)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        from autocomp.budget import format_bytes
+
+        click.echo(f"wrote {out}: payload {format_bytes(result['payload_bytes'])} (predicted "
+                   f"{format_bytes(result['predicted_bytes'])}), file {format_bytes(result['file_bytes'])}")
+
+
+@cli.command()
+@click.option("--model", default=None, help="Default: the plan's model, else minilm.")
+@click.option("--data", default=None)
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None)
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="A checkpoint from `autocomp train` or an export file.")
+@click.option("--task", default=None, help="file.py:fn(model) -> float, higher is better (user models).")
+@click.option("--pairs", default=500, show_default=True, type=int, help="Retrieval pairs of the built-in task.")
+@click.option("--random-plans", default=None, type=int, help="Proxy fidelity: this many random plans within --budget.")
+@click.option("--budget", default=None, help="Budget for --random-plans.")
+@click.option("--study", default=None, help="Also score this study's Pareto plans (proxy fidelity).")
+@click.option("--storage", default=None)
+@click.option("--space", default="default", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+@STUDIES_DIR
+def evaluate(model: str | None, data: str | None, plan_path: Path | None, weights: Path | None, task: str | None,
+             pairs: int, random_plans: int | None, budget: str | None, study: str | None, storage: str | None,
+             space: str, seed: int, as_json: bool, studies_dir: Path | None) -> None:
+    """The true task metric of a plan (or of trained / exported weights), or proxy-vs-metric fidelity."""
+    from autocomp.deploy import evaluate_plan, load_for_plan, proxy_fidelity
+
+    if pairs < 10:
+        raise AutocompError(f"--pairs must be >= 10, got {pairs}")
+    if random_plans is not None or study:
+        if random_plans and not budget:
+            raise AutocompError("--random-plans needs --budget (e.g. --budget 30MB)")
+        from autocomp.models import load_model
+        from autocomp.models.introspect import introspect
+
+        loaded = load_model(model or "minilm", data=data)
+        desc = introspect(loaded)
+        con = _console()
+        result = proxy_fidelity(loaded, desc, random_plans or 0, budget or "100%", space, study, storage,
+                                _studies_dir(studies_dir), task, pairs, seed, log=con.print)
+        click.echo(json.dumps(result) if as_json else
+                   f"{result['metric']}: Spearman(proxy, metric) {result['spearman_proxy_vs_metric']:.3f} over "
+                   f"{len(result['rows'])} plans (sign: lower proxy with higher metric is positive)")
+        return
+    if plan_path is not None:
+        plan_obj, loaded, desc = load_for_plan(plan_path, model, data)
+    else:
+        from autocomp.models import load_model
+        from autocomp.models.introspect import introspect
+
+        plan_obj, loaded = None, load_model(model or "minilm", data=data)
+        desc = introspect(loaded)
+    result = evaluate_plan(loaded, plan_obj, desc, weights, task, pairs)
+    click.echo(json.dumps(result) if as_json else
+               f"{result['metric']}: {result['value']:.4f} (fp32 {result['fp32_value']:.4f})")
+
+
 # -- hardware ----------------------------------------------------------------------------------------------
 @cli.group()
 def hardware() -> None:

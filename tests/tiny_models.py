@@ -109,3 +109,18 @@ def deep() -> nn.Module:
 def deep_calib() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(2)
     return [torch.randn(16, 16, generator=g) for _ in range(2)]
+
+
+def train_data() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 100, (16, 6), generator=g) for _ in range(8)]
+
+
+def agreement(model: nn.Module) -> float:
+    """The tiny model's "true metric": how often the model's top class agrees with the original's on
+    held-out inputs (a task metric that a compressed model can lose)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 100, (256, 6), generator=g)
+    with torch.no_grad():
+        ref = tiny()(x).argmax(-1)
+        return float((model(x).argmax(-1) == ref).float().mean())

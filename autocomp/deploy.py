@@ -1,0 +1,159 @@
+"""What the ``train``, ``export`` and ``evaluate`` commands do, callable from Python too."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Callable
+
+from autocomp.errors import AutocompError
+from autocomp.plan import Plan
+
+__all__ = ["load_for_plan", "make_task", "model_for", "evaluate_plan", "proxy_fidelity"]
+
+
+def load_for_plan(plan_path: Path, model: str | None, data: str | None) -> tuple[Plan, Any, Any]:
+    """(plan, loaded model, desc); the plan is checked against the model (one-line error if it does not fit)."""
+    from autocomp.compressors.apply import check_plan
+    from autocomp.models import load_model
+    from autocomp.models.introspect import introspect
+
+    plan = Plan.load(plan_path)
+    spec = model or plan.model_spec
+    if not spec:
+        raise AutocompError(f"plan {str(plan_path)!r} names no model; pass --model")
+    loaded = load_model(spec, data=data)
+    desc = introspect(loaded)
+    check_plan(plan, desc)
+    return plan, loaded, desc
+
+
+def make_task(loaded: Any, task: str | None, pairs: int = 500) -> tuple[str, Callable[[Any], float]]:
+    """(metric name, fn(model) -> score, higher is better): ``--task file.py:fn`` or the built-in one."""
+    if task:
+        from autocomp.models.intake import resolve_callable
+
+        fn = resolve_callable(task, what="task")
+        return getattr(fn, "__name__", "task"), lambda m: float(fn(m))
+    if loaded.spec == "minilm":
+        from autocomp.models.minilm import load_tokenizer
+        from autocomp.models.retrieval import RetrievalTask
+
+        t = RetrievalTask(load_tokenizer(), n=pairs)
+        return "mrr", t
+    raise AutocompError(f"model {loaded.spec!r} has no built-in task metric; pass --task file.py:fn "
+                        f"(fn(model) -> float, higher is better)")
+
+
+def model_for(loaded: Any, plan: Plan | None, desc: Any, weights: Path | None) -> tuple[Any, Any]:
+    """(model to score, context manager to score it in): the simulated plan, a training checkpoint, or an
+    export file."""
+    import contextlib
+
+    if weights is None:
+        if plan is None:
+            return loaded.module, contextlib.nullcontext()
+        from autocomp.compressors.apply import PlanApplier
+
+        return loaded.module, PlanApplier(loaded.module, desc).applied(plan)
+    from autocomp.artifact import FORMAT_VERSION
+
+    header = _safetensors_meta(weights)
+    if header.get("autocomp_format") == FORMAT_VERSION:
+        from autocomp.artifact import load
+
+        import copy
+
+        return load(weights, model=copy.deepcopy(loaded.module)), contextlib.nullcontext()
+    if plan is None:
+        raise AutocompError("--weights from `autocomp train` need the --plan they were trained with")
+    from autocomp.training import finalize, load_student
+
+    student, _ = load_student(loaded.module, plan, desc, weights)
+    return finalize(student), contextlib.nullcontext()
+
+
+def _safetensors_meta(path: Path) -> dict[str, str]:
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise AutocompError(f"weights file {str(p)!r} does not exist")
+    try:
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < 100_000_000:
+                raise ValueError("bad header length")
+            return json.loads(f.read(n)).get("__metadata__") or {}
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise AutocompError(f"{str(p)!r} is not a safetensors file ({e})") from None
+
+
+def evaluate_plan(loaded: Any, plan: Plan | None, desc: Any, weights: Path | None, task: str | None,
+                  pairs: int = 500) -> dict[str, Any]:
+    import torch
+
+    name, fn = make_task(loaded, task, pairs)
+    with torch.inference_mode():
+        fp32 = fn(loaded.module)
+        model, ctx = model_for(loaded, plan, desc, weights)
+        with ctx:
+            value = fn(model)
+    return {"metric": name, "value": float(value), "fp32_value": float(fp32)}
+
+
+def proxy_fidelity(loaded: Any, desc: Any, n_plans: int, budget: str, space_name: str = "default",
+                   study: str | None = None, storage: str | None = None, studies_dir: Path | None = None,
+                   task: str | None = None, pairs: int = 500, seed: int = 0,
+                   log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Proxy vs true metric over ``n_plans`` random plans (repaired onto ``budget``) and, with ``study``,
+    the study's Pareto plans. -> {"metric", "spearman_proxy_vs_metric", "rows": [{"proxy", "value"}]}."""
+    import torch
+    from scipy.stats import spearmanr
+
+    from autocomp.budget import parse_budget
+    from autocomp.evaluators.proxy import ProxyEvaluator
+    from autocomp.search.repair import repair, size_limit
+    from autocomp.space import SearchSpace
+
+    if n_plans < 0:
+        raise AutocompError(f"--random-plans must be >= 0, got {n_plans}")
+    space = SearchSpace.from_yaml(space_name, desc)
+    nbytes = parse_budget(budget, desc.fp32_bytes)
+    from autocomp.cost.size import plan_bytes
+
+    smallest = plan_bytes(desc, space.decode(space.smallest_assignment()))
+    if nbytes < smallest:
+        raise AutocompError(f"budget {budget} is below the smallest plan this space allows ({smallest} bytes); "
+                            f"raise --budget")
+    rng = random.Random(seed)
+    plans: list[Plan] = []
+    for _ in range(n_plans):
+        a = {p: rng.choice(o) for p, o in space.params.items()}
+        fixed, _ = repair(space, a, [size_limit(space, nbytes)])
+        plans.append(space.decode(fixed))
+    if study:
+        from autocomp.engine import front_trials, open_study, plan_of
+
+        handle = open_study(study, storage, studies_dir or Path("studies"))
+        plans += [plan_of(t, handle) for t in front_trials(handle.study, handle.budget_bytes)]
+    if len(plans) < 3:
+        raise AutocompError("need at least 3 plans for a rank correlation; raise --random-plans or pass --study")
+    name, fn = make_task(loaded, task, pairs)
+    ev = ProxyEvaluator(loaded, desc)
+    from autocomp.compressors.apply import PlanApplier
+
+    applier = PlanApplier(loaded.module, desc)
+    rows = []
+    for i, plan in enumerate(plans):
+        proxy = ev(plan)
+        with torch.inference_mode(), applier.applied(plan):
+            value = fn(loaded.module)
+        rows.append({"proxy": float(proxy), "value": float(value)})
+        log(f"  plan {i + 1}/{len(plans)}: proxy {proxy:.5f}, {name} {value:.4f}")
+    p = [r["proxy"] for r in rows]
+    v = [r["value"] for r in rows]
+    # proxy is a distortion (lower is better), the metric a score (higher is better): report agreement as
+    # a positive number when lower proxy goes with higher metric
+    rho = -float(spearmanr(p, v).statistic) if len(set(p)) > 1 and len(set(v)) > 1 else 0.0
+    return {"metric": name, "spearman_proxy_vs_metric": rho, "rows": rows}

@@ -1,0 +1,251 @@
+"""From plan to deployed model: the trainable student, distillation losses, training, packed export, load,
+and the true-metric evaluation (issue #5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import autocomp
+from autocomp import AutocompError
+from autocomp.compressors.apply import PlanApplier
+from autocomp.cost.size import plan_bytes
+from autocomp.models.base import run_batch
+from autocomp.models.introspect import introspect
+from autocomp.plan import LayerPlan, Plan
+from autocomp.space import SearchSpace
+from autocomp.training import distillation_loss, finalize, prepare_for_training, set_progress
+from conftest import TINY, run_cli, tiny_loaded
+
+SPACE = ("version: 1\nlayers:\n  - quant: [keep, int8, 8c, 4g16, 3g16a, 2c]\n    prune: [none, u30, u70, '2:4']\n"
+         "    rank: [full, r0.5]\nstructured:\n  - kind: neurons\n    producers: ['fc1']\n    consumers: ['fc2']\n"
+         "    keep: [1.0, 0.5, 0.25]\n")
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    (tmp_path / "s.yaml").write_text(SPACE)
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    return loaded, desc, SearchSpace.from_yaml(tmp_path / "s.yaml", desc)
+
+
+def _plans(space, n, seed=0):
+    rng = random.Random(seed)
+    return [space.decode({p: rng.choice(o) for p, o in space.params.items()}) for _ in range(n)]
+
+
+def test_student_computes_exactly_what_the_proxy_evaluated(tiny):
+    loaded, desc, space = tiny
+    b = loaded.batches[0]
+    for plan in _plans(space, 8):
+        with torch.no_grad(), PlanApplier(loaded.module, desc).applied(plan):
+            ref = run_batch(loaded.module, b)
+        student = prepare_for_training(loaded.module, plan, desc)
+        with torch.no_grad():
+            assert torch.equal(run_batch(student, b), ref)
+            assert torch.equal(run_batch(finalize(student), b), ref)
+    # the original model is untouched and gradients reach the trainable weights through the STE
+    out = run_batch(student, b).pow(2).sum()
+    out.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in loaded.module.parameters())
+
+
+def test_export_payload_is_the_prediction_and_load_matches(tiny, tmp_path):
+    loaded, desc, space = tiny
+    b = loaded.batches[0]
+    for i, plan in enumerate(_plans(space, 6, seed=1)):
+        student = prepare_for_training(loaded.module, plan, desc)
+        with torch.no_grad():  # perturb as training would, so the export must follow the trained weights
+            for p in student.parameters():
+                if p.requires_grad:
+                    p.add_(0.01 * torch.randn_like(p))
+        r = autocomp.export(student, plan, tmp_path / f"m{i}.safetensors", spec=f"{TINY}:tiny", data_spec=f"{TINY}:calib")
+        assert r["payload_bytes"] == r["predicted_bytes"] == plan_bytes(desc, plan)
+        header = int.from_bytes((tmp_path / f"m{i}.safetensors").read_bytes()[:8], "little")
+        assert r["file_bytes"] == r["payload_bytes"] + 8 + header  # nothing else in the file
+        model = autocomp.load(tmp_path / f"m{i}.safetensors")
+        with torch.no_grad():
+            want = run_batch(finalize(student), b)
+            got = run_batch(model, b)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_damaged_exports_are_refused(tiny, tmp_path):
+    loaded, desc, space = tiny
+    plan = _plans(space, 1, seed=2)[0]
+    path = tmp_path / "m.safetensors"
+    autocomp.export(loaded.module, Plan(layers=plan.layers, structured=plan.structured, model_spec=f"{TINY}:tiny"),
+                    path, data_spec=f"{TINY}:calib")
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) - 100])
+    flipped = bytearray(data)
+    flipped[-5] ^= 0xFF
+    (tmp_path / "flip.safetensors").write_bytes(bytes(flipped))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a model")
+    for name, fragment in (("trunc", "damaged or truncated"), ("flip", "checksum"), ("junk", "not a safetensors")):
+        with pytest.raises(AutocompError, match=fragment):
+            autocomp.load(tmp_path / f"{name}.safetensors")
+
+
+def test_distillation_losses():
+    t = torch.randn(8, 10)
+    assert distillation_loss(t.clone(), t, "response", metric="kl") == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(t.clone(), t, "relation") == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss([t.clone()], [t], "feature") == pytest.approx(0.0, abs=1e-6)
+    s = t + 0.5 * torch.randn(8, 10)
+    kl1 = distillation_loss(s, t, "response", temperature=1.0, metric="kl")
+    manual = torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1), log_target=True,
+                                        reduction="batchmean")
+    assert kl1 == pytest.approx(float(manual), rel=1e-5)
+    # a higher temperature softens: T^2-scaled KL of softened distributions differs from T=1
+    assert distillation_loss(s, t, "response", temperature=4.0, metric="kl") != pytest.approx(float(kl1))
+    assert distillation_loss(s, t, "response", metric="cosine") > 0
+    # relation ignores a common rotation of all embeddings (only the geometry within the batch counts)
+    q, _ = torch.linalg.qr(torch.randn(10, 10))
+    assert distillation_loss(t @ q, t, "relation") == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(AutocompError, match="unknown distillation kind"):
+        distillation_loss(s, t, "attention")
+
+
+def test_progressive_masks_ramp_up(tiny):
+    loaded, desc, _ = tiny
+    plan = Plan(layers={"fc1": LayerPlan(prune="unstructured", sparsity=0.6)})
+    student = prepare_for_training(loaded.module, plan, desc, schedule="progressive")
+    w = lambda: student.fc1.weight.detach()  # noqa: E731
+    assert float((w() == 0).float().mean()) < 0.01
+    set_progress(student, 0.5)
+    assert float((w() == 0).float().mean()) == pytest.approx(0.3, abs=0.01)
+    set_progress(student, 1.0)
+    assert float((w() == 0).float().mean()) == pytest.approx(0.6, abs=0.01)
+
+
+def _plan_file(tmp_path, loaded, desc, space, seed=3):
+    plan = _plans(space, 1, seed=seed)[0]
+    plan = Plan(layers=plan.layers, structured=plan.structured, model_spec=f"{TINY}:tiny", fingerprint=desc.fingerprint)
+    return plan.save(tmp_path / "plan.json")
+
+
+def _distortion(model, loaded):
+    from autocomp.training import distillation_loss as dl
+
+    with torch.no_grad():
+        return sum(float(dl(run_batch(model, b), run_batch(loaded.module, b), metric="mse")) for b in loaded.batches)
+
+
+def test_train_reduces_drift_checkpoints_and_resumes(tiny, tmp_path, capsys):
+    loaded, desc, space = tiny
+    plan_path = _plan_file(tmp_path, loaded, desc, space)
+    plan = Plan.load(plan_path)
+    out = tmp_path / "tr.safetensors"
+    args = ["train", "--plan", str(plan_path), "--data", f"{TINY}:train_data", "--out", str(out), "--lr", "1e-3",
+            "--distill", "response,relation", "--json"]
+    code, stdout, err = run_cli([*args, "--steps", "30"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["start_step"] == 0
+    from autocomp.training import load_student
+
+    before = _distortion(finalize(prepare_for_training(loaded.module, plan, desc)), loaded)
+    student, meta = load_student(loaded.module, plan, desc, out)
+    assert meta["step"] == "30"
+    after = _distortion(finalize(student), loaded)
+    assert after < 0.8 * before  # distillation on training data lowers drift on the calibration data
+    code, stdout, err = run_cli([*args, "--steps", "40"], capsys)  # resumes the checkpoint
+    assert code == 0, err
+    assert json.loads(stdout)["start_step"] == 30
+    # the trained weights export to a file whose model computes what the trained student does
+    exp = tmp_path / "m.safetensors"
+    code, stdout, err = run_cli(["export", "--plan", str(plan_path), "--data", f"{TINY}:calib", "--weights", str(out),
+                                 "--out", str(exp), "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert set(r) == {"path", "predicted_bytes", "payload_bytes", "file_bytes"}
+    assert r["payload_bytes"] == r["predicted_bytes"]
+    scores = []
+    for weights in (out, exp):
+        code, stdout, err = run_cli(["evaluate", "--plan", str(plan_path), "--data", f"{TINY}:calib", "--weights",
+                                     str(weights), "--task", f"{TINY}:agreement", "--json"], capsys)
+        assert code == 0, err
+        r = json.loads(stdout)
+        assert set(r) == {"metric", "value", "fp32_value"} and r["metric"] == "agreement" and r["fp32_value"] == 1.0
+        scores.append(r["value"])
+    assert scores[0] == scores[1]  # the export scores exactly what the trained checkpoint does
+
+
+def test_bf16_autocast_trains(tiny, tmp_path):
+    from autocomp.training import train
+
+    loaded, desc, space = tiny
+    plan = Plan.load(_plan_file(tmp_path, loaded, desc, space))
+    r = train(loaded, plan, desc, 5, tmp_path / "bf16.safetensors", loaded.batches, amp="bf16",
+              distill=("response", "relation", "feature"))
+    assert r["final_loss"]["loss"] == r["final_loss"]["loss"] and r["items_per_second"] > 0
+
+
+def test_evaluate_proxy_fidelity_contract(capsys):
+    code, out, err = run_cli(["evaluate", "--model", f"{TINY}:tiny", "--data", f"{TINY}:calib", "--task",
+                              f"{TINY}:agreement", "--random-plans", "6", "--budget", "20%", "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert set(r) == {"metric", "spearman_proxy_vs_metric", "rows"} and len(r["rows"]) == 6
+    assert all(set(x) == {"proxy", "value"} for x in r["rows"]) and -1 <= r["spearman_proxy_vs_metric"] <= 1
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--data", f"{TINY}:empty_data"], "returned no batches"),
+])
+def test_bad_training_input(tiny, tmp_path, capsys, extra, fragment):
+    loaded, desc, space = tiny
+    plan_path = _plan_file(tmp_path, loaded, desc, space)
+    code, out, err = run_cli(["train", "--plan", str(plan_path), "--out", str(tmp_path / "x.safetensors"),
+                              "--data", f"{TINY}:train_data", *extra], capsys)
+    assert code == 2 and fragment in err and "Traceback" not in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_weights_of_another_plan_and_plan_of_another_model(tiny, tmp_path, capsys):
+    loaded, desc, space = tiny
+    plan_path = _plan_file(tmp_path, loaded, desc, space, seed=3)
+    out = tmp_path / "tr.safetensors"
+    assert run_cli(["train", "--plan", str(plan_path), "--data", f"{TINY}:train_data", "--out", str(out),
+                    "--steps", "2"], capsys)[0] == 0
+    other = _plan_file(tmp_path / "..", loaded, desc, space, seed=11)
+    code, _, err = run_cli(["export", "--plan", str(other), "--data", f"{TINY}:calib", "--weights", str(out),
+                            "--out", str(tmp_path / "e.safetensors")], capsys)
+    assert code == 2 and "trained for another plan" in err
+    code, _, err = run_cli(["export", "--plan", str(plan_path), "--model", f"{TINY}:tiny_conv", "--data",
+                            f"{TINY}:conv_calib", "--out", str(tmp_path / "e.safetensors")], capsys)
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "e.safetensors").exists()
+
+
+def test_ctrl_c_keeps_the_last_checkpoint(tiny, tmp_path):
+    loaded, desc, space = tiny
+    plan_path = _plan_file(tmp_path, loaded, desc, space)
+    out = tmp_path / "tr.safetensors"
+    env = {**os.environ, "TINY_SLEEP": "0.05"}
+    proc = subprocess.Popen([sys.executable, "-m", "autocomp.cli", "train", "--plan", str(plan_path), "--data",
+                             f"{TINY}:train_data", "--out", str(out), "--steps", "1000", "--checkpoint-every", "3"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while not out.exists() and time.time() - t0 < 120:
+        time.sleep(0.2)
+    assert out.exists()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    from autocomp.training import load_student
+
+    _, meta = load_student(loaded.module, Plan.load(plan_path), desc, out)
+    assert 3 <= int(meta["step"]) < 1000
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
