@@ -113,22 +113,27 @@ def export(model: Any, plan: Plan, path: str | Path, spec: str | None = None, da
             "file_bytes": path.stat().st_size}
 
 
-def read_header(path: str | Path) -> dict[str, str]:
-    """The metadata of an export file, or a one-line error if it is not one."""
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of any safetensors file (read from its header only), or a one-line error."""
     p = Path(path)
     if not p.is_file():
-        raise AutocompError(f"export file {str(p)!r} does not exist")
+        raise AutocompError(f"file {str(p)!r} does not exist")
     try:
         with open(p, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             if not 0 < n < 100_000_000:
                 raise ValueError("bad header length")
             header = json.loads(f.read(n))
-        meta = header.get("__metadata__") or {}
-    except (ValueError, OSError, UnicodeDecodeError) as e:
+        return dict(header.get("__metadata__") or {})
+    except (ValueError, OSError, UnicodeDecodeError, AttributeError) as e:
         raise AutocompError(f"{str(p)!r} is not a safetensors file ({e}); re-export it") from None
+
+
+def read_header(path: str | Path) -> dict[str, str]:
+    """The metadata of an export file, or a one-line error if it is not one."""
+    meta = safetensors_metadata(path)
     if meta.get("autocomp_format") != FORMAT_VERSION:
-        raise AutocompError(f"{str(p)!r} is not an autocomp export (format {meta.get('autocomp_format')!r}); "
+        raise AutocompError(f"{str(path)!r} is not an autocomp export (format {meta.get('autocomp_format')!r}); "
                             f"make one with `autocomp export`")
     return meta
 

@@ -56,13 +56,13 @@ def model_for(loaded: Any, plan: Plan | None, desc: Any, weights: Path | None) -
         from autocomp.compressors.apply import PlanApplier
 
         return loaded.module, PlanApplier(loaded.module, desc).applied(plan)
-    from autocomp.artifact import FORMAT_VERSION
+    from autocomp.artifact import FORMAT_VERSION, safetensors_metadata
 
-    header = _safetensors_meta(weights)
+    header = safetensors_metadata(weights)
     if header.get("autocomp_format") == FORMAT_VERSION:
-        from autocomp.artifact import load
-
         import copy
+
+        from autocomp.artifact import load
 
         return load(weights, model=copy.deepcopy(loaded.module)), contextlib.nullcontext()
     if plan is None:
@@ -71,22 +71,6 @@ def model_for(loaded: Any, plan: Plan | None, desc: Any, weights: Path | None) -
 
     student, _ = load_student(loaded.module, plan, desc, weights)
     return finalize(student), contextlib.nullcontext()
-
-
-def _safetensors_meta(path: Path) -> dict[str, str]:
-    import json
-
-    p = Path(path)
-    if not p.is_file():
-        raise AutocompError(f"weights file {str(p)!r} does not exist")
-    try:
-        with open(p, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n < 100_000_000:
-                raise ValueError("bad header length")
-            return json.loads(f.read(n)).get("__metadata__") or {}
-    except (ValueError, OSError, UnicodeDecodeError) as e:
-        raise AutocompError(f"{str(p)!r} is not a safetensors file ({e})") from None
 
 
 def evaluate_plan(loaded: Any, plan: Plan | None, desc: Any, weights: Path | None, task: str | None,

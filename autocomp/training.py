@@ -52,6 +52,8 @@ class _CompressedWeight(_torch_module_base()):  # type: ignore[misc]
 
         super().__init__()
         self.kind = kind
+        self.frozen = False
+        self._cache: Any = None
         self.shape = tuple(weight.shape)
         self.choice = choice
         self.progressive = progressive and choice.prune == "unstructured"
@@ -103,6 +105,18 @@ class _CompressedWeight(_torch_module_base()):  # type: ignore[misc]
         return out
 
     def forward(self, weight: Any) -> Any:
+        if self.frozen and not weight.requires_grad:
+            # a frozen layer (embedding tables by default): compress once, reuse until the weight changes
+            key = (weight.data_ptr(), weight._version)  # noqa: SLF001 - bumped by every in-place write
+            if self._cache is None or self._cache[0] != key:
+                import torch
+
+                with torch.no_grad():
+                    self._cache = (key, self._compute(weight))
+            return self._cache[1]
+        return self._compute(weight)
+
+    def _compute(self, weight: Any) -> Any:
         import torch
 
         parts = self.stored(weight)
@@ -151,11 +165,14 @@ def _act_fake_quant(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (x + (xq - x.detach()).detach() if x.requires_grad else xq, *args[1:])
 
 
-def prepare_for_training(model: Any, plan: Plan, desc: Any = None, schedule: str = "fixed") -> Any:
+def prepare_for_training(model: Any, plan: Plan, desc: Any = None, schedule: str = "fixed",
+                         train_embeddings: bool = False) -> Any:
     """A trainable copy of ``model`` that computes with ``plan``'s compressed weights (see module doc).
 
     ``schedule``: ``"fixed"`` (masks from the original weights) or ``"progressive"`` (unstructured
-    sparsity ramps up; call :func:`set_progress` as training advances)."""
+    sparsity ramps up; call :func:`set_progress` as training advances). Embedding tables stay frozen at
+    their compressed values unless ``train_embeddings`` (they are most of a small encoder's weights, get
+    sparse gradients, and re-quantizing them every step doubled MiniLM's step time)."""
     from torch.nn.utils import parametrize
 
     from autocomp.compressors.apply import PlanApplier, check_plan
@@ -179,11 +196,19 @@ def prepare_for_training(model: Any, plan: Plan, desc: Any = None, schedule: str
         rows, cols, _ = applier._kept(plan, layer.name)
         choice = plan.layer(layer.name)
         if choice.is_identity and rows is None and cols is None:
+            if kind == "Embedding" and not train_embeddings:
+                mod.weight.requires_grad_(False)
             continue
         param = _CompressedWeight(kind, mod.weight, choice, rows, cols, schedule == "progressive")
         parametrize.register_parametrization(mod, "weight", param, unsafe=True)
         if choice.rank is not None:
             mod.parametrizations.weight.original.requires_grad_(False)
+        if kind == "Embedding" and not train_embeddings:
+            mod.parametrizations.weight.original.requires_grad_(False)
+            param.frozen = choice.rank is None and not param.progressive
+            if choice.rank is not None:
+                param.B.requires_grad_(False)
+                param.A.requires_grad_(False)
         if rows is not None and getattr(mod, "bias", None) is not None and mod.bias.numel() == param.full_shape[0]:
             parametrize.register_parametrization(mod, "bias", _BiasMask(rows, mod.bias.numel()))
         if choice.act_bits == 8:
