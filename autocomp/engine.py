@@ -311,11 +311,12 @@ def _check_same(meta: dict[str, Any], new: dict[str, Any], name: str) -> None:
     checks = (
         ("objectives", "--objectives"), ("hardware", "--hardware"), ("workload", "--workload"),
         ("latency_budget_ms", "--latency-budget"), ("bitops_budget", "--bitops-budget"),
-        ("seeds", "--seeds"), ("model_spec", "--model"), ("fingerprint", "--model (its weights' layout)"),
+        ("model_spec", "--model"), ("fingerprint", "--model (its weights' layout)"),
         ("data_fingerprint", "--data (calibration data)"), ("space_hash", "--space (file contents)"),
         ("budget_bytes", "--budget"), ("metric", "--metric"),
     )
-    defaults = {"objectives": ["proxy", "size"], "seeds": "uniform"}
+    # --seeds / --sensitivity only shape a new study's first trials, so a resume may differ in them
+    defaults = {"objectives": ["proxy", "size"]}
     for key, flag in checks:
         if meta.get(key, defaults.get(key)) != new.get(key, defaults.get(key)):
             raise AutocompError(

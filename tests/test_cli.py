@@ -98,6 +98,9 @@ def test_references_seed_a_new_study(capsys, studies):
     search(capsys, studies, "--seeds", "uniform", trials=10, budget="90%", study="u")
     refs = [t.user_attrs.get("reference") for t in load(studies, "u").trials if t.user_attrs.get("reference")]
     assert refs[0] == "uniform-8c" and not any(r.startswith("ilp-") for r in refs)
+    code, _, err = search(capsys, studies, trials=12, budget="90%", study="u")  # resumes under the default --seeds
+    assert code == 0, err
+    assert sum(t.values is not None for t in load(studies, "u").trials) == 12
 
 
 def test_stale_running_trial_is_failed_and_retried(capsys, studies):
