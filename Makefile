@@ -21,6 +21,8 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/autocomp search --model minilm --budget 10MB --trials 60 --seeds ilp --study demo-minilm-10MB
 	$(BIN)/autocomp plan --study demo-minilm-10MB --pick best --out studies/demo-minilm-10MB/best-plan.json
+	$(BIN)/autocomp export --plan studies/demo-minilm-10MB/best-plan.json --out studies/demo-minilm-10MB/best.acz.safetensors
+	$(BIN)/autocomp evaluate --plan studies/demo-minilm-10MB/best-plan.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--reference-trials", type=int, default=3000)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--studies-dir", default=None,
+                    help="keep the runs' studies here (default: a temporary folder, deleted); a rerun with the "
+                         "same folder reuses every finished run, so an interrupted benchmark resumes")
     ap.add_argument("--compare-samplers", nargs="*", default=[],
                     help="also run the default seeds with these samplers (e.g. tpe nsga2 refine) and report "
                          "their hypervolumes under 'variants' (how the default was chosen)")
@@ -73,7 +76,8 @@ def main() -> None:
     desc = introspect(load_model(args.model))
     fp32 = desc.fp32_bytes
     budget = str(int(fp32 * BUDGET_FRAC))
-    studies = Path(tempfile.mkdtemp(prefix="autocomp-sq-"))
+    studies = Path(args.studies_dir) if args.studies_dir else Path(tempfile.mkdtemp(prefix="autocomp-sq-"))
+    studies.mkdir(parents=True, exist_ok=True)
     ref = (BUDGET_FRAC, REF_PROXY)
     methods = {"autocomp": (None, None, True), "random": ("random", "none", True), "cold_tpe": ("tpe", "none", False)}
     methods.update({f"autocomp+{s}": (s, None, True) for s in args.compare_samplers})
@@ -129,13 +133,14 @@ def main() -> None:
                "hv_ratio_vs_reference": hv["autocomp"] / hv_ref if hv_ref else 0.0,
                "hv_ratio_vs_random": hv["autocomp"] / hv["random"] if hv["random"] else float("inf"),
                "uniform": rows_u, "ilp": rows_i, "evals_per_second": eps,
-               "seconds_to_first_front": statistics.median(first_front)}
+               "seconds_to_first_front": statistics.median(f) if (f := [x for x in first_front if x == x]) else None}
         if variants:
             out["variants"] = variants
         print(json.dumps(out) if args.json else json.dumps(out, indent=1))
         print(f"  total {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
     finally:
-        shutil.rmtree(studies, ignore_errors=True)
+        if not args.studies_dir:
+            shutil.rmtree(studies, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -249,3 +249,32 @@ def test_ctrl_c_keeps_the_last_checkpoint(tiny, tmp_path):
     _, meta = load_student(loaded.module, Plan.load(plan_path), desc, out)
     assert 3 <= int(meta["step"]) < 1000
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_hf_dir_model_exports_and_loads(tmp_path):
+    """A tiny randomly initialised transformers BERT in a local directory (`hf:DIR`): export under a random
+    plan of the transformer space (structured heads and neurons included), load back, same outputs."""
+    transformers = pytest.importorskip("transformers")
+    from autocomp.models import load_model
+    from autocomp.models.minilm import load_tokenizer
+
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "bert")
+    load_tokenizer().save_pretrained(tmp_path / "bert")
+    spec = f"hf:{tmp_path / 'bert'}"
+    loaded = load_model(spec)
+    desc = introspect(loaded)
+    space = SearchSpace.from_yaml("transformer", desc)
+    b = loaded.batches[0]
+    for i, plan in enumerate(_plans(space, 3, seed=5)):
+        student = prepare_for_training(loaded.module, plan, desc)
+        r = autocomp.export(student, plan, tmp_path / f"m{i}.safetensors", spec=spec)
+        assert r["payload_bytes"] == r["predicted_bytes"]
+        model = autocomp.load(tmp_path / f"m{i}.safetensors")
+        with torch.no_grad():
+            want = run_batch(finalize(student), b).last_hidden_state
+            got = run_batch(model, b).last_hidden_state
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
