@@ -78,9 +78,9 @@ def evaluate_plan(loaded: Any, plan: Plan | None, desc: Any, weights: Path | Non
     import torch
 
     name, fn = make_task(loaded, task, pairs)
+    model, ctx = model_for(loaded, plan, desc, weights)  # outside inference mode: it may build a student
     with torch.inference_mode():
         fp32 = fn(loaded.module)
-        model, ctx = model_for(loaded, plan, desc, weights)
         with ctx:
             value = fn(model)
     return {"metric": name, "value": float(value), "fp32_value": float(fp32)}

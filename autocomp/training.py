@@ -105,7 +105,7 @@ class _CompressedWeight(_torch_module_base()):  # type: ignore[misc]
         return out
 
     def forward(self, weight: Any) -> Any:
-        if self.frozen and not weight.requires_grad:
+        if self.frozen and not weight.requires_grad and not weight.is_inference():
             # a frozen layer (embedding tables by default): compress once, reuse until the weight changes
             key = (weight.data_ptr(), weight._version)  # noqa: SLF001 - bumped by every in-place write
             if self._cache is None or self._cache[0] != key:

@@ -278,3 +278,19 @@ def test_hf_dir_model_exports_and_loads(tmp_path):
             want = run_batch(finalize(student), b).last_hidden_state
             got = run_batch(model, b).last_hidden_state
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_trained_compressed_embedding_evaluates(tiny, tmp_path, capsys):
+    """Regression: a frozen compressed embedding (cached compressed value) inside `evaluate --weights`,
+    which scores under inference mode."""
+    loaded, desc, _ = tiny
+    plan = Plan(layers={"emb": LayerPlan(bits=4, group_size=16), "fc1": LayerPlan(bits=4, group_size=16)},
+                model_spec=f"{TINY}:tiny", fingerprint=desc.fingerprint)
+    plan_path = plan.save(tmp_path / "plan.json")
+    out = tmp_path / "tr.safetensors"
+    assert run_cli(["train", "--plan", str(plan_path), "--data", f"{TINY}:train_data", "--out", str(out),
+                    "--steps", "3"], capsys)[0] == 0
+    code, stdout, err = run_cli(["evaluate", "--plan", str(plan_path), "--data", f"{TINY}:calib", "--weights",
+                                 str(out), "--task", f"{TINY}:agreement", "--json"], capsys)
+    assert code == 0, err
+    assert 0 < json.loads(stdout)["value"] <= 1
