@@ -69,16 +69,25 @@ class Sensitivity:
                 "seconds": self.seconds, "evals": self.evals}
 
 
-def profile(space: SearchSpace, evaluate: Callable[[Any], float], cache_dir: Path, key_parts: dict[str, Any],
-            log: Callable[[str], None] = lambda s: None) -> Sensitivity:
-    """Measure (or load from the cache) the sensitivity of every option of every choice."""
-    key = hashlib.sha256(json.dumps({**key_parts, "params": space.params}, sort_keys=True).encode()).hexdigest()[:20]
+def _cached(cache_dir: Path, key_parts: dict[str, Any], what: str,
+            log: Callable[[str], None]) -> tuple[Path, Sensitivity | None]:
+    """(cache file for this content key, its table if already computed)."""
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir / f"{key}.json"
     if path.is_file():
         d = json.loads(path.read_text())
         if d.get("_type") == "autocomp.Sensitivity" and d.get("_version") == 1:
-            log(f"sensitivity database: cached ({path})")
-            return Sensitivity(d["table"], d["base"], d["seconds"], d["evals"])
+            log(f"{what}: cached ({path})")
+            return path, Sensitivity(d["table"], d["base"], d["seconds"], d["evals"])
+    return path, None
+
+
+def profile(space: SearchSpace, evaluate: Callable[[Any], float], cache_dir: Path, key_parts: dict[str, Any],
+            log: Callable[[str], None] = lambda s: None) -> Sensitivity:
+    """Measure (or load from the cache) the sensitivity of every option of every choice."""
+    path, hit = _cached(cache_dir, {**key_parts, "params": space.params}, "sensitivity database", log)
+    if hit is not None:
+        return hit
     neutral = _neutral(space)
     t0 = time.perf_counter()
     base = evaluate(space.decode(neutral))
@@ -178,14 +187,10 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
 
     from autocomp.models.base import extract_output, run_batch
 
-    key = hashlib.sha256(json.dumps({**key_parts, "params": space.params, "probes": probes, "seed": seed,
-                                     "kind": "fisher-v1"}, sort_keys=True).encode()).hexdigest()[:20]
-    path = cache_dir / f"{key}.json"
-    if path.is_file():
-        d = json.loads(path.read_text())
-        if d.get("_type") == "autocomp.Sensitivity" and d.get("_version") == 1:
-            log(f"fisher sensitivity: cached ({path})")
-            return Sensitivity(d["table"], d["base"], d["seconds"], d["evals"])
+    path, hit = _cached(cache_dir, {**key_parts, "params": space.params, "probes": probes, "seed": seed,
+                                    "kind": "fisher-v1"}, "fisher sensitivity", log)
+    if hit is not None:
+        return hit
     t0 = time.perf_counter()
     model, applier, metric = evaluator.model, evaluator.applier, evaluator.metric
     mods = {name: applier.modules[name][0] for name in applier.modules}
