@@ -331,10 +331,15 @@ def _block_modules(model: Any) -> list[Any]:
 
     import torch
 
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    mods = dict(model.named_modules())
     out = []
-    for name, mod in model.named_modules():
-        parent = name.rpartition(".")[0]
-        if re.search(r"\.\d+$", name) and isinstance(dict(model.named_modules()).get(parent), torch.nn.ModuleList):
+    for name, mod in mods.items():
+        parent = mods.get(name.rpartition(".")[0])
+        # a student's parametrizations are ModuleLists too: they are not blocks
+        if (re.search(r"\.\d+$", name) and isinstance(parent, torch.nn.ModuleList)
+                and not isinstance(parent, ParametrizationList)):
             out.append(mod)
     return out
 
@@ -479,7 +484,7 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
                 losses["response"] = distillation_loss(s_out, t_out, "response", temperature, metric, mask)
             if "relation" in distill:
                 losses["relation"] = distillation_loss(s_out, t_out, "relation")
-            if feature:
+            if feature and s_store and len(s_store) == len(t_store):  # blocks whose forward ran
                 losses["feature"] = distillation_loss([x.float() for x in s_store], [x.float() for x in t_store], "feature")
             if task_loss is not None:
                 losses["task"] = task_loss(raw, batch)

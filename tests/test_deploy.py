@@ -294,3 +294,18 @@ def test_trained_compressed_embedding_evaluates(tiny, tmp_path, capsys):
                                  str(out), "--task", f"{TINY}:agreement", "--json"], capsys)
     assert code == 0, err
     assert 0 < json.loads(stdout)["value"] <= 1
+
+
+def test_feature_distillation_runs_on_a_student(tmp_path):
+    """Regression: the student's parametrization lists must not count as blocks (feature loss was dropped)."""
+    from autocomp.models import load_model
+    from autocomp.training import _block_modules, train
+
+    loaded = load_model(f"{TINY}:deep", data=f"{TINY}:deep_calib")
+    desc = introspect(loaded)
+    plan = Plan(layers={layer.name: LayerPlan(bits=4, group_size=16) for layer in desc.layers})
+    student = prepare_for_training(loaded.module, plan, desc)
+    assert len(_block_modules(student)) == len(_block_modules(loaded.module)) == 70
+    # DeepNet indexes its blocks' layers directly (the ModuleDicts never run forward): no feature loss, no crash
+    r = train(loaded, plan, desc, 2, tmp_path / "f.safetensors", loaded.batches, distill=("response", "feature"))
+    assert "feature" not in r["final_loss"] and r["final_loss"]["response"] > 0
