@@ -45,7 +45,7 @@ def cli() -> None:
 @click.option("--sampler", default="tpe", show_default=True, type=click.Choice(["tpe", "nsga2", "random", "refine"]),
               help="refine: mutate front plans (level switches between layers), EvoPress-style.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--metric", default="auto", show_default=True, type=click.Choice(["auto", "cosine", "kl", "mse"]),
+@click.option("--metric", default="auto", show_default=True, type=click.Choice(["auto", "cosine", "kl", "mse", "alignment", "tower"]),
               help="Output distortion; auto: the model's own (cosine for embeddings, kl for logits, else mse).")
 @click.option("--repair/--no-repair", default=True, show_default=True,
               help="Move over-budget proposals onto the budget instead of skipping them.")
@@ -64,12 +64,18 @@ def cli() -> None:
                    "squared-gradient (Fisher) estimate.")
 @click.option("--staged/--no-staged", default=False, show_default=True,
               help="Score the first calibration batch first and skip candidates the front clearly beats.")
+@click.option("--min-bits", default=None, help="Per-modality weight-bit floors, e.g. vision=8 or vision=8,text=4.")
+@click.option("--max-sparsity", default=None, help="Per-modality pruning caps, e.g. text=0.5 (structured, 2:4 "
+                                                   "and unstructured).")
+@click.option("--budget-split", default=None, help="Per-modality shares of the byte budget, e.g. text=70%% "
+                                                   "(unlisted modalities share the rest).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @STUDIES_DIR
 def search(budget: str, model: str, data: str | None, study: str | None, storage: str | None, space: str,
            trials: int, sampler: str, seed: int, metric: str, repair: bool, hardware: str | None,
            workload: str | None, latency_budget: str | None, bitops_budget: str | None, objectives: str,
-           seeds: str, sensitivity: str, staged: bool, as_json: bool, studies_dir: Path | None) -> None:
+           seeds: str, sensitivity: str, staged: bool, min_bits: str | None, max_sparsity: str | None,
+           budget_split: str | None, as_json: bool, studies_dir: Path | None) -> None:
     """Search compression plans under --budget; resumes the study if it exists."""
     from autocomp.engine import SearchConfig, run_search
 
@@ -77,7 +83,8 @@ def search(budget: str, model: str, data: str | None, study: str | None, storage
                        trials=trials, sampler=sampler, seed=seed, metric=metric, repair=repair,
                        studies_dir=_studies_dir(studies_dir), hardware=hardware, workload=workload,
                        latency_budget=latency_budget, bitops_budget=bitops_budget, objectives=objectives,
-                       seeds=seeds, staged=staged, sensitivity=sensitivity)
+                       seeds=seeds, staged=staged, sensitivity=sensitivity, min_bits=min_bits,
+                       max_sparsity=max_sparsity, budget_split=budget_split)
     progress = _SearchProgress(_console())
     try:
         result = run_search(cfg, on_event=progress.event)
@@ -137,7 +144,7 @@ class _SearchProgress:
             self.progress = None
 
 
-def _print_result(result: dict[str, Any], as_json: bool) -> None:
+def _print_result(result: dict[str, Any], as_json: bool, by_modality: bool = False) -> None:
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -160,20 +167,54 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
     con.print(table)
     if not result["pareto"]:
         con.print("no feasible plan yet")
+    if by_modality and result["pareto"]:
+        mt = Table(title="By modality (proxy: that modality compressed alone)")
+        for col in ("trial", "modality", "size", "share", "ms", "proxy"):
+            mt.add_column(col, justify="right")
+        for e in result["pareto"]:
+            for m, v in e.get("by_modality", {}).items():
+                mt.add_row(str(e["trial"]), m, format_bytes(v["size_bytes"]), f"{v.get('share', 0):.1%}",
+                           f"{v['latency_ms']:.2f}" if "latency_ms" in v else "-",
+                           f"{v['proxy']:.5f}" if "proxy" in v else "-")
+        con.print(mt)
 
 
 # -- pareto / plan -----------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--study", required=True)
 @click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///studies/<study>.db).")
+@click.option("--by-modality", is_flag=True,
+              help="Per modality: bytes, share, layer latency (with --hardware studies) and proxy contribution "
+                   "(the plan with only that modality compressed; loads the model).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @STUDIES_DIR
-def pareto(study: str, storage: str | None, as_json: bool, studies_dir: Path | None) -> None:
-    """Show the stored Pareto front of a study (runs no trials, loads no model)."""
-    from autocomp.engine import open_study, study_result
+def pareto(study: str, storage: str | None, by_modality: bool, as_json: bool, studies_dir: Path | None) -> None:
+    """Show the stored Pareto front of a study (runs no trials; loads the model only for --by-modality)."""
+    from autocomp.engine import open_study, plan_of, study_result
 
     handle = open_study(study, storage, _studies_dir(studies_dir))
-    _print_result(study_result(handle), as_json)
+    result = study_result(handle)
+    if by_modality and result["pareto"]:
+        from autocomp.deploy import modality_breakdown
+        from autocomp.desc import ModelDesc
+        from autocomp.models import load_model
+
+        meta = handle.meta
+        desc = ModelDesc.from_dict(meta["model"])
+        data = str(meta.get("data_spec") or "")
+        loaded = load_model(meta["model_spec"], data=data if ":" in data and not data.startswith("builtin:") else None,
+                            metric=meta.get("metric", "auto"))
+        cost = None
+        if meta.get("hardware"):
+            from autocomp.cost.device import load_device
+            from autocomp.cost.latency import CostModel, parse_workload
+
+            cost = CostModel(load_device(meta["hardware"]), desc, parse_workload(meta.get("workload"), desc))
+        by_trial = {t.number: t for t in handle.study.get_trials(deepcopy=False)}
+        rows = modality_breakdown([plan_of(by_trial[e["trial"]], handle) for e in result["pareto"]], desc, loaded, cost)
+        for e, row in zip(result["pareto"], rows):
+            e["by_modality"] = row
+    _print_result(result, as_json, by_modality=by_modality)
 
 
 @cli.command()
@@ -250,7 +291,7 @@ def layers(model: str, data: str | None, as_json: bool) -> None:
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True)
 @click.option("--model", default=None, help="Default: the model the plan was made for.")
 @click.option("--data", default=None)
-@click.option("--metric", default="auto", type=click.Choice(["auto", "cosine", "kl", "mse"]))
+@click.option("--metric", default="auto", type=click.Choice(["auto", "cosine", "kl", "mse", "alignment", "tower"]))
 @click.option("--json", "as_json", is_flag=True)
 def score(plan_path: Path, model: str | None, data: str | None, metric: str, as_json: bool) -> None:
     """Apply a plan to its model and report exact size and proxy (checks the plan fits the model)."""
@@ -283,8 +324,9 @@ def score(plan_path: Path, model: str | None, data: str | None, metric: str, as_
 @click.option("--steps", default=300, show_default=True, type=int)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint (safetensors); resumed if it exists.")
 @click.option("--lr", default=5e-5, show_default=True, type=float)
-@click.option("--distill", default="response,relation", show_default=True,
-              help="Distillation losses: any of response, feature, relation.")
+@click.option("--distill", default="auto", show_default=True,
+              help="Distillation losses: any of response, feature, relation, contrastive (dual encoders). "
+                   "auto: response,relation (+ contrastive for dual encoders).")
 @click.option("--temperature", default=2.0, show_default=True, type=float, help="Softening for KL (logit outputs).")
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16"]))
 @click.option("--schedule", default="fixed", show_default=True, type=click.Choice(["fixed", "progressive"]),
@@ -315,6 +357,9 @@ def train(plan_path: Path, model: str | None, data: str | None, steps: int, out:
         loss_fn = resolve_callable(task_loss, what="task loss")
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    if distill.strip() == "auto":
+        dual = loaded.metric == "alignment" or (loaded.metric == "auto" and loaded.info.get("dual_encoder"))
+        distill = "response,relation" + (",contrastive" if dual else "")
     kinds = tuple(k.strip() for k in distill.split(",") if k.strip())
     with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=_console(),
@@ -382,11 +427,12 @@ def export(plan_path: Path, model: str | None, data: str | None, weights: Path |
 @click.option("--storage", default=None)
 @click.option("--space", default="default", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--by-modality", is_flag=True, help="Add per-modality bytes, share and proxy contribution of --plan.")
 @click.option("--json", "as_json", is_flag=True)
 @STUDIES_DIR
 def evaluate(model: str | None, data: str | None, plan_path: Path | None, weights: Path | None, task: str | None,
              pairs: int, random_plans: int | None, budget: str | None, study: str | None, storage: str | None,
-             space: str, seed: int, as_json: bool, studies_dir: Path | None) -> None:
+             space: str, seed: int, by_modality: bool, as_json: bool, studies_dir: Path | None) -> None:
     """The true task metric of a plan (or of trained / exported weights), or proxy-vs-metric fidelity."""
     from autocomp.deploy import evaluate_plan, load_for_plan, proxy_fidelity
 
@@ -405,7 +451,9 @@ def evaluate(model: str | None, data: str | None, plan_path: Path | None, weight
                                 _studies_dir(studies_dir), task, pairs, seed, log=con.print)
         click.echo(json.dumps(result) if as_json else
                    f"{result['metric']}: Spearman(proxy, metric) {result['spearman_proxy_vs_metric']:.3f} over "
-                   f"{len(result['rows'])} plans (sign: lower proxy with higher metric is positive)")
+                   f"{len(result['rows'])} plans (sign: lower proxy with higher metric is positive)" + (
+                       f"; per-tower drift {result['spearman_tower_drift_vs_metric']:.3f}"
+                       if "spearman_tower_drift_vs_metric" in result else ""))
         return
     if plan_path is not None:
         plan_obj, loaded, desc = load_for_plan(plan_path, model, data)
@@ -416,8 +464,16 @@ def evaluate(model: str | None, data: str | None, plan_path: Path | None, weight
         plan_obj, loaded = None, load_model(model or "minilm", data=data)
         desc = introspect(loaded)
     result = evaluate_plan(loaded, plan_obj, desc, weights, task, pairs)
+    if by_modality:
+        if plan_obj is None:
+            raise AutocompError("--by-modality needs --plan")
+        from autocomp.deploy import modality_breakdown
+
+        result["by_modality"] = modality_breakdown([plan_obj], desc, loaded)[0]
     click.echo(json.dumps(result) if as_json else
-               f"{result['metric']}: {result['value']:.4f} (fp32 {result['fp32_value']:.4f})")
+               f"{result['metric']}: {result['value']:.4f} (fp32 {result['fp32_value']:.4f})" + (
+                   "".join(f"\n  {m}: {v['size_bytes']} bytes ({v['share']:.1%}), proxy alone {v['proxy']:.5f}"
+                           for m, v in result["by_modality"].items()) if by_modality else ""))
 
 
 # -- hardware ----------------------------------------------------------------------------------------------

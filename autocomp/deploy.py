@@ -41,6 +41,11 @@ def make_task(loaded: Any, task: str | None, pairs: int = 500) -> tuple[str, Cal
 
         t = RetrievalTask(load_tokenizer(), n=pairs)
         return "mrr", t
+    if loaded.spec in ("clip-digits", "clip-digits-fusion"):
+        from autocomp.models.clip_digits import ZeroShotTask
+        from autocomp.models.minilm import load_tokenizer
+
+        return ZeroShotTask.name, ZeroShotTask(load_tokenizer())
     raise AutocompError(f"model {loaded.spec!r} has no built-in task metric; pass --task file.py:fn "
                         f"(fn(model) -> float, higher is better)")
 
@@ -125,6 +130,11 @@ def proxy_fidelity(loaded: Any, desc: Any, n_plans: int, budget: str, space_name
         raise AutocompError("need at least 3 plans for a rank correlation; raise --random-plans or pass --study")
     name, fn = make_task(loaded, task, pairs)
     ev = ProxyEvaluator(loaded, desc)
+    tower = None
+    if ev.metric == "alignment":  # dual encoders: also per-tower drift, to show what alignment adds
+        import dataclasses
+
+        tower = ProxyEvaluator(dataclasses.replace(loaded, metric="tower"), desc, applier=ev.applier)
     from autocomp.compressors.apply import PlanApplier
 
     applier = PlanApplier(loaded.module, desc)
@@ -134,10 +144,64 @@ def proxy_fidelity(loaded: Any, desc: Any, n_plans: int, budget: str, space_name
         with torch.inference_mode(), applier.applied(plan):
             value = fn(loaded.module)
         rows.append({"proxy": float(proxy), "value": float(value)})
+        if tower is not None:
+            rows[-1]["tower_drift"] = float(tower(plan))
         log(f"  plan {i + 1}/{len(plans)}: proxy {proxy:.5f}, {name} {value:.4f}")
-    p = [r["proxy"] for r in rows]
     v = [r["value"] for r in rows]
-    # proxy is a distortion (lower is better), the metric a score (higher is better): report agreement as
-    # a positive number when lower proxy goes with higher metric
-    rho = -float(spearmanr(p, v).statistic) if len(set(p)) > 1 and len(set(v)) > 1 else 0.0
-    return {"metric": name, "spearman_proxy_vs_metric": rho, "rows": rows}
+
+    def rho(key: str) -> float:
+        # proxy is a distortion (lower is better), the metric a score (higher is better): report agreement as
+        # a positive number when lower proxy goes with higher metric
+        p = [r[key] for r in rows]
+        return -float(spearmanr(p, v).statistic) if len(set(p)) > 1 and len(set(v)) > 1 else 0.0
+
+    out = {"metric": name, "spearman_proxy_vs_metric": rho("proxy"), "rows": rows}
+    if tower is not None:
+        out["spearman_tower_drift_vs_metric"] = rho("tower_drift")
+    return out
+
+
+def restrict_plan(plan: Plan, desc: Any, modality: str) -> Plan:
+    """The plan with only ``modality``'s layers (and structured groups) compressed; the rest kept as is."""
+    import dataclasses
+
+    from autocomp.plan import LayerPlan
+
+    by_name = desc.by_name
+    layers = {n: (c if by_name[n].modality == modality else LayerPlan()) for n, c in plan.layers.items()}
+    groups = {k: g for k, g in plan.structured.items() if by_name[g.producers[0]].modality == modality}
+    return dataclasses.replace(plan, layers=layers, structured=groups)
+
+
+def modality_breakdown(plans: list[Plan], desc: Any, loaded: Any = None, cost: Any = None) -> list[dict[str, Any]]:
+    """Per plan: modality -> {size_bytes, share, [latency_ms], [proxy]}. ``proxy`` (with ``loaded``) is the
+    proxy of the plan with only that modality compressed: its contribution to the drift (contributions
+    need not add up to the whole plan's proxy: compression in one tower can mask or compound another's)."""
+    from autocomp.modality import bytes_by_modality
+
+    ev = None
+    if loaded is not None:
+        from autocomp.evaluators.proxy import ProxyEvaluator
+
+        ev = ProxyEvaluator(loaded, desc)
+    out = []
+    for plan in plans:
+        sizes = bytes_by_modality(desc, plan)
+        total = sum(sizes.values())
+        row: dict[str, Any] = {m: {"size_bytes": int(v), "share": v / total if total else 0.0} for m, v in sizes.items()}
+        if cost is not None:  # the layers' own kernel time; ops outside the layers are not split
+            from autocomp.cost.size import structured_shape
+
+            groups = {k: g for k, g in plan.structured.items() if g.keep < g.units}
+            for m in row:
+                row[m]["latency_ms"] = 0.0
+            for layer in desc.layers:
+                rows, cols = structured_shape(layer, groups) if groups else (layer.rows, layer.cols)
+                row.setdefault(layer.modality, {"size_bytes": 0, "share": 0.0, "latency_ms": 0.0})
+                row[layer.modality]["latency_ms"] += 1e3 * cost.layer(layer, plan.layer(layer.name), rows, cols)[0]
+        if ev is not None:
+            for m in row:
+                row[m]["proxy"] = float(ev(restrict_plan(plan, desc, m))) if any(
+                    layer.modality == m for layer in desc.layers) else 0.0
+        out.append(row)
+    return out

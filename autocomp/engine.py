@@ -21,7 +21,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from autocomp.budget import format_bytes, parse_budget
 from autocomp.desc import ModelDesc
@@ -58,6 +58,9 @@ class SearchConfig:
     objectives: str = "proxy,size"
     seeds: str = "ilp"  # "uniform" | "ilp" (sensitivity database + additive integer program + uniform)
     staged: bool = False  # score the first calibration batch first; skip candidates the front clearly beats
+    min_bits: str | None = None  # per-modality floors, "vision=8,text=4"
+    max_sparsity: str | None = None  # per-modality caps, "text=0.5"
+    budget_split: str | None = None  # per-modality shares of the byte budget, "text=70%"
     sensitivity: str = "fisher"  # "measured" (one proxy evaluation per option) | "fisher" (squared gradients)
 
 
@@ -261,6 +264,13 @@ def _entry(t: Any, handle: StudyHandle) -> dict[str, Any]:
     e = {"trial": t.number, "size_bytes": int(trial_metric(t, "size", objectives)),
          "proxy": trial_metric(t, "proxy", objectives),
          "plan_path": str(handle.out_dir / "plans" / f"trial-{t.number}.json")}
+    by_mod = t.user_attrs.get("by_modality")
+    if by_mod is None and "plan" in t.user_attrs:  # a study from before per-modality bytes were stored
+        from autocomp.modality import bytes_by_modality
+
+        by_mod = bytes_by_modality(ModelDesc.from_dict(handle.meta["model"]), Plan.from_dict(t.user_attrs["plan"]))
+    if by_mod is not None and len(by_mod) > 1:  # multimodal models only (single-modality entries stay as in #2)
+        e["by_modality"] = {m: {"size_bytes": int(v)} for m, v in by_mod.items()}
     if handle.meta.get("hardware"):
         for k in ("latency_ms", "bitops", "energy"):
             e[k] = round(float(t.user_attrs[k]), 6)
@@ -314,6 +324,7 @@ def _check_same(meta: dict[str, Any], new: dict[str, Any], name: str) -> None:
         ("model_spec", "--model"), ("fingerprint", "--model (its weights' layout)"),
         ("data_fingerprint", "--data (calibration data)"), ("space_hash", "--space (file contents)"),
         ("budget_bytes", "--budget"), ("metric", "--metric"),
+        ("constraints", "--min-bits / --max-sparsity / --budget-split"),
     )
     # --seeds / --sensitivity only shape a new study's first trials, so a resume may differ in them
     defaults = {"objectives": ["proxy", "size"]}
@@ -364,8 +375,13 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
 
     emit("status", {"message": f"loading model {cfg.model}"})
     loaded = load_model(cfg.model, data=cfg.data, metric=cfg.metric)
-    desc = introspect(loaded)
-    space = SearchSpace.from_yaml(space_path, desc)
+    from autocomp.modality import bytes_by_modality, parse_constraints
+
+    space = SearchSpace.from_yaml(space_path, introspect(loaded))
+    desc = space.desc  # with the space's modality tags, if it has any
+    constraints = parse_constraints(desc, cfg.min_bits, cfg.max_sparsity, cfg.budget_split)
+    if constraints.min_bits or constraints.max_sparsity:
+        space.restrict(constraints.min_bits, constraints.max_sparsity)
     budget = parse_budget(cfg.budget, fp32_bytes=desc.fp32_bytes)
     smallest = plan_bytes(desc, space.decode(space.smallest_assignment()))
     if budget < smallest:
@@ -376,9 +392,16 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
     if budget >= desc.fp32_bytes:
         emit("warning", {"message": f"budget {format_bytes(budget)} is above the model's fp32 size "
                                     f"({format_bytes(desc.fp32_bytes)}); searching the proxy/size trade-off under it"})
-    from autocomp.search.repair import Limit, size_limit
+    from autocomp.search.repair import Limit, modality_size_limit, size_limit
 
     limits = [size_limit(space, budget)]
+    for mod, share in constraints.budget_split.items():
+        limits.append(modality_size_limit(space, mod, int(budget * share)))
+        least = bytes_by_modality(desc, space.decode(space.smallest_assignment()))[mod]
+        if least > budget * share:
+            raise AutocompError(f"--budget-split {mod}={share:.0%} allows {format_bytes(int(budget * share))}, below "
+                                f"the smallest {mod} part this space allows ({format_bytes(least)}); raise its share "
+                                f"or --budget")
     cost = None
     if device is not None:
         from autocomp.cost.latency import CostModel, parse_workload
@@ -413,6 +436,8 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
         raise AutocompError(f"--sensitivity {cfg.sensitivity!r} is not measured or fisher")
     emit("status", {"message": "computing teacher outputs"})
     evaluator = ProxyEvaluator(loaded, desc)
+    if any(g.importance == "fisher" for g in space.groups.values()):
+        space.unit_orders = _unit_orders(cfg, loaded, desc, space, evaluator, emit)
     sens = _sensitivity(cfg, loaded, desc, space, evaluator, emit) if cfg.seeds == "ilp" else None
     meta = {
         "engine_version": ENGINE_VERSION, "model_spec": cfg.model, "data_spec": cfg.data or loaded.data_spec,
@@ -424,6 +449,7 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
         "workload": cost.workload.label() if cost else None, "latency_budget_ms": latency_budget,
         "bitops_budget": bitops_budget, "seeds": cfg.seeds, "staged": cfg.staged,
         "sensitivity": cfg.sensitivity if cfg.seeds == "ilp" else None,
+        "constraints": constraints.to_dict() if constraints else None,
     }
     sampler = make_sampler(cfg.sampler, cfg.seed)
     try:
@@ -440,7 +466,7 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
         study.set_user_attr(ATTR, meta)
         study.set_metric_names([_METRIC_ATTR.get(o, o) for o in objectives])
         if cfg.seeds == "ilp":  # plans of the additive model for a sweep of budgets up to the user's
-            for frac, assignment in _ilp_seeds(space, sens, budget, smallest):
+            for frac, assignment in _ilp_seeds(space, sens, budget, smallest, constraints.budget_split):
                 study.enqueue_trial(assignment, user_attrs={"reference": f"ilp-{frac:.2f}"})
         # start from the uniform reference plans (repaired onto the budget when they do not fit)
         for label, assignment in (reference_assignments(space).items() if cfg.seeds != "none" else ()):
@@ -513,7 +539,23 @@ def _sensitivity(cfg: SearchConfig, loaded: Any, desc: ModelDesc, space: Any, ev
     return profile(space, fast, cfg.studies_dir / "sensitivity", parts, log=log)
 
 
-def _ilp_seeds(space: Any, sens: Any, budget: int, smallest: int) -> list[tuple[float, dict[str, str]]]:
+def _unit_orders(cfg: SearchConfig, loaded: Any, desc: ModelDesc, space: Any, evaluator: Any,
+                 emit: Any) -> dict[str, tuple[int, ...]]:
+    """Data-driven unit rankings for structured groups with ``importance: fisher`` (first calibration batch)."""
+    import dataclasses
+
+    from autocomp.evaluators.proxy import ProxyEvaluator, data_fingerprint
+    from autocomp.search.sensitivity import unit_importance, weights_hash
+
+    sliced = dataclasses.replace(loaded, batches=loaded.batches[:1], metric=evaluator.metric)
+    parts = {"weights": weights_hash(loaded.module), "data": data_fingerprint(sliced.batches),
+             "metric": evaluator.metric}
+    return unit_importance(space, ProxyEvaluator(sliced, desc), cfg.studies_dir / "sensitivity", parts,
+                           log=lambda m: emit("status", {"message": m}))
+
+
+def _ilp_seeds(space: Any, sens: Any, budget: int, smallest: int,
+               split: Mapping[str, float] | None = None) -> list[tuple[float, dict[str, str]]]:
     from autocomp.search.sensitivity import ilp_assignment
 
     seeds, seen = [], set()
@@ -521,7 +563,8 @@ def _ilp_seeds(space: Any, sens: Any, budget: int, smallest: int) -> list[tuple[
         b = int(budget * frac)
         if b < smallest:
             continue
-        a = ilp_assignment(space, sens, b)
+        # per-modality shares stay those of the user's budget (they are caps, not targets)
+        a = ilp_assignment(space, sens, b, {m: int(budget * f) for m, f in (split or {}).items()})
         if a is not None and tuple(sorted(a.items())) not in seen:
             seen.add(tuple(sorted(a.items())))
             seeds.append((frac, a))
@@ -548,16 +591,20 @@ def _run_trial(trial: Any, space: Any, desc: ModelDesc, limits: list[Any], cost:
     S = optuna.trial.TrialState
     assignment = {p: trial.suggest_categorical(p, list(opts)) for p, opts in space.params.items()}
 
-    def figures(a: dict[str, str]) -> tuple[Any, dict[str, float]]:
+    from autocomp.modality import bytes_by_modality
+
+    def figures(a: dict[str, str]) -> tuple[Any, dict[str, Any]]:
         plan = space.decode(a)
-        out = {"size_bytes": float(plan_bytes(desc, plan))}
+        out: dict[str, Any] = {"size_bytes": float(plan_bytes(desc, plan)),
+                               "by_modality": bytes_by_modality(desc, plan)}
         if cost is not None:
             out.update(cost.evaluate(plan))
         return plan, out
 
-    def over(f: dict[str, float]) -> dict[str, float]:
-        got = {"size": f["size_bytes"], "latency": f.get("latency_ms", 0) / 1e3, "bitops": f.get("bitops", 0)}
-        return {lim.name: got[lim.name] - lim.budget for lim in limits}
+    def over(f: dict[str, Any]) -> dict[str, float]:
+        got = {"size": f["size_bytes"], "latency": f.get("latency_ms", 0) / 1e3, "bitops": f.get("bitops", 0),
+               **{f"size:{m}": float(v) for m, v in f["by_modality"].items()}}
+        return {lim.name: got.get(lim.name, 0.0) - lim.budget for lim in limits}
 
     plan, fig = figures(assignment)
     if do_repair and any(v > 0 for v in over(fig).values()):
@@ -565,10 +612,11 @@ def _run_trial(trial: Any, space: Any, desc: ModelDesc, limits: list[Any], cost:
         trial.set_user_attr("repair", {p: [assignment[p], fixed[p]] for p in fixed if fixed[p] != assignment[p]})
         plan, fig = figures(fixed)
     excess = over(fig)
-    scale = {"size": 1.0, "latency": 1e3, "bitops": 1.0}  # constraints in bytes, ms, GBitOps
+    scale = {"latency": 1e3}  # constraints in bytes, ms, GBitOps
     for name, v in excess.items():
-        trial.set_constraint(name, float(v * scale[name]))
+        trial.set_constraint(name, float(v * scale.get(name, 1.0)))
     trial.set_user_attr("size_bytes", int(fig["size_bytes"]))
+    trial.set_user_attr("by_modality", fig["by_modality"])
     for k in ("latency_ms", "bitops", "energy"):
         if k in fig:
             trial.set_user_attr(k, float(fig[k]))

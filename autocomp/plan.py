@@ -88,7 +88,8 @@ class StructuredGroup:
 
     ``units`` units of ``unit_size`` rows each exist in every producer (rows of the output) and as many
     columns in every consumer (inputs); ``keep`` of them stay. Which ones stay is decided from the weights
-    (largest joint L2 norm), so the plan names only the count.
+    (largest joint L2 norm), so the plan names only the count, unless ``order`` ranks the units by an
+    importance measured on data (gradient-based, see ``importance: fisher`` in search spaces).
     """
 
     kind: str  # "neurons" | "heads" | "channels"
@@ -97,10 +98,19 @@ class StructuredGroup:
     keep: int
     producers: tuple[str, ...]
     consumers: tuple[str, ...]
+    order: tuple[int, ...] = ()  # units from most to least important when scored from data; () = by weight norm
 
     def __post_init__(self) -> None:
         if not 1 <= self.keep <= self.units:
             raise AutocompError(f"structured group keeps {self.keep} of {self.units} units; need 1..units")
+        if self.order and sorted(self.order) != list(range(self.units)):
+            raise AutocompError(f"structured group order must be a permutation of 0..{self.units - 1}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not self.order:
+            del d["order"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -124,7 +134,7 @@ class Plan:
     def key(self) -> str:
         """A canonical string of the choices only (no metrics): equal keys mean equal compressed models."""
         body = {"layers": {k: asdict(v) for k, v in sorted(self.layers.items()) if not v.is_identity},
-                "structured": {k: asdict(v) for k, v in sorted(self.structured.items()) if v.keep < v.units}}
+                "structured": {k: v.to_dict() for k, v in sorted(self.structured.items()) if v.keep < v.units}}
         return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
     # -- JSON ------------------------------------------------------------------------------------------
@@ -135,7 +145,8 @@ class Plan:
             "model": {"spec": self.model_spec, "name": self.model_name, "fingerprint": self.fingerprint},
             "layers": {k: asdict(v) for k, v in sorted(self.layers.items())},
             "structured": {
-                k: {**asdict(v), "producers": list(v.producers), "consumers": list(v.consumers)}
+                k: {**v.to_dict(), "producers": list(v.producers), "consumers": list(v.consumers),
+                    **({"order": list(v.order)} if v.order else {})}
                 for k, v in sorted(self.structured.items())
             },
             "metrics": dict(self.metrics),
@@ -155,7 +166,8 @@ class Plan:
             layers = {str(k): LayerPlan(**v) for k, v in d.get("layers", {}).items()}
             structured = {
                 str(k): StructuredGroup(**{**v, "producers": tuple(v["producers"]),
-                                           "consumers": tuple(v["consumers"])})
+                                           "consumers": tuple(v["consumers"]),
+                                           "order": tuple(int(i) for i in v.get("order", ()))})
                 for k, v in d.get("structured", {}).items()
             }
             model = d.get("model", {})

@@ -15,7 +15,13 @@ A space file has ``layers`` rules (first match wins) and optional ``structured``
         producers: ['(?P<p>.+)\\.intermediate\\.dense']   # first: a regex; the rest: templates
         consumers: ['{p}.output.dense']
         keep: [1.0, 0.75, 0.5]
-        heads: auto                         # heads only: a count, or auto (from the model config)
+        heads: auto                         # heads only: a count, or auto (from the model config,
+                                            #   per modality for dual encoders)
+        importance: weight                  # rank units by weight norm, or fisher (gradients on data)
+    modalities:                             # optional: tag layers whose names the built-in
+      vision: ['img_enc\..*']              #   text/vision/audio/fusion patterns miss (regex search)
+
+Rules may also select by ``modality: [vision]``.
 
 Binding to a model drops options that would not save bytes on that layer (a rank whose factors are
 larger than the matrix, 2:4 on an input size not divisible by 4, ...). Each remaining choice with more
@@ -135,6 +141,7 @@ class _StructRule:
     consumers: tuple[str, ...]
     keep: tuple[float, ...]
     heads: Any
+    importance: str = "weight"
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,7 @@ class _Group:
     producers: tuple[str, ...]
     consumers: tuple[str, ...]
     keeps: dict[str, int]  # label -> kept units
+    importance: str = "weight"  # how units are ranked: weight norms, or Fisher (gradient-based, from data)
 
 
 def _as_list(value: Any, where: str) -> list[Any]:
@@ -170,10 +178,29 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _parse_modalities(value: Any, src: str) -> dict[str, list[str]]:
+    """``modalities: {vision: ['regex', ...], ...}`` -> checked patterns (tried before the built-in tags)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise AutocompError(f"{src}: 'modalities' must map a modality name to a list of regexes")
+    out: dict[str, list[str]] = {}
+    for tag, pats in value.items():
+        pats = [str(p) for p in _as_list(pats, f"{src}: modalities.{tag}")]
+        for p in pats:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise AutocompError(f"{src}: modalities.{tag}: invalid regex {p!r}: {e}") from None
+        out[str(tag)] = pats
+    return out
+
+
 def _parse_rules(data: Mapping[str, Any], src: str) -> tuple[list[_Rule], list[_StructRule]]:
-    unknown = set(data) - {"version", "description", "layers", "structured"}
+    unknown = set(data) - {"version", "description", "layers", "structured", "modalities"}
     if unknown:
-        raise AutocompError(f"{src}: unknown key {sorted(unknown)[0]!r}; allowed: version, description, layers, structured")
+        raise AutocompError(f"{src}: unknown key {sorted(unknown)[0]!r}; allowed: version, description, layers, "
+                            f"structured, modalities")
     if data.get("version", 1) != 1:
         raise AutocompError(f"{src}: version {data.get('version')!r} is not supported; use version: 1")
     layers = data.get("layers")
@@ -218,9 +245,13 @@ def _parse_rules(data: Mapping[str, Any], src: str) -> tuple[list[_Rule], list[_
         where = f"{src}: structured[{i}]"
         if not isinstance(s, dict):
             raise AutocompError(f"{where} must be a mapping")
-        bad = set(s) - {"kind", "producers", "consumers", "keep", "heads"}
+        bad = set(s) - {"kind", "producers", "consumers", "keep", "heads", "importance"}
         if bad:
-            raise AutocompError(f"{where}: unknown key {sorted(bad)[0]!r}; allowed: kind, producers, consumers, keep, heads")
+            raise AutocompError(f"{where}: unknown key {sorted(bad)[0]!r}; allowed: kind, producers, consumers, keep, "
+                                f"heads, importance")
+        importance = s.get("importance", "weight")
+        if importance not in ("weight", "fisher"):
+            raise AutocompError(f"{where}.importance: {importance!r} is not weight or fisher")
         kind = s.get("kind")
         if kind not in ("neurons", "heads", "channels"):
             raise AutocompError(f"{where}.kind: {kind!r} is not neurons, heads or channels")
@@ -242,7 +273,7 @@ def _parse_rules(data: Mapping[str, Any], src: str) -> tuple[list[_Rule], list[_
         heads = s.get("heads", "auto" if kind == "heads" else None)
         if kind == "heads" and not (heads == "auto" or (isinstance(heads, int) and heads > 0)):
             raise AutocompError(f"{where}.heads: a positive count or 'auto', got {heads!r}")
-        structs.append(_StructRule(kind, tuple(prods), tuple(cons), keep_f, heads))
+        structs.append(_StructRule(kind, tuple(prods), tuple(cons), keep_f, heads, importance))
     return rules, structs
 
 
@@ -257,6 +288,7 @@ class SearchSpace:
         self.layer_keys: dict[str, str] = {}  # layer -> tie key ("<key>:q" etc. are its choices)
         self.members: dict[str, list[str]] = {}  # tie key -> layers
         self.groups: dict[str, _Group] = {}
+        self.unit_orders: dict[str, tuple[int, ...]] = {}  # group key -> units ranked from data (importance: fisher)
         self._by_name = by_name = desc.by_name
         rule_of: dict[str, _Rule] = {}
         self._bind_structured(structs, by_name, source)
@@ -362,9 +394,15 @@ class SearchSpace:
                 if any(n not in by_name for n in (*prods, *cons)):
                     continue
                 if rule.kind == "heads":
-                    heads = rule.heads if rule.heads != "auto" else self.desc.info.get("num_attention_heads")
+                    heads = rule.heads
+                    if heads == "auto":  # the attention module's own count, else the model config's
+                        owner = layer.name.rpartition(".")[0]
+                        heads = (self.desc.info.get("module_heads") or {}).get(owner) \
+                            or (self.desc.info.get("attention_heads") or {}).get(layer.modality) \
+                            or self.desc.info.get("num_attention_heads")
                     if not heads:
-                        raise AutocompError(f"{src}: structured heads rule needs 'heads: N' (the model config has no num_attention_heads)")
+                        raise AutocompError(f"{src}: structured heads rule needs 'heads: N' for {layer.name} (neither "
+                                            f"its module nor the model config gives a head count)")
                     units = int(heads)
                 else:
                     units = layer.rows
@@ -379,14 +417,21 @@ class SearchSpace:
                     if k not in keeps.values():  # two fractions that round to one count: one option
                         keeps[f"k{f:g}"] = k
                 key = f"{rule.kind}@{layer.name}"
-                self.groups[key] = _Group(key, rule.kind, units, layer.rows // units, prods, cons, keeps)
+                self.groups[key] = _Group(key, rule.kind, units, layer.rows // units, prods, cons, keeps,
+                                          rule.importance)
                 claimed.update(prods)
 
     # -- public ----------------------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, space: str | Path, desc: ModelDesc) -> "SearchSpace":
         path = resolve_space_path(str(space))
-        rules, structs = _parse_rules(_load_yaml(path), str(path))
+        data = _load_yaml(path)
+        rules, structs = _parse_rules(data, str(path))
+        patterns = _parse_modalities(data.get("modalities"), str(path))
+        if patterns:
+            from autocomp.modality import retag
+
+            desc = retag(desc, patterns)
         sp = cls(desc, rules, structs, source=str(path))
         if not sp.params:
             raise AutocompError(
@@ -402,7 +447,8 @@ class SearchSpace:
         out = {}
         for key, g in self.groups.items():
             keep = g.keeps[self.choice(f"{key}:keep", assignment)]
-            out[key] = StructuredGroup(g.kind, g.units, g.unit_size, keep, g.producers, g.consumers)
+            out[key] = StructuredGroup(g.kind, g.units, g.unit_size, keep, g.producers, g.consumers,
+                                       self.unit_orders.get(key, ()))
         return out
 
     def layer_choice(self, layer: LayerDesc, key: str, assignment: Mapping[str, str], rows: int, cols: int) -> LayerPlan:
@@ -463,8 +509,40 @@ class SearchSpace:
         layer, choice, rows, cols = self.layer_plan(name, assignment)
         return layer_bytes(layer, choice, rows, cols)
 
-    def group_mask_bytes(self, assignment: Mapping[str, str]) -> int:
-        return sum((g.units + 7) // 8 for g in self.structured_of(assignment).values() if g.keep < g.units)
+    def group_mask_bytes(self, assignment: Mapping[str, str], modality: str | None = None) -> int:
+        """Keep-bitmask bytes of the structured groups that prune (of one modality: by first producer)."""
+        return sum((g.units + 7) // 8 for g in self.structured_of(assignment).values()
+                   if g.keep < g.units and (modality is None or self._by_name[g.producers[0]].modality == modality))
+
+    def restrict(self, min_bits: Mapping[str, int], max_sparsity: Mapping[str, float]) -> "SearchSpace":
+        """Drop options that break per-modality limits: weights below ``min_bits[m]`` bits, pruning above
+        ``max_sparsity[m]`` (unstructured fraction, 2:4 = 0.5, structured = 1 - kept fraction), for the
+        choices of layers of modality ``m``. A choice left with one option becomes fixed. In place."""
+        def mods_of(param: str) -> set[str]:
+            return {self._by_name[n].modality for n in self.param_layers(param)}
+
+        for param in list(self.params):
+            key, _, dim = param.rpartition(":")
+            mods = mods_of(param)
+            floor = max((min_bits[m] for m in mods if m in min_bits), default=None)
+            cap = min((max_sparsity[m] for m in mods if m in max_sparsity), default=None)
+            keep = list(self.params[param])
+            if dim == "q" and floor is not None:
+                keep = [o for o in keep if (parse_quant(o)[0] or 32) >= floor]
+            elif dim == "p" and cap is not None:
+                keep = [o for o in keep if (0.5 if o == "2:4" else parse_prune(o)[1]) <= cap + 1e-9]
+            elif dim == "keep" and cap is not None:
+                g = self.groups[key]
+                keep = [o for o in keep if 1 - g.keeps[o] / g.units <= cap + 1e-9]
+            if not keep:
+                keep = [{"q": "keep", "p": "none"}.get(dim) or max(self.groups[key].keeps, key=self.groups[key].keeps.get)]
+            if len(keep) == 1:
+                del self.params[param]
+                self.fixed[param] = keep[0]
+            else:
+                self.params[param] = tuple(keep)
+        self._plan_memo.clear()
+        return self
 
     def param_layers(self, param: str) -> list[str]:
         """The layers whose bytes depend on one parameter."""

@@ -289,7 +289,11 @@ def distillation_loss(student_out: Any, teacher_out: Any, kind: str = "response"
       (Hinton et al.); ``"cosine"``: mean 1 - cos per output row (embeddings); ``"mse"``: normalized MSE.
     * ``feature``: lists of per-block hidden states (or single tensors): mean normalized MSE per block.
     * ``relation``: pairwise cosine-similarity matrices within the batch (rows = items), mean squared
-      difference: keeps the geometry a retrieval or image-text model relies on.
+      difference: keeps the geometry a retrieval or image-text model relies on. For a dual encoder's
+      stacked ``[images; texts]`` output this covers image-image, text-text and image-text pairs.
+    * ``contrastive`` (dual encoders, output = ``[images; texts]`` stacked): KL(teacher || student) of the
+      image->text and text->image match distributions (softmax of cosine similarities times
+      ``ALIGN_SCALE / temperature``), scaled by T^2: what keeps the towers aligned.
     """
     import torch
     import torch.nn.functional as F
@@ -301,13 +305,24 @@ def distillation_loss(student_out: Any, teacher_out: Any, kind: str = "response"
                   for s, t in zip(s_list, t_list)]
         return torch.stack(losses).mean()
     s, t = student_out.float(), teacher_out.detach().float()
+    if kind == "contrastive":
+        from autocomp.evaluators.proxy import ALIGN_SCALE
+
+        n = s.shape[0] // 2
+        sn, tn = F.normalize(s.reshape(2 * n, -1), dim=-1), F.normalize(t.reshape(2 * n, -1), dim=-1)
+        ls_, lt_ = sn[:n] @ sn[n:].T * (ALIGN_SCALE / temperature), tn[:n] @ tn[n:].T * (ALIGN_SCALE / temperature)
+        total = s.new_zeros(())
+        for a, b in ((lt_, ls_), (lt_.T, ls_.T)):
+            pa, pb = F.log_softmax(a, dim=-1), F.log_softmax(b, dim=-1)
+            total = total + (pa.exp() * (pa - pb)).sum(-1).mean()
+        return total * temperature**2 / 2
     if kind == "relation":
         s2, t2 = s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
         rs = F.normalize(s2, dim=-1) @ F.normalize(s2, dim=-1).T
         rt = F.normalize(t2, dim=-1) @ F.normalize(t2, dim=-1).T
         return (rs - rt).pow(2).mean()
     if kind != "response":
-        raise AutocompError(f"unknown distillation kind {kind!r}; use response, feature or relation")
+        raise AutocompError(f"unknown distillation kind {kind!r}; use response, feature, relation or contrastive")
     if metric == "kl":
         ls = F.log_softmax(s / temperature, dim=-1)
         lt = F.log_softmax(t / temperature, dim=-1)
@@ -427,8 +442,12 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
     if not batches:
         raise AutocompError("no training batches; pass --data file.py:fn returning a non-empty list of batches")
     for kind in distill:
-        if kind not in ("response", "feature", "relation"):
-            raise AutocompError(f"unknown distillation kind {kind!r}; use response, feature and/or relation")
+        if kind not in ("response", "feature", "relation", "contrastive"):
+            raise AutocompError(f"unknown distillation kind {kind!r}; use response, feature, relation and/or "
+                                f"contrastive")
+    dual = loaded.metric in ("alignment", "tower") or bool(loaded.info.get("dual_encoder"))
+    if "contrastive" in distill and not dual:
+        raise AutocompError("contrastive distillation needs a dual encoder (image_embeds + text_embeds outputs)")
     if amp not in ("none", "bf16"):
         raise AutocompError(f"--amp must be none or bf16, got {amp!r}")
     torch.manual_seed(seed)
@@ -454,7 +473,7 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
     t_blocks, s_blocks = _block_modules(teacher), _block_modules(student)
     feature = "feature" in distill and t_blocks and len(t_blocks) == len(s_blocks)
     meta = {"autocomp_checkpoint": "1", "plan_key": _plan_hash(plan), "schedule": schedule, "steps": steps}
-    metric = loaded.metric if loaded.metric in ("cosine", "kl", "mse") else "mse"
+    metric = loaded.metric if loaded.metric in ("cosine", "kl", "mse") else "cosine" if dual else "mse"
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp == "bf16" else (lambda: _null())
     items = 0
     t0 = time.perf_counter()
@@ -484,6 +503,8 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
                 losses["response"] = distillation_loss(s_out, t_out, "response", temperature, metric, mask)
             if "relation" in distill:
                 losses["relation"] = distillation_loss(s_out, t_out, "relation")
+            if "contrastive" in distill:
+                losses["contrastive"] = distillation_loss(s_out, t_out, "contrastive", temperature)
             if feature and s_store and len(s_store) == len(t_store):  # blocks whose forward ran
                 losses["feature"] = distillation_loss([x.float() for x in s_store], [x.float() for x in t_store], "feature")
             if task_loss is not None:

@@ -26,8 +26,15 @@ def write(tmp_path, text):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
 def test_shipped_spaces_parse(name, desc):
-    assert name in {"default", "transformer", "cnn"}
-    if name == "cnn":
+    assert name in {"default", "transformer", "cnn", "multimodal"}
+    if name == "multimodal":  # more in test_multimodal.py
+        from autocomp.models import load_model
+        from conftest import TINY
+
+        d = introspect(load_model(f"{TINY}:tiny_dual", data=f"{TINY}:dual_calib"))
+        sp = SearchSpace.from_yaml(name, d)
+        assert sp.groups and all(g.importance in ("weight", "fisher") for g in sp.groups.values())
+    elif name == "cnn":
         from autocomp.models import load_model
         from conftest import TINY
 

@@ -124,3 +124,47 @@ def agreement(model: nn.Module) -> float:
     with torch.no_grad():
         ref = tiny()(x).argmax(-1)
         return float((model(x).argmax(-1) == ref).float().mean())
+
+
+class TinyDual(nn.Module):
+    """A tiny CLIP-style dual encoder with a cross-modal fusion block: image tokens attend to the caption's
+    tokens. Output: {"image_embeds", "text_embeds"} (L2-normalized), like transformers' CLIPModel."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        from autocomp.models.clip_digits import _classes
+
+        block = _classes()["Block"]
+        self.text_model = nn.Module()
+        self.text_model.token_embedding = nn.Embedding(100, dim)
+        self.text_model.encoder = block(dim, heads, 2 * dim)
+        self.vision_model = nn.Module()
+        self.vision_model.patch_embedding = nn.Linear(4, dim)
+        self.vision_model.encoder = block(dim, heads, 2 * dim)
+        self.fusion = block(dim, heads, 2 * dim, cross=True)
+        self.text_projection = nn.Linear(dim, 16, bias=False)
+        self.visual_projection = nn.Linear(dim, 16, bias=False)
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        t = self.text_model.encoder(self.text_model.token_embedding(input_ids))
+        v = self.vision_model.encoder(self.vision_model.patch_embedding(pixel_values))
+        v = self.fusion(v, t)
+        return {"image_embeds": nn.functional.normalize(self.visual_projection(v.mean(1)), dim=-1),
+                "text_embeds": nn.functional.normalize(self.text_projection(t.mean(1)), dim=-1)}
+
+
+def tiny_dual() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyDual().eval()
+
+
+def dual_calib() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    return [{"pixel_values": torch.randn(8, 9, 4, generator=g), "input_ids": torch.randint(0, 100, (8, 5), generator=g)}
+            for _ in range(3)]
+
+
+def dual_mismatch() -> list[dict[str, torch.Tensor]]:
+    """Image/text batch mismatch: 8 images, 6 captions."""
+    g = torch.Generator().manual_seed(5)
+    return [{"pixel_values": torch.randn(8, 9, 4, generator=g), "input_ids": torch.randint(0, 100, (6, 5), generator=g)}]

@@ -74,23 +74,26 @@ class PlanApplier:
         return weight_matrix_view(kind, mod.weight.data)
 
     def _kept(self, plan: Plan, name: str) -> tuple[Any, Any, tuple[int, ...]]:
+        import torch
+
         rows = cols = None
         key: list[int] = []
         for gname, g in sorted(plan.structured.items()):
             if g.keep >= g.units or (name not in g.producers and name not in g.consumers):
                 continue
             okey = ("unit_order", gname, g.units, g.producers, g.consumers)
-            order = self.cache.get(okey)
+            order = self.cache.get(okey) if not g.order else torch.tensor(g.order, dtype=torch.long)
             if order is None:
                 order = self.cache[okey] = unit_order(g, {n: self._matrix(n) for n in (*g.producers, *g.consumers)})
             units = kept_units(order, g.keep)
             m = self._matrix(name)
+            tag = [g.keep, *g.order]  # the same count of other units is another matrix
             if name in g.producers:
                 rows = kept_index(units, m.shape[0], g.units)
-                key += [0, g.keep]
+                key += [0, *tag]
             if name in g.consumers:
                 cols = kept_index(units, m.shape[1], g.units)
-                key += [1, g.keep]
+                key += [1, *tag]
         return rows, cols, tuple(key)
 
     def layer_parts(self, plan: Plan, name: str) -> tuple[list[Part], Any, Any]:

@@ -9,7 +9,12 @@ Metrics (0 = identical, lower is better), averaged over samples (and valid token
 
 * ``cosine``: ``1 - cos(teacher, student)`` along the last axis (embeddings);
 * ``kl``:     ``KL(softmax(teacher) || softmax(student))`` along the last axis, per token (logits);
-* ``mse``:    ``sum (student - teacher)^2 / sum teacher^2`` (normalized MSE; anything else).
+* ``mse``:    ``sum (student - teacher)^2 / sum teacher^2`` (normalized MSE; anything else);
+* ``alignment`` (dual encoders, the default for them): the image-text similarity matrix of each calibration
+  batch, softmaxed at temperature 1/ALIGN_SCALE along rows (image -> text) and columns (text -> image);
+  ``KL(teacher || student)`` per row and per column, averaged. It scores what matching uses, which per-tower
+  drift does not: two towers drifting *together* keep their matches;
+* ``tower``: ``1 - cos`` of every image and every text embedding (per-tower drift), for comparison.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ from typing import Any
 from autocomp.compressors.apply import PlanApplier
 from autocomp.desc import ModelDesc
 from autocomp.errors import AutocompError
-from autocomp.models.base import LoadedModel, extract_output, run_batch
+from autocomp.models.base import LoadedModel, check_pairs, extract_output, run_batch
 from autocomp.plan import Plan
 
 __all__ = ["ProxyEvaluator", "distortion", "METRICS", "data_fingerprint"]
 
-METRICS = ("auto", "cosine", "kl", "mse")
+METRICS = ("auto", "cosine", "kl", "mse", "alignment", "tower")
+ALIGN_SCALE = 50.0  # inverse temperature of the match distributions (CLIP models train theirs near 100)
 
 
 def _token_mask(batch: Any, out: Any) -> Any:
@@ -47,7 +53,16 @@ def distortion(metric: str, teacher: Any, student: Any, mask: Any = None) -> tup
             m = mask.unsqueeze(-1)
             err, ref = err * m, ref * m
         return float(err.sum()), float(ref.sum())
-    if metric == "cosine":
+    if metric == "alignment":
+        n = t.shape[0] // 2
+        t, s = torch.nn.functional.normalize(t, dim=-1), torch.nn.functional.normalize(s, dim=-1)
+        lt, ls = ALIGN_SCALE * t[:n] @ t[n:].T, ALIGN_SCALE * s[:n] @ s[n:].T
+        total = 0.0
+        for a, b in ((lt, ls), (lt.T, ls.T)):
+            pa, pb = torch.log_softmax(a, dim=-1), torch.log_softmax(b, dim=-1)
+            total += float((pa.exp() * (pa - pb)).sum())
+        return total, float(2 * n)
+    if metric in ("cosine", "tower"):
         per = 1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-12)
     elif metric == "kl":
         lt, ls = torch.log_softmax(t, dim=-1), torch.log_softmax(s, dim=-1)
@@ -113,6 +128,7 @@ class ProxyEvaluator:
         looked_up, hooks = _record_lookups(self.model, desc)
         with torch.inference_mode():
             for i, batch in enumerate(self.batches):
+                check_pairs(batch, i)
                 try:
                     out = run_batch(self.model, batch)
                 except Exception as e:

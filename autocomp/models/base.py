@@ -7,15 +7,17 @@ from typing import Any, Callable
 
 from autocomp.errors import AutocompError
 
-__all__ = ["LoadedModel", "load_model", "run_batch", "extract_output", "BUILTIN_MODELS"]
+__all__ = ["LoadedModel", "load_model", "run_batch", "extract_output", "check_pairs", "BUILTIN_MODELS"]
 
 
 @dataclass
 class LoadedModel:
     """A model ready to search: the module (eval mode), calibration batches and how to score its output.
 
-    metric: ``"cosine"`` (embeddings), ``"kl"`` (logits) or ``"mse"`` (anything else), or ``"auto"`` to
-    decide from the first output (``logits`` -> kl, otherwise mse).
+    metric: ``"cosine"`` (embeddings), ``"kl"`` (logits), ``"mse"`` (anything else), ``"alignment"`` /
+    ``"tower"`` (dual encoders: image-text match distributions / per-tower embedding drift), or ``"auto"``
+    to decide from the first output (``image_embeds`` + ``text_embeds`` -> alignment, ``logits`` -> kl,
+    otherwise mse).
     """
 
     module: Any  # torch.nn.Module
@@ -32,6 +34,8 @@ class LoadedModel:
 # name -> "module:function" returning a LoadedModel; resolved lazily so importing is cheap
 BUILTIN_MODELS: dict[str, str] = {
     "minilm": "autocomp.models.minilm:load_minilm",
+    "clip-digits": "autocomp.models.clip_digits:load_clip_digits",
+    "clip-digits-fusion": "autocomp.models.clip_digits:load_clip_digits_fusion",
 }
 
 
@@ -44,12 +48,38 @@ def run_batch(module: Any, batch: Any) -> Any:
     return module(batch)
 
 
+_IMAGE_KEYS = ("pixel_values", "images", "image")
+_TEXT_KEYS = ("input_ids", "captions", "text")
+
+
+def check_pairs(batch: Any, i: int) -> None:
+    """A batch with both images and text (dual encoders) must hold one caption per image."""
+    if not isinstance(batch, dict):
+        return
+    img = next((batch[k] for k in _IMAGE_KEYS if k in batch), None)
+    txt = next((batch[k] for k in _TEXT_KEYS if k in batch), None)
+    if img is None or txt is None or not hasattr(img, "shape") or not hasattr(txt, "shape"):
+        return
+    if len(img.shape) and len(txt.shape) and img.shape[0] != txt.shape[0]:
+        raise AutocompError(f"calibration batch {i} has {img.shape[0]} images but {txt.shape[0]} captions; "
+                            f"image-text models need pairs (one caption per image) in every batch")
+
+
 def extract_output(out: Any) -> tuple[Any, str]:
     """The tensor to compare and the metric ``auto`` resolves to for it."""
     import torch
 
     if isinstance(out, torch.Tensor):
         return out, "mse"
+    get = (lambda k: out.get(k)) if isinstance(out, dict) else (lambda k: getattr(out, k, None))
+    image, text = get("image_embeds"), get("text_embeds")
+    if isinstance(image, torch.Tensor) and isinstance(text, torch.Tensor):
+        # dual encoder (CLIP-style): images then their captions, stacked along the batch axis
+        if image.shape[0] != text.shape[0] or image.shape[-1] != text.shape[-1]:
+            raise AutocompError(
+                f"dual-encoder output has {image.shape[0]} image and {text.shape[0]} text embeddings; calibration "
+                "batches must hold image/text pairs (one caption per image)")
+        return torch.cat([image.reshape(image.shape[0], -1), text.reshape(text.shape[0], -1)]), "alignment"
     logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits, "kl"

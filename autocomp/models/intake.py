@@ -142,15 +142,28 @@ def load_hf(directory: str, spec: str) -> LoadedModel:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception:
         tokenizer = None
-    if tokenizer is not None:
+    vision_cfg, text_cfg = getattr(config, "vision_config", None), getattr(config, "text_config", None)
+    info: dict[str, Any] = {}
+    if vision_cfg is not None and text_cfg is not None:  # CLIP / SigLIP-style dual encoder
+        info["dual_encoder"] = True
+        info["attention_heads"] = {m: int(c.num_attention_heads) for m, c in (("text", text_cfg), ("vision", vision_cfg))
+                                   if getattr(c, "num_attention_heads", None)}
+        if tokenizer is not None:
+            from autocomp.models.clip_digits import hf_pair_batches
+
+            max_pos = getattr(text_cfg, "max_position_embeddings", 77) or 77
+            batches = hf_pair_batches(tokenizer, int(getattr(vision_cfg, "image_size", 224)),
+                                      int(getattr(vision_cfg, "num_channels", 3)), max_length=min(16, max_pos))
+    elif tokenizer is not None:
         from autocomp.models.textdata import calibration_sentences, tokenize_batches
 
         max_pos = getattr(config, "max_position_embeddings", 512) or 512
         batches = tokenize_batches(tokenizer, calibration_sentences(), max_length=min(32, max_pos))
         modality = "text"
-    info = {k: getattr(config, k) for k in ("num_attention_heads", "model_type") if hasattr(config, k)}
+    info.update({k: getattr(config, k) for k in ("num_attention_heads", "model_type") if hasattr(config, k)})
     if getattr(config, "max_position_embeddings", None):
         info["max_positions"] = int(config.max_position_embeddings)
     return LoadedModel(module=model, name=path.name or spec, spec=spec, batches=batches,
                        modality=modality, info=info,
-                       data_spec="builtin:stdlib-docstrings" if batches else "")
+                       data_spec=("builtin:sklearn-digits+captions" if info.get("dual_encoder") else
+                                  "builtin:stdlib-docstrings") if batches else "")

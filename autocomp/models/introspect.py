@@ -8,7 +8,7 @@ from typing import Any
 
 from autocomp.desc import LayerDesc, ModelDesc
 from autocomp.errors import AutocompError
-from autocomp.models.base import LoadedModel, run_batch
+from autocomp.models.base import LoadedModel, check_pairs, run_batch
 
 __all__ = ["introspect", "describe_static", "compressible_modules", "fingerprint", "weight_matrix_view", "MODALITY_PATTERNS"]
 
@@ -69,6 +69,21 @@ def fingerprint(model: Any) -> str:
     for name, p in model.named_parameters():
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
     return h.hexdigest()[:16]
+
+
+def _module_heads(model: Any) -> dict[str, int]:
+    """Attention modules' head counts, read from their attributes (``num_heads``, ``num_attention_heads``,
+    ``n_head``, or ``head_dim`` with a q projection): what ``heads: auto`` in a space uses."""
+    out = {}
+    for name, mod in model.named_modules():
+        n = next((getattr(mod, a) for a in ("num_heads", "num_attention_heads", "n_head")
+                  if isinstance(getattr(mod, a, None), int)), None)
+        if n is None and isinstance(getattr(mod, "head_dim", None), int):
+            q = next((getattr(mod, a) for a in ("q_proj", "query", "q") if hasattr(getattr(mod, a, None), "out_features")), None)
+            n = q.out_features // mod.head_dim if q is not None and mod.head_dim else None
+        if n and name:
+            out[name] = int(n)
+    return out
 
 
 def _modality(name: str, default: str) -> str:
@@ -183,6 +198,8 @@ def introspect(loaded: LoadedModel, measure: bool = True) -> ModelDesc:
         handles += [m.register_forward_hook(lambda *a: inside.__setitem__(0, inside[0] - 1)) for m, _ in mods.values()]
         ops = _OpCounter(inside)
         batch = loaded.batches[0]
+        for i, b in enumerate(loaded.batches):
+            check_pairs(b, i)
         try:
             with torch.inference_mode(), FlopCounterMode(display=False) as counter, ops:
                 run_batch(model, batch)
@@ -227,6 +244,13 @@ def introspect(loaded: LoadedModel, measure: bool = True) -> ModelDesc:
     total_bytes = sum(p.numel() * p.element_size() for p in params)
     other = sum(p.numel() * p.element_size() for p in params if id(p) not in layer_param_ids)
     info = dict(loaded.info)
+    info["default_modality"] = loaded.modality
+    heads = _module_heads(model)
+    if heads:
+        info["module_heads"] = heads
+    # every parameter outside the layers, by name, so bytes can be split by modality exactly
+    info["other_param_bytes"] = {n: p.numel() * p.element_size() for n, p in model.named_parameters()
+                                 if id(p) not in layer_param_ids}
     if measure:
         # matmul FLOPs outside the compressible layers (attention scores, ...) and elementwise traffic
         info["other_flops_per_sample"] = max(0, total_flops - sum(flops.values())) / bs

@@ -9,7 +9,7 @@ from typing import Any
 from autocomp.errors import AutocompError
 from autocomp.models.base import LoadedModel
 
-__all__ = ["load_minilm", "SentenceEncoder", "minilm_dir"]
+__all__ = ["load_minilm", "load_minilm_bert", "SentenceEncoder", "minilm_dir"]
 
 
 def minilm_dir() -> Any:
@@ -52,19 +52,24 @@ def load_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
 
 
-def load_minilm(n_calibration: int = 32) -> LoadedModel:
+def load_minilm_bert() -> Any:
+    """The pretrained BertModel (eval mode), offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     path = minilm_dir()
     from transformers import BertModel
     from transformers.utils import logging as hf_logging
 
-    from autocomp.models.textdata import calibration_sentences, tokenize_batches
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     # eager attention: on 2 CPU cores it was ~1.5x faster than sdpa for short sentences
-    bert = BertModel.from_pretrained(path, local_files_only=True, attn_implementation="eager").eval()
+    return BertModel.from_pretrained(path, local_files_only=True, attn_implementation="eager").eval()
+
+
+def load_minilm(n_calibration: int = 32) -> LoadedModel:
+    from autocomp.models.textdata import calibration_sentences, tokenize_batches
+
+    bert = load_minilm_bert()
     tokenizer = load_tokenizer()
     batches = tokenize_batches(tokenizer, calibration_sentences(n_calibration), max_length=32)
 

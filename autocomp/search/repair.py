@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 
 from autocomp.space import SearchSpace
 
-__all__ = ["Limit", "repair", "size_limit"]
+__all__ = ["Limit", "repair", "size_limit", "modality_size_limit"]
 
 
 @dataclass(frozen=True)
@@ -26,14 +26,28 @@ class Limit:
     constant: float
     budget: float
     counts_masks: bool = False
+    modality: str | None = None  # masks of this modality's groups only
+
+    def masks(self, space: SearchSpace, a: Mapping[str, str]) -> float:
+        return space.group_mask_bytes(a, self.modality) if self.counts_masks else 0
 
     def total(self, space: SearchSpace, a: Mapping[str, str]) -> float:
         t = self.constant + sum(self.layer_cost(layer.name, a) for layer in space.desc.layers)
-        return t + (space.group_mask_bytes(a) if self.counts_masks else 0)
+        return t + self.masks(space, a)
 
 
 def size_limit(space: SearchSpace, budget: int) -> Limit:
     return Limit("size", space.layer_bytes, space.desc.other_bytes, budget, counts_masks=True)
+
+
+def modality_size_limit(space: SearchSpace, modality: str, budget: int) -> Limit:
+    """Bytes of one modality's layers, masks and other parameters within ``budget``."""
+    from autocomp.modality import _other_by_modality
+
+    by_name = space.desc.by_name
+    cost = lambda n, a: space.layer_bytes(n, a) if by_name[n].modality == modality else 0  # noqa: E731
+    return Limit(f"size:{modality}", cost, _other_by_modality(space.desc).get(modality, 0), budget,
+                 counts_masks=True, modality=modality)
 
 
 def repair(space: SearchSpace, assignment: Mapping[str, str], limits: list[Limit],
@@ -50,7 +64,7 @@ def repair(space: SearchSpace, assignment: Mapping[str, str], limits: list[Limit
         for p, opts in space.params.items():
             layers = space.param_layers(p)
             before = {lim.name: sum(lim.layer_cost(n, a) for n in layers)
-                      + (space.group_mask_bytes(a) if lim.counts_masks and p.endswith(":keep") else 0) for lim in violated}
+                      + (lim.masks(space, a) if p.endswith(":keep") else 0) for lim in violated}
             step = None
             for opt in opts:
                 if opt == a[p]:
@@ -59,7 +73,7 @@ def repair(space: SearchSpace, assignment: Mapping[str, str], limits: list[Limit
                 gain = 0.0
                 for lim in violated:
                     after = sum(lim.layer_cost(n, t) for n in layers)
-                    after += space.group_mask_bytes(t) if lim.counts_masks and p.endswith(":keep") else 0
+                    after += lim.masks(space, t) if p.endswith(":keep") else 0
                     gain += (before[lim.name] - after) / lim.budget
                 if gain <= 0:
                     continue

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from autocomp.plan import atomic_write_text
 from autocomp.space import SearchSpace
@@ -126,8 +126,10 @@ def _stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def ilp_assignment(space: SearchSpace, sens: Sensitivity, budget: int) -> dict[str, str] | None:
-    """Minimize summed sensitivity subject to size <= budget (structured groups kept whole).
+def ilp_assignment(space: SearchSpace, sens: Sensitivity, budget: int,
+                   modality_budgets: Mapping[str, int] | None = None) -> dict[str, str] | None:
+    """Minimize summed sensitivity subject to size <= budget (and each modality's bytes <= its budget in
+    ``modality_budgets``); structured groups kept whole.
 
     Exact for the additive model: per tie key every combination of its options is one binary variable.
     Returns None when no combination fits.
@@ -157,10 +159,23 @@ def ilp_assignment(space: SearchSpace, sens: Sensitivity, budget: int) -> dict[s
     for j, col in enumerate(columns):
         one_per_key[keys.index(col[0]), j] = 1.0
     size_row = np.array([[col[2] for col in columns]])
+    constraints = [LinearConstraint(one_per_key, 1, 1), LinearConstraint(size_row, -np.inf, budget - fixed_bytes)]
+    if modality_budgets:
+        from autocomp.modality import bytes_by_modality
+
+        by_name = space.desc.by_name
+        base_by_mod = bytes_by_modality(space.desc, space.decode(base))
+        for mod, mb in modality_budgets.items():
+            row = np.zeros((1, n))
+            for j, (key, choice, _, _) in enumerate(columns):
+                a = {**base, **choice}
+                row[0, j] = sum(space.layer_bytes(m, a) for m in space.members[key] if by_name[m].modality == mod)
+            fixed_mod = base_by_mod.get(mod, 0) - sum(
+                space.layer_bytes(m, base) for key in keys for m in space.members[key] if by_name[m].modality == mod)
+            constraints.append(LinearConstraint(row, -np.inf, mb - fixed_mod))
     with _stdout_to_stderr():  # HiGHS prints progress from C; stdout is reserved for --json results
         res = milp(c, integrality=np.ones(n), bounds=Bounds(0, 1), options={"disp": False},
-                   constraints=[LinearConstraint(one_per_key, 1, 1),
-                                LinearConstraint(size_row, -np.inf, budget - fixed_bytes)])
+                   constraints=constraints)
     if res.status != 0 or res.x is None:
         return None
     out = dict(base)
@@ -169,29 +184,13 @@ def ilp_assignment(space: SearchSpace, sens: Sensitivity, budget: int) -> dict[s
     return out
 
 
-def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_parts: dict[str, Any], probes: int = 8,
-                   seed: int = 0, log: Callable[[str], None] = lambda s: None) -> Sensitivity:
-    """The gradient-based estimate of the sensitivity database: no forward pass per option.
-
-    Around the original weights the proxy is ~0 with zero gradient, so its second-order term decides:
-    ``proxy(W + d) ~ k * sum_i F_i d_i^2 / den`` with ``F`` the diagonal of the output metric's
-    Gauss-Newton / Fisher matrix, estimated from squared gradients of random output probes (``probes``
-    backward passes per calibration batch): for ``cosine`` a Gaussian probe orthogonal to each output
-    row scaled by 1/|y| (k = 1/2), for ``kl`` a one-hot class sampled from the teacher's softmax minus
-    the softmax (the true Fisher, k = 1/2), for ``mse`` a Gaussian probe (k = 1, den = sum of t^2).
-    ``d`` is each option's real weight error (the compressor's own output); W8A8 options add the
-    activation-rounding noise (step^2 / 12 per input element) weighted by the squared input gradients.
-    Diagonal and additive: it ignores interactions the measured database also ignores, plus those within
-    a layer."""
+def _fisher_diag(evaluator: Any, probes: int, seed: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, float], float]:
+    """Squared gradients of random output probes (see :func:`fisher_profile`): per layer name, the weight
+    and bias Fisher diagonals, the W8A8 activation-noise term, and the normalizer ``den``."""
     import torch
 
     from autocomp.models.base import extract_output, run_batch
 
-    path, hit = _cached(cache_dir, {**key_parts, "params": space.params, "probes": probes, "seed": seed,
-                                    "kind": "fisher-v1"}, "fisher sensitivity", log)
-    if hit is not None:
-        return hit
-    t0 = time.perf_counter()
     model, applier, metric = evaluator.model, evaluator.applier, evaluator.metric
     mods = {name: applier.modules[name][0] for name in applier.modules}
     fw = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in mods.items()}
@@ -236,7 +235,7 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
                         r = torch.nn.functional.one_hot(c, pr.shape[-1]).float() - pr
                     else:
                         r = torch.randn(rows.shape, generator=gen)
-                        if metric == "cosine":
+                        if metric in ("cosine", "tower", "alignment"):  # alignment: embedding probes
                             u = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                             r = (r - (r * u).sum(-1, keepdim=True) * u) / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                     loss = ((r * y).sum(-1) * w.sqrt()).sum()
@@ -254,6 +253,33 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
         for p, flag in saved_grad:
             p.requires_grad_(flag)
             p.grad = None
+    return fw, fb, act, den
+
+
+def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_parts: dict[str, Any], probes: int = 8,
+                   seed: int = 0, log: Callable[[str], None] = lambda s: None) -> Sensitivity:
+    """The gradient-based estimate of the sensitivity database: no forward pass per option.
+
+    Around the original weights the proxy is ~0 with zero gradient, so its second-order term decides:
+    ``proxy(W + d) ~ k * sum_i F_i d_i^2 / den`` with ``F`` the diagonal of the output metric's
+    Gauss-Newton / Fisher matrix, estimated from squared gradients of random output probes (``probes``
+    backward passes per calibration batch): for ``cosine`` a Gaussian probe orthogonal to each output
+    row scaled by 1/|y| (k = 1/2), for ``kl`` a one-hot class sampled from the teacher's softmax minus
+    the softmax (the true Fisher, k = 1/2), for ``mse`` a Gaussian probe (k = 1, den = sum of t^2).
+    ``d`` is each option's real weight error (the compressor's own output); W8A8 options add the
+    activation-rounding noise (step^2 / 12 per input element) weighted by the squared input gradients.
+    Diagonal and additive: it ignores interactions the measured database also ignores, plus those within
+    a layer."""
+    import torch
+
+    path, hit = _cached(cache_dir, {**key_parts, "params": space.params, "probes": probes, "seed": seed,
+                                    "kind": "fisher-v1"}, "fisher sensitivity", log)
+    if hit is not None:
+        return hit
+    t0 = time.perf_counter()
+    applier, metric = evaluator.applier, evaluator.metric
+    mods = {name: applier.modules[name][0] for name in applier.modules}
+    fw, fb, act, den = _fisher_diag(evaluator, probes, seed)
     k = 1.0 if metric == "mse" else 0.5
     scale = k / (probes * max(den, 1e-30))
     neutral = _neutral(space)
@@ -283,3 +309,52 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
     atomic_write_text(path, json.dumps(sens.to_dict()))
     log(f"fisher sensitivity: {sens.evals} backward passes, {sens.seconds:.1f} s -> {path}")
     return sens
+
+
+def unit_importance(space: SearchSpace, evaluator: Any, cache_dir: Path, key_parts: dict[str, Any], probes: int = 8,
+                    seed: int = 0, log: Callable[[str], None] = lambda s: None) -> dict[str, tuple[int, ...]]:
+    """Rank the units of every structured group whose rule says ``importance: fisher``: unit importance is
+    the second-order estimate of the output change from removing it, ``sum F * w^2`` over its producer
+    rows (and biases) and consumer columns (``F``: the Fisher diagonal of :func:`_fisher_diag`). Unlike
+    weight norms this sees what the data routes through a head, e.g. the cross-modal attention heads that
+    image tokens actually use. -> group key -> units from most to least important (cached on disk)."""
+    import torch
+
+    groups = {k: g for k, g in space.groups.items() if g.importance == "fisher"}
+    if not groups:
+        return {}
+    spec = {k: [g.units, list(g.producers), list(g.consumers)] for k, g in sorted(groups.items())}
+    digest = hashlib.sha256(json.dumps({**key_parts, "groups": spec, "probes": probes, "seed": seed},
+                                       sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"units-{digest}.json"
+    if path.is_file():
+        try:
+            return {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError):
+            pass
+    t0 = time.perf_counter()
+    fw, fb, _, _ = _fisher_diag(evaluator, probes, seed)
+    mods = {name: evaluator.applier.modules[name] for name in evaluator.applier.modules}
+    out: dict[str, tuple[int, ...]] = {}
+    from autocomp.models.introspect import weight_matrix_view
+
+    with torch.no_grad():
+        for key, g in groups.items():
+            score = torch.zeros(g.units, dtype=torch.float64)
+            for n in g.producers:
+                mod, kind = mods[n]
+                w = weight_matrix_view(kind, mod.weight).double()
+                f = weight_matrix_view(kind, fw[n]).double()
+                score += (f * w.pow(2)).reshape(g.units, -1).sum(1)
+                if n in fb and fb[n].numel() == w.shape[0]:
+                    score += (fb[n].double() * mod.bias.double().pow(2)).reshape(g.units, -1).sum(1)
+            for n in g.consumers:
+                mod, kind = mods[n]
+                w = weight_matrix_view(kind, mod.weight).double()
+                f = weight_matrix_view(kind, fw[n]).double()
+                score += (f * w.pow(2)).reshape(w.shape[0], g.units, -1).sum((0, 2))
+            out[key] = tuple(int(i) for i in torch.sort(score, descending=True, stable=True).indices)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(out))
+    log(f"unit importance (fisher) for {len(out)} structured groups: {time.perf_counter() - t0:.1f} s -> {path}")
+    return out
