@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import signal
 import time
@@ -158,8 +159,17 @@ def _open_storage(url: str) -> Any:
         return optuna.storages.get_storage(url)
     except AutocompError:
         raise
+    except ImportError:
+        scheme = url.split("://", 1)[0]
+        hint = ("pip install 'psycopg[binary]' (or pip install 'autocomp[distributed]')" if scheme.startswith("postgres")
+                else "pip install pymysql and use mysql+pymysql://" if scheme.startswith("mysql")
+                else "install the database driver SQLAlchemy names for it")
+        raise AutocompError(f"storage {_mask_url(url)!r} needs a database driver that is not installed: {hint}") from None
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "connection" in first.lower() or "could not connect" in first.lower() or "refused" in first.lower():
+            raise AutocompError(f"database {_mask_url(url)!r} is unreachable ({first[:200]}); start the server or fix "
+                                f"the host/port in --storage") from None
         raise AutocompError(f"storage {_mask_url(url)!r} cannot be opened: {first[:300]}") from None
 
 
@@ -337,15 +347,16 @@ def _check_same(meta: dict[str, Any], new: dict[str, Any], name: str) -> None:
 
 
 def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) a search; returns the contract result (see ``autocomp search --json``)."""
+    """Run (or resume) a search; returns the contract result (see ``autocomp search --json``).
+
+    Several processes may run it on one study in a shared storage (PostgreSQL / MySQL URL or a journal
+    file): ``trials`` is then the study's shared total, one worker enqueues the seeds, and a worker's trial
+    whose heartbeat stops (killed process) is failed and retried by the others. A SQLite study takes one
+    writer at a time (a lock file next to the database)."""
     import optuna
 
-    from autocomp.cost.size import plan_bytes
-    from autocomp.evaluators.proxy import ProxyEvaluator, data_fingerprint
-    from autocomp.models import load_model
-    from autocomp.models.introspect import introspect
     from autocomp.search.samplers import make_sampler
-    from autocomp.space import SearchSpace, reference_assignments, resolve_space_path
+    from autocomp.space import resolve_space_path
 
     import warnings
 
@@ -365,13 +376,38 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
     bitops_budget = parse_count(cfg.bitops_budget, "--bitops-budget") if cfg.bitops_budget else None
     if latency_budget is not None and not cfg.hardware:
         raise AutocompError("--latency-budget needs --hardware (e.g. cpu-local or x86-avx512-vnni)")
+    if cfg.hardware or bitops_budget is not None or "bitops" in objectives:
+        from autocomp.cost.device import load_device
+
+        load_device(cfg.hardware or "x86-avx512-vnni")  # a bad --hardware fails before anything is opened
+    url = _storage_url(cfg.storage, cfg.studies_dir, name)
+    storage = _open_storage(url)
+    shared = not url.startswith("sqlite")  # several workers may share this study
+    lock = None if shared else _single_writer_lock(url, name)
+    try:
+        return _run(cfg, on_event, emit, name, url, storage, shared, objectives, latency_budget, bitops_budget,
+                    space_path)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run(cfg: SearchConfig, on_event: Any, emit: Any, name: str, url: str, storage: Any, shared: bool,
+         objectives: list[str], latency_budget: Any, bitops_budget: Any, space_path: Any) -> dict[str, Any]:
+    import optuna
+
+    from autocomp.cost.size import plan_bytes
+    from autocomp.evaluators.proxy import ProxyEvaluator, data_fingerprint
+    from autocomp.models import load_model
+    from autocomp.models.introspect import introspect
+    from autocomp.search.samplers import make_sampler
+    from autocomp.space import SearchSpace, reference_assignments
+
     device = None
     if cfg.hardware or bitops_budget is not None or "bitops" in objectives:
         from autocomp.cost.device import load_device
 
         device = load_device(cfg.hardware or "x86-avx512-vnni")  # BitOps do not depend on the device
-    url = _storage_url(cfg.storage, cfg.studies_dir, name)
-    storage = _open_storage(url)
 
     emit("status", {"message": f"loading model {cfg.model}"})
     loaded = load_model(cfg.model, data=cfg.data, metric=cfg.metric)
@@ -452,12 +488,24 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
         "constraints": constraints.to_dict() if constraints else None,
     }
     sampler = make_sampler(cfg.sampler, cfg.seed)
+    directions = ["minimize"] * len(objectives)
+    created = False
     try:
-        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
-                                    directions=["minimize"] * len(objectives), load_if_exists=True)
+        if shared:  # exactly one worker creates the study (and enqueues its seeds); the others wait for it
+            try:
+                study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions)
+                created = True
+            except optuna.exceptions.DuplicatedStudyError:
+                study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        else:
+            study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions,
+                                        load_if_exists=True)
     except Exception as e:
         raise AutocompError(f"study {name!r} cannot be created in {_mask_url(url)!r}: {e}") from None
     old = study.user_attrs.get(ATTR)
+    if shared and not created:
+        _wait_for(study, lambda s: s.user_attrs.get(SEEDED_ATTR) is not None, name, url)
+        old = study.user_attrs.get(ATTR)
     if old:
         _check_same(old, meta, name)
     elif study.get_trials(deepcopy=False):
@@ -465,14 +513,18 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
     else:
         study.set_user_attr(ATTR, meta)
         study.set_metric_names([_METRIC_ATTR.get(o, o) for o in objectives])
+    if SEEDED_ATTR not in study.user_attrs and not (old and study.get_trials(deepcopy=False)):
         if cfg.seeds == "ilp":  # plans of the additive model for a sweep of budgets up to the user's
             for frac, assignment in _ilp_seeds(space, sens, budget, smallest, constraints.budget_split):
                 study.enqueue_trial(assignment, user_attrs={"reference": f"ilp-{frac:.2f}"})
         # start from the uniform reference plans (repaired onto the budget when they do not fit)
         for label, assignment in (reference_assignments(space).items() if cfg.seeds != "none" else ()):
             study.enqueue_trial(assignment, user_attrs={"reference": label})
+        study.set_user_attr(SEEDED_ATTR, True)  # last: other workers start once the seeds are queued
     handle = StudyHandle(study, name, url, old or meta, cfg.studies_dir / name)
-    _recover_stale(study)
+    # single writer (SQLite, locked): every RUNNING trial was left by a dead process; shared storages: only
+    # trials whose heartbeat stopped
+    _recover_stale(study, grace=HEARTBEAT_GRACE if shared else None)
 
     known: dict[str, tuple[float, int]] = {}
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
@@ -485,15 +537,36 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
                    "params": len(space.params), "front": result["pareto"]})
     front_ids = [e["trial"] for e in result["pareto"]]
     attempts, max_attempts = 0, 20 * max(1, cfg.trials - done) + 100
+    beat = _Heartbeat(study) if shared else None
     with _sigterm_as_interrupt():
-        while done < cfg.trials and attempts < max_attempts:
+        while attempts < max_attempts:
+            if shared:  # the total is shared: count what every worker has finished or is running
+                _recover_stale(study, grace=HEARTBEAT_GRACE)
+                done, running = _progress(study)
+                if done >= cfg.trials:
+                    break
+                if done + running >= cfg.trials:  # the rest is running elsewhere; wait in case one dies
+                    time.sleep(min(1.0, HEARTBEAT_INTERVAL))
+                    continue
+            elif done >= cfg.trials:
+                break
             attempts += 1
             trial = study.ask()
+            if shared:
+                beat.watch(trial)
+                if sum(_progress(study, below=trial.number)) >= cfg.trials:
+                    # another worker asked at the same moment and got the last slot first
+                    trial.set_user_attr("skipped", "surplus: the shared total was already reached")
+                    beat.watch(None)
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    continue
             try:
                 outcome = _run_trial(trial, space, desc, limits, cost, objectives, evaluator, known, cfg.repair,
                                      sens.table if sens is not None else None,
                                      _stage_front(study, objectives) if cfg.staged and len(evaluator.batches) > 1 else None)
             except KeyboardInterrupt:
+                if beat is not None:
+                    beat.stop()
                 trial.set_user_attr("autocomp_stale", True)
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 if trial.params:
@@ -502,8 +575,10 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
                 emit("interrupted", {"done": done, "total": cfg.trials})
                 raise KeyboardInterrupt from None
             state, values = outcome
+            if beat is not None:
+                beat.watch(None)
             study.tell(trial, values=values, state=state)
-            if state != optuna.trial.TrialState.PRUNED:
+            if state != optuna.trial.TrialState.PRUNED and not shared:
                 done += 1
             front = front_trials(study, budget, objectives)
             if [t.number for t in front] != front_ids:
@@ -513,6 +588,9 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
                            "total": cfg.trials,
                            "front": [(trial_metric(t, "proxy", objectives), trial_metric(t, "size", objectives))
                                      for t in front]})
+    if beat is not None:
+        beat.stop()
+        done = _progress(study)[0]
     if done < cfg.trials:
         emit("warning", {"message": f"stopped after {attempts} proposals: only {done} of {cfg.trials} trials "
                                     "fit the budget; enable --repair or loosen --budget"})
@@ -662,13 +740,24 @@ def _run_trial(trial: Any, space: Any, desc: ModelDesc, limits: list[Any], cost:
     return S.COMPLETE, values(proxy)
 
 
-def _recover_stale(study: Any) -> int:
-    """Fail trials a killed process left RUNNING and enqueue their parameters again (single-writer)."""
+HEARTBEAT_INTERVAL = float(os.environ.get("AUTOCOMP_HEARTBEAT_S", "10"))  # seconds between a trial's beats
+HEARTBEAT_GRACE = 3 * HEARTBEAT_INTERVAL  # a RUNNING trial silent this long belongs to a dead worker
+SEEDED_ATTR = "autocomp_seeded"
+
+
+def _recover_stale(study: Any, grace: float | None = None) -> int:
+    """Fail trials a killed process left RUNNING and enqueue their parameters again. ``grace=None``
+    (single writer): every RUNNING trial; otherwise those whose last heartbeat (or start) is older."""
     import optuna
 
     S = optuna.trial.TrialState
     n = 0
+    now = time.time()
     for t in study.get_trials(deepcopy=False, states=[S.RUNNING]):
+        if grace is not None:
+            last = t.user_attrs.get("autocomp_heartbeat") or (t.datetime_start.timestamp() if t.datetime_start else now)
+            if now - float(last) <= grace:
+                continue
         storage = study._storage
         try:
             storage.set_trial_user_attr(t._trial_id, "autocomp_stale", True)
@@ -679,6 +768,89 @@ def _recover_stale(study: Any) -> int:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
         n += 1
     return n
+
+
+def _progress(study: Any, below: int | None = None) -> tuple[int, int]:
+    """(finished, running) trials of the study (numbered below ``below``); finished as in ``_finished``."""
+    import optuna
+
+    S = optuna.trial.TrialState
+    fin = run = 0
+    for t in study.get_trials(deepcopy=False, states=[S.COMPLETE, S.FAIL, S.RUNNING]):
+        if below is not None and t.number >= below:
+            continue
+        if t.state == S.RUNNING:
+            run += 1
+        elif _finished(t):
+            fin += 1
+    return fin, run
+
+
+def _wait_for(study: Any, ready: Callable[[Any], bool], name: str, url: str, timeout: float = 600.0) -> None:
+    """Wait until another worker has finished creating the study (its seeds are queued)."""
+    t0 = time.perf_counter()
+    while not ready(study):
+        if time.perf_counter() - t0 > timeout:
+            raise AutocompError(f"study {name!r} in {_mask_url(url)!r} was created by another worker that never "
+                                f"finished setting it up; delete the study or use another --study")
+        time.sleep(0.5)
+
+
+class _Heartbeat:
+    """Records ``autocomp_heartbeat`` (a timestamp) on the trial this worker runs, every
+    ``HEARTBEAT_INTERVAL`` seconds from a daemon thread; other workers fail trials whose beats stopped.
+    Works on every storage (Optuna's own heartbeat is RDB-only)."""
+
+    def __init__(self, study: Any) -> None:
+        import threading
+
+        self.storage = study._storage
+        self.trial_id: int | None = None
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="autocomp-heartbeat")
+        self.thread.start()
+
+    def _beat(self) -> None:
+        with self.lock:
+            if self.trial_id is not None:
+                try:
+                    self.storage.set_trial_user_attr(self.trial_id, "autocomp_heartbeat", time.time())
+                except Exception:  # finished meanwhile
+                    pass
+
+    def _run(self) -> None:
+        while not self.stopped.wait(HEARTBEAT_INTERVAL):
+            self._beat()
+
+    def watch(self, trial: Any) -> None:
+        with self.lock:
+            self.trial_id = None if trial is None else trial._trial_id
+        self._beat()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        with self.lock:
+            self.trial_id = None
+
+
+def _single_writer_lock(url: str, name: str) -> Any:
+    """An exclusive lock next to a SQLite study database; a second writer gets one clear line."""
+    import fcntl
+
+    path = Path(url[len("sqlite:///"):] + ".lock")
+    try:
+        f = open(path, "a+")  # noqa: SIM115 - held open for the whole search
+    except OSError as e:
+        raise AutocompError(f"storage {url!r} cannot be locked ({e.strerror}); check the folder's permissions") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise AutocompError(f"study {name!r} is being searched by another process, and SQLite takes one writer per "
+                            f"study; for several workers use --storage postgresql://user:pw@host/db or a journal "
+                            f"file (--storage studies/{name}.log)") from None
+    return f
 
 
 class _sigterm_as_interrupt:

@@ -50,7 +50,14 @@ def digit_splits() -> dict[str, tuple[Any, Any]]:
     """name -> (images float32 [N, 1, 8, 8] scaled to [-1, 1], labels int64 [N]) for test / calibration / train."""
     import numpy as np
     import torch
-    from sklearn.datasets import load_digits
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        from autocomp.errors import AutocompError
+
+        raise AutocompError("the built-in model 'clip-digits' needs scikit-learn (its digit images); "
+                            "pip install 'autocomp[multimodal]'") from None
 
     d = load_digits()
     perm = np.random.RandomState(0).permutation(len(d.target))
