@@ -69,13 +69,18 @@ def cli() -> None:
                                                    "and unstructured).")
 @click.option("--budget-split", default=None, help="Per-modality shares of the byte budget, e.g. text=70%% "
                                                    "(unlisted modalities share the rest).")
+@click.option("--backend", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="Where proxy evaluations run: this process, or Ray actors (each loads the model once).")
+@click.option("--workers", default=2, show_default=True, type=int, help="Ray actors (--backend ray).")
+@click.option("--address", default=None, help="An existing Ray cluster: auto or ray://host:port (--backend ray).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @STUDIES_DIR
 def search(budget: str, model: str, data: str | None, study: str | None, storage: str | None, space: str,
            trials: int, sampler: str, seed: int, metric: str, repair: bool, hardware: str | None,
            workload: str | None, latency_budget: str | None, bitops_budget: str | None, objectives: str,
            seeds: str, sensitivity: str, staged: bool, min_bits: str | None, max_sparsity: str | None,
-           budget_split: str | None, as_json: bool, studies_dir: Path | None) -> None:
+           budget_split: str | None, backend: str, workers: int, address: str | None, as_json: bool,
+           studies_dir: Path | None) -> None:
     """Search compression plans under --budget; resumes the study if it exists."""
     from autocomp.engine import SearchConfig, run_search
 
@@ -84,7 +89,8 @@ def search(budget: str, model: str, data: str | None, study: str | None, storage
                        studies_dir=_studies_dir(studies_dir), hardware=hardware, workload=workload,
                        latency_budget=latency_budget, bitops_budget=bitops_budget, objectives=objectives,
                        seeds=seeds, staged=staged, sensitivity=sensitivity, min_bits=min_bits,
-                       max_sparsity=max_sparsity, budget_split=budget_split)
+                       max_sparsity=max_sparsity, budget_split=budget_split, backend=backend, workers=workers,
+                       address=address)
     progress = _SearchProgress(_console())
     try:
         result = run_search(cfg, on_event=progress.event)

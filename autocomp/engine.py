@@ -62,6 +62,9 @@ class SearchConfig:
     min_bits: str | None = None  # per-modality floors, "vision=8,text=4"
     max_sparsity: str | None = None  # per-modality caps, "text=0.5"
     budget_split: str | None = None  # per-modality shares of the byte budget, "text=70%"
+    backend: str = "local"  # "local" | "ray": proxy evaluations in Ray actors (model loaded once per actor)
+    workers: int = 2  # Ray actors (one CPU each)
+    address: str | None = None  # an existing Ray cluster ("auto", "ray://host:10001"); default: start one here
     sensitivity: str = "fisher"  # "measured" (one proxy evaluation per option) | "fisher" (squared gradients)
 
 
@@ -374,6 +377,20 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
     objectives = parse_objectives(cfg.objectives, cfg.hardware)
     latency_budget = parse_time_ms(cfg.latency_budget) if cfg.latency_budget else None
     bitops_budget = parse_count(cfg.bitops_budget, "--bitops-budget") if cfg.bitops_budget else None
+    if cfg.backend not in ("local", "ray"):
+        raise AutocompError(f"--backend {cfg.backend!r} is not local or ray")
+    if cfg.backend == "ray" and cfg.workers < 1:
+        raise AutocompError(f"--workers must be >= 1, got {cfg.workers}")
+    if cfg.address and cfg.backend != "ray":
+        raise AutocompError("--address is a Ray cluster address; add --backend ray")
+    if cfg.address:
+        from autocomp.raybackend import _reachable
+
+        try:
+            _reachable(cfg.address)
+        except RuntimeError as e:
+            raise AutocompError(f"Ray cluster at {cfg.address!r} is unreachable: {e}; check --address (or leave it "
+                                f"out to start Ray here)") from None
     if latency_budget is not None and not cfg.hardware:
         raise AutocompError("--latency-budget needs --hardware (e.g. cpu-local or x86-avx512-vnni)")
     if cfg.hardware or bitops_budget is not None or "bitops" in objectives:
@@ -537,64 +554,116 @@ def _run(cfg: SearchConfig, on_event: Any, emit: Any, name: str, url: str, stora
                    "params": len(space.params), "front": result["pareto"]})
     front_ids = [e["trial"] for e in result["pareto"]]
     attempts, max_attempts = 0, 20 * max(1, cfg.trials - done) + 100
-    beat = _Heartbeat(study) if shared else None
-    with _sigterm_as_interrupt():
-        while attempts < max_attempts:
-            if shared:  # the total is shared: count what every worker has finished or is running
-                _recover_stale(study, grace=HEARTBEAT_GRACE)
-                done, running = _progress(study)
-                if done >= cfg.trials:
+    import threading
+
+    out_lock = threading.Lock()
+    stop = threading.Event()
+    pool = None
+    if cfg.backend == "ray":
+        from autocomp.raybackend import RayPool
+
+        pool = RayPool(cfg, evaluator.metric, name, emit)
+        shared = True  # several evaluations in flight: count the total from the study, like shared workers
+    # (the other workers of a shared study, or the Ray actors' driver threads, run the same loop)
+
+    def loop(ev: Any) -> None:
+        nonlocal attempts, done, front_ids, result
+        beat = _Heartbeat(study) if shared else None
+        try:
+            while attempts < max_attempts and not stop.is_set():
+                if shared:  # the total is shared: count what every worker has finished or is running
+                    _recover_stale(study, grace=HEARTBEAT_GRACE)
+                    done, running = _progress(study)
+                    if done >= cfg.trials:
+                        break
+                    if done + running >= cfg.trials:  # the rest is running elsewhere; wait in case one dies
+                        time.sleep(min(1.0, HEARTBEAT_INTERVAL))
+                        continue
+                elif done >= cfg.trials:
                     break
-                if done + running >= cfg.trials:  # the rest is running elsewhere; wait in case one dies
-                    time.sleep(min(1.0, HEARTBEAT_INTERVAL))
+                attempts += 1
+                trial = study.ask()
+                if shared:
+                    beat.watch(trial)
+                    if sum(_progress(study, below=trial.number)) >= cfg.trials:
+                        # another worker asked at the same moment and got the last slot first
+                        trial.set_user_attr("skipped", "surplus: the shared total was already reached")
+                        beat.watch(None)
+                        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                        continue
+                try:
+                    outcome = _run_trial(trial, space, desc, limits, cost, objectives, ev, known, cfg.repair,
+                                         sens.table if sens is not None else None,
+                                         _stage_front(study, objectives) if cfg.staged and len(ev.batches) > 1 else None)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    # another worker took this trial for dead (no heartbeat within the grace period) and
+                    # re-enqueued it; leave it to that retry
+                    emit("warning", {"message": f"trial {trial.number} was failed by another worker meanwhile; "
+                                                f"its retry will score it"})
                     continue
-            elif done >= cfg.trials:
-                break
-            attempts += 1
-            trial = study.ask()
-            if shared:
-                beat.watch(trial)
-                if sum(_progress(study, below=trial.number)) >= cfg.trials:
-                    # another worker asked at the same moment and got the last slot first
-                    trial.set_user_attr("skipped", "surplus: the shared total was already reached")
-                    beat.watch(None)
-                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                    continue
-            try:
-                outcome = _run_trial(trial, space, desc, limits, cost, objectives, evaluator, known, cfg.repair,
-                                     sens.table if sens is not None else None,
-                                     _stage_front(study, objectives) if cfg.staged and len(evaluator.batches) > 1 else None)
-            except KeyboardInterrupt:
+                except KeyboardInterrupt:
+                    if beat is not None:
+                        beat.stop()
+                    trial.set_user_attr("autocomp_stale", True)
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    if trial.params:
+                        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+                    with out_lock:
+                        study_result(handle)  # the front so far is on disk before we stop
+                    emit("interrupted", {"done": done, "total": cfg.trials})
+                    raise KeyboardInterrupt from None
+                state, values = outcome
                 if beat is not None:
-                    beat.stop()
-                trial.set_user_attr("autocomp_stale", True)
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                if trial.params:
-                    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-                study_result(handle)  # the front so far is on disk before we stop
-                emit("interrupted", {"done": done, "total": cfg.trials})
-                raise KeyboardInterrupt from None
-            state, values = outcome
+                    beat.watch(None)
+                try:
+                    study.tell(trial, values=values, state=state)
+                except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+                    continue  # failed by another worker meanwhile (see above)
+                if state != optuna.trial.TrialState.PRUNED and not shared:
+                    done += 1
+                with out_lock:
+                    front = front_trials(study, budget, objectives)
+                    if [t.number for t in front] != front_ids:
+                        front_ids = [t.number for t in front]
+                        result = study_result(handle)
+                    emit("trial", {"number": trial.number, "state": state.name, "values": values,
+                                   "done": done if not shared else _progress(study)[0], "total": cfg.trials,
+                                   "front": [(trial_metric(t, "proxy", objectives), trial_metric(t, "size", objectives))
+                                             for t in front]})
+        finally:
             if beat is not None:
-                beat.watch(None)
-            study.tell(trial, values=values, state=state)
-            if state != optuna.trial.TrialState.PRUNED and not shared:
-                done += 1
-            front = front_trials(study, budget, objectives)
-            if [t.number for t in front] != front_ids:
-                front_ids = [t.number for t in front]
-                result = study_result(handle)
-            emit("trial", {"number": trial.number, "state": state.name, "values": values, "done": done,
-                           "total": cfg.trials,
-                           "front": [(trial_metric(t, "proxy", objectives), trial_metric(t, "size", objectives))
-                                     for t in front]})
-    if beat is not None:
-        beat.stop()
+                beat.stop()
+
+    with _sigterm_as_interrupt():
+        if pool is None:
+            loop(evaluator)
+        else:
+            threads = [threading.Thread(target=loop, args=(pool.evaluator(i),), daemon=True)
+                       for i in range(pool.workers)]
+            try:
+                for t in threads:
+                    t.start()
+                while any(t.is_alive() for t in threads):
+                    for t in threads:
+                        t.join(timeout=0.2)
+            except KeyboardInterrupt:
+                stop.set()  # each driver thread finishes the trial it runs, then stops
+                for t in threads:
+                    t.join()
+                with out_lock:
+                    study_result(handle)
+                emit("interrupted", {"done": _progress(study)[0], "total": cfg.trials})
+                raise
+            finally:
+                pool.close()
+    if shared:
         done = _progress(study)[0]
     if done < cfg.trials:
         emit("warning", {"message": f"stopped after {attempts} proposals: only {done} of {cfg.trials} trials "
                                     "fit the budget; enable --repair or loosen --budget"})
     result = study_result(handle)
+    if pool is not None:
+        result["backend"] = "ray"
     emit("done", {"done": done, "total": cfg.trials, "result": result})
     return result
 
