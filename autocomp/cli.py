@@ -482,6 +482,86 @@ def evaluate(model: str | None, data: str | None, plan_path: Path | None, weight
                            for m, v in result["by_modality"].items()) if by_modality else ""))
 
 
+# -- reports -----------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--study", required=True)
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///studies/<study>.db).")
+@click.option("--format", "fmt", default="html", show_default=True, type=click.Choice(["html", "png"]))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="The HTML file, or the folder for the PNGs.")
+@STUDIES_DIR
+def report(study: str, storage: str | None, fmt: str, out: Path, studies_dir: Path | None) -> None:
+    """One self-contained HTML report (opens offline) or PNG figures: Pareto view, plan maps, sensitivity."""
+    try:
+        import matplotlib  # noqa: F401
+        import plotly  # noqa: F401
+    except ImportError:
+        raise AutocompError("reports need plotly and matplotlib; pip install 'autocomp[report]'") from None
+    from autocomp.engine import open_study
+    from autocomp.report import collect, write_html, write_pngs
+
+    handle = open_study(study, storage, _studies_dir(studies_dir))
+    data = collect(handle)
+    if fmt == "html":
+        if out.is_dir():
+            raise AutocompError(f"--out {str(out)!r} is a folder; give the HTML file's path (e.g. {out / 'report.html'})")
+        path = write_html(data, out)
+        _console().print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {len(data['points'])} trials)")
+    else:
+        paths = write_pngs(data, out)
+        _console().print(f"wrote {len(paths)} PNGs to {out}")
+    if not data["points"]:
+        _console().print(f"study {study!r} has no finished trials yet; the report says so")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@STUDIES_DIR
+def studies(as_json: bool, studies_dir: Path | None) -> None:
+    """The studies under the studies folder: trials, budget, best plan."""
+    import optuna
+
+    from autocomp.engine import ATTR, front_trials, trial_metric
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    root = _studies_dir(studies_dir)
+    rows = []
+    for db in sorted(root.glob("*.db")) if root.is_dir() else []:
+        url = f"sqlite:///{db.as_posix()}"
+        try:
+            summaries = optuna.get_all_study_summaries(storage=url, include_best_trial=False)
+        except Exception:
+            continue
+        for summ in summaries:
+            meta = summ.user_attrs.get(ATTR)
+            if not meta:
+                continue
+            st = optuna.load_study(study_name=summ.study_name, storage=url)
+            objectives = meta.get("objectives", ["proxy", "size"])
+            front = front_trials(st, meta["budget_bytes"], objectives)
+            best = min(front, key=lambda t: trial_metric(t, "proxy", objectives)) if front else None
+            rows.append({"study": summ.study_name, "model": meta.get("model_spec"), "storage": url,
+                         "trials_complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in st.trials),
+                         "budget_bytes": meta["budget_bytes"], "best_trial": best.number if best else None,
+                         "best_proxy": trial_metric(best, "proxy", objectives) if best else None,
+                         "best_size_bytes": int(trial_metric(best, "size", objectives)) if best else None})
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    from rich.table import Table
+
+    from autocomp.budget import format_bytes
+
+    table = Table(title=f"studies in {root}")
+    for col in ("study", "model", "trials", "budget", "best proxy", "best size", "best trial"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["study"], str(r["model"]), str(r["trials_complete"]), format_bytes(r["budget_bytes"]),
+                      f"{r['best_proxy']:.5f}" if r["best_proxy"] is not None else "-",
+                      format_bytes(r["best_size_bytes"]) if r["best_size_bytes"] else "-", str(r["best_trial"]))
+    _console(stderr=False).print(table if rows else f"no autocomp studies under {root}")
+
+
 # -- hardware ----------------------------------------------------------------------------------------------
 @cli.group()
 def hardware() -> None:

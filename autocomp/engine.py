@@ -503,6 +503,7 @@ def _run(cfg: SearchConfig, on_event: Any, emit: Any, name: str, url: str, stora
         "bitops_budget": bitops_budget, "seeds": cfg.seeds, "staged": cfg.staged,
         "sensitivity": cfg.sensitivity if cfg.seeds == "ilp" else None,
         "constraints": constraints.to_dict() if constraints else None,
+        "sensitivity_file": str(Path(sens.path).resolve()) if sens is not None and sens.path else None,
     }
     sampler = make_sampler(cfg.sampler, cfg.seed)
     directions = ["minimize"] * len(objectives)
@@ -775,6 +776,7 @@ def _run_trial(trial: Any, space: Any, desc: ModelDesc, limits: list[Any], cost:
     body = plan.to_dict()
     body.pop("metrics", None)
     trial.set_user_attr("plan", body)
+    trial.set_user_attr("plan_summary", plan.summary(len(desc.layers)))  # for optuna-dashboard and reports
 
     def values(proxy: float) -> list[float]:
         named = {"proxy": proxy, "size": fig["size_bytes"], "latency": fig.get("latency_ms"),

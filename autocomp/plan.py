@@ -137,6 +137,32 @@ class Plan:
                 "structured": {k: v.to_dict() for k, v in sorted(self.structured.items()) if v.keep < v.units}}
         return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
+    def summary(self, n_layers: int | None = None) -> str:
+        """One line for people: weight formats by layer count, pruning, ranks, structured cuts."""
+        from collections import Counter
+
+        def fmt(c: LayerPlan) -> str:
+            if c.bits is None:
+                return "fp"
+            return f"{'int8' if c.act_bits == 8 else f'{c.bits}b'}{'' if c.group_size == 0 else f'g{c.group_size}'}"
+
+        q = Counter(fmt(c) for c in self.layers.values() if c.bits is not None)
+        kept = (n_layers - len(self.layers)) if n_layers else 0
+        parts = [", ".join(f"{k}x{v}" for k, v in q.most_common()) or "no quantization"]
+        if kept > 0:
+            parts[0] += f", fp x{kept}"
+        pr = Counter(c.prune if c.prune != "unstructured" else f"u{round(c.sparsity * 100)}"
+                     for c in self.layers.values() if c.prune != "none")
+        if pr:
+            parts.append("pruned " + ", ".join(f"{k}x{v}" for k, v in pr.most_common()))
+        lr = sum(1 for c in self.layers.values() if c.rank is not None)
+        if lr:
+            parts.append(f"low-rank x{lr}")
+        cut = [g for g in self.structured.values() if g.keep < g.units]
+        if cut:
+            parts.append(f"{len(cut)} structured groups cut ({sum(g.units - g.keep for g in cut)} units)")
+        return "; ".join(parts)
+
     # -- JSON ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -203,6 +229,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # like a plain open(): mkstemp's 0600 would hide plans and reports
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -58,6 +58,7 @@ class Sensitivity:
     def __init__(self, table: dict[str, dict[str, float]], base: float, seconds: float, evals: int) -> None:
         self.table = table
         self.base = base
+        self.path: str | None = None  # the cache file it lives in
         self.seconds = seconds
         self.evals = evals
 
@@ -78,7 +79,9 @@ def _cached(cache_dir: Path, key_parts: dict[str, Any], what: str,
         d = json.loads(path.read_text())
         if d.get("_type") == "autocomp.Sensitivity" and d.get("_version") == 1:
             log(f"{what}: cached ({path})")
-            return path, Sensitivity(d["table"], d["base"], d["seconds"], d["evals"])
+            hit = Sensitivity(d["table"], d["base"], d["seconds"], d["evals"])
+            hit.path = str(path)
+            return path, hit
     return path, None
 
 
@@ -108,6 +111,7 @@ def profile(space: SearchSpace, evaluate: Callable[[Any], float], cache_dir: Pat
             log(f"sensitivity: {evals}/{total} options profiled")
     sens = Sensitivity(table, base, time.perf_counter() - t0, evals)
     atomic_write_text(path, json.dumps(sens.to_dict()))
+    sens.path = str(path)
     log(f"sensitivity database: {evals} evaluations in {sens.seconds:.1f} s -> {path}")
     return sens
 
@@ -307,6 +311,7 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
             table[p] = row
     sens = Sensitivity(table, 0.0, time.perf_counter() - t0, probes * len(evaluator.batches))
     atomic_write_text(path, json.dumps(sens.to_dict()))
+    sens.path = str(path)
     log(f"fisher sensitivity: {sens.evals} backward passes, {sens.seconds:.1f} s -> {path}")
     return sens
 

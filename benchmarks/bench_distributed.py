@@ -1,0 +1,128 @@
+"""Issue #7 figures: storage overhead per trial, trials per second with 1 and 2 workers (local processes on a
+shared study, and Ray actors), Ray start-up cost and memory per worker.
+
+    .venv/bin/python benchmarks/bench_distributed.py [--postgres URL] [--trials 40] --json
+
+Storage overhead: a trial's storage traffic without any evaluation -- ask, suggest the 121 categorical
+parameters of MiniLM's default space, write the plan JSON and the other user attributes autocomp writes,
+tell -- with the random sampler (no model-based sampling cost), 100 trials per storage.
+Throughput: `autocomp search --model minilm --budget 15%` for --trials trials (no seeds, random sampler, so
+every trial is a proxy evaluation), timed from the first trial's start to the last trial's end in the
+study (model loading and Ray start-up excluded; reported separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def storage_overhead(url_or_path: str, n: int = 100) -> float:
+    """Seconds of storage work per trial."""
+    import optuna
+
+    from autocomp.engine import _open_storage
+    from autocomp.models import load_model
+    from autocomp.models.introspect import describe_static
+    from autocomp.space import SearchSpace
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    desc = describe_static(load_model("minilm"))
+    space = SearchSpace.from_yaml("default", desc)
+    storage = _open_storage(url_or_path)
+    study = optuna.create_study(study_name=f"ovh-{uuid.uuid4().hex[:8]}", storage=storage,
+                                sampler=optuna.samplers.RandomSampler(seed=0), directions=["minimize", "minimize"])
+    t0 = time.perf_counter()
+    for _ in range(n):
+        trial = study.ask()
+        a = {p: trial.suggest_categorical(p, list(o)) for p, o in space.params.items()}
+        plan = space.decode(a)
+        trial.set_user_attr("plan", plan.to_dict())
+        trial.set_user_attr("plan_key", "x" * 40)
+        trial.set_user_attr("size_bytes", 1)
+        trial.set_user_attr("by_modality", {"text": 1})
+        trial.set_user_attr("eval_seconds", 0.1)
+        trial.set_user_attr("autocomp_heartbeat", time.time())
+        trial.set_constraint("size", -1.0)
+        study.tell(trial, [0.1, 1.0])
+    return (time.perf_counter() - t0) / n
+
+
+def _span(storage: str, study: str) -> tuple[int, float]:
+    import optuna
+
+    from autocomp.engine import _open_storage
+
+    st = optuna.load_study(study_name=study, storage=_open_storage(storage))
+    done = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    start = min(t.datetime_start for t in done)
+    end = max(t.datetime_complete for t in done)
+    return len(done), (end - start).total_seconds()
+
+
+def run_search(storage: str, study: str, trials: int, procs: int = 1, extra: tuple[str, ...] = ()) -> dict:
+    cmd = [sys.executable, "-m", "autocomp.cli", "search", "--model", "minilm", "--budget", "15%", "--trials",
+           str(trials), "--study", study, "--storage", storage, "--seeds", "none", "--sampler", "random", "--json",
+           *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    ps = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(procs)]
+    outs = [p.communicate() for p in ps]
+    wall = time.perf_counter() - t0
+    for p, (_, err) in zip(ps, outs):
+        if p.returncode != 0:
+            raise SystemExit(err[-2000:])
+    n, span = _span(storage, study)
+    row = {"trials": n, "trials_per_second": n / span, "wall_seconds": wall}
+    m = re.search(r"Ray up in ([\d.]+) s, (\d+) workers ready in ([\d.]+) s \(max RSS per worker (\d+) MB\)",
+                  "".join(e for _, e in outs))
+    if m:
+        row.update(ray_startup_seconds=float(m.group(1)), ray_ready_seconds=float(m.group(3)),
+                   worker_max_rss_mb=int(m.group(4)))
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--postgres", default=os.environ.get("AUTOCOMP_TEST_POSTGRES"))
+    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    tmp = Path(tempfile.mkdtemp(prefix="autocomp-dist-"))
+    out: dict = {"storage_seconds_per_trial": {}, "throughput": {}}
+    stores = {"sqlite": f"sqlite:///{tmp}/o.db", "journal": str(tmp / "o.log")}
+    if args.postgres:
+        stores["postgresql"] = args.postgres
+    for name, url in stores.items():
+        out["storage_seconds_per_trial"][name] = storage_overhead(url)
+        print(f"storage {name}: {out['storage_seconds_per_trial'][name] * 1e3:.1f} ms/trial", file=sys.stderr)
+    shared = args.postgres or str(tmp / "shared.log")
+    runs = {
+        "local_1": (f"sqlite:///{tmp}/l1.db", 1, ()),
+        "local_2_processes": (shared, 2, ()),
+        "ray_1": (f"sqlite:///{tmp}/r1.db", 1, ("--backend", "ray", "--workers", "1")),
+        "ray_2": (f"sqlite:///{tmp}/r2.db", 1, ("--backend", "ray", "--workers", "2")),
+    }
+    for name, (storage, procs, extra) in runs.items():
+        out["throughput"][name] = run_search(storage, f"tp-{name}-{uuid.uuid4().hex[:6]}", args.trials, procs, extra)
+        print(f"{name}: {out['throughput'][name]}", file=sys.stderr)
+    out["shared_storage"] = "postgresql" if args.postgres else "journal"
+    print(json.dumps(out) if args.json else json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
