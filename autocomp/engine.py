@@ -159,7 +159,14 @@ def _open_storage(url: str) -> Any:
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 
             return JournalStorage(JournalFileBackend(url))
-        return optuna.storages.get_storage(url)
+        for attempt in range(10):
+            try:
+                return optuna.storages.get_storage(url)
+            except Exception as e:  # two workers creating Optuna's tables in a new database at once
+                text = str(e).lower()
+                if attempt == 9 or not ("duplicate key" in text or "already exists" in text):
+                    raise
+                time.sleep(0.3 * (attempt + 1))
     except AutocompError:
         raise
     except ImportError:
