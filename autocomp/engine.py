@@ -635,7 +635,8 @@ def _run(cfg: SearchConfig, on_event: Any, emit: Any, name: str, url: str, stora
                         front_ids = [t.number for t in front]
                         result = study_result(handle)
                     emit("trial", {"number": trial.number, "state": state.name, "values": values,
-                                   "done": done if not shared else _progress(study)[0], "total": cfg.trials,
+                                   "done": done + (shared and state != optuna.trial.TrialState.PRUNED),
+                                   "total": cfg.trials,
                                    "front": [(trial_metric(t, "proxy", objectives), trial_metric(t, "size", objectives))
                                              for t in front]})
         finally:

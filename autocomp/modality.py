@@ -107,6 +107,14 @@ def _pairs(text: str | None, flag: str, example: str) -> dict[str, str]:
     return out
 
 
+def _fraction(v: str) -> float:
+    """``0.7`` or ``70%`` -> 0.7; -1 for anything else (callers range-check)."""
+    try:
+        return float(v[:-1]) / 100 if v.endswith("%") else float(v)
+    except ValueError:
+        return -1.0
+
+
 def parse_constraints(desc: ModelDesc, min_bits: str | None = None, max_sparsity: str | None = None,
                       budget_split: str | None = None) -> Constraints:
     """Parse and check the three flags against the model's modalities."""
@@ -129,19 +137,13 @@ def parse_constraints(desc: ModelDesc, min_bits: str | None = None, max_sparsity
         bits[known(m, "--min-bits")] = b
     sparsity: dict[str, float] = {}
     for m, v in _pairs(max_sparsity, "--max-sparsity", "text=0.5").items():
-        try:
-            s = float(v[:-1]) / 100 if v.endswith("%") else float(v)
-        except ValueError:
-            s = -1.0
+        s = _fraction(v)
         if not 0.0 <= s <= 1.0:
             raise AutocompError(f"--max-sparsity {m}={v}: use a fraction from 0 to 1 (or a percentage)")
         sparsity[known(m, "--max-sparsity")] = s
     split: dict[str, float] = {}
     for m, v in _pairs(budget_split, "--budget-split", "text=70%,vision=30%").items():
-        try:
-            f = float(v[:-1]) / 100 if v.endswith("%") else float(v)
-        except ValueError:
-            f = -1.0
+        f = _fraction(v)
         if not 0.0 < f <= 1.0:
             raise AutocompError(f"--budget-split {m}={v}: use a share of the budget such as 70% or 0.7")
         split[known(m, "--budget-split")] = f
