@@ -293,6 +293,29 @@ def layers(model: str, data: str | None, as_json: bool) -> None:
     _console(stderr=False).print(table)
 
 
+def _fidelity_study(study: str | None, storage: str | None, studies_dir: Path | None, default: str | None,
+                    desc: Any) -> Any:
+    """The study a fidelity figure is recorded in: ``study`` (must exist and fit the model), else the plan's
+    own study where it is found (quietly none where it is not: plans travel without their studies)."""
+    from autocomp.engine import open_study
+
+    name = study or default
+    if not name:
+        return None
+    try:
+        handle = open_study(name, storage, _studies_dir(studies_dir))
+    except AutocompError:
+        if study:
+            raise
+        return None
+    if handle.meta.get("fingerprint") != desc.fingerprint:
+        if study:
+            raise AutocompError(f"study {name!r} was made for model {handle.meta.get('model_spec')!r}, not this one; "
+                                f"pass the study's --model")
+        return None
+    return handle
+
+
 @cli.command()
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True)
 @click.option("--model", default=None, help="Default: the model the plan was made for.")
@@ -392,13 +415,20 @@ def train(plan_path: Path, model: str | None, data: str | None, steps: int, out:
 @click.option("--data", default=None, help="Calibration data spec recorded for user models (file.py:fn).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="A checkpoint from `autocomp train`.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--study", default=None,
+              help="Record predicted vs real bytes in this study for its report (default: the study the plan came "
+                   "from, when it is found).")
+@click.option("--storage", default=None)
 @click.option("--json", "as_json", is_flag=True)
-def export(plan_path: Path, model: str | None, data: str | None, weights: Path | None, out: Path, as_json: bool) -> None:
+@STUDIES_DIR
+def export(plan_path: Path, model: str | None, data: str | None, weights: Path | None, out: Path, study: str | None,
+           storage: str | None, as_json: bool, studies_dir: Path | None) -> None:
     """Write the packed model (safetensors, docs/FORMAT.md); its payload is exactly the predicted size."""
     from autocomp.deploy import load_for_plan
     from autocomp.artifact import export as do_export
 
     plan_obj, loaded, desc = load_for_plan(plan_path, model, data)
+    handle = _fidelity_study(study, storage, studies_dir, plan_obj.meta.get("study"), desc)
     if weights is not None:
         from autocomp.training import load_student
 
@@ -410,6 +440,11 @@ def export(plan_path: Path, model: str | None, data: str | None, weights: Path |
     result = do_export(student, plan_obj, out, spec=model or plan_obj.model_spec,
                        data_spec=data or (loaded.data_spec if ":" in (loaded.data_spec or "") and not
                                           loaded.data_spec.startswith("builtin:") else None), desc=desc)
+    if handle is not None:
+        from autocomp.fidelity import record
+
+        record(handle.study, "export", {**result, "path": str(out.resolve()), "trial": plan_obj.meta.get("trial"),
+                                        "trained": weights is not None})
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -491,7 +526,8 @@ def evaluate(model: str | None, data: str | None, plan_path: Path | None, weight
               help="The HTML file, or the folder for the PNGs.")
 @STUDIES_DIR
 def report(study: str, storage: str | None, fmt: str, out: Path, studies_dir: Path | None) -> None:
-    """One self-contained HTML report (opens offline) or PNG figures: Pareto view, plan maps, sensitivity."""
+    """One self-contained HTML report (opens offline) or PNG figures: Pareto view, plan maps, sensitivity,
+    fidelity (predicted vs measured latency and bytes, proxy vs true metric)."""
     try:
         import matplotlib  # noqa: F401
         import plotly  # noqa: F401
@@ -630,18 +666,23 @@ def hardware_calibrate(out: Path | None, name: str, model: str, data: str | None
 
 
 @hardware.command("validate")
-@click.option("--model", default="minilm", show_default=True)
+@click.option("--model", default=None, help="Default: the --study's model, else minilm.")
 @click.option("--data", default=None)
-@click.option("--hardware", "hw", default="cpu-local", show_default=True, help="Device name or file (must describe this machine).")
+@click.option("--hardware", "hw", default=None,
+              help="Device name or file (must describe this machine). Default: the --study's, else cpu-local.")
 @click.option("--space", default="default", show_default=True)
 @click.option("--plans", default=30, show_default=True, type=int)
 @click.option("--workload", default=None, help="BATCH or BATCHxSEQ (default: 1x128 for sequence models).")
 @click.option("--runs", default=15, show_default=True, type=int,
               help="Timed forwards per plan, interleaved with the other plans in shuffled rounds (lower quartile; warm-up excluded).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--study", default=None, help="Record the result in this study (drawn by `autocomp report`).")
+@click.option("--storage", default=None)
 @click.option("--json", "as_json", is_flag=True)
-def hardware_validate(model: str, data: str | None, hw: str, space: str, plans: int, workload: str | None,
-                      runs: int, seed: int, as_json: bool) -> None:
+@STUDIES_DIR
+def hardware_validate(model: str | None, data: str | None, hw: str | None, space: str, plans: int,
+                      workload: str | None, runs: int, seed: int, study: str | None, storage: str | None,
+                      as_json: bool, studies_dir: Path | None) -> None:
     """Predict, build and time random plans on this machine; report the agreement."""
     from autocomp.cost.device import load_device
     from autocomp.cost.latency import parse_workload
@@ -650,14 +691,38 @@ def hardware_validate(model: str, data: str | None, hw: str, space: str, plans: 
     from autocomp.models.introspect import introspect
     from autocomp.space import SearchSpace
 
+    meta: dict[str, Any] = {}
+    if study:  # check the study before minutes of timing
+        from autocomp.engine import open_study
+
+        meta = open_study(study, storage, _studies_dir(studies_dir)).meta
+        if hw and meta.get("hardware") and hw != meta["hardware"] and load_device(hw).name != meta["hardware"]:
+            raise AutocompError(f"study {study!r} was searched for hardware {meta['hardware']!r}, not {hw!r}; "
+                                f"drop --hardware or pass --hardware {meta['hardware']}")
+    hw = hw or meta.get("hardware") or "cpu-local"
+    model = model or meta.get("model_spec") or "minilm"
+    data = data or (meta.get("data_spec") if model == meta.get("model_spec") and ":" in (meta.get("data_spec") or "")
+                    and not str(meta.get("data_spec")).startswith("builtin:") else None)
+    workload = workload or meta.get("workload")
     device = load_device(hw)
     loaded = load_model(model, data=data)
     desc = introspect(loaded)
+    if study:
+        handle = _fidelity_study(study, storage, studies_dir, None, desc)
     wl = parse_workload(workload, desc)
     sp = SearchSpace.from_yaml(space, desc)
     con = _console()
     con.print(f"validating {device.name} on {model}, workload {wl.label()}, {plans} random plans from {space}…")
-    result = validate(loaded, desc, sp, device, wl, plans, seed=seed, runs=runs, log=con.print)
+    extra = None
+    if study:  # the study's own front plans too: the ones a user will pick from
+        from autocomp.engine import front_trials, plan_of
+
+        extra = {f"trial {t.number}": plan_of(t, handle) for t in front_trials(handle.study, handle.budget_bytes)}
+    result = validate(loaded, desc, sp, device, wl, plans, seed=seed, runs=runs, log=con.print, extra=extra)
+    if study:
+        from autocomp.fidelity import record
+
+        record(handle.study, "latency", {**result, "workload": wl.label()})
     if as_json:
         click.echo(json.dumps(result))
     else:

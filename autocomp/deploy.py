@@ -121,11 +121,19 @@ def proxy_fidelity(loaded: Any, desc: Any, n_plans: int, budget: str, space_name
         a = {p: rng.choice(o) for p, o in space.params.items()}
         fixed, _ = repair(space, a, [size_limit(space, nbytes)])
         plans.append(space.decode(fixed))
+    handle = None
+    n_random = len(plans)
+    trial_of: list[int | None] = [None] * n_random
     if study:
         from autocomp.engine import front_trials, open_study, plan_of
 
         handle = open_study(study, storage, studies_dir or Path("studies"))
-        plans += [plan_of(t, handle) for t in front_trials(handle.study, handle.budget_bytes)]
+        if handle.meta.get("fingerprint") != desc.fingerprint:
+            raise AutocompError(f"study {study!r} was made for model {handle.meta.get('model_spec')!r}, not this "
+                                f"one; pass the study's --model")
+        front = front_trials(handle.study, handle.budget_bytes)
+        plans += [plan_of(t, handle) for t in front]
+        trial_of += [t.number for t in front]
     if len(plans) < 3:
         raise AutocompError("need at least 3 plans for a rank correlation; raise --random-plans or pass --study")
     name, fn = make_task(loaded, task, pairs)
@@ -144,6 +152,8 @@ def proxy_fidelity(loaded: Any, desc: Any, n_plans: int, budget: str, space_name
         with torch.inference_mode(), applier.applied(plan):
             value = fn(loaded.module)
         rows.append({"proxy": float(proxy), "value": float(value)})
+        if handle is not None:  # which rows are the study's own plans (the report tells them apart)
+            rows[-1]["source"] = "random" if i < n_random else f"trial {trial_of[i]}"
         if tower is not None:
             rows[-1]["tower_drift"] = float(tower(plan))
         log(f"  plan {i + 1}/{len(plans)}: proxy {proxy:.5f}, {name} {value:.4f}")
@@ -158,6 +168,10 @@ def proxy_fidelity(loaded: Any, desc: Any, n_plans: int, budget: str, space_name
     out = {"metric": name, "spearman_proxy_vs_metric": rho("proxy"), "rows": rows}
     if tower is not None:
         out["spearman_tower_drift_vs_metric"] = rho("tower_drift")
+    if handle is not None:
+        from autocomp.fidelity import record
+
+        record(handle.study, "metric", {**out, "budget": budget, "random_plans": n_random})
     return out
 
 

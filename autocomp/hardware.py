@@ -289,8 +289,10 @@ def fit_end_to_end(loaded: Any, desc: Any, wl: Any, device: Device, n_plans: int
 
 
 def validate(loaded: Any, desc: Any, space: Any, device: Device, workload: Any, n_plans: int, seed: int = 0,
-             runs: int = 15, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Predicted vs measured latency for ``n_plans`` random plans of ``space`` plus the uncompressed model."""
+             runs: int = 15, log: Callable[[str], None] = print,
+             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Predicted vs measured latency for ``n_plans`` random plans of ``space`` and the ``extra`` plans
+    (label -> plan, e.g. a study's front; their rows carry ``source``)."""
     import numpy as np
     from scipy.stats import spearmanr
 
@@ -303,15 +305,18 @@ def validate(loaded: Any, desc: Any, space: Any, device: Device, workload: Any, 
     cost = CostModel(device, desc, workload)
     batch = workload_batch(loaded, desc, workload)
     applier = PlanApplier(loaded.module, desc)
-    plans = _random_plans(space, n_plans, seed)
+    plans = _random_plans(space, n_plans, seed) + list((extra or {}).values())
+    sources = ["random"] * n_plans + list(extra or {})
     predicted = [cost.latency_ms(plan) for plan in plans]
     models = [build_runtime_model(loaded.module, desc, plan, applier) for plan in plans]
     measured = time_models(models, batch, runs=runs)
     rows = []
-    for i in range(n_plans):
+    for i in range(len(plans)):
         m_ms = measured[i]
         rows.append({"predicted_ms": round(predicted[i], 4), "measured_ms": round(m_ms, 4)})
-        log(f"  plan {i + 1}/{n_plans}: predicted {predicted[i]:.2f} ms, measured {m_ms:.2f} ms")
+        if extra:
+            rows[-1]["source"] = sources[i]
+        log(f"  plan {i + 1}/{len(plans)} ({sources[i]}): predicted {predicted[i]:.2f} ms, measured {m_ms:.2f} ms")
     p = np.array([r["predicted_ms"] for r in rows])
     m = np.array([r["measured_ms"] for r in rows])
     err = np.abs(p - m) / m

@@ -1,6 +1,8 @@
 """Study reports: one self-contained HTML file (plotly, its JavaScript inlined: opens offline) or PNGs
 (matplotlib) with the Pareto view, per-layer plan maps and the sensitivity chart. Reads only the study
-(plans are stored in it) and the sensitivity database file it names; never loads the model."""
+(plans are stored in it), the sensitivity database file it names and the fidelity figures recorded in it
+(:mod:`autocomp.fidelity`: predicted vs measured latency, predicted vs exported bytes, proxy vs true
+metric); never loads the model."""
 
 from __future__ import annotations
 
@@ -84,9 +86,60 @@ def collect(handle: Any) -> dict[str, Any]:
             sens = json.loads(Path(path).read_text())["table"]
         except (OSError, ValueError, KeyError):
             sens = None
+    from autocomp.fidelity import read
+
     return {"study": handle.name, "model": model["name"], "fp32_bytes": model["fp32_bytes"], "budget": budget,
             "objectives": objectives, "points": points, "plans": plans, "sensitivity": sens,
-            "hardware": meta.get("hardware")}
+            "hardware": meta.get("hardware"), "fidelity": read(handle.study)}
+
+
+def _fidelity_panels(fid: dict[str, Any]) -> list[dict[str, Any]]:
+    """The fidelity panels as plain series: title, axis names, points (x, y, label), whether y = x is the
+    ideal (a dashed diagonal), and a one-line summary."""
+    panels = []
+    lat = fid.get("latency")
+    if lat and lat.get("rows"):
+        panels.append({"name": "fidelity-latency", "diagonal": True, "xlabel": "predicted latency (ms)",
+                       "ylabel": "measured latency (ms)",
+                       "title": f"latency on {lat.get('hardware')}: Spearman {lat.get('spearman', 0):.3f}, MAPE "
+                                f"{lat.get('mape', 0):.1%}, within ±10% {lat.get('within_10pct', 0):.0%} "
+                                f"({len(lat['rows'])} plans, {lat.get('at', '')})",
+                       "x": [r["predicted_ms"] for r in lat["rows"]], "y": [r["measured_ms"] for r in lat["rows"]],
+                       "series": ["study front" if str(r.get("source", "random")).startswith("trial") else "random plans"
+                                  for r in lat["rows"]],
+                       "labels": [r.get("source", f"plan {i + 1}") for i, r in enumerate(lat["rows"])]})
+    exp = fid.get("export")
+    if exp:
+        worst = max(abs(r["file_bytes"] - r["predicted_bytes"]) / max(1, r["predicted_bytes"]) for r in exp)
+        exact = sum(r["payload_bytes"] == r["predicted_bytes"] for r in exp)
+        names = [f"{Path(r['path']).name} (trial {r.get('trial')}, {r['predicted_bytes'] / 1e6:.3g} MB)" for r in exp]
+        panels.append({"name": "fidelity-bytes", "bars": True, "xlabel": "export", "diagonal": False,
+                       "ylabel": "bytes over the prediction (%)",
+                       "title": f"exports: payload == prediction for {exact} of {len(exp)}; whole file within "
+                                f"{worst:.2%} of the prediction (the rest is the header: plan, spec, checksum)",
+                       "x": names * 2,
+                       "y": [100 * (r["payload_bytes"] / r["predicted_bytes"] - 1) for r in exp] +
+                            [100 * (r["file_bytes"] / r["predicted_bytes"] - 1) for r in exp],
+                       "series": ["tensor payload"] * len(exp) + ["whole file"] * len(exp), "labels": names * 2})
+    met = fid.get("metric")
+    if met and met.get("rows"):
+        rows = met["rows"]
+        panels.append({"name": "fidelity-metric", "diagonal": False, "xlabel": "proxy (drift)",
+                       "ylabel": f"true metric ({met.get('metric')})",
+                       "title": f"proxy vs {met.get('metric')}: Spearman {met.get('spearman_proxy_vs_metric', 0):.3f} "
+                                f"over {len(rows)} plans ({met.get('at', '')})",
+                       "x": [r["proxy"] for r in rows], "y": [r["value"] for r in rows],
+                       "series": ["study front" if str(r.get("source", "random")).startswith("trial") else "random plans"
+                                  for r in rows],
+                       "labels": [r.get("source", "random") for r in rows]})
+    return panels
+
+
+FIDELITY_HOWTO = {
+    "fidelity-latency": "autocomp hardware validate --study {study}",
+    "fidelity-bytes": "autocomp plan --study {study} --out plan.json && autocomp export --plan plan.json --out m.acz.safetensors",
+    "fidelity-metric": "autocomp evaluate --study {study} --random-plans 30 --budget BUDGET",
+}
 
 
 def _figures(data: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -153,6 +206,23 @@ def _figures(data: dict[str, Any]) -> list[tuple[str, Any]]:
         fig.update_layout(title="sensitivity database: proxy increase per option (everything else uncompressed)",
                           barmode="group", yaxis_type="log", height=420)
         figs.append(("sensitivity", fig))
+    for panel in _fidelity_panels(data.get("fidelity") or {}):
+        fig = go.Figure()
+        series = panel.get("series") or [""] * len(panel["x"])
+        for name in dict.fromkeys(series):
+            idx = [i for i, s in enumerate(series) if s == name]
+            if panel.get("bars"):
+                fig.add_trace(go.Bar(x=[panel["x"][i] for i in idx], y=[panel["y"][i] for i in idx], name=name))
+            else:
+                fig.add_trace(go.Scatter(x=[panel["x"][i] for i in idx], y=[panel["y"][i] for i in idx],
+                                         mode="markers", name=name or "plans", text=[panel["labels"][i] for i in idx],
+                                         hoverinfo="text+x+y"))
+        if panel["diagonal"] and panel["x"]:
+            lo, hi = min(panel["x"] + panel["y"]), max(panel["x"] + panel["y"])
+            fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="prediction = measurement",
+                                     line={"dash": "dash", "color": "#888"}))
+        fig.update_layout(title=panel["title"], xaxis_title=panel["xlabel"], yaxis_title=panel["ylabel"], height=420)
+        figs.append((panel["name"], fig))
     return figs
 
 
@@ -171,6 +241,11 @@ def write_html(data: dict[str, Any], out: Path) -> Path:
             parts.append(f"<section id='{name}'>" + pio.to_html(fig, full_html=False, include_plotlyjs=first,
                                                                  div_id=f"fig-{name}") + "</section>")
             first = False
+        missing = [FIDELITY_HOWTO[k].format(study=html.escape(data["study"])) for k in FIDELITY_HOWTO
+                   if k not in {p["name"] for p in _fidelity_panels(data.get("fidelity") or {})}]
+        if missing:
+            parts.append("<p class='fidelity-missing'>Fidelity panels not drawn yet (no figures recorded in this "
+                         "study); make them with: " + "; ".join(f"<code>{m}</code>" for m in missing) + "</p>")
         for label, plan in data["plans"].items():
             rows = "".join(f"<tr><td>{html.escape(r['layer'])}</td><td>{r['modality']}</td><td>{r['bits']}</td>"
                            f"<td>{r['sparsity']:.0%}</td><td>{r['rank']:.2f}</td><td>{r['cut']:.0%}</td>"
@@ -264,4 +339,25 @@ def write_pngs(data: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_ylabel("proxy increase")
         ax.legend(fontsize=6, ncol=4)
         save(fig, "sensitivity")
+    for panel in _fidelity_panels(data.get("fidelity") or {}):
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        series = panel.get("series") or [""] * len(panel["x"])
+        for name in dict.fromkeys(series):
+            idx = [i for i, s in enumerate(series) if s == name]
+            if panel.get("bars"):
+                k = list(dict.fromkeys(series)).index(name)
+                pos = [j + 0.4 * k for j in range(len(idx))]
+                ax.bar(pos, [panel["y"][i] for i in idx], width=0.4, label=name)
+                ax.set_xticks([j + 0.2 for j in range(len(idx))], [panel["x"][i] for i in idx], rotation=20,
+                              ha="right", fontsize=6)
+            else:
+                ax.scatter([panel["x"][i] for i in idx], [panel["y"][i] for i in idx], s=14, label=name or "plans")
+        if panel["diagonal"] and panel["x"]:
+            lo, hi = min(panel["x"] + panel["y"]), max(panel["x"] + panel["y"])
+            ax.plot([lo, hi], [lo, hi], "--", c="#888", lw=1, label="prediction = measurement")
+        ax.set_xlabel(panel["xlabel"])
+        ax.set_ylabel(panel["ylabel"])
+        ax.set_title(panel["title"], fontsize=8)
+        ax.legend(fontsize=7)
+        save(fig, panel["name"])
     return written

@@ -31,6 +31,62 @@ def study(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def fid_study(study, tmp_path_factory):
+    """A copy of the study with all three fidelity figures recorded by the commands that measure them."""
+    from autocomp.cli import main
+
+    d = tmp_path_factory.mktemp("fid")
+    import sqlite3
+
+    with sqlite3.connect(study / "rep.db") as src, sqlite3.connect(d / "rep.db") as dst:
+        src.backup(dst)  # (a file copy would miss what is still in the WAL)
+    common = ["--model", f"{TINY}:tiny", "--data", f"{TINY}:calib"]
+    assert main(["plan", "--study", "rep", "--studies-dir", str(d), "--out", str(d / "p.json")]) == 0
+    for name in ("a", "b", "a"):  # the plan names its study: export records itself there, one row per file
+        assert main(["export", "--plan", str(d / "p.json"), *common, "--studies-dir", str(d),
+                     "--out", str(d / f"{name}.acz.safetensors")]) == 0
+    assert main(["evaluate", *common, "--task", f"{TINY}:agreement", "--random-plans", "3", "--budget", "40%",
+                 "--study", "rep", "--studies-dir", str(d), "--json"]) == 0
+    assert main(["hardware", "validate", *common, "--hardware", "x86-avx512-vnni", "--plans", "3", "--runs", "2",
+                 "--study", "rep", "--studies-dir", str(d), "--json"]) == 0
+    return d
+
+
+def test_fidelity_figures_are_recorded_and_drawn(fid_study, tmp_path, capsys):
+    from autocomp.fidelity import read
+
+    fid = read(optuna.load_study(study_name="rep", storage=f"sqlite:///{fid_study}/rep.db"))
+    assert set(fid) == {"latency", "export", "metric"}
+    assert sorted(os.path.basename(r["path"]) for r in fid["export"]) == ["a.acz.safetensors", "b.acz.safetensors"]
+    for r in fid["export"]:
+        assert r["payload_bytes"] == r["predicted_bytes"] and r["file_bytes"] == os.path.getsize(r["path"])
+    front = [r for r in fid["metric"]["rows"] if r["source"] != "random"]
+    assert len(fid["metric"]["rows"]) == 3 + len(front) and front and all(r["source"].startswith("trial ") for r in front)
+    assert len(fid["latency"]["rows"]) == 3 + len(front) and fid["latency"]["hardware"] == "x86-avx512-vnni"
+    assert [r["source"] for r in fid["latency"]["rows"]] == ["random"] * 3 + [r["source"] for r in front]
+    out = tmp_path / "f.html"
+    code, _, err = cli(capsys, "report", "--study", "rep", "--studies-dir", fid_study, "--out", out)
+    assert code == 0, err
+    page = out.read_text()
+    assert all(f'id="fig-fidelity-{k}"' in page for k in ("latency", "bytes", "metric"))
+    assert "Fidelity panels not drawn" not in page and "payload == prediction for 2 of 2" in page
+    code, _, err = cli(capsys, "report", "--study", "rep", "--studies-dir", fid_study, "--format", "png",
+                       "--out", tmp_path / "figs")
+    assert code == 0, err
+    assert {"fidelity-latency.png", "fidelity-bytes.png", "fidelity-metric.png"} <= {
+        p.name for p in (tmp_path / "figs").glob("*.png")}
+
+
+def test_fidelity_against_another_models_study_is_refused(fid_study, capsys):
+    code, _, err = cli(capsys, "evaluate", "--model", f"{TINY}:tiny_conv", "--data", f"{TINY}:conv_calib", "--task",
+                       f"{TINY}:agreement", "--random-plans", "3", "--budget", "40%", "--study", "rep",
+                       "--studies-dir", fid_study)
+    assert code == 2 and "was made for model" in err.strip().splitlines()[-1]
+    code, _, err = cli(capsys, "hardware", "validate", "--study", "nope", "--studies-dir", fid_study)
+    assert code == 2 and "not found" in err.strip().splitlines()[-1]
+
+
 def test_html_report_is_self_contained(study, tmp_path, capsys):
     out = tmp_path / "r" / "report.html"
     code, _, err = cli(capsys, "report", "--study", "rep", "--studies-dir", study, "--out", out)
@@ -53,6 +109,7 @@ def test_html_report_is_self_contained(study, tmp_path, capsys):
     for div in ("fig-pareto", "fig-plan-best", "fig-plan-knee", "fig-plan-smallest", "fig-sensitivity"):
         assert f'id="{div}"' in page, div
     assert "Pareto front" in page and "budget" in page and "plan table" in page
+    assert "Fidelity panels not drawn" in page and "autocomp hardware validate --study rep" in page
     assert oct(out.stat().st_mode & 0o777) != oct(0o600)
 
 
@@ -85,16 +142,16 @@ def test_empty_unknown_and_unwritable(study, tmp_path, capsys):
     assert code == 2 and "cannot write" in err.strip().splitlines()[-1] and "Traceback" not in err
 
 
-def test_report_renders_in_headless_chromium(study, tmp_path, capsys):
+def test_report_renders_in_headless_chromium(fid_study, tmp_path, capsys):
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if not exe:
         pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
     out = tmp_path / "report.html"
-    assert cli(capsys, "report", "--study", "rep", "--studies-dir", study, "--out", out)[0] == 0
+    assert cli(capsys, "report", "--study", "rep", "--studies-dir", fid_study, "--out", out)[0] == 0
     base = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'prof'}",
             "--virtual-time-budget=10000"]
     dom = subprocess.run([*base, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120).stdout
-    assert dom.count('class="main-svg"') >= 4, dom[:500]  # plotly drew the figures into SVG
+    assert dom.count('class="main-svg"') >= 7, dom[:500]  # plotly drew the figures, fidelity panels too, into SVG
     import re
 
     assert re.search(r"<html[^>]*>", dom) and not re.search(r"<html[^>]*data-errors", dom)  # no script error
