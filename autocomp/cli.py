@@ -45,7 +45,7 @@ def cli() -> None:
 @click.option("--sampler", default="tpe", show_default=True, type=click.Choice(["tpe", "nsga2", "random", "refine"]),
               help="refine: mutate front plans (level switches between layers), EvoPress-style.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--metric", default="auto", show_default=True, type=click.Choice(["auto", "cosine", "kl", "mse", "alignment", "tower"]),
+@click.option("--metric", default="auto", show_default=True, type=click.Choice(["auto", "cosine", "kl", "mse", "alignment", "alignment-i2t", "alignment-t2i", "tower"]),
               help="Output distortion; auto: the model's own (cosine for embeddings, kl for logits, else mse).")
 @click.option("--repair/--no-repair", default=True, show_default=True,
               help="Move over-budget proposals onto the budget instead of skipping them.")
@@ -320,7 +320,7 @@ def _fidelity_study(study: str | None, storage: str | None, studies_dir: Path | 
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True)
 @click.option("--model", default=None, help="Default: the model the plan was made for.")
 @click.option("--data", default=None)
-@click.option("--metric", default="auto", type=click.Choice(["auto", "cosine", "kl", "mse", "alignment", "tower"]))
+@click.option("--metric", default="auto", type=click.Choice(["auto", "cosine", "kl", "mse", "alignment", "alignment-i2t", "alignment-t2i", "tower"]))
 @click.option("--json", "as_json", is_flag=True)
 def score(plan_path: Path, model: str | None, data: str | None, metric: str, as_json: bool) -> None:
     """Apply a plan to its model and report exact size and proxy (checks the plan fits the model)."""
@@ -362,10 +362,13 @@ def score(plan_path: Path, model: str | None, data: str | None, metric: str, as_
               help="progressive: unstructured sparsity ramps up over the first 30% of steps.")
 @click.option("--task-loss", default=None, help="file.py:fn(output, batch) -> loss tensor, added when you have labels.")
 @click.option("--checkpoint-every", default=50, show_default=True, type=int)
+@click.option("--train-embeddings", is_flag=True,
+              help="Also train embedding tables through their fake quantization (slower steps; they are often "
+                   "half of a small encoder's weights).")
 @click.option("--json", "as_json", is_flag=True)
 def train(plan_path: Path, model: str | None, data: str | None, steps: int, out: Path, lr: float, distill: str,
           temperature: float, amp: str, schedule: str, task_loss: str | None, checkpoint_every: int,
-          as_json: bool) -> None:
+          train_embeddings: bool, as_json: bool) -> None:
     """Quantization-aware training with distillation from the original model."""
     if steps < 1:
         raise AutocompError(f"--steps must be >= 1, got {steps}")
@@ -387,7 +390,7 @@ def train(plan_path: Path, model: str | None, data: str | None, steps: int, out:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     if distill.strip() == "auto":
-        dual = loaded.metric == "alignment" or (loaded.metric == "auto" and loaded.info.get("dual_encoder"))
+        dual = loaded.metric.startswith("alignment") or (loaded.metric == "auto" and loaded.info.get("dual_encoder"))
         distill = "response,relation" + (",contrastive" if dual else "")
     kinds = tuple(k.strip() for k in distill.split(",") if k.strip())
     with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -400,7 +403,7 @@ def train(plan_path: Path, model: str | None, data: str | None, steps: int, out:
 
         result = run_train(loaded, plan_obj, desc, steps, out, batches, lr=lr, distill=kinds,
                            temperature=temperature, amp=amp, schedule=schedule, task_loss=loss_fn,
-                           checkpoint_every=checkpoint_every, on_step=on_step)
+                           checkpoint_every=checkpoint_every, on_step=on_step, train_embeddings=train_embeddings)
     summary = {"out": str(out), "steps": result["steps"], "start_step": result["start_step"],
                "seconds": round(result["seconds"], 2), "items_per_second": round(result["items_per_second"], 2),
                "final_loss": result["final_loss"]}

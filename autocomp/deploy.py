@@ -139,7 +139,7 @@ def proxy_fidelity(loaded: Any, desc: Any, n_plans: int, budget: str, space_name
     name, fn = make_task(loaded, task, pairs)
     ev = ProxyEvaluator(loaded, desc)
     tower = None
-    if ev.metric == "alignment":  # dual encoders: also per-tower drift, to show what alignment adds
+    if ev.metric.startswith("alignment"):  # dual encoders: also per-tower drift, to show what alignment adds
         import dataclasses
 
         tower = ProxyEvaluator(dataclasses.replace(loaded, metric="tower"), desc, applier=ev.applier)

@@ -34,6 +34,8 @@ from autocomp.plan import LayerPlan, Plan
 
 __all__ = ["prepare_for_training", "distillation_loss", "finalize", "compressed_parts", "set_progress"]
 
+CONTRASTIVE_SCALE = 50.0  # inverse temperature (before --temperature) of the contrastive distillation match distributions
+
 
 def _torch_module_base() -> type:
     import torch
@@ -293,7 +295,7 @@ def distillation_loss(student_out: Any, teacher_out: Any, kind: str = "response"
       stacked ``[images; texts]`` output this covers image-image, text-text and image-text pairs.
     * ``contrastive`` (dual encoders, output = ``[images; texts]`` stacked): KL(teacher || student) of the
       image->text and text->image match distributions (softmax of cosine similarities times
-      ``ALIGN_SCALE / temperature``), scaled by T^2: what keeps the towers aligned.
+      ``CONTRASTIVE_SCALE / temperature``), scaled by T^2: what keeps the towers aligned.
     """
     import torch
     import torch.nn.functional as F
@@ -306,11 +308,9 @@ def distillation_loss(student_out: Any, teacher_out: Any, kind: str = "response"
         return torch.stack(losses).mean()
     s, t = student_out.float(), teacher_out.detach().float()
     if kind == "contrastive":
-        from autocomp.evaluators.proxy import ALIGN_SCALE
-
         n = s.shape[0] // 2
         sn, tn = F.normalize(s.reshape(2 * n, -1), dim=-1), F.normalize(t.reshape(2 * n, -1), dim=-1)
-        ls_, lt_ = sn[:n] @ sn[n:].T * (ALIGN_SCALE / temperature), tn[:n] @ tn[n:].T * (ALIGN_SCALE / temperature)
+        ls_, lt_ = sn[:n] @ sn[n:].T * (CONTRASTIVE_SCALE / temperature), tn[:n] @ tn[n:].T * (CONTRASTIVE_SCALE / temperature)
         total = s.new_zeros(())
         for a, b in ((lt_, ls_), (lt_.T, ls_.T)):
             pa, pb = F.log_softmax(a, dim=-1), F.log_softmax(b, dim=-1)
@@ -389,7 +389,8 @@ def save_checkpoint(student: Any, path: Any, meta: dict[str, Any]) -> None:
         raise
 
 
-def load_student(model: Any, plan: Plan, desc: Any, weights: Any, schedule: str = "fixed") -> tuple[Any, dict[str, str]]:
+def load_student(model: Any, plan: Plan, desc: Any, weights: Any, schedule: str = "fixed",
+                 train_embeddings: bool | None = None) -> tuple[Any, dict[str, str]]:
     """Rebuild a student from a checkpoint written by :func:`train`; -> (student, checkpoint metadata)."""
     from pathlib import Path
 
@@ -410,7 +411,10 @@ def load_student(model: Any, plan: Plan, desc: Any, weights: Any, schedule: str 
     if meta.get("plan_key") and meta["plan_key"] != _plan_hash(plan):
         raise AutocompError(f"weights {str(p)!r} were trained for another plan than this one; pass the plan they "
                             f"were trained with")
-    student = prepare_for_training(model, plan, desc, schedule=meta.get("schedule", schedule))
+    if train_embeddings is None:
+        train_embeddings = meta.get("train_embeddings") == "1"
+    student = prepare_for_training(model, plan, desc, schedule=meta.get("schedule", schedule),
+                                   train_embeddings=train_embeddings)
     try:
         student.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -422,7 +426,7 @@ def load_student(model: Any, plan: Plan, desc: Any, weights: Any, schedule: str 
 def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: list[Any], lr: float = 5e-5,
           distill: tuple[str, ...] = ("response", "relation"), temperature: float = 2.0, amp: str = "none",
           schedule: str = "fixed", ramp: float = 0.3, task_loss: Any = None, checkpoint_every: int = 50,
-          resume: bool = True, seed: int = 0, on_step: Any = None) -> dict[str, Any]:
+          resume: bool = True, seed: int = 0, on_step: Any = None, train_embeddings: bool = False) -> dict[str, Any]:
     """Distill the original model into its compressed student for ``steps`` optimizer steps.
 
     Teacher = the original model (frozen); loss = sum of the chosen distillation kinds (+ ``task_loss(out,
@@ -445,7 +449,7 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
         if kind not in ("response", "feature", "relation", "contrastive"):
             raise AutocompError(f"unknown distillation kind {kind!r}; use response, feature, relation and/or "
                                 f"contrastive")
-    dual = loaded.metric in ("alignment", "tower") or bool(loaded.info.get("dual_encoder"))
+    dual = loaded.metric.startswith("alignment") or loaded.metric == "tower" or bool(loaded.info.get("dual_encoder"))
     if "contrastive" in distill and not dual:
         raise AutocompError("contrastive distillation needs a dual encoder (image_embeds + text_embeds outputs)")
     if amp not in ("none", "bf16"):
@@ -457,13 +461,13 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
 
     if resume and Path(out).is_file():
         try:
-            student, meta = load_student(teacher, plan, desc, out, schedule)
+            student, meta = load_student(teacher, plan, desc, out, schedule, train_embeddings)
             start = int(meta.get("step", 0))
         except AutocompError:
             raise AutocompError(f"{str(out)!r} exists and is not a checkpoint of this plan; choose another --out "
                                 f"or delete it") from None
     else:
-        student = prepare_for_training(teacher, plan, desc, schedule=schedule)
+        student = prepare_for_training(teacher, plan, desc, schedule=schedule, train_embeddings=train_embeddings)
     student.eval()
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -472,7 +476,8 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
         opt, lambda s: min(1.0, (s + start + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s + start, steps) / steps)))
     t_blocks, s_blocks = _block_modules(teacher), _block_modules(student)
     feature = "feature" in distill and t_blocks and len(t_blocks) == len(s_blocks)
-    meta = {"autocomp_checkpoint": "1", "plan_key": _plan_hash(plan), "schedule": schedule, "steps": steps}
+    meta = {"autocomp_checkpoint": "1", "plan_key": _plan_hash(plan), "schedule": schedule, "steps": steps,
+            "train_embeddings": "1" if train_embeddings else "0"}
     metric = loaded.metric if loaded.metric in ("cosine", "kl", "mse") else "cosine" if dual else "mse"
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp == "bf16" else (lambda: _null())
     items = 0

@@ -172,6 +172,29 @@ def test_alignment_proxy_ignores_a_shared_rotation_that_tower_drift_punishes():
     assert a2 / n2 > 1.0
 
 
+def test_alignment_is_blind_to_what_matching_cannot_see_and_i2t_to_the_other_direction():
+    from autocomp.evaluators.proxy import distortion
+
+    g = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(16, 8, generator=g), dim=-1)
+    txt = torch.zeros(16, 8)  # captions live in the first 6 dimensions
+    txt[:, :6] = torch.nn.functional.normalize(img[:, :6] + 0.3 * torch.randn(16, 6, generator=g), dim=-1)
+    teacher = torch.cat([img, txt])
+    shifted = txt.clone()
+    shifted[:, 7] = 0.8  # a common shift of every caption, orthogonal to all of them: equal norms afterwards
+    student = torch.cat([img, shifted])
+    # image -> text: each image's similarities move by one constant and shrink by one factor: its ranking
+    # and its standardized match distribution stay; text -> image matches do change
+    i2t, n = distortion("alignment-i2t", teacher, student)
+    t2i, m = distortion("alignment-t2i", teacher, student)
+    both, k = distortion("alignment", teacher, student)
+    assert i2t / n < 1e-6 and t2i / m > 1e-2 and both == pytest.approx(i2t + t2i) and k == n + m
+    assert distortion("tower", teacher, student)[0] / 32 > 0.05
+    squeezed = torch.cat([img, torch.nn.functional.normalize(txt + 3.0 * torch.nn.functional.normalize(
+        txt.mean(0, keepdim=True), dim=-1), dim=-1)])  # captions collapse together: rankings may change
+    assert distortion("alignment-i2t", teacher, squeezed)[0] > 0
+
+
 def test_contrastive_distillation_loss():
     from autocomp.training import distillation_loss
 

@@ -11,9 +11,16 @@ Metrics (0 = identical, lower is better), averaged over samples (and valid token
 * ``kl``:     ``KL(softmax(teacher) || softmax(student))`` along the last axis, per token (logits);
 * ``mse``:    ``sum (student - teacher)^2 / sum teacher^2`` (normalized MSE; anything else);
 * ``alignment`` (dual encoders, the default for them): the image-text similarity matrix of each calibration
-  batch, softmaxed at temperature 1/ALIGN_SCALE along rows (image -> text) and columns (text -> image);
-  ``KL(teacher || student)`` per row and per column, averaged. It scores what matching uses, which per-tower
-  drift does not: two towers drifting *together* keep their matches;
+  batch, turned into match distributions along rows (image -> text) and columns (text -> image); ``KL(teacher
+  || student)`` per row and per column, averaged. Each row is standardized (zero mean, unit deviation) before
+  the softmax at sharpness ALIGN_SHARPNESS, because matching is an argmax and does not change when a query's
+  similarities are shifted or scaled: a compressed tower that only squeezes the similarities is not
+  penalized. It scores what matching uses, which per-tower drift does not: two towers drifting *together*
+  keep their matches;
+* ``alignment-i2t`` / ``alignment-t2i``: one direction only, for a task that matches one way: zero-shot
+  classification queries the class captions with images (i2t); text-to-image retrieval the other way. The
+  direction a task does not use can only add noise (e.g. a common shift of every caption changes text ->
+  image matches and leaves image -> text matches alone);
 * ``tower``: ``1 - cos`` of every image and every text embedding (per-tower drift), for comparison.
 """
 
@@ -29,10 +36,16 @@ from autocomp.errors import AutocompError
 from autocomp.models.base import LoadedModel, check_pairs, extract_output, run_batch
 from autocomp.plan import Plan
 
-__all__ = ["ProxyEvaluator", "distortion", "METRICS", "data_fingerprint"]
+__all__ = ["ProxyEvaluator", "distortion", "is_alignment", "METRICS", "data_fingerprint"]
 
-METRICS = ("auto", "cosine", "kl", "mse", "alignment", "tower")
-ALIGN_SCALE = 50.0  # inverse temperature of the match distributions (CLIP models train theirs near 100)
+METRICS = ("auto", "cosine", "kl", "mse", "alignment", "alignment-i2t", "alignment-t2i", "tower")
+ALIGN_SHARPNESS = 2.0  # softmax inverse temperature on standardized similarity rows (1 to 6 rank plans alike)
+_DIRECTIONS = {"alignment": ("i2t", "t2i"), "alignment-i2t": ("i2t",), "alignment-t2i": ("t2i",)}
+
+
+def is_alignment(metric: str) -> bool:
+    """Whether ``metric`` scores image-text matches (needs [images; texts] stacked outputs)."""
+    return metric in _DIRECTIONS
 
 
 def _token_mask(batch: Any, out: Any) -> Any:
@@ -53,15 +66,20 @@ def distortion(metric: str, teacher: Any, student: Any, mask: Any = None) -> tup
             m = mask.unsqueeze(-1)
             err, ref = err * m, ref * m
         return float(err.sum()), float(ref.sum())
-    if metric == "alignment":
+    if metric in _DIRECTIONS:
         n = t.shape[0] // 2
         t, s = torch.nn.functional.normalize(t, dim=-1), torch.nn.functional.normalize(s, dim=-1)
-        lt, ls = ALIGN_SCALE * t[:n] @ t[n:].T, ALIGN_SCALE * s[:n] @ s[n:].T
+        st, ss = t[:n] @ t[n:].T, s[:n] @ s[n:].T
+
+        def logits(x: Any) -> Any:
+            return ALIGN_SHARPNESS * (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-8)
+
         total = 0.0
-        for a, b in ((lt, ls), (lt.T, ls.T)):
-            pa, pb = torch.log_softmax(a, dim=-1), torch.log_softmax(b, dim=-1)
+        for direction in _DIRECTIONS[metric]:
+            a, b = (st, ss) if direction == "i2t" else (st.T, ss.T)
+            pa, pb = torch.log_softmax(logits(a), dim=-1), torch.log_softmax(logits(b), dim=-1)
             total += float((pa.exp() * (pa - pb)).sum())
-        return total, float(2 * n)
+        return total, float(n * len(_DIRECTIONS[metric]))
     if metric in ("cosine", "tower"):
         per = 1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-12)
     elif metric == "kl":
@@ -149,6 +167,9 @@ class ProxyEvaluator:
         self.applier = applier or PlanApplier(self.model, desc, row_subsets=subsets)
         if metric not in METRICS[1:]:
             raise AutocompError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+        if (is_alignment(metric) or metric == "tower") and auto != "alignment":
+            raise AutocompError(f"metric {metric!r} needs a dual encoder (outputs with image_embeds and text_embeds); "
+                                f"model {loaded.spec!r} is not one: use --metric auto")
         self.metric = metric
 
     def __call__(self, plan: Plan) -> float:

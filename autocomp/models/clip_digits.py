@@ -12,7 +12,7 @@ Training takes about a minute on 2 cores, is deterministic, and is cached under 
 ``~/.cache/autocomp``) keyed by a hash of this file's source and the image data, so later runs load it.
 
 Data (a fixed permutation of the 1,797 digits): 497 held-out test images (zero-shot accuracy only),
-128 calibration images (the proxy), 1,172 training images (the vision tower, and ``autocomp train``).
+128 calibration images (the proxy; captioned with the zero-shot prompt), 1,172 training images (the vision tower, and ``autocomp train``).
 True metric: zero-shot accuracy on the test images, each matched against one caption per class.
 """
 
@@ -175,9 +175,9 @@ def _classes() -> dict[str, type]:
     return {"DualEncoder": DualEncoder, "Block": Block}
 
 
-def _captions(labels: Any, seed: int) -> list[str]:
+def _captions(labels: Any, seed: int, templates: tuple[str, ...] = TEMPLATES) -> list[str]:
     rng = random.Random(seed)
-    return [rng.choice(TEMPLATES).format(CLASS_WORDS[int(c)]) for c in labels]
+    return [rng.choice(templates).format(CLASS_WORDS[int(c)]) for c in labels]
 
 
 def _key(fusion: bool) -> str:
@@ -284,8 +284,8 @@ def build_clip_digits(fusion: bool = False, log: Any = None, epochs: int = 20) -
 
 
 def _pair_batches(tokenizer: Any, images: Any, labels: Any, batch_size: int, seed: int,
-                  max_length: int = MAX_TEXT) -> list[dict[str, Any]]:
-    caps = _captions(labels, seed)
+                  max_length: int = MAX_TEXT, templates: tuple[str, ...] = TEMPLATES) -> list[dict[str, Any]]:
+    caps = _captions(labels, seed, templates)
     out = []
     for s in range(0, len(labels), batch_size):
         enc = tokenizer(caps[s:s + batch_size], padding=True, truncation=True, max_length=max_length,
@@ -337,13 +337,16 @@ class ZeroShotTask:
 def _load(fusion: bool) -> LoadedModel:
     model, tokenizer = build_clip_digits(fusion=fusion, log=_stderr)
     splits = digit_splits()
-    calib = _pair_batches(tokenizer, *splits["calibration"], batch_size=32, seed=1)
+    # calibration pairs caption each image with the prompt zero-shot classification uses: calibrate with the
+    # prompts the model will be queried with (training pairs keep all templates)
+    calib = _pair_batches(tokenizer, *splits["calibration"], batch_size=32, seed=1, templates=(EVAL_TEMPLATE,))
     name = "clip-digits-fusion" if fusion else "clip-digits"
 
     def train_batches() -> list[Any]:
         return _pair_batches(tokenizer, *splits["train"], batch_size=32, seed=2)
 
-    return LoadedModel(module=model, name=name, spec=name, batches=calib, metric="alignment", modality="default",
+    # zero-shot classification queries the class captions with images: score image -> text matches
+    return LoadedModel(module=model, name=name, spec=name, batches=calib, metric="alignment-i2t", modality="default",
                        data_spec="builtin:sklearn-digits+captions",
                        info={"num_attention_heads": 12, "dual_encoder": True,
                              "attention_heads": {"text": 12, "vision": HEADS, "fusion": HEADS}}, train_batches=train_batches)

@@ -239,7 +239,7 @@ def _fisher_diag(evaluator: Any, probes: int, seed: int) -> tuple[dict[str, Any]
                         r = torch.nn.functional.one_hot(c, pr.shape[-1]).float() - pr
                     else:
                         r = torch.randn(rows.shape, generator=gen)
-                        if metric in ("cosine", "tower", "alignment"):  # alignment: embedding probes
+                        if metric in ("cosine", "tower") or metric.startswith("alignment"):  # embedding probes
                             u = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                             r = (r - (r * u).sum(-1, keepdim=True) * u) / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                     loss = ((r * y).sum(-1) * w.sqrt()).sum()
