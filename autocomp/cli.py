@@ -42,8 +42,8 @@ def cli() -> None:
 @click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///studies/<study>.db).")
 @click.option("--space", default="default", show_default=True, help="Search space: a name in search_spaces/ or a YAML path.")
 @click.option("--trials", default=100, show_default=True, type=int, help="Total finished trials the study should have.")
-@click.option("--sampler", default="tpe", show_default=True, type=click.Choice(["tpe", "nsga2", "random", "refine"]),
-              help="refine: mutate front plans (level switches between layers), EvoPress-style.")
+@click.option("--sampler", default="refine", show_default=True, type=click.Choice(["tpe", "nsga2", "random", "refine"]),
+              help="refine: mutate front plans (level switches between layers), EvoPress-style; tpe: multivariate TPE.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--metric", default="auto", show_default=True, type=click.Choice(["auto", "cosine", "kl", "mse", "alignment", "alignment-i2t", "alignment-t2i", "tower"]),
               help="Output distortion; auto: the model's own (cosine for embeddings, kl for logits, else mse).")

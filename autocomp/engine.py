@@ -47,7 +47,7 @@ class SearchConfig:
     storage: str | None = None
     space: str = "default"
     trials: int = 100
-    sampler: str = "tpe"
+    sampler: str = "refine"
     seed: int = 0
     metric: str = "auto"
     repair: bool = True
@@ -540,7 +540,8 @@ def _run(cfg: SearchConfig, on_event: Any, emit: Any, name: str, url: str, stora
         study.set_metric_names([_METRIC_ATTR.get(o, o) for o in objectives])
     if SEEDED_ATTR not in study.user_attrs and not (old and study.get_trials(deepcopy=False)):
         if cfg.seeds == "ilp":  # plans of the additive model for a sweep of budgets up to the user's
-            for frac, assignment in _ilp_seeds(space, sens, budget, smallest, constraints.budget_split):
+            for frac, assignment in _ilp_seeds(space, sens, budget, smallest, constraints.budget_split,
+                                               n=min(12, max(5, cfg.trials // 20))):
                 study.enqueue_trial(assignment, user_attrs={"reference": f"ilp-{frac:.2f}"})
         # start from the uniform reference plans (repaired onto the budget when they do not fit)
         for label, assignment in (reference_assignments(space).items() if cfg.seeds != "none" else ()):
@@ -710,12 +711,17 @@ def _unit_orders(cfg: SearchConfig, loaded: Any, desc: ModelDesc, space: Any, ev
                            log=lambda m: emit("status", {"message": m}))
 
 
-def _ilp_seeds(space: Any, sens: Any, budget: int, smallest: int,
-               split: Mapping[str, float] | None = None) -> list[tuple[float, dict[str, str]]]:
+def _ilp_seeds(space: Any, sens: Any, budget: int, smallest: int, split: Mapping[str, float] | None = None,
+               n: int = 5) -> list[tuple[float, dict[str, str]]]:
+    """Additive-ILP plans for ``n`` budgets from the user's down to 40% of it (or the smallest plan): the
+    front below the budget too, where (size, proxy) trade-offs are steepest. ``n`` grows with the trial count
+    (5 for short runs, up to 12)."""
     from autocomp.search.sensitivity import ilp_assignment
 
     seeds, seen = [], set()
-    for frac in (1.0, 0.9, 0.8, 0.7, 0.6):  # the front below the budget too
+    low = max(0.4, smallest / budget)
+    for i in range(n):
+        frac = 1.0 - (1.0 - low) * i / max(1, n - 1) if n > 1 else 1.0
         b = int(budget * frac)
         if b < smallest:
             continue
