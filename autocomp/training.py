@@ -461,8 +461,10 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
 
     if resume and Path(out).is_file():
         try:
-            student, meta = load_student(teacher, plan, desc, out, schedule, train_embeddings)
+            # a resumed run trains what the checkpoint trained (plus the embeddings when asked now)
+            student, meta = load_student(teacher, plan, desc, out, schedule, train_embeddings or None)
             start = int(meta.get("step", 0))
+            train_embeddings = train_embeddings or meta.get("train_embeddings") == "1"
         except AutocompError:
             raise AutocompError(f"{str(out)!r} exists and is not a checkpoint of this plan; choose another --out "
                                 f"or delete it") from None

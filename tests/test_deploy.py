@@ -296,6 +296,34 @@ def test_trained_compressed_embedding_evaluates(tiny, tmp_path, capsys):
     assert 0 < json.loads(stdout)["value"] <= 1
 
 
+def test_train_embeddings_moves_the_table_and_resumes_with_it(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from autocomp.training import load_student
+
+    loaded, desc, _ = tiny
+    plan = Plan(layers={"emb": LayerPlan(bits=2, group_size=16), "fc1": LayerPlan(bits=4, group_size=16)},
+                model_spec=f"{TINY}:tiny", fingerprint=desc.fingerprint)
+    plan_path = plan.save(tmp_path / "plan.json")
+    key = "emb.parametrizations.weight.original"
+    outs = {}
+    for flag in ((), ("--train-embeddings",)):
+        out = tmp_path / f"tr{len(flag)}.safetensors"
+        code, _, err = run_cli(["train", "--plan", str(plan_path), "--data", f"{TINY}:train_data", "--out", str(out),
+                                "--steps", "5", "--lr", "1e-2", *flag], capsys)
+        assert code == 0, err
+        outs[bool(flag)] = out
+    original = loaded.module.emb.weight.detach()
+    assert torch.equal(load_file(str(outs[False]))[key], original)  # frozen by default
+    assert not torch.equal(load_file(str(outs[True]))[key], original)  # trained through its fake quantization
+    student, meta = load_student(loaded.module, plan, desc, outs[True])
+    assert meta["train_embeddings"] == "1" and student.emb.parametrizations.weight.original.requires_grad
+    code, stdout, err = run_cli(["train", "--plan", str(plan_path), "--data", f"{TINY}:train_data", "--out",
+                                 str(outs[True]), "--steps", "7", "--json"], capsys)  # resumes as it was trained
+    assert code == 0 and json.loads(stdout)["start_step"] == 5, err
+    assert load_student(loaded.module, plan, desc, outs[True])[1]["train_embeddings"] == "1"
+
+
 def test_feature_distillation_runs_on_a_student(tmp_path):
     """Regression: the student's parametrization lists must not count as blocks (feature loss was dropped)."""
     from autocomp.models import load_model
