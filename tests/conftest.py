@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +14,13 @@ TINY = f"{TESTS / 'tiny_models.py'}"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(TESTS))
+
+# A test run started as a background job (`make test &`, some CI runners) inherits SIGINT *ignored*, and so
+# would every CLI child the interrupt tests start: Python then installs no KeyboardInterrupt handler and the
+# child rightly keeps running, as `nohup` users want. Those tests stand for a user pressing Ctrl-C in a
+# terminal, so give this process (and, through exec, its children) the default disposition back.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
