@@ -297,7 +297,7 @@ def _fidelity_study(study: str | None, storage: str | None, studies_dir: Path | 
                     desc: Any) -> Any:
     """The study a fidelity figure is recorded in: ``study`` (must exist and fit the model), else the plan's
     own study where it is found (quietly none where it is not: plans travel without their studies)."""
-    from autocomp.engine import open_study
+    from autocomp.engine import check_study_model, open_study
 
     name = study or default
     if not name:
@@ -308,10 +308,11 @@ def _fidelity_study(study: str | None, storage: str | None, studies_dir: Path | 
         if study:
             raise
         return None
-    if handle.meta.get("fingerprint") != desc.fingerprint:
+    try:
+        check_study_model(handle, desc)
+    except AutocompError:
         if study:
-            raise AutocompError(f"study {name!r} was made for model {handle.meta.get('model_spec')!r}, not this one; "
-                                f"pass the study's --model")
+            raise
         return None
     return handle
 
@@ -352,7 +353,8 @@ def score(plan_path: Path, model: str | None, data: str | None, metric: str, as_
                                            "their own, disjoint from the calibration data).")
 @click.option("--steps", default=300, show_default=True, type=int)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint (safetensors); resumed if it exists.")
-@click.option("--lr", default=5e-5, show_default=True, type=float)
+@click.option("--lr", default=2e-4, show_default=True, type=float,
+              help="AdamW peak learning rate (2e-4 beat 5e-5 on MiniLM from both starting points; docs/BENCHMARKS.md).")
 @click.option("--distill", default="auto", show_default=True,
               help="Distillation losses: any of response, feature, relation, contrastive (dual encoders). "
                    "auto: response,relation (+ contrastive for dual encoders).")
@@ -365,10 +367,13 @@ def score(plan_path: Path, model: str | None, data: str | None, metric: str, as_
 @click.option("--train-embeddings", is_flag=True,
               help="Also train embedding tables through their fake quantization (slower steps; they are often "
                    "half of a small encoder's weights).")
+@click.option("--clip", default="mse", show_default=True, type=click.Choice(["mse", "minmax"]),
+              help="Start point: mse clamps each quantization group to its least-error clipping range before "
+                   "training; minmax starts from the plan's plain min/max quantization.")
 @click.option("--json", "as_json", is_flag=True)
 def train(plan_path: Path, model: str | None, data: str | None, steps: int, out: Path, lr: float, distill: str,
           temperature: float, amp: str, schedule: str, task_loss: str | None, checkpoint_every: int,
-          train_embeddings: bool, as_json: bool) -> None:
+          train_embeddings: bool, clip: str, as_json: bool) -> None:
     """Quantization-aware training with distillation from the original model."""
     if steps < 1:
         raise AutocompError(f"--steps must be >= 1, got {steps}")
@@ -403,7 +408,8 @@ def train(plan_path: Path, model: str | None, data: str | None, steps: int, out:
 
         result = run_train(loaded, plan_obj, desc, steps, out, batches, lr=lr, distill=kinds,
                            temperature=temperature, amp=amp, schedule=schedule, task_loss=loss_fn,
-                           checkpoint_every=checkpoint_every, on_step=on_step, train_embeddings=train_embeddings)
+                           checkpoint_every=checkpoint_every, on_step=on_step, train_embeddings=train_embeddings,
+                           clip=clip)
     summary = {"out": str(out), "steps": result["steps"], "start_step": result["start_step"],
                "seconds": round(result["seconds"], 2), "items_per_second": round(result["items_per_second"], 2),
                "final_loss": result["final_loss"]}
@@ -422,14 +428,20 @@ def train(plan_path: Path, model: str | None, data: str | None, steps: int, out:
               help="Record predicted vs real bytes in this study for its report (default: the study the plan came "
                    "from, when it is found).")
 @click.option("--storage", default=None)
+@click.option("--clip", default="minmax", show_default=True, type=click.Choice(["minmax", "mse"]),
+              help="Without --weights: minmax exports exactly what the search scored; mse first clamps each "
+                   "quantization group to its least-error range (same size, usually a better model).")
 @click.option("--json", "as_json", is_flag=True)
 @STUDIES_DIR
 def export(plan_path: Path, model: str | None, data: str | None, weights: Path | None, out: Path, study: str | None,
-           storage: str | None, as_json: bool, studies_dir: Path | None) -> None:
+           storage: str | None, clip: str, as_json: bool, studies_dir: Path | None) -> None:
     """Write the packed model (safetensors, docs/FORMAT.md); its payload is exactly the predicted size."""
     from autocomp.deploy import load_for_plan
     from autocomp.artifact import export as do_export
 
+    if weights is not None and clip != "minmax":
+        raise AutocompError("--clip applies to plans exported without --weights; a trained checkpoint keeps the "
+                            "clipping it was trained with (autocomp train --clip)")
     plan_obj, loaded, desc = load_for_plan(plan_path, model, data)
     handle = _fidelity_study(study, storage, studies_dir, plan_obj.meta.get("study"), desc)
     if weights is not None:
@@ -440,6 +452,10 @@ def export(plan_path: Path, model: str | None, data: str | None, weights: Path |
         from autocomp.training import prepare_for_training
 
         student = prepare_for_training(loaded.module, plan_obj, desc)
+        if clip == "mse":
+            from autocomp.training import clip_init
+
+            clip_init(student)
     result = do_export(student, plan_obj, out, spec=model or plan_obj.model_spec,
                        data_spec=data or (loaded.data_spec if ":" in (loaded.data_spec or "") and not
                                           loaded.data_spec.startswith("builtin:") else None), desc=desc)
@@ -689,16 +705,19 @@ def hardware_validate(model: str | None, data: str | None, hw: str | None, space
     """Predict, build and time random plans on this machine; report the agreement."""
     from autocomp.cost.device import load_device
     from autocomp.cost.latency import parse_workload
+    from autocomp.engine import check_study_model
     from autocomp.hardware import validate
     from autocomp.models import load_model
     from autocomp.models.introspect import introspect
     from autocomp.space import SearchSpace
 
     meta: dict[str, Any] = {}
+    handle = None
     if study:  # check the study before minutes of timing
         from autocomp.engine import open_study
 
-        meta = open_study(study, storage, _studies_dir(studies_dir)).meta
+        handle = open_study(study, storage, _studies_dir(studies_dir))
+        meta = handle.meta
         if hw and meta.get("hardware") and hw != meta["hardware"] and load_device(hw).name != meta["hardware"]:
             raise AutocompError(f"study {study!r} was searched for hardware {meta['hardware']!r}, not {hw!r}; "
                                 f"drop --hardware or pass --hardware {meta['hardware']}")
@@ -710,8 +729,8 @@ def hardware_validate(model: str | None, data: str | None, hw: str | None, space
     device = load_device(hw)
     loaded = load_model(model, data=data)
     desc = introspect(loaded)
-    if study:
-        handle = _fidelity_study(study, storage, studies_dir, None, desc)
+    if handle is not None:
+        check_study_model(handle, desc)
     wl = parse_workload(workload, desc)
     sp = SearchSpace.from_yaml(space, desc)
     con = _console()
@@ -730,7 +749,7 @@ def hardware_validate(model: str | None, data: str | None, hw: str | None, space
         click.echo(json.dumps(result))
     else:
         click.echo(f"{device.name}: Spearman {result['spearman']:.3f}, within ±10% {result['within_10pct']:.0%}, "
-                   f"within ±25% {result['within_25pct']:.0%}, MAPE {result['mape']:.1%} over {plans} plans")
+                   f"within ±25% {result['within_25pct']:.0%}, MAPE {result['mape']:.1%} over {result['plans']} plans")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,12 +125,10 @@ def proxy_fidelity(loaded: Any, desc: Any, n_plans: int, budget: str, space_name
     n_random = len(plans)
     trial_of: list[int | None] = [None] * n_random
     if study:
-        from autocomp.engine import front_trials, open_study, plan_of
+        from autocomp.engine import check_study_model, front_trials, open_study, plan_of
 
         handle = open_study(study, storage, studies_dir or Path("studies"))
-        if handle.meta.get("fingerprint") != desc.fingerprint:
-            raise AutocompError(f"study {study!r} was made for model {handle.meta.get('model_spec')!r}, not this "
-                                f"one; pass the study's --model")
+        check_study_model(handle, desc)
         front = front_trials(handle.study, handle.budget_bytes)
         plans += [plan_of(t, handle) for t in front]
         trial_of += [t.number for t in front]

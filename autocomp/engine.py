@@ -247,6 +247,13 @@ def _finished(trial: Any) -> bool:
     return trial.state == S.COMPLETE or (trial.state == S.FAIL and not trial.user_attrs.get("autocomp_stale"))
 
 
+def check_study_model(handle: StudyHandle, desc: Any) -> None:
+    """Refuse a study searched for another model than ``desc``'s (figures recorded in it would mislead)."""
+    if handle.meta.get("fingerprint") != desc.fingerprint:
+        raise AutocompError(f"study {handle.name!r} was made for model {handle.meta.get('model_spec')!r}, not this "
+                            f"one; pass the study's --model")
+
+
 def trial_metric(t: Any, name: str, objectives: list[str]) -> float:
     """A trial's figure: from its objective values, else from its user attributes."""
     if name in objectives:

@@ -321,7 +321,7 @@ def validate(loaded: Any, desc: Any, space: Any, device: Device, workload: Any, 
     m = np.array([r["measured_ms"] for r in rows])
     err = np.abs(p - m) / m
     rho = float(spearmanr(p, m).statistic) if len(set(p)) > 1 and len(set(m)) > 1 else 0.0
-    return {"hardware": device.name, "plans": n_plans, "spearman": round(rho, 4),
+    return {"hardware": device.name, "plans": len(rows), "spearman": round(rho, 4),
             "within_10pct": float(np.mean(err <= 0.10)), "within_25pct": float(np.mean(err <= 0.25)),
             "mape": round(float(np.mean(err)), 4), "rows": rows}
 

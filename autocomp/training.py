@@ -235,6 +235,73 @@ def set_progress(student: Any, frac: float) -> None:
         p.set_sparsity_progress(mod.parametrizations.weight.original, frac)
 
 
+CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # clip ratios tried per group: 1.0, 0.95, ..., 0.5
+
+
+def mse_clip(v: Any, bits: int, group_size: int, symmetric: bool, mask: Any = None) -> Any:
+    """``v`` with each quantization group clamped to the fraction of its range (from :data:`CLIP_GRID`)
+    whose round-to-nearest quantization has the least squared error against ``v``. The plan's min/max
+    quantizer, run on the result, then lands on those clipped ranges: clipping is held in the weights, so
+    the packed format does not change."""
+    import torch
+
+    from autocomp.compressors.quantize import quantize_matrix
+
+    w = v if mask is None or not mask.numel() else v * mask
+    rows, cols = w.shape
+    g = group_size or cols
+    n = -(-cols // g)
+    x = torch.nn.functional.pad(w, (0, n * g - cols)).reshape(rows, n, g)
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0.0), x.amax(-1, keepdim=True).clamp(min=0.0)
+    if symmetric:
+        lo = hi = x.abs().amax(-1, keepdim=True)
+        lo = -lo
+    best_err = best_a = None
+    for a in CLIP_GRID:
+        xc = torch.maximum(torch.minimum(x, a * hi), a * lo).reshape(rows, n * g)[:, :cols]
+        deq = quantize_matrix(xc, bits, group_size, symmetric)[0]
+        err = torch.nn.functional.pad((deq - w) ** 2, (0, n * g - cols)).reshape(rows, n, g).sum(-1, keepdim=True)
+        if best_err is None:
+            best_err, best_a = err, torch.full_like(err, a)
+        else:
+            better = err < best_err
+            best_err, best_a = torch.where(better, err, best_err), torch.where(better, torch.full_like(err, a), best_a)
+    out = torch.maximum(torch.minimum(torch.nn.functional.pad(v, (0, n * g - cols)).reshape(rows, n, g),
+                                      best_a * hi), best_a * lo)
+    return out.reshape(rows, n * g)[:, :cols]
+
+
+def clip_init(student: Any) -> int:
+    """Clamp every quantized layer's trainable weights to their MSE-optimal clipping ranges
+    (:func:`mse_clip`) before training starts; -> the number of layers changed. Min/max ranges waste most
+    of a 2-3-bit grid on a few outliers; clipped ones start training from a far smaller weight error."""
+    import torch
+
+    from autocomp.models.introspect import weight_matrix_view
+
+    changed = 0
+    with torch.no_grad():
+        for mod, p in _compressed_layers(student).values():
+            c = p.choice
+            if c.bits is None:
+                continue
+            original = mod.parametrizations.weight.original
+            for i, v in enumerate(p.latent(original)):
+                new = mse_clip(v, int(c.bits), c.group_size, c.symmetric, getattr(p, f"mask{i}"))
+                if c.rank is not None:
+                    v.copy_(new)  # B / A are the parameters themselves
+                    continue
+                m = weight_matrix_view(p.kind, original)
+                r = p.rows if p.rows.numel() else torch.arange(m.shape[0])
+                k = p.cols if p.cols.numel() else torch.arange(m.shape[1])
+                m.index_put_((r[:, None], k[None, :]), new.to(m.dtype))
+                if m.untyped_storage().data_ptr() != original.untyped_storage().data_ptr():
+                    original.copy_(m.reshape(original.shape))  # the matrix view was a copy
+            changed += 1
+            p._cache = None  # noqa: SLF001 - a frozen layer recompresses from the clamped weights
+    return changed
+
+
 def compressed_parts(student: Any) -> dict[str, tuple[list[Any], Any, Any]]:
     """name -> (stored Parts in the plan's exact format, kept rows, kept cols) for every compressed layer;
     what the exporter packs. Runs the plan's own prune/quantize compressors on the trained (projected)
@@ -423,16 +490,18 @@ def load_student(model: Any, plan: Plan, desc: Any, weights: Any, schedule: str 
     return student, meta
 
 
-def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: list[Any], lr: float = 5e-5,
+def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: list[Any], lr: float = 2e-4,
           distill: tuple[str, ...] = ("response", "relation"), temperature: float = 2.0, amp: str = "none",
           schedule: str = "fixed", ramp: float = 0.3, task_loss: Any = None, checkpoint_every: int = 50,
-          resume: bool = True, seed: int = 0, on_step: Any = None, train_embeddings: bool = False) -> dict[str, Any]:
+          resume: bool = True, seed: int = 0, on_step: Any = None, train_embeddings: bool = False,
+          clip: str = "mse") -> dict[str, Any]:
     """Distill the original model into its compressed student for ``steps`` optimizer steps.
 
     Teacher = the original model (frozen); loss = sum of the chosen distillation kinds (+ ``task_loss(out,
-    batch)`` when given). AdamW with linear warm-up (5% of steps) and cosine decay. Dropout stays off
-    (eval mode) so that the run is deterministic. ``amp="bf16"`` runs forward passes under CPU bf16
-    autocast. Checkpoints (atomic) every ``checkpoint_every`` steps and at the end; an existing checkpoint
+    batch)`` when given). ``clip="mse"`` starts a fresh run from MSE-optimal clipping ranges
+    (:func:`clip_init`), ``"minmax"`` from the plan's plain quantization. AdamW with linear warm-up (5% of
+    steps) and cosine decay; batches reshuffled every epoch. Dropout stays off (eval mode) so that the run
+    is deterministic. ``amp="bf16"`` runs forward passes under CPU bf16 autocast. Checkpoints (atomic) every ``checkpoint_every`` steps and at the end; an existing checkpoint
     for the same plan at ``out`` is resumed (optimizer state restarts). -> summary dict."""
     import math
     import time
@@ -454,6 +523,8 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
         raise AutocompError("contrastive distillation needs a dual encoder (image_embeds + text_embeds outputs)")
     if amp not in ("none", "bf16"):
         raise AutocompError(f"--amp must be none or bf16, got {amp!r}")
+    if clip not in ("mse", "minmax"):
+        raise AutocompError(f"--clip must be mse or minmax, got {clip!r}")
     torch.manual_seed(seed)
     teacher = loaded.module.eval()
     start = 0
@@ -465,11 +536,14 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
             student, meta = load_student(teacher, plan, desc, out, schedule, train_embeddings or None)
             start = int(meta.get("step", 0))
             train_embeddings = train_embeddings or meta.get("train_embeddings") == "1"
+            clip = meta.get("clip", "minmax")  # how the checkpoint's run started
         except AutocompError:
             raise AutocompError(f"{str(out)!r} exists and is not a checkpoint of this plan; choose another --out "
                                 f"or delete it") from None
     else:
         student = prepare_for_training(teacher, plan, desc, schedule=schedule, train_embeddings=train_embeddings)
+        if clip == "mse":
+            clip_init(student)  # a resumed run already holds (and has trained) its clamped weights
     student.eval()
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -479,7 +553,7 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
     t_blocks, s_blocks = _block_modules(teacher), _block_modules(student)
     feature = "feature" in distill and t_blocks and len(t_blocks) == len(s_blocks)
     meta = {"autocomp_checkpoint": "1", "plan_key": _plan_hash(plan), "schedule": schedule, "steps": steps,
-            "train_embeddings": "1" if train_embeddings else "0"}
+            "train_embeddings": "1" if train_embeddings else "0", "clip": clip}
     metric = loaded.metric if loaded.metric in ("cosine", "kl", "mse") else "cosine" if dual else "mse"
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp == "bf16" else (lambda: _null())
     items = 0
@@ -490,7 +564,7 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
         for step in range(start, steps):
             if schedule == "progressive":
                 set_progress(student, (step + 1) / max(1, ramp * steps))
-            batch = batches[step % len(batches)]
+            batch = batches[_batch_order(len(batches), step // len(batches), seed)[step % len(batches)]]
             with torch.no_grad(), ctx():
                 t_store, hooks = _capture(t_blocks) if feature else ([], [])
                 t_out = extract_output(run_batch(teacher, batch))[0].float()
@@ -537,6 +611,15 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
     secs = time.perf_counter() - t0
     return {"steps": steps, "start_step": start, "seconds": secs, "items_per_second": items / secs if secs else 0.0,
             "final_loss": last, "student": student}
+
+
+def _batch_order(n: int, epoch: int, seed: int) -> list[int]:
+    """A fresh permutation of the ``n`` batches for every epoch, a function of (seed, epoch) alone so a
+    resumed run sees what an uninterrupted one would (batches arrive length-sorted; unshuffled, every
+    epoch would run from the shortest to the longest)."""
+    import numpy as np
+
+    return [int(i) for i in np.random.RandomState([seed, epoch]).permutation(n)]
 
 
 def _plan_hash(plan: Plan) -> str:

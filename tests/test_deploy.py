@@ -310,7 +310,7 @@ def test_train_embeddings_moves_the_table_and_resumes_with_it(tiny, tmp_path, ca
     for flag in ((), ("--train-embeddings",)):
         out = tmp_path / f"tr{len(flag)}.safetensors"
         code, _, err = run_cli(["train", "--plan", str(plan_path), "--data", f"{TINY}:train_data", "--out", str(out),
-                                "--steps", "5", "--lr", "1e-2", *flag], capsys)
+                                "--steps", "5", "--lr", "1e-2", "--clip", "minmax", *flag], capsys)
         assert code == 0, err
         outs[bool(flag)] = out
     original = loaded.module.emb.weight.detach()
@@ -337,3 +337,90 @@ def test_feature_distillation_runs_on_a_student(tmp_path):
     # DeepNet indexes its blocks' layers directly (the ModuleDicts never run forward): no feature loss, no crash
     r = train(loaded, plan, desc, 2, tmp_path / "f.safetensors", loaded.batches, distill=("response", "feature"))
     assert "feature" not in r["final_loss"] and r["final_loss"]["response"] > 0
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(2, 16, False), (3, 0, False), (4, 16, True), (2, 0, True)])
+def test_mse_clip_never_quantizes_worse_than_min_max(bits, group, symmetric):
+    from autocomp.compressors.quantize import quantize_matrix
+    from autocomp.training import mse_clip
+
+    torch.manual_seed(bits + group)
+    w = torch.distributions.StudentT(3.0).sample((24, 40))  # heavy tails: min/max wastes the grid on outliers
+    mask = torch.rand_like(w) > 0.3
+
+    def group_err(v):
+        err = (quantize_matrix(v * mask, bits, group, symmetric)[0] - w * mask) ** 2
+        g = group or w.shape[1]
+        return torch.nn.functional.pad(err, (0, -w.shape[1] % g)).reshape(w.shape[0], -1, g).sum(-1)
+
+    clipped = mse_clip(w, bits, group, symmetric, mask)
+    assert (group_err(clipped) <= group_err(w) + 1e-6).all()  # ratio 1.0 is on the grid: never worse per group
+    assert group_err(clipped).sum() < (0.9 if bits == 2 else 1.0) * group_err(w).sum()
+    assert (clipped.abs() <= w.abs()).all()  # a clamp, nothing else
+
+
+def test_clip_init_lowers_every_layers_weight_error_and_exports_exactly(tiny, tmp_path):
+    from autocomp.training import clip_init
+
+    loaded, desc, space = tiny
+    lowered = 0
+    for i, plan in enumerate(_plans(space, 4, seed=11)):
+        student = prepare_for_training(loaded.module, plan, desc)
+        before = {n: p.detach().clone() for n, p in finalize(student).named_parameters()}
+        clip_init(student)
+        model = finalize(student)
+        after = dict(model.named_parameters())
+        ref = dict(loaded.module.named_parameters())
+        for n in before:
+            if n.endswith("weight"):
+                new, old = ((after[n] - ref[n]) ** 2).sum(), ((before[n] - ref[n]) ** 2).sum()
+                assert new <= old + 1e-6, n
+                lowered += bool(new < 0.99 * old)
+        r = autocomp.export(student, plan, tmp_path / f"c{i}.safetensors", spec=f"{TINY}:tiny", data_spec=f"{TINY}:calib")
+        assert r["payload_bytes"] == r["predicted_bytes"] == plan_bytes(desc, plan)
+        b = loaded.batches[0]
+        with torch.no_grad():
+            want, got = run_batch(model, b), run_batch(autocomp.load(tmp_path / f"c{i}.safetensors"), b)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert lowered >= 3
+
+
+def test_train_records_its_start_point_and_minmax_keeps_the_weights(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from autocomp.training import load_student
+
+    loaded, desc, _ = tiny
+    plan = Plan(layers={"emb": LayerPlan(bits=2, group_size=16)}, model_spec=f"{TINY}:tiny", fingerprint=desc.fingerprint)
+    plan_path = plan.save(tmp_path / "plan.json")
+    key = "emb.parametrizations.weight.original"
+    for clip in ("minmax", "mse"):
+        out = tmp_path / f"{clip}.safetensors"
+        code, _, err = run_cli(["train", "--plan", str(plan_path), "--data", f"{TINY}:train_data", "--out", str(out),
+                                "--steps", "2", "--clip", clip], capsys)
+        assert code == 0, err
+        assert load_student(loaded.module, plan, desc, out)[1]["clip"] == clip
+        same = torch.equal(load_file(str(out))[key], loaded.module.emb.weight.detach())  # the table is frozen
+        assert same == (clip == "minmax")
+
+
+def test_export_clip_mse_is_the_same_size_and_a_closer_model(tiny, tmp_path, capsys):
+    loaded, desc, _ = tiny
+    plan = Plan(layers={"emb": LayerPlan(bits=2, group_size=16), "fc1": LayerPlan(bits=2, group_size=16),
+                        "fc2": LayerPlan(bits=3, group_size=0)}, model_spec=f"{TINY}:tiny", fingerprint=desc.fingerprint)
+    plan_path = plan.save(tmp_path / "plan.json")
+    sizes, err_of = {}, {}
+    ref = dict(loaded.module.named_parameters())
+    for clip in ("minmax", "mse"):
+        out = tmp_path / f"{clip}.acz.safetensors"
+        code, stdout, err = run_cli(["export", "--plan", str(plan_path), "--data", f"{TINY}:calib", "--out", str(out),
+                                     "--clip", clip, "--json"], capsys)
+        assert code == 0, err
+        sizes[clip] = json.loads(stdout)
+        got = dict(autocomp.load(out).named_parameters())
+        err_of[clip] = sum(float(((got[n] - ref[n]).detach() ** 2).sum()) for n in ("emb.weight", "fc1.weight", "fc2.weight"))
+    assert sizes["mse"]["payload_bytes"] == sizes["minmax"]["payload_bytes"] == sizes["mse"]["predicted_bytes"]
+    assert err_of["mse"] < 0.9 * err_of["minmax"]
+    code, _, err = run_cli(["export", "--plan", str(plan_path), "--data", f"{TINY}:calib", "--weights",
+                            str(tmp_path / "x.safetensors"), "--out", str(tmp_path / "y"), "--clip", "mse"], capsys)
+    assert code == 2 and "--clip applies to plans exported without --weights" in err.strip().splitlines()[-1]
