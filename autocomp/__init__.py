@@ -46,13 +46,23 @@ def apply_plan(model: Any, plan: Plan, desc: Any = None) -> Any:
     return PlanApplier(model, desc).applied(plan)
 
 
-def prepare_for_training(model: Any, plan: Plan, desc: Any = None, schedule: str = "fixed") -> Any:
+def prepare_for_training(model: Any, plan: Plan, desc: Any = None, schedule: str = "fixed",
+                         clip: str = "minmax") -> Any:
     """A trainable copy of ``model`` computing with ``plan``'s compressed weights: fake quantization with a
     straight-through estimator, fixed (or ``schedule="progressive"``) pruning masks, trainable low-rank
-    factors. See :mod:`autocomp.training`."""
+    factors. ``clip``: ``"minmax"`` computes exactly what the search scored; ``"mse"`` starts from each
+    quantization group's least-error clipping range; ``"learned"`` (what ``autocomp train`` uses) does too
+    and adds one trainable clipping ratio per group. See :mod:`autocomp.training`."""
+    from autocomp.errors import AutocompError
+    from autocomp.training import CLIPS, clip_init
     from autocomp.training import prepare_for_training as _p
 
-    return _p(model, plan, desc, schedule)
+    if clip not in CLIPS:
+        raise AutocompError(f"clip must be one of {', '.join(CLIPS)}, got {clip!r}")
+    student = _p(model, plan, desc, schedule, learn_clip=clip == "learned")
+    if clip != "minmax":
+        clip_init(student)
+    return student
 
 
 def distillation_loss(student_out: Any, teacher_out: Any, kind: str = "response", temperature: float = 2.0,

@@ -367,9 +367,10 @@ def score(plan_path: Path, model: str | None, data: str | None, metric: str, as_
 @click.option("--train-embeddings", is_flag=True,
               help="Also train embedding tables through their fake quantization (slower steps; they are often "
                    "half of a small encoder's weights).")
-@click.option("--clip", default="mse", show_default=True, type=click.Choice(["mse", "minmax"]),
-              help="Start point: mse clamps each quantization group to its least-error clipping range before "
-                   "training; minmax starts from the plan's plain min/max quantization.")
+@click.option("--clip", default="learned", show_default=True, type=click.Choice(["learned", "mse", "minmax"]),
+              help="Quantization ranges. learned: start from each group's least-error clipping range, then train "
+                   "one clipping ratio per group (best; slower steps); mse: that start, ranges then follow the "
+                   "weights; minmax: the plan's plain min/max ranges throughout.")
 @click.option("--json", "as_json", is_flag=True)
 def train(plan_path: Path, model: str | None, data: str | None, steps: int, out: Path, lr: float, distill: str,
           temperature: float, amp: str, schedule: str, task_loss: str | None, checkpoint_every: int,

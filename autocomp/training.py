@@ -91,12 +91,46 @@ class _CompressedWeight(_torch_module_base()):  # type: ignore[misc]
 
         return [self._cut(weight_matrix_view(self.kind, weight).float())]
 
+    def enable_learned_clip(self, weight: Any) -> None:
+        """Give every quantized stored matrix one trainable clipping ratio per quantization group (PACT-style:
+        the group is clamped to ``ratio x`` its current min/max range before quantization)."""
+        import torch
+
+        if self.choice.bits is None:
+            return
+        for i, v in enumerate(self.latent(weight)):
+            g = self.choice.group_size or v.shape[1]
+            self.register_parameter(f"clip{i}", torch.nn.Parameter(torch.ones(v.shape[0], -(-v.shape[1] // g), 1)))
+
+    def clipped(self, weight: Any) -> list[Any]:
+        """The latent matrices, each group clamped to its learned clipping ratio where there is one."""
+        import torch
+
+        out = []
+        for i, v in enumerate(self.latent(weight)):
+            ratio = getattr(self, f"clip{i}", None)
+            if ratio is not None:
+                rows, cols = v.shape
+                g = self.choice.group_size or cols
+                n = ratio.shape[1]
+                x = torch.nn.functional.pad(v, (0, n * g - cols)).reshape(rows, n, g)
+                a = ratio.clamp(CLIP_GRID[-1], 1.0)
+                if self.choice.symmetric:
+                    hi = x.detach().abs().amax(-1, keepdim=True)
+                    lo = -hi
+                else:
+                    lo = x.detach().amin(-1, keepdim=True).clamp(max=0.0)
+                    hi = x.detach().amax(-1, keepdim=True).clamp(min=0.0)
+                v = torch.maximum(torch.minimum(x, a * hi), a * lo).reshape(rows, n * g)[:, :cols]
+            out.append(v)
+        return out
+
     def stored(self, weight: Any) -> list[Any]:
         """Masked, fake-quantized stored matrices (straight-through gradients)."""
         from autocomp.compressors.quantize import quantize_matrix
 
         out = []
-        for i, v in enumerate(self.latent(weight)):
+        for i, v in enumerate(self.clipped(weight)):
             mask = getattr(self, f"mask{i}")
             if mask.numel():
                 v = v * mask
@@ -168,13 +202,14 @@ def _act_fake_quant(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def prepare_for_training(model: Any, plan: Plan, desc: Any = None, schedule: str = "fixed",
-                         train_embeddings: bool = False) -> Any:
+                         train_embeddings: bool = False, learn_clip: bool = False) -> Any:
     """A trainable copy of ``model`` that computes with ``plan``'s compressed weights (see module doc).
 
     ``schedule``: ``"fixed"`` (masks from the original weights) or ``"progressive"`` (unstructured
     sparsity ramps up; call :func:`set_progress` as training advances). Embedding tables stay frozen at
     their compressed values unless ``train_embeddings`` (they are most of a small encoder's weights, get
-    sparse gradients, and re-quantizing them every step doubled MiniLM's step time)."""
+    sparse gradients, and re-quantizing them every step doubled MiniLM's step time). ``learn_clip`` gives
+    each trained quantization group a trainable clipping ratio (see ``_CompressedWeight.clipped``)."""
     from torch.nn.utils import parametrize
 
     from autocomp.compressors.apply import PlanApplier, check_plan
@@ -211,6 +246,8 @@ def prepare_for_training(model: Any, plan: Plan, desc: Any = None, schedule: str
             if choice.rank is not None:
                 param.B.requires_grad_(False)
                 param.A.requires_grad_(False)
+        if learn_clip and not (kind == "Embedding" and not train_embeddings):
+            param.enable_learned_clip(mod.parametrizations.weight.original)
         if rows is not None and getattr(mod, "bias", None) is not None and mod.bias.numel() == param.full_shape[0]:
             parametrize.register_parametrization(mod, "bias", _BiasMask(rows, mod.bias.numel()))
         if choice.act_bits == 8:
@@ -236,6 +273,8 @@ def set_progress(student: Any, frac: float) -> None:
 
 
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # clip ratios tried per group: 1.0, 0.95, ..., 0.5
+CLIPS = ("learned", "mse", "minmax")  # train's quantization ranges (learned = the mse start, then trainable ratios)
+CLIP_LR_MULT = 10.0  # the clipping ratios' learning rate, as a multiple of the weights'
 
 
 def mse_clip(v: Any, bits: int, group_size: int, symmetric: bool, mask: Any = None) -> Any:
@@ -315,7 +354,7 @@ def compressed_parts(student: Any) -> dict[str, tuple[list[Any], Any, Any]]:
         for name, (mod, p) in _compressed_layers(student).items():
             per = dataclasses.replace(p.choice, rank=None)
             parts = []
-            for i, v in enumerate(p.latent(mod.parametrizations.weight.original)):
+            for i, v in enumerate(p.clipped(mod.parametrizations.weight.original)):
                 mask = getattr(p, f"mask{i}")
                 v = (v * mask if mask.numel() else v).detach().float()
                 parts += run_pipeline(v, per, LayerContext(name))
@@ -481,7 +520,7 @@ def load_student(model: Any, plan: Plan, desc: Any, weights: Any, schedule: str 
     if train_embeddings is None:
         train_embeddings = meta.get("train_embeddings") == "1"
     student = prepare_for_training(model, plan, desc, schedule=meta.get("schedule", schedule),
-                                   train_embeddings=train_embeddings)
+                                   train_embeddings=train_embeddings, learn_clip=meta.get("clip") == "learned")
     try:
         student.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -494,12 +533,13 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
           distill: tuple[str, ...] = ("response", "relation"), temperature: float = 2.0, amp: str = "none",
           schedule: str = "fixed", ramp: float = 0.3, task_loss: Any = None, checkpoint_every: int = 50,
           resume: bool = True, seed: int = 0, on_step: Any = None, train_embeddings: bool = False,
-          clip: str = "mse") -> dict[str, Any]:
+          clip: str = "learned") -> dict[str, Any]:
     """Distill the original model into its compressed student for ``steps`` optimizer steps.
 
     Teacher = the original model (frozen); loss = sum of the chosen distillation kinds (+ ``task_loss(out,
     batch)`` when given). ``clip="mse"`` starts a fresh run from MSE-optimal clipping ranges
-    (:func:`clip_init`), ``"minmax"`` from the plan's plain quantization. AdamW with linear warm-up (5% of
+    (:func:`clip_init`), ``"learned"`` (default) does too and then trains one clipping ratio per quantization
+    group, ``"minmax"`` keeps the plan's plain ranges. AdamW with linear warm-up (5% of
     steps) and cosine decay; batches reshuffled every epoch. Dropout stays off (eval mode) so that the run
     is deterministic. ``amp="bf16"`` runs forward passes under CPU bf16 autocast. Checkpoints (atomic) every ``checkpoint_every`` steps and at the end; an existing checkpoint
     for the same plan at ``out`` is resumed (optimizer state restarts). -> summary dict."""
@@ -523,8 +563,8 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
         raise AutocompError("contrastive distillation needs a dual encoder (image_embeds + text_embeds outputs)")
     if amp not in ("none", "bf16"):
         raise AutocompError(f"--amp must be none or bf16, got {amp!r}")
-    if clip not in ("mse", "minmax"):
-        raise AutocompError(f"--clip must be mse or minmax, got {clip!r}")
+    if clip not in CLIPS:
+        raise AutocompError(f"--clip must be one of {', '.join(CLIPS)}, got {clip!r}")
     torch.manual_seed(seed)
     teacher = loaded.module.eval()
     start = 0
@@ -541,12 +581,16 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
             raise AutocompError(f"{str(out)!r} exists and is not a checkpoint of this plan; choose another --out "
                                 f"or delete it") from None
     else:
-        student = prepare_for_training(teacher, plan, desc, schedule=schedule, train_embeddings=train_embeddings)
-        if clip == "mse":
+        student = prepare_for_training(teacher, plan, desc, schedule=schedule, train_embeddings=train_embeddings,
+                                       learn_clip=clip == "learned")
+        if clip in ("mse", "learned"):
             clip_init(student)  # a resumed run already holds (and has trained) its clamped weights
     student.eval()
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ratios = [p for n, p in student.named_parameters() if p.requires_grad and n.rsplit(".", 1)[-1].startswith("clip")]
+    ids = {id(p) for p in ratios}
+    params = [p for p in student.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": params}] + ([{"params": ratios, "lr": lr * CLIP_LR_MULT}] if ratios else [])
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     warm = max(1, int(0.05 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(  # a resumed run continues the schedule where it stopped
         opt, lambda s: min(1.0, (s + start + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s + start, steps) / steps)))
@@ -595,6 +639,10 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
             loss.backward()
             opt.step()
             sched.step()
+            if ratios:
+                with torch.no_grad():  # projected: a ratio above 1 or below the grid's end gets no gradient back
+                    for r in ratios:
+                        r.clamp_(CLIP_GRID[-1], 1.0)
             items += _batch_items(batch)
             last = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
             done = step + 1

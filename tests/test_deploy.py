@@ -424,3 +424,48 @@ def test_export_clip_mse_is_the_same_size_and_a_closer_model(tiny, tmp_path, cap
     code, _, err = run_cli(["export", "--plan", str(plan_path), "--data", f"{TINY}:calib", "--weights",
                             str(tmp_path / "x.safetensors"), "--out", str(tmp_path / "y"), "--clip", "mse"], capsys)
     assert code == 2 and "--clip applies to plans exported without --weights" in err.strip().splitlines()[-1]
+
+
+def test_learned_clip_trains_the_ratios_and_exports_what_it_trained(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from autocomp.training import load_student
+
+    loaded, desc, _ = tiny
+    plan = Plan(layers={"fc1": LayerPlan(bits=2, group_size=16), "fc2": LayerPlan(bits=3, group_size=0, rank=8)},
+                model_spec=f"{TINY}:tiny", fingerprint=desc.fingerprint)
+    plan_path = plan.save(tmp_path / "plan.json")
+    out = tmp_path / "tr.safetensors"
+    code, _, err = run_cli(["train", "--plan", str(plan_path), "--data", f"{TINY}:train_data", "--out", str(out),
+                            "--steps", "6", "--lr", "1e-2", "--clip", "learned"], capsys)
+    assert code == 0, err
+    ratios = {k: v for k, v in load_file(str(out)).items() if k.rsplit(".", 1)[-1].startswith("clip")}
+    assert len(ratios) == 3  # fc1's matrix, fc2's two factors
+    assert any((v != 1.0).any() for v in ratios.values()) and all(((v >= 0.5) & (v <= 1.0)).all() for v in ratios.values())
+    student, meta = load_student(loaded.module, plan, desc, out)
+    assert meta["clip"] == "learned"
+    code, stdout, err = run_cli(["export", "--plan", str(plan_path), "--data", f"{TINY}:calib", "--weights", str(out),
+                                 "--out", str(tmp_path / "m.acz.safetensors"), "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert r["payload_bytes"] == r["predicted_bytes"]
+    b = loaded.batches[0]
+    with torch.no_grad():
+        want = run_batch(finalize(student), b)
+        got = run_batch(autocomp.load(tmp_path / "m.acz.safetensors"), b)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_public_prepare_for_training_takes_the_clip_modes(tiny):
+    loaded, desc, _ = tiny
+    plan = Plan(layers={"fc1": LayerPlan(bits=2, group_size=16)}, model_spec=f"{TINY}:tiny", fingerprint=desc.fingerprint)
+    ref = loaded.module.fc1.weight
+    err = {}
+    for clip in ("minmax", "mse", "learned"):
+        student = autocomp.prepare_for_training(loaded.module, plan, desc, clip=clip)
+        err[clip] = float(((finalize(student).fc1.weight - ref).detach() ** 2).sum())
+        ratios = [n for n, _ in student.named_parameters() if n.endswith("clip0")]
+        assert bool(ratios) == (clip == "learned")
+    assert err["mse"] == pytest.approx(err["learned"]) and err["mse"] < 0.9 * err["minmax"]
+    with pytest.raises(AutocompError, match="clip must be one of"):
+        autocomp.prepare_for_training(loaded.module, plan, desc, clip="lsq")
