@@ -114,13 +114,16 @@ class _CompressedWeight(_torch_module_base()):  # type: ignore[misc]
                 g = self.choice.group_size or cols
                 n = ratio.shape[1]
                 x = torch.nn.functional.pad(v, (0, n * g - cols)).reshape(rows, n, g)
+                mask = getattr(self, f"mask{i}")
+                kept = (v * mask if mask.numel() else v).detach()  # the range of what is stored
+                kept = torch.nn.functional.pad(kept, (0, n * g - cols)).reshape(rows, n, g)
                 a = ratio.clamp(CLIP_GRID[-1], 1.0)
                 if self.choice.symmetric:
-                    hi = x.detach().abs().amax(-1, keepdim=True)
+                    hi = kept.abs().amax(-1, keepdim=True)
                     lo = -hi
                 else:
-                    lo = x.detach().amin(-1, keepdim=True).clamp(max=0.0)
-                    hi = x.detach().amax(-1, keepdim=True).clamp(min=0.0)
+                    lo = kept.amin(-1, keepdim=True).clamp(max=0.0)
+                    hi = kept.amax(-1, keepdim=True).clamp(min=0.0)
                 v = torch.maximum(torch.minimum(x, a * hi), a * lo).reshape(rows, n * g)[:, :cols]
             out.append(v)
         return out
