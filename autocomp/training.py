@@ -104,27 +104,14 @@ class _CompressedWeight(_torch_module_base()):  # type: ignore[misc]
 
     def clipped(self, weight: Any) -> list[Any]:
         """The latent matrices, each group clamped to its learned clipping ratio where there is one."""
-        import torch
-
         out = []
         for i, v in enumerate(self.latent(weight)):
             ratio = getattr(self, f"clip{i}", None)
             if ratio is not None:
-                rows, cols = v.shape
-                g = self.choice.group_size or cols
-                n = ratio.shape[1]
-                x = torch.nn.functional.pad(v, (0, n * g - cols)).reshape(rows, n, g)
                 mask = getattr(self, f"mask{i}")
                 kept = (v * mask if mask.numel() else v).detach()  # the range of what is stored
-                kept = torch.nn.functional.pad(kept, (0, n * g - cols)).reshape(rows, n, g)
-                a = ratio.clamp(CLIP_GRID[-1], 1.0)
-                if self.choice.symmetric:
-                    hi = kept.abs().amax(-1, keepdim=True)
-                    lo = -hi
-                else:
-                    lo = kept.amin(-1, keepdim=True).clamp(max=0.0)
-                    hi = kept.amax(-1, keepdim=True).clamp(min=0.0)
-                v = torch.maximum(torch.minimum(x, a * hi), a * lo).reshape(rows, n * g)[:, :cols]
+                lo, hi = _group_range(_grouped(kept, self.choice.group_size), self.choice.symmetric)
+                v = _clamp_groups(v, self.choice.group_size, lo, hi, ratio.clamp(CLIP_GRID[-1], 1.0))
             out.append(v)
         return out
 
@@ -290,27 +277,44 @@ def mse_clip(v: Any, bits: int, group_size: int, symmetric: bool, mask: Any = No
     from autocomp.compressors.quantize import quantize_matrix
 
     w = v if mask is None or not mask.numel() else v * mask
-    rows, cols = w.shape
-    g = group_size or cols
-    n = -(-cols // g)
-    x = torch.nn.functional.pad(w, (0, n * g - cols)).reshape(rows, n, g)
-    lo, hi = x.amin(-1, keepdim=True).clamp(max=0.0), x.amax(-1, keepdim=True).clamp(min=0.0)
-    if symmetric:
-        lo = hi = x.abs().amax(-1, keepdim=True)
-        lo = -lo
+    lo, hi = _group_range(_grouped(w, group_size), symmetric)
     best_err = best_a = None
     for a in CLIP_GRID:
-        xc = torch.maximum(torch.minimum(x, a * hi), a * lo).reshape(rows, n * g)[:, :cols]
-        deq = quantize_matrix(xc, bits, group_size, symmetric)[0]
-        err = torch.nn.functional.pad((deq - w) ** 2, (0, n * g - cols)).reshape(rows, n, g).sum(-1, keepdim=True)
+        deq = quantize_matrix(_clamp_groups(w, group_size, lo, hi, a), bits, group_size, symmetric)[0]
+        err = _grouped((deq - w) ** 2, group_size).sum(-1, keepdim=True)
         if best_err is None:
             best_err, best_a = err, torch.full_like(err, a)
         else:
             better = err < best_err
             best_err, best_a = torch.where(better, err, best_err), torch.where(better, torch.full_like(err, a), best_a)
-    out = torch.maximum(torch.minimum(torch.nn.functional.pad(v, (0, n * g - cols)).reshape(rows, n, g),
-                                      best_a * hi), best_a * lo)
-    return out.reshape(rows, n * g)[:, :cols]
+    return _clamp_groups(v, group_size, lo, hi, best_a)
+
+
+def _grouped(v: Any, group_size: int) -> Any:
+    """``[rows, cols]`` -> ``[rows, groups, group_size]``, zero-padded: the quantizer's groups."""
+    import torch
+
+    rows, cols = v.shape
+    g = group_size or cols
+    n = -(-cols // g)
+    return torch.nn.functional.pad(v, (0, n * g - cols)).reshape(rows, n, g)
+
+
+def _group_range(x: Any, symmetric: bool) -> tuple[Any, Any]:
+    """Per group (``[rows, groups, 1]``) the range the quantizer spans: ±max|x|, or [min, max] widened to 0."""
+    if symmetric:
+        hi = x.abs().amax(-1, keepdim=True)
+        return -hi, hi
+    return x.amin(-1, keepdim=True).clamp(max=0.0), x.amax(-1, keepdim=True).clamp(min=0.0)
+
+
+def _clamp_groups(v: Any, group_size: int, lo: Any, hi: Any, ratio: Any) -> Any:
+    """``v`` with every group clamped to ``ratio`` times its range ``[lo, hi]``."""
+    import torch
+
+    rows, cols = v.shape
+    x = _grouped(v, group_size)
+    return torch.maximum(torch.minimum(x, ratio * hi), ratio * lo).reshape(rows, -1)[:, :cols]
 
 
 def clip_init(student: Any) -> int:
