@@ -302,7 +302,11 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
                         continue
                     wq, bq = applier.compressed(plan, name)
                     if wq is not None:
-                        total += float((fw[name] * (wq.float() - mods[name].weight.float()).pow(2)).sum())
+                        f, w = fw[name], mods[name].weight
+                        rows = applier.row_subsets.get(name)
+                        if rows is not None:  # an embedding table: rows never looked up have zero Fisher
+                            f, w, wq = f.index_select(0, rows), w.index_select(0, rows), wq.index_select(0, rows)
+                        total += float((f * (wq.float() - w.float()).pow(2)).sum())
                     if bq is not None and name in fb:
                         total += float((fb[name] * (bq.float() - mods[name].bias.float()).pow(2)).sum())
                     if plan.layer(name).act_bits == 8:
