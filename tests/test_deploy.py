@@ -324,6 +324,35 @@ def test_train_embeddings_moves_the_table_and_resumes_with_it(tiny, tmp_path, ca
     assert load_student(loaded.module, plan, desc, outs[True])[1]["train_embeddings"] == "1"
 
 
+def test_pruned_embedding_table_trains_and_exports_exactly(tiny, tmp_path, capsys):
+    """The default space prunes embedding tables: a trained u60 3-bit table keeps its mask (60% zeros),
+    its export is exactly the predicted size and loads back to the checkpoint's outputs."""
+    from autocomp.training import load_student
+
+    loaded, desc, _ = tiny
+    plan = Plan(layers={"emb": LayerPlan(bits=3, group_size=16, prune="unstructured", sparsity=0.6),
+                        "fc1": LayerPlan(bits=4, group_size=16)}, model_spec=f"{TINY}:tiny", fingerprint=desc.fingerprint)
+    plan_path = plan.save(tmp_path / "plan.json")
+    ckpt, packed = tmp_path / "tr.safetensors", tmp_path / "m.acz.safetensors"
+    code, _, err = run_cli(["train", "--plan", str(plan_path), "--data", f"{TINY}:train_data", "--out", str(ckpt),
+                            "--steps", "5", "--lr", "1e-2", "--train-embeddings"], capsys)
+    assert code == 0, err
+    code, stdout, err = run_cli(["export", "--plan", str(plan_path), "--data", f"{TINY}:calib", "--weights", str(ckpt),
+                                 "--out", str(packed), "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert r["payload_bytes"] == r["predicted_bytes"] == plan_bytes(desc, plan)
+    student = finalize(load_student(loaded.module, plan, desc, ckpt)[0])
+    table = student.emb.weight.detach()
+    assert (table == 0).float().mean() >= 0.6
+    assert not torch.equal(table, loaded.module.emb.weight.detach())
+    model = autocomp.load(packed)
+    b = loaded.batches[0]
+    with torch.no_grad():
+        want, got = run_batch(student, b), run_batch(model, b)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 def test_feature_distillation_runs_on_a_student(tmp_path):
     """Regression: the student's parametrization lists must not count as blocks (feature loss was dropped)."""
     from autocomp.models import load_model
