@@ -156,7 +156,7 @@ def test_fisher_estimate_tracks_measured(tmp_path, metric):
     space = SearchSpace.from_yaml(tmp_path / "s.yaml", desc)
     ev = ProxyEvaluator(loaded, desc)
     measured = profile(space, ev, tmp_path / "m", {"weights": "w"})
-    fisher = fisher_profile(space, ev, tmp_path / "f", {"weights": "w"}, probes=32)
+    fisher = fisher_profile(space, ev, tmp_path / "f", {"weights": "w"}, probes=32, measure_share=2.0)  # all estimated
     pairs = [(measured.table[p][o], fisher.table[p][o]) for p in space.params for o in space.params[p]
              if measured.table[p][o] > 0]
     rho = spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic
@@ -164,8 +164,32 @@ def test_fisher_estimate_tracks_measured(tmp_path, metric):
     small = [(a, b) for a, b in pairs if a < 1e-3]
     assert small and all(0.3 < b / a < 3 for a, b in small), small
     assert all(p.grad is None for p in loaded.module.parameters())  # the model is left as found
-    again = fisher_profile(space, ev, tmp_path / "f", {"weights": "w"}, probes=32)
+    again = fisher_profile(space, ev, tmp_path / "f", {"weights": "w"}, probes=32, measure_share=2.0)
     assert again.table == fisher.table  # cached
+
+
+def test_fisher_profile_measures_the_biggest_choices(tmp_path):
+    """Choices holding >= measure_share of the bytes get measured values (the same numbers `profile` gives);
+    the others keep their estimates."""
+    from autocomp.search.sensitivity import fisher_profile
+
+    (tmp_path / "s.yaml").write_text("version: 1\nlayers:\n  - types: [Linear]\n"
+                                     "    quant: [keep, 8c, 4g16, 3c]\n    prune: [none, u30]\n")
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    space = SearchSpace.from_yaml(tmp_path / "s.yaml", desc)
+    ev = ProxyEvaluator(loaded, desc)
+    measured = profile(space, ev, tmp_path / "m", {"weights": "w"})
+    estimated = fisher_profile(space, ev, tmp_path / "e", {"weights": "w"}, measure_share=2.0)
+    shares = {n: desc.by_name[n].nbytes / desc.fp32_bytes for n in space.members}
+    share = sorted(shares.values())[-1]  # only the biggest layer qualifies
+    hybrid = fisher_profile(space, ev, tmp_path / "h", {"weights": "w"}, measure_share=share)
+    assert hybrid.evals == estimated.evals + sum(len(space.params[p]) - 1 for p in space.params
+                                                 if shares[p.rpartition(":")[0]] >= share)
+    for p in space.params:
+        want = measured if shares[p.rpartition(":")[0]] >= share else estimated
+        assert hybrid.table[p] == pytest.approx(want.table[p], rel=1e-6, abs=1e-12), p
+    assert any(hybrid.table[p] != pytest.approx(measured.table[p], rel=1e-3) for p in space.params)
 
 
 @pytest.mark.parametrize("tie", [None, "'{block}'"])

@@ -260,8 +260,12 @@ def _fisher_diag(evaluator: Any, probes: int, seed: int) -> tuple[dict[str, Any]
     return fw, fb, act, den
 
 
+MEASURE_SHARE = 0.05  # fisher_profile measures the options of choices holding at least this share of the bytes
+
+
 def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_parts: dict[str, Any], probes: int = 8,
-                   seed: int = 0, log: Callable[[str], None] = lambda s: None) -> Sensitivity:
+                   seed: int = 0, log: Callable[[str], None] = lambda s: None,
+                   measure_share: float = MEASURE_SHARE) -> Sensitivity:
     """The gradient-based estimate of the sensitivity database: no forward pass per option.
 
     Around the original weights the proxy is ~0 with zero gradient, so its second-order term decides:
@@ -273,11 +277,16 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
     ``d`` is each option's real weight error (the compressor's own output); W8A8 options add the
     activation-rounding noise (step^2 / 12 per input element) weighted by the squared input gradients.
     Diagonal and additive: it ignores interactions the measured database also ignores, plus those within
-    a layer."""
+    a layer.
+
+    Choices whose layers hold at least ``measure_share`` of the model's bytes (an embedding table, an LM
+    head) are measured instead, one proxy evaluation per option: a misestimate there moves the most bytes,
+    and the second-order term underestimates large perturbations (MiniLM's word embeddings at 70% sparsity:
+    0.019 estimated, 0.039 measured). Few choices qualify, so the cost stays a handful of evaluations."""
     import torch
 
     path, hit = _cached(cache_dir, {**key_parts, "params": space.params, "probes": probes, "seed": seed,
-                                    "kind": "fisher-v1"}, "fisher sensitivity", log)
+                                    "kind": "fisher-v2", "measure_share": measure_share}, "fisher sensitivity", log)
     if hit is not None:
         return hit
     t0 = time.perf_counter()
@@ -313,10 +322,24 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
                         total += act[name]
                 row[o] = total * scale
             table[p] = row
-    sens = Sensitivity(table, 0.0, time.perf_counter() - t0, probes * len(evaluator.batches))
+    by_name = space.desc.by_name
+    big = [p for p in space.params if p.rpartition(":")[0] in space.members and sum(
+        by_name[n].nbytes for n in space.members[p.rpartition(":")[0]]) >= measure_share * space.desc.fp32_bytes]
+    measured = 0
+    if big:
+        base = evaluator(space.decode(neutral))
+        for p in big:
+            for o in space.params[p]:
+                if o != neutral[p]:
+                    value = evaluator(space.decode({**neutral, p: o}))
+                    table[p][o] = max(0.0, value - base) if value == value else float("inf")
+                    measured += 1
+    backward = probes * len(evaluator.batches)
+    sens = Sensitivity(table, 0.0, time.perf_counter() - t0, backward + measured)
     atomic_write_text(path, json.dumps(sens.to_dict()))
     sens.path = str(path)
-    log(f"fisher sensitivity: {sens.evals} backward passes, {sens.seconds:.1f} s -> {path}")
+    log(f"fisher sensitivity: {backward} backward passes + {measured} proxy evaluations (choices with "
+        f">= {measure_share:.0%} of the bytes), {sens.seconds:.1f} s -> {path}")
     return sens
 
 
