@@ -117,12 +117,14 @@ def profile(space: SearchSpace, evaluate: Callable[[Any], float], cache_dir: Pat
 
 
 @contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """Send file descriptor 1 to stderr for the duration (catches output of C libraries too)."""
+def _silent_stdout() -> Iterator[None]:
+    """Send file descriptor 1 to /dev/null for the duration (catches output of C libraries too)."""
     sys.stdout.flush()
     saved = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(2, 1)
+        os.dup2(null, 1)
+        os.close(null)
         yield
     finally:
         sys.stdout.flush()
@@ -177,7 +179,9 @@ def ilp_assignment(space: SearchSpace, sens: Sensitivity, budget: int,
             fixed_mod = base_by_mod.get(mod, 0) - sum(
                 space.layer_bytes(m, base) for key in keys for m in space.members[key] if by_name[m].modality == mod)
             constraints.append(LinearConstraint(row, -np.inf, mb - fixed_mod))
-    with _stdout_to_stderr():  # HiGHS prints progress from C; stdout is reserved for --json results
+    # HiGHS prints debug lines from C even with disp off ("HighsMipSolverData::..."); stdout is reserved
+    # for --json results and the lines mean nothing to a user
+    with _silent_stdout():
         res = milp(c, integrality=np.ones(n), bounds=Bounds(0, 1), options={"disp": False},
                    constraints=constraints)
     if res.status != 0 or res.x is None:
