@@ -22,7 +22,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from autocomp.budget import format_bytes, parse_budget
 from autocomp.desc import ModelDesc
@@ -548,7 +548,8 @@ def _run(cfg: SearchConfig, on_event: Any, emit: Any, name: str, url: str, stora
     if SEEDED_ATTR not in study.user_attrs and not (old and study.get_trials(deepcopy=False)):
         if cfg.seeds == "ilp":  # plans of the additive model for a sweep of budgets up to the user's
             for frac, assignment in _ilp_seeds(space, sens, budget, smallest, constraints.budget_split,
-                                               n=min(12, max(5, cfg.trials // 20))):
+                                               n=min(12, max(5, cfg.trials // 20)),
+                                               limits=[lim for lim in limits if lim.name in ("latency", "bitops")]):
                 study.enqueue_trial(assignment, user_attrs={"reference": f"ilp-{frac:.2f}"})
         # start from the uniform reference plans (repaired onto the budget when they do not fit)
         for label, assignment in (reference_assignments(space).items() if cfg.seeds != "none" else ()):
@@ -719,10 +720,10 @@ def _unit_orders(cfg: SearchConfig, loaded: Any, desc: ModelDesc, space: Any, ev
 
 
 def _ilp_seeds(space: Any, sens: Any, budget: int, smallest: int, split: Mapping[str, float] | None = None,
-               n: int = 5) -> list[tuple[float, dict[str, str]]]:
+               n: int = 5, limits: Sequence[Any] = ()) -> list[tuple[float, dict[str, str]]]:
     """Additive-ILP plans for ``n`` budgets from the user's down to 40% of it (or the smallest plan): the
     front below the budget too, where (size, proxy) trade-offs are steepest. ``n`` grows with the trial count
-    (5 for short runs, up to 12)."""
+    (5 for short runs, up to 12). ``limits`` (latency, BitOps) hold for every plan of the sweep."""
     from autocomp.search.sensitivity import ilp_assignment
 
     seeds, seen = [], set()
@@ -733,7 +734,7 @@ def _ilp_seeds(space: Any, sens: Any, budget: int, smallest: int, split: Mapping
         if b < smallest:
             continue
         # per-modality shares stay those of the user's budget (they are caps, not targets)
-        a = ilp_assignment(space, sens, b, {m: int(budget * f) for m, f in (split or {}).items()})
+        a = ilp_assignment(space, sens, b, {m: int(budget * f) for m, f in (split or {}).items()}, limits)
         if a is not None and tuple(sorted(a.items())) not in seen:
             seen.add(tuple(sorted(a.items())))
             seeds.append((frac, a))

@@ -184,6 +184,8 @@ def test_fisher_profile_measures_the_biggest_choices(tmp_path):
     shares = {n: desc.by_name[n].nbytes / desc.fp32_bytes for n in space.members}
     share = sorted(shares.values())[-1]  # only the biggest layer qualifies
     hybrid = fisher_profile(space, ev, tmp_path / "h", {"weights": "w"}, measure_share=share)
+    capped = fisher_profile(space, ev, tmp_path / "c", {"weights": "w"}, measure_share=0.0, measure_max=1)
+    assert capped.table == hybrid.table  # every choice qualifies by share; only the biggest one is measured
     assert hybrid.evals == estimated.evals + sum(len(space.params[p]) - 1 for p in space.params
                                                  if shares[p.rpartition(":")[0]] >= share)
     for p in space.params:
@@ -211,3 +213,38 @@ def test_deep_model_stays_searchable(capsys, studies, tmp_path, tie):
     else:
         assert len(params) == 2 * 211
     assert any(t.user_attrs.get("reference", "").startswith("ilp-") for t in trials)
+
+
+def test_ilp_holds_a_latency_limit(tmp_path):
+    """Seeds respect a latency (any additive) budget: the program picks faster options where it must."""
+    from autocomp.cost.device import parse_device
+    from autocomp.cost.latency import CostModel, Workload
+    from autocomp.search.repair import Limit
+    from autocomp.search.sensitivity import Sensitivity
+
+    (tmp_path / "s.yaml").write_text("version: 1\nlayers:\n  - types: [Linear]\n"
+                                     "    quant: [keep, int8, 4g16]\n    rank: [full, r0.5]\n")
+    desc = introspect(tiny_loaded())
+    space = SearchSpace.from_yaml(tmp_path / "s.yaml", desc)
+    dev = parse_device({"name": "toy", "peak_ops": {"fp32": {"value": 1e9, "source": "s"},
+                                                    "int8": {"value": 4e9, "source": "s"}},
+                        "memory_bandwidth": {"value": 1e8, "source": "s"}, "layer_overhead_s": {"value": 1e-6, "source": "s"},
+                        "efficiency": {"compute": {"value": 1.0, "source": "s"}, "memory": {"value": 1.0, "source": "s"}},
+                        "default_dtype": "fp32", "accelerates": {"int8": True, "weight_only_bits": [], "sparse_2_4": False}},
+                       "toy.yaml")
+    cost = CostModel(dev, desc, Workload(1, None))
+
+    def seconds(n, a):
+        layer, choice, rows, cols = space.layer_plan(n, a)
+        return cost.layer(layer, choice, rows, cols)[0]
+
+    # 4-bit weights cost the least drift but run no faster here (no weight-only kernels); int8 and rank do
+    sens = Sensitivity({p: ({"keep": 0.0, "int8": 0.5, "4g16": 0.1} if p.endswith(":q") else {"full": 0.0, "r0.5": 1.0})
+                        for p in space.params}, 0.0, 0.0, 0)
+    free = ilp_assignment(space, sens, desc.fp32_bytes)  # no size pressure: everything stays uncompressed
+    limit = Limit("latency", seconds, cost._other()[0], 0.0)
+    slow = limit.total(space, free)
+    limit = Limit("latency", seconds, cost._other()[0], 0.8 * slow)
+    held = ilp_assignment(space, sens, desc.fp32_bytes, limits=[limit])
+    assert held is not None and limit.total(space, held) <= limit.budget < slow
+    assert sens.of(held) > sens.of(free)  # it paid drift for speed

@@ -136,6 +136,33 @@ def test_repair_meets_two_budgets_at_once(desc):
     assert totals["size"] <= limits[0].budget and totals["bits"] <= limits[1].budget
 
 
+def test_repair_ends_when_two_budgets_pull_apart(desc):
+    """Two budgets no plan meets together (bytes, and a cost that grows as bits shrink): each step must lower
+    the summed overshoot of both, so the repair stops instead of trading one for the other forever."""
+    import threading
+
+    sp = SearchSpace.from_yaml("default", desc)
+
+    def fewer_bits_cost(n, a):
+        layer, choice, rows, cols = sp.layer_plan(n, a)
+        return 32 / (choice.bits or 32) * rows * cols
+
+    a = sp.largest_assignment()
+    wide = Limit("wide", fewer_bits_cost, 0.0, 1.0).total(sp, a)
+    limits = [size_limit(sp, int(plan_bytes(desc, sp.decode(a)) * 0.3)), Limit("wide", fewer_bits_cost, 0.0, wide * 1.05)]
+    sens = {p: {o: float(i) for i, o in enumerate(opts)} for p, opts in sp.params.items()}
+    done = []
+    for table in (None, sens):
+        worker = threading.Thread(target=lambda t=table: done.append(repair(sp, a, limits, t)), daemon=True)
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive(), "repair cycles between the two budgets"
+    for fixed, totals in done:
+        over = sum(max(0.0, totals[lim.name] - lim.budget) / lim.budget for lim in limits)
+        start = sum(max(0.0, lim.total(sp, a) - lim.budget) / lim.budget for lim in limits)
+        assert over < start  # it still got as close as it could
+
+
 def test_reference_plans_are_uniform(desc):
     sp = SearchSpace.from_yaml("default", desc)
     refs = reference_assignments(sp)

@@ -58,24 +58,30 @@ def repair(space: SearchSpace, assignment: Mapping[str, str], limits: list[Limit
     the most budget regained per unit of added sensitivity (free moves first), not the next notch."""
     a = dict(assignment)
     totals = {lim.name: lim.total(space, a) for lim in limits}
-    while any(totals[lim.name] > lim.budget for lim in limits):
+
+    def excess(t: Mapping[str, float]) -> float:  # summed relative overshoot; 0 = every budget holds
+        return sum(max(0.0, t[lim.name] - lim.budget) / lim.budget for lim in limits)
+
+    # a step is scored on the budgets it violates, and it must also lower the summed overshoot of *all*
+    # budgets (one that saves latency but spends more bytes over the size budget is refused), so the loop
+    # cannot cycle between two budgets and ends
+    while (now := excess(totals)) > 0:
         violated = [lim for lim in limits if totals[lim.name] > lim.budget]
         best = None
         for p, opts in space.params.items():
             layers = space.param_layers(p)
-            before = {lim.name: sum(lim.layer_cost(n, a) for n in layers)
-                      + (lim.masks(space, a) if p.endswith(":keep") else 0) for lim in violated}
+            masks = p.endswith(":keep")
+            before = {lim.name: sum(lim.layer_cost(n, a) for n in layers) + (lim.masks(space, a) if masks else 0)
+                      for lim in limits}
             step = None
             for opt in opts:
                 if opt == a[p]:
                     continue
                 t = {**a, p: opt}
-                gain = 0.0
-                for lim in violated:
-                    after = sum(lim.layer_cost(n, t) for n in layers)
-                    after += lim.masks(space, t) if p.endswith(":keep") else 0
-                    gain += (before[lim.name] - after) / lim.budget
-                if gain <= 0:
+                moved = {lim.name: totals[lim.name] - before[lim.name] + sum(lim.layer_cost(n, t) for n in layers)
+                         + (lim.masks(space, t) if masks else 0) for lim in limits}
+                gain = sum((totals[lim.name] - moved[lim.name]) / lim.budget for lim in violated)
+                if gain <= 0 or excess(moved) >= now - 1e-12:
                     continue
                 if sensitivity is not None:
                     added = max(0.0, sensitivity[p][opt] - sensitivity[p][a[p]])

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from autocomp.plan import atomic_write_text
 from autocomp.space import SearchSpace
@@ -133,9 +133,11 @@ def _silent_stdout() -> Iterator[None]:
 
 
 def ilp_assignment(space: SearchSpace, sens: Sensitivity, budget: int,
-                   modality_budgets: Mapping[str, int] | None = None) -> dict[str, str] | None:
+                   modality_budgets: Mapping[str, int] | None = None,
+                   limits: Sequence[Any] = ()) -> dict[str, str] | None:
     """Minimize summed sensitivity subject to size <= budget (and each modality's bytes <= its budget in
-    ``modality_budgets``); structured groups kept whole.
+    ``modality_budgets``, and every additive :class:`~autocomp.search.repair.Limit` in ``limits``, e.g.
+    latency or BitOps, within its budget); structured groups kept whole.
 
     Exact for the additive model: per tie key every combination of its options is one binary variable.
     Returns None when no combination fits.
@@ -181,10 +183,19 @@ def ilp_assignment(space: SearchSpace, sens: Sensitivity, budget: int,
             constraints.append(LinearConstraint(row, -np.inf, mb - fixed_mod))
     # HiGHS prints debug lines from C even with disp off ("HighsMipSolverData::..."); stdout is reserved
     # for --json results and the lines mean nothing to a user
+    for lim in limits:  # additive over layers: a constant, the layers outside the space, and one column each
+        row = np.array([[sum(lim.layer_cost(m, {**base, **choice}) for m in space.members[key])
+                         for key, choice, _, _ in columns]])
+        outside = sum(lim.layer_cost(layer.name, base) for layer in space.desc.layers
+                      if layer.name not in space.layer_keys)
+        constraints.append(LinearConstraint(row, -np.inf, lim.budget - lim.constant - outside))
     with _silent_stdout():
-        res = milp(c, integrality=np.ones(n), bounds=Bounds(0, 1), options={"disp": False},
-                   constraints=constraints)
-    if res.status != 0 or res.x is None:
+        # one budget row is a multiple-choice knapsack HiGHS solves at once (MiniLM: 0.4 s); a second
+        # (latency) row makes it harder (1.6 s), so a time limit returns the best plan found by then (still
+        # feasible: every constraint holds)
+        res = milp(c, integrality=np.ones(n), bounds=Bounds(0, 1), constraints=constraints,
+                   options={"disp": False, "time_limit": ILP_SECONDS})
+    if res.status not in (0, 1) or res.x is None:
         return None
     out = dict(base)
     for j in np.flatnonzero(res.x > 0.5):
@@ -264,12 +275,14 @@ def _fisher_diag(evaluator: Any, probes: int, seed: int) -> tuple[dict[str, Any]
     return fw, fb, act, den
 
 
-MEASURE_SHARE = 0.05  # fisher_profile measures the options of choices holding at least this share of the bytes
+ILP_SECONDS = 5.0  # per integer program
+MEASURE_SHARE = 0.05  # fisher_profile measures the options of choices holding at least this share of the bytes,
+MEASURE_MAX = 4  # the biggest few of them at most (a model of 20 equal layers must not pay a full measured profile)
 
 
 def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_parts: dict[str, Any], probes: int = 8,
                    seed: int = 0, log: Callable[[str], None] = lambda s: None,
-                   measure_share: float = MEASURE_SHARE) -> Sensitivity:
+                   measure_share: float = MEASURE_SHARE, measure_max: int = MEASURE_MAX) -> Sensitivity:
     """The gradient-based estimate of the sensitivity database: no forward pass per option.
 
     Around the original weights the proxy is ~0 with zero gradient, so its second-order term decides:
@@ -283,14 +296,16 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
     Diagonal and additive: it ignores interactions the measured database also ignores, plus those within
     a layer.
 
-    Choices whose layers hold at least ``measure_share`` of the model's bytes (an embedding table, an LM
-    head) are measured instead, one proxy evaluation per option: a misestimate there moves the most bytes,
-    and the second-order term underestimates large perturbations (MiniLM's word embeddings at 70% sparsity:
-    0.019 estimated, 0.039 measured). Few choices qualify, so the cost stays a handful of evaluations."""
+    The biggest choices (at most ``measure_max`` tie keys, each holding at least ``measure_share`` of the
+    model's bytes: an embedding table, an LM head) are measured instead, one proxy evaluation per option: a
+    misestimate there moves the most bytes, and the second-order term underestimates large perturbations
+    (MiniLM's word embeddings at 70% sparsity: 0.019 estimated, 0.039 measured). The cost stays a few dozen
+    evaluations whatever the model."""
     import torch
 
     path, hit = _cached(cache_dir, {**key_parts, "params": space.params, "probes": probes, "seed": seed,
-                                    "kind": "fisher-v2", "measure_share": measure_share}, "fisher sensitivity", log)
+                                    "kind": "fisher-v2", "measure_share": measure_share, "measure_max": measure_max},
+                          "fisher sensitivity", log)
     if hit is not None:
         return hit
     t0 = time.perf_counter()
@@ -327,8 +342,9 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
                 row[o] = total * scale
             table[p] = row
     by_name = space.desc.by_name
-    big = [p for p in space.params if p.rpartition(":")[0] in space.members and sum(
-        by_name[n].nbytes for n in space.members[p.rpartition(":")[0]]) >= measure_share * space.desc.fp32_bytes]
+    share = {key: sum(by_name[n].nbytes for n in names) / space.desc.fp32_bytes for key, names in space.members.items()}
+    keys = sorted((k for k in share if share[k] >= measure_share), key=lambda k: -share[k])[:measure_max]
+    big = [p for p in space.params if p.rpartition(":")[0] in keys]
     measured = 0
     if big:
         base = evaluator(space.decode(neutral))
@@ -342,8 +358,8 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
     sens = Sensitivity(table, 0.0, time.perf_counter() - t0, backward + measured)
     atomic_write_text(path, json.dumps(sens.to_dict()))
     sens.path = str(path)
-    log(f"fisher sensitivity: {backward} backward passes + {measured} proxy evaluations (choices with "
-        f">= {measure_share:.0%} of the bytes), {sens.seconds:.1f} s -> {path}")
+    log(f"fisher sensitivity: {backward} backward passes + {measured} proxy evaluations (the {len(keys)} "
+        f"biggest choices, >= {measure_share:.0%} of the bytes each), {sens.seconds:.1f} s -> {path}")
     return sens
 
 
