@@ -132,6 +132,9 @@ def _silent_stdout() -> Iterator[None]:
         os.close(saved)
 
 
+ILP_SECONDS = 5.0  # time limit per integer program
+
+
 def ilp_assignment(space: SearchSpace, sens: Sensitivity, budget: int,
                    modality_budgets: Mapping[str, int] | None = None,
                    limits: Sequence[Any] = ()) -> dict[str, str] | None:
@@ -139,8 +142,9 @@ def ilp_assignment(space: SearchSpace, sens: Sensitivity, budget: int,
     ``modality_budgets``, and every additive :class:`~autocomp.search.repair.Limit` in ``limits``, e.g.
     latency or BitOps, within its budget); structured groups kept whole.
 
-    Exact for the additive model: per tie key every combination of its options is one binary variable.
-    Returns None when no combination fits.
+    Exact for the additive model: per tie key every combination of its options is one binary variable
+    (with a latency row, the best plan found within ``ILP_SECONDS`` if HiGHS has not proven it optimal by
+    then). Returns None when no combination fits.
     """
     import numpy as np
     from scipy.optimize import Bounds, LinearConstraint, milp
@@ -181,14 +185,14 @@ def ilp_assignment(space: SearchSpace, sens: Sensitivity, budget: int,
             fixed_mod = base_by_mod.get(mod, 0) - sum(
                 space.layer_bytes(m, base) for key in keys for m in space.members[key] if by_name[m].modality == mod)
             constraints.append(LinearConstraint(row, -np.inf, mb - fixed_mod))
-    # HiGHS prints debug lines from C even with disp off ("HighsMipSolverData::..."); stdout is reserved
-    # for --json results and the lines mean nothing to a user
     for lim in limits:  # additive over layers: a constant, the layers outside the space, and one column each
         row = np.array([[sum(lim.layer_cost(m, {**base, **choice}) for m in space.members[key])
                          for key, choice, _, _ in columns]])
         outside = sum(lim.layer_cost(layer.name, base) for layer in space.desc.layers
                       if layer.name not in space.layer_keys)
         constraints.append(LinearConstraint(row, -np.inf, lim.budget - lim.constant - outside))
+    # HiGHS prints debug lines from C even with disp off ("HighsMipSolverData::..."); stdout is reserved
+    # for --json results and the lines mean nothing to a user
     with _silent_stdout():
         # one budget row is a multiple-choice knapsack HiGHS solves at once (MiniLM: 0.4 s); a second
         # (latency) row makes it harder (1.6 s), so a time limit returns the best plan found by then (still
@@ -275,7 +279,6 @@ def _fisher_diag(evaluator: Any, probes: int, seed: int) -> tuple[dict[str, Any]
     return fw, fb, act, den
 
 
-ILP_SECONDS = 5.0  # per integer program
 MEASURE_SHARE = 0.05  # fisher_profile measures the options of choices holding at least this share of the bytes,
 MEASURE_MAX = 4  # the biggest few of them at most (a model of 20 equal layers must not pay a full measured profile)
 
