@@ -52,16 +52,16 @@ def prepare_for_training(model: Any, plan: Plan, desc: Any = None, schedule: str
     straight-through estimator, fixed (or ``schedule="progressive"``) pruning masks, trainable low-rank
     factors. ``clip``: ``"minmax"`` computes exactly what the search scored; ``"mse"`` starts from each
     quantization group's least-error clipping range; ``"learned"`` (what ``autocomp train`` uses) does too
-    and adds one trainable clipping ratio per group. See :mod:`autocomp.training`."""
+    and adds one trainable clipping ratio per group. See :mod:`autocomp.compressors.student`."""
+    from autocomp.compressors.quantize import CLIPS
+    from autocomp.compressors.student import prepare_for_training as _p
+    from autocomp.compressors.student import start_training
     from autocomp.errors import AutocompError
-    from autocomp.training import CLIPS, clip_init
-    from autocomp.training import prepare_for_training as _p
 
     if clip not in CLIPS:
         raise AutocompError(f"clip must be one of {', '.join(CLIPS)}, got {clip!r}")
-    student = _p(model, plan, desc, schedule, learn_clip=clip == "learned")
-    if clip != "minmax":
-        clip_init(student)
+    student = _p(model, plan, desc, schedule, clip=clip)
+    start_training(student, clip)
     return student
 
 
@@ -75,7 +75,7 @@ def distillation_loss(student_out: Any, teacher_out: Any, kind: str = "response"
 
 def finalize(student: Any) -> Any:
     """A plain model whose weights are exactly the plan's stored (compressed) weights."""
-    from autocomp.training import finalize as _f
+    from autocomp.compressors.student import finalize as _f
 
     return _f(student)
 

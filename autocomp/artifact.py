@@ -46,11 +46,11 @@ def export(model: Any, plan: Plan, path: str | Path, spec: str | None = None, da
     import numpy as np
     from safetensors.numpy import save_file
 
+    from autocomp.compressors.pipeline import pack_layer
+    from autocomp.compressors.student import compressed_layers, compressed_parts, finalize, prepare_for_training
     from autocomp.cost.size import plan_bytes
-    from autocomp.packing import pack_layer
-    from autocomp.training import _compressed_layers, compressed_parts, finalize, prepare_for_training
 
-    student = model if _compressed_layers(model) or getattr(model, "_autocomp_plan", None) is not None else None
+    student = model if compressed_layers(model) or getattr(model, "_autocomp_plan", None) is not None else None
     if student is None:
         student = prepare_for_training(model, plan, desc)
     desc = desc or student._autocomp_desc  # noqa: SLF001
@@ -73,15 +73,16 @@ def export(model: Any, plan: Plan, path: str | Path, spec: str | None = None, da
         if layer.name in parts_by_layer:
             parts, rows, _ = parts_by_layer[layer.name]
             kept_bias = None if bias is None else (bias.detach()[rows] if rows is not None and bias.numel() == layer.rows else bias.detach())
-            arrays.update(pack_layer(layer.name, parts, plan.layer(layer.name).bits, bias=kept_bias))
+            arrays.update(pack_layer(layer.name, parts, plan.layer(layer.name), bias=kept_bias))
         else:
             from autocomp.compressors.base import Part
             from autocomp.models.introspect import weight_matrix_view
+            from autocomp.plan import LayerPlan
 
             m = weight_matrix_view(kind, mod.weight.detach())
-            arrays.update(pack_layer(layer.name, [Part(values=m)], None, itemsize_dtype=str(m.numpy().dtype),
+            arrays.update(pack_layer(layer.name, [Part(values=m)], LayerPlan(), dtype=str(m.numpy().dtype),
                                      bias=None if bias is None else bias.detach()))
-    layers_now = _compressed_layers(student)
+    layers_now = compressed_layers(student)
     for gname, g in sorted(plan.structured.items()):
         if g.keep >= g.units:
             continue
@@ -145,10 +146,9 @@ def load(path: str | Path, model: Any = None) -> Any:
     import torch
     from safetensors.numpy import load_file
 
-    from autocomp.compressors.apply import _fake_quant_input
-    from autocomp.compressors.structured import kept_index
-    from autocomp.models.introspect import compressible_modules
-    from autocomp.packing import unpack_matrix
+    from autocomp.compressors.pipeline import unpack_layer
+    from autocomp.compressors.structured import kept_index, scatter
+    from autocomp.models.introspect import compressible_modules, matrix_to_weight, weight_matrix_view
 
     meta = read_header(path)
     try:
@@ -180,8 +180,6 @@ def load(path: str | Path, model: Any = None) -> Any:
             if id(mod.weight) in seen:
                 continue
             seen.add(id(mod.weight))
-            from autocomp.models.introspect import weight_matrix_view
-
             full = weight_matrix_view(kind, mod.weight)
             rows_full, cols_full = full.shape
             rows = cols = None
@@ -194,18 +192,9 @@ def load(path: str | Path, model: Any = None) -> Any:
             rn = len(rows) if rows is not None else rows_full
             cn = len(cols) if cols is not None else cols_full
             c = plan.layer(name)
-            if c.rank is not None:
-                b = unpack_matrix(arrays, f"{name}.B", rn, c.rank, c.bits, c.group_size, c.symmetric)
-                a = unpack_matrix(arrays, f"{name}.A", c.rank, cn, c.bits, c.group_size, c.symmetric)
-                sub = torch.from_numpy(b) @ torch.from_numpy(a)
-            else:
-                sub = torch.from_numpy(unpack_matrix(arrays, name, rn, cn, c.bits, c.group_size, c.symmetric))
-            dense = torch.zeros(rows_full, cols_full)
-            r = rows if rows is not None else torch.arange(rows_full)
-            cc = cols if cols is not None else torch.arange(cols_full)
-            dense[r[:, None], cc[None, :]] = sub
-            w = dense.t() if kind == "Conv1D" else dense
-            mod.weight.data = w.reshape(mod.weight.shape).to(mod.weight.dtype).contiguous()
+            sub = torch.from_numpy(unpack_layer(arrays, name, c, rn, cn))
+            dense = scatter(sub, rows, cols, (rows_full, cols_full))
+            mod.weight.data = matrix_to_weight(kind, dense, mod.weight).contiguous()
             bias = getattr(mod, "bias", None)
             if bias is not None:
                 stored = torch.from_numpy(arrays[f"{name}.bias"].copy())
@@ -215,8 +204,8 @@ def load(path: str | Path, model: Any = None) -> Any:
                     bias.data = nb
                 else:
                     bias.data = stored.to(bias.dtype).reshape(bias.shape)
-            if c.act_bits == 8:
-                mod.register_forward_pre_hook(_fake_quant_input)
+            for hook in c.input_hooks():
+                mod.register_forward_pre_hook(hook)
         layer_params = {f"{n}.{k}" for n in mods for k in ("weight", "bias")}
         for pname, prm in model.named_parameters():
             if pname in layer_params:

@@ -450,13 +450,10 @@ def export(plan_path: Path, model: str | None, data: str | None, weights: Path |
 
         student, _ = load_student(loaded.module, plan_obj, desc, weights)
     else:
-        from autocomp.training import prepare_for_training
+        from autocomp.compressors.student import prepare_for_training, start_training
 
         student = prepare_for_training(loaded.module, plan_obj, desc)
-        if clip == "mse":
-            from autocomp.training import clip_init
-
-            clip_init(student)
+        start_training(student, clip)
     result = do_export(student, plan_obj, out, spec=model or plan_obj.model_spec,
                        data_spec=data or (loaded.data_spec if ":" in (loaded.data_spec or "") and not
                                           loaded.data_spec.startswith("builtin:") else None), desc=desc)

@@ -204,11 +204,10 @@ def modality_breakdown(plans: list[Plan], desc: Any, loaded: Any = None, cost: A
         if cost is not None:  # the layers' own kernel time; ops outside the layers are not split
             from autocomp.cost.size import structured_shape
 
-            groups = {k: g for k, g in plan.structured.items() if g.keep < g.units}
             for m in row:
                 row[m]["latency_ms"] = 0.0
             for layer in desc.layers:
-                rows, cols = structured_shape(layer, groups) if groups else (layer.rows, layer.cols)
+                rows, cols = structured_shape(layer, plan.structured)
                 row.setdefault(layer.modality, {"size_bytes": 0, "share": 0.0, "latency_ms": 0.0})
                 row[layer.modality]["latency_ms"] += 1e3 * cost.layer(layer, plan.layer(layer.name), rows, cols)[0]
         if ev is not None:

@@ -28,7 +28,7 @@ from autocomp.budget import format_bytes, parse_budget
 from autocomp.desc import ModelDesc
 from autocomp.errors import AutocompError
 from autocomp.plan import Plan, atomic_write_text
-from autocomp.search.pareto import pareto_front
+from autocomp.search.pareto import feasible, pareto_front
 
 __all__ = ["SearchConfig", "run_search", "StudyHandle", "open_study", "study_result", "default_study_name",
            "check_study_name", "ENGINE_VERSION"]
@@ -268,7 +268,7 @@ def front_trials(study: Any, budget: int, objectives: list[str] | None = None) -
     objectives = objectives or study.user_attrs.get(ATTR, {}).get("objectives", ["proxy", "size"])
     done = [t for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
             if t.values and all(math.isfinite(v) for v in t.values)
-            and all(c <= 0 for c in t.constraints.values())
+            and feasible(t)
             and trial_metric(t, "size", objectives) <= budget]
     idx = pareto_front([tuple(t.values) for t in done])
     front = [done[i] for i in idx]
@@ -398,10 +398,10 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
     if cfg.address and cfg.backend != "ray":
         raise AutocompError("--address is a Ray cluster address; add --backend ray")
     if cfg.address:
-        from autocomp.raybackend import _reachable
+        from autocomp.raybackend import reachable
 
         try:
-            _reachable(cfg.address)
+            reachable(cfg.address)
         except RuntimeError as e:
             raise AutocompError(f"Ray cluster at {cfg.address!r} is unreachable: {e}; check --address (or leave it "
                                 f"out to start Ray here)") from None
@@ -474,7 +474,7 @@ def _run(cfg: SearchConfig, on_event: Any, emit: Any, name: str, url: str, stora
         from autocomp.cost.latency import CostModel, parse_workload
 
         cost = CostModel(device, desc, parse_workload(cfg.workload, desc))
-        other_s = cost._other()[0]
+        other_s = cost.other_cost()[0]
 
         def layer_seconds(n: str, a: Any) -> float:
             layer, choice, rows, cols = space.layer_plan(n, a)
@@ -563,7 +563,10 @@ def _run(cfg: SearchConfig, on_event: Any, emit: Any, name: str, url: str, stora
     known: dict[str, tuple[float, int]] = {}
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
         if "plan_key" in t.user_attrs and t.user_attrs.get("evaluated", True):
-            known.setdefault(t.user_attrs["plan_key"], (trial_metric(t, "proxy", objectives), t.number))
+            key = t.user_attrs["plan_key"]
+            if len(key) != 16 and "plan" in t.user_attrs:  # a trial from before Plan.digest (sha1 of the key)
+                key = Plan.from_dict(t.user_attrs["plan"]).digest()
+            known.setdefault(key, (trial_metric(t, "proxy", objectives), t.number))
     done = sum(_finished(t) for t in study.get_trials(deepcopy=False))
     result = study_result(handle)
     emit("start", {"study": name, "storage": _mask_url(url), "done": done, "total": cfg.trials,
@@ -793,7 +796,7 @@ def _run_trial(trial: Any, space: Any, desc: ModelDesc, limits: list[Any], cost:
     if any(v > 0 for v in excess.values()):  # never evaluated
         trial.set_user_attr("skipped", "over budget: " + ", ".join(k for k, v in excess.items() if v > 0))
         return S.PRUNED, None
-    key = hashlib.sha1(plan.key().encode()).hexdigest()
+    key = plan.digest()
     trial.set_user_attr("plan_key", key)
     body = plan.to_dict()
     body.pop("metrics", None)

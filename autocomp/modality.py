@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from autocomp.desc import ModelDesc
 from autocomp.errors import AutocompError
 
-__all__ = ["modality_of", "retag", "modalities", "bytes_by_modality", "Constraints", "parse_constraints"]
+__all__ = ["modality_of", "retag", "modalities", "bytes_by_modality", "other_bytes_by_modality", "Constraints", "parse_constraints"]
 
 
 def modality_of(name: str, desc: ModelDesc) -> str:
@@ -50,7 +50,8 @@ def modalities(desc: ModelDesc) -> list[str]:
     return list(dict.fromkeys(layer.modality for layer in desc.layers))
 
 
-def _other_by_modality(desc: ModelDesc) -> dict[str, int]:
+def other_bytes_by_modality(desc: ModelDesc) -> dict[str, int]:
+    """modality -> bytes of the parameters outside the compressible layers (norms, position tables, ...)."""
     out: dict[str, int] = {}
     params = desc.info.get("other_param_bytes")
     if params is None:  # a description from before tagging: the model's main modality takes them
@@ -67,11 +68,11 @@ def bytes_by_modality(desc: ModelDesc, plan: Any) -> dict[str, int]:
     parameters); the values add up to :func:`autocomp.cost.size.plan_bytes`."""
     from autocomp.cost.size import layer_bytes, structured_shape
 
-    out = dict(_other_by_modality(desc))
+    out = dict(other_bytes_by_modality(desc))
     groups = {k: g for k, g in plan.structured.items() if g.keep < g.units}
     by_name = desc.by_name
     for layer in desc.layers:
-        rows, cols = structured_shape(layer, groups) if groups else (layer.rows, layer.cols)
+        rows, cols = structured_shape(layer, groups)
         out[layer.modality] = out.get(layer.modality, 0) + layer_bytes(layer, plan.layer(layer.name), rows, cols)
     for g in groups.values():
         m = by_name[g.producers[0]].modality

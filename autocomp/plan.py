@@ -2,8 +2,12 @@
 
 A :class:`Plan` maps module paths to :class:`LayerPlan` choices (layers not named are kept as they are),
 plus the structured-pruning groups (:class:`StructuredGroup`) that remove whole neurons / heads / channels
-from coupled layers. The JSON form is ``{"_type": "autocomp.Plan", "_version": 1, ...}``; loading checks
-both and refuses anything else. Nothing is ever unpickled.
+from coupled layers. The JSON form is ``{"_type": "autocomp.Plan", "_version": 2, "techniques": {name:
+config version}, "layers": {module path: {technique name: {config fields}}}, ...}``. Version-1 plans (fixed
+``bits``/``group_size``/``symmetric``/``prune``/``sparsity``/``rank``/``act_bits`` fields per layer) are
+read and converted by the built-in techniques. Loading checks type and version and refuses anything else;
+unknown top-level keys are ignored (forward-compatible: a newer autocomp may add some). Nothing is ever
+unpickled.
 """
 
 from __future__ import annotations
@@ -17,69 +21,142 @@ from typing import Any, Mapping
 
 from autocomp.errors import AutocompError
 
-__all__ = ["LayerPlan", "StructuredGroup", "Plan", "PLAN_VERSION", "atomic_write_text"]
+__all__ = ["LayerPlan", "StructuredGroup", "Plan", "PLAN_VERSION", "V1_FIELDS", "atomic_write_text"]
 
-PLAN_VERSION = 1
-PRUNE_KINDS = ("none", "unstructured", "2:4")
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
-@dataclass(frozen=True)
+V1_FIELDS = {"bits": None, "group_size": 0, "symmetric": True, "prune": "none", "sparsity": 0.0, "rank": None,
+             "act_bits": None}  # a version-1 plan's fixed per-layer fields and their "no compression" values
+
+
 class LayerPlan:
-    """Compression of one layer's weight. Order of application: low-rank, then prune, then quantize.
+    """Compression of one layer's weight: the configs of its techniques (technique name -> frozen config),
+    applied in the techniques' pipeline order (e.g. low rank, then prune, then quantize).
 
-    bits:        integer weight bits (2..8), or ``None`` to keep the stored dtype.
-    group_size:  quantization group along the input dimension; ``0`` means one group per output row
-                 (per-channel).
-    symmetric:   symmetric (no zero-point) or asymmetric (a zero-point per group) quantization.
-    prune:       ``"none"``, ``"unstructured"`` (magnitude, ``sparsity`` of the entries removed) or
-                 ``"2:4"`` (two of every four consecutive inputs kept).
-    rank:        truncated-SVD rank (``W ~ B @ A``), or ``None`` for no factorization. Absolute rank of the
-                 (possibly structurally pruned) matrix.
-    act_bits:    ``8`` for W8A8 execution (inputs quantized on the fly, per tensor, as int8 kernels do; only
-                 with 8-bit per-channel symmetric weights on Linear layers), ``None`` for float activations.
+    ``LayerPlan(QuantConfig(4, 128), PruneConfig("unstructured", 0.5))`` or, for the built-in techniques,
+    the version-1 keywords ``LayerPlan(bits=4, group_size=128, prune="unstructured", sparsity=0.5,
+    rank=None, symmetric=True, act_bits=None)``. Immutable and hashable; ``LayerPlan()`` keeps the layer.
     """
 
-    bits: int | None = None
-    group_size: int = 0
-    symmetric: bool = True
-    prune: str = "none"
-    sparsity: float = 0.0
-    rank: int | None = None
-    act_bits: int | None = None
+    __slots__ = ("_configs", "_hash")
 
-    def __post_init__(self) -> None:
-        if self.act_bits is not None and (self.act_bits != 8 or self.bits != 8 or self.group_size or not self.symmetric):
-            raise AutocompError("act_bits 8 (W8A8) needs bits 8, group_size 0 (per channel) and symmetric weights")
-        if self.bits is not None and not 1 <= int(self.bits) <= 16:
-            raise AutocompError(f"bits must be in 1..16 or null, got {self.bits}")
-        if self.group_size < 0:
-            raise AutocompError(f"group_size must be >= 0 (0 = per channel), got {self.group_size}")
-        if self.prune not in PRUNE_KINDS:
-            raise AutocompError(f"prune must be one of {PRUNE_KINDS}, got {self.prune!r}")
-        if self.prune == "unstructured" and not 0.0 < self.sparsity < 1.0:
-            raise AutocompError(f"unstructured sparsity must be in (0, 1), got {self.sparsity}")
-        if self.rank is not None and self.rank < 1:
-            raise AutocompError(f"rank must be >= 1 or null, got {self.rank}")
+    def __init__(self, *configs: Any, **v1: Any) -> None:
+        from autocomp.compressors.base import TechniqueConfig, registered, technique
+
+        found: dict[str, Any] = {}
+        if not configs and not v1:
+            object.__setattr__(self, "_configs", ())
+            object.__setattr__(self, "_hash", hash(()))
+            return
+        if len(configs) == 1 and isinstance(configs[0], Mapping):
+            configs = tuple(configs[0].values())
+        for c in configs:
+            if not isinstance(c, TechniqueConfig):
+                raise AutocompError(f"LayerPlan takes technique configs, got {type(c).__name__}")
+            technique(c.technique)  # registered here
+            if c.technique in found:
+                raise AutocompError(f"a layer takes one {c.technique} config, got two")
+            found[c.technique] = c
+        if v1:
+            bad = sorted(set(v1) - set(V1_FIELDS))
+            if bad:
+                raise AutocompError(f"unknown layer field {bad[0]!r}; allowed: {', '.join(V1_FIELDS)}")
+            fields = {**V1_FIELDS, **v1}
+            for t in registered():
+                try:
+                    c = t.from_v1(fields)
+                except (TypeError, ValueError) as e:
+                    raise AutocompError(f"{t.name}: {e}") from None
+                if c is not None:
+                    found[t.name] = c
+        stages: dict[str, str] = {}
+        ordered = []
+        for t in registered():
+            if t.name in found:
+                if t.stage in stages:
+                    raise AutocompError(f"a layer takes one {t.stage} technique, got {stages[t.stage]} and {t.name}")
+                stages[t.stage] = t.name
+                ordered.append((t.name, found[t.name]))
+        object.__setattr__(self, "_configs", tuple(ordered))
+        object.__setattr__(self, "_hash", hash(self._configs))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("LayerPlan is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LayerPlan) and self._configs == other._configs
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"LayerPlan({', '.join(repr(c) for _, c in self._configs)})"
+
+    def __reduce__(self) -> Any:  # pickling (Ray actors): rebuilt from the configs
+        return (LayerPlan, tuple(c for _, c in self._configs))
+
+    def get(self, name: str) -> Any:
+        """The config of technique ``name``, or None when the layer does not use it."""
+        for n, c in self._configs:
+            if n == name:
+                return c
+        return None
+
+    def items(self) -> tuple[tuple[str, Any], ...]:
+        """(technique name, config) in pipeline order."""
+        return self._configs
+
+    def steps(self) -> list[tuple[Any, Any]]:
+        """(technique, config) in pipeline order."""
+        from autocomp.compressors.base import technique
+
+        return [(technique(n), c) for n, c in self._configs]
 
     @property
     def is_identity(self) -> bool:
-        return self.bits is None and self.prune == "none" and self.rank is None
+        return not self._configs
+
+    def without(self, stage: str) -> "LayerPlan":
+        """The same plan without the technique of one stage (e.g. ``"factor"``)."""
+        return LayerPlan(*(c for t, c in self.steps() if t.stage != stage))
 
     def label(self) -> str:
         """Short human label, e.g. ``r96+u50+4g128`` or ``8c`` or ``keep``."""
-        parts = []
-        if self.rank is not None:
-            parts.append(f"r{self.rank}")
-        if self.prune == "unstructured":
-            parts.append(f"u{round(self.sparsity * 100)}")
-        elif self.prune == "2:4":
-            parts.append("2:4")
-        if self.act_bits == 8:
-            parts.append("int8")
-        elif self.bits is not None:
-            g = "c" if self.group_size == 0 else f"g{self.group_size}"
-            parts.append(f"{self.bits}{g}{'' if self.symmetric else 'a'}")
-        return "+".join(parts) or "keep"
+        return "+".join(t.label(c) for t, c in self.steps()) or "keep"
+
+    def summary(self) -> dict[str, float]:
+        """Plain figures merged from the techniques: bits, sparsity, rank (where they apply)."""
+        out: dict[str, float] = {}
+        for t, c in self.steps():
+            out.update(t.summary(c))
+        return out
+
+    def input_hooks(self) -> list[Any]:
+        """Forward-pre-hooks the techniques put on the layer's inputs (W8A8 activation quantization)."""
+        return [h for t, c in self.steps() if (h := t.input_hook(c)) is not None]
+
+    def v1(self) -> dict[str, Any] | None:
+        """The version-1 fields of this layer, or None when a technique has no version-1 form."""
+        out = dict(V1_FIELDS)
+        for t, c in self.steps():
+            f = t.to_v1(c)
+            if f is None:
+                return None
+            out.update(f)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {n: c.to_dict() for n, c in self._configs}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "layer") -> "LayerPlan":
+        from autocomp.compressors.base import technique
+
+        if not isinstance(d, Mapping):
+            raise AutocompError(f"{where} must map technique names to their configs")
+        return cls(*(technique(str(n)).config.from_dict(v, where) for n, v in d.items()))
 
 
 @dataclass(frozen=True)
@@ -132,32 +209,38 @@ class Plan:
         return replace(self, metrics={**self.metrics, **metrics})
 
     def key(self) -> str:
-        """A canonical string of the choices only (no metrics): equal keys mean equal compressed models."""
-        body = {"layers": {k: asdict(v) for k, v in sorted(self.layers.items()) if not v.is_identity},
+        """A canonical string of the choices only (no metrics): equal keys mean equal compressed models.
+        Layers the version-1 fields can describe are written as in version 1, so keys (and the digests
+        studies and training checkpoints store) did not change with the plan format."""
+        def layer(v: LayerPlan) -> Any:
+            return v.v1() or {"v2": v.to_dict()}
+
+        body = {"layers": {k: layer(v) for k, v in sorted(self.layers.items()) if not v.is_identity},
                 "structured": {k: v.to_dict() for k, v in sorted(self.structured.items()) if v.keep < v.units}}
         return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        """16 hex digits of SHA-256 of :meth:`key`: the identity of the compressed model."""
+        import hashlib
+
+        return hashlib.sha256(self.key().encode()).hexdigest()[:16]
 
     def summary(self, n_layers: int | None = None) -> str:
         """One line for people: weight formats by layer count, pruning, ranks, structured cuts."""
         from collections import Counter
 
-        def fmt(c: LayerPlan) -> str:
-            if c.bits is None:
-                return "fp"
-            return f"{'int8' if c.act_bits == 8 else f'{c.bits}b'}{'' if c.group_size == 0 else f'g{c.group_size}'}"
+        from autocomp.compressors.base import axes
 
-        q = Counter(fmt(c) for c in self.layers.values() if c.bits is not None)
         kept = (n_layers - len(self.layers)) if n_layers else 0
-        parts = [", ".join(f"{k}x{v}" for k, v in q.most_common()) or "no quantization"]
-        if kept > 0:
-            parts[0] += f", fp x{kept}"
-        pr = Counter(c.prune if c.prune != "unstructured" else f"u{round(c.sparsity * 100)}"
-                     for c in self.layers.values() if c.prune != "none")
-        if pr:
-            parts.append("pruned " + ", ".join(f"{k}x{v}" for k, v in pr.most_common()))
-        lr = sum(1 for c in self.layers.values() if c.rank is not None)
-        if lr:
-            parts.append(f"low-rank x{lr}")
+        parts = []
+        for t in axes():
+            used = [c for v in self.layers.values() if (c := v.get(t.name)) is not None]
+            counts = Counter(t.brief(c) for c in used)
+            text = ", ".join(f"{k}x{v}" for k, v in counts.most_common() if k)
+            if t.reference_axis:  # the weight formats lead the line
+                parts.insert(0, (text or "no quantization") + (f", fp x{kept}" if kept > 0 else ""))
+            elif used:
+                parts.append(f"{t.title or t.name} {text}" if text else f"{t.title or t.name} x{len(used)}")
         cut = [g for g in self.structured.values() if g.keep < g.units]
         if cut:
             parts.append(f"{len(cut)} structured groups cut ({sum(g.units - g.keep for g in cut)} units)")
@@ -169,7 +252,8 @@ class Plan:
             "_type": "autocomp.Plan",
             "_version": PLAN_VERSION,
             "model": {"spec": self.model_spec, "name": self.model_name, "fingerprint": self.fingerprint},
-            "layers": {k: asdict(v) for k, v in sorted(self.layers.items())},
+            "techniques": self.techniques(),
+            "layers": {k: v.to_dict() for k, v in sorted(self.layers.items())},
             "structured": {
                 k: {**v.to_dict(), "producers": list(v.producers), "consumers": list(v.consumers),
                     **({"order": list(v.order)} if v.order else {})}
@@ -184,12 +268,19 @@ class Plan:
         if not isinstance(d, Mapping) or d.get("_type") != "autocomp.Plan":
             raise AutocompError(f"{source} is not an autocomp plan (missing _type 'autocomp.Plan')")
         version = d.get("_version")
-        if version != PLAN_VERSION:
+        if version not in READABLE_VERSIONS:
             raise AutocompError(
-                f"{source} has plan version {version!r}; this autocomp reads version {PLAN_VERSION}"
+                f"{source} has plan version {version!r}; this autocomp reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade autocomp to read it"
             )
+        if not isinstance(d.get("layers", {}), Mapping):
+            raise AutocompError(f"{source} is malformed: 'layers' must map module paths to layer plans")
         try:
-            layers = {str(k): LayerPlan(**v) for k, v in d.get("layers", {}).items()}
+            if version == 1:
+                layers = {str(k): _v1_layer(v, f"{source}: layer {k!r}") for k, v in d.get("layers", {}).items()}
+            else:
+                _check_versions(d.get("techniques", {}), source)
+                layers = {str(k): LayerPlan.from_dict(v, f"{source}: layer {k!r}") for k, v in d.get("layers", {}).items()}
             structured = {
                 str(k): StructuredGroup(**{**v, "producers": tuple(v["producers"]),
                                            "consumers": tuple(v["consumers"]),
@@ -202,6 +293,13 @@ class Plan:
                        metrics=dict(d.get("metrics", {})), meta=dict(d.get("meta", {})))
         except (TypeError, KeyError, AttributeError) as e:
             raise AutocompError(f"{source} is malformed: {e}") from None
+
+    def techniques(self) -> dict[str, int]:
+        """The techniques this plan uses, with their config versions."""
+        from autocomp.compressors.base import technique
+
+        names = sorted({n for v in self.layers.values() for n, _ in v.items()})
+        return {n: technique(n).config.VERSION for n in names}
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         path = Path(path)
@@ -221,6 +319,27 @@ class Plan:
 
 
 _KEEP = LayerPlan()
+
+
+def _v1_layer(v: Any, where: str) -> LayerPlan:
+    if not isinstance(v, Mapping):
+        raise AutocompError(f"{where} must be a mapping of {', '.join(V1_FIELDS)}")
+    try:
+        return LayerPlan(**{str(k): x for k, x in v.items()})
+    except AutocompError as e:
+        raise AutocompError(f"{where}: {e}") from None
+
+
+def _check_versions(versions: Any, source: str) -> None:
+    from autocomp.compressors.base import technique
+
+    if not isinstance(versions, Mapping):
+        raise AutocompError(f"{source} is malformed: 'techniques' must map technique names to config versions")
+    for name, version in versions.items():
+        have = technique(str(name)).config.VERSION
+        if version != have:
+            raise AutocompError(f"{source} stores {name} configs of version {version!r}; this autocomp reads version "
+                                f"{have}")
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

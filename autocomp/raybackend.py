@@ -79,7 +79,7 @@ def _absolute(spec: str | None) -> str | None:
     return spec
 
 
-def _reachable(address: str, timeout: float = 5.0) -> None:
+def reachable(address: str, timeout: float = 5.0) -> None:
     """Fail fast on a ``host:port`` / ``ray://host:port`` nobody listens on (Ray itself retries for minutes)."""
     import socket
 
@@ -111,7 +111,7 @@ class RayPool:
                                    f"with {cfg.workers} workers"})
         try:
             if cfg.address:
-                _reachable(cfg.address)
+                reachable(cfg.address)
                 ray.init(address=cfg.address, **kwargs)
             else:
                 base = tempfile.gettempdir()  # Ray's socket paths must fit in 107 bytes

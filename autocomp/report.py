@@ -24,15 +24,15 @@ def _plan_rows(plan: dict[str, Any], layers: list[dict[str, Any]]) -> list[dict[
     from autocomp.plan import Plan
 
     p = Plan.from_dict(plan)
-    groups = {k: g for k, g in p.structured.items() if g.keep < g.units}
     rows = []
     for d in layers:
         layer = LayerDesc(**d)
         c = p.layer(layer.name)
-        r, k = structured_shape(layer, groups) if groups else (layer.rows, layer.cols)
+        r, k = structured_shape(layer, p.structured)
+        fig = c.summary()
         rows.append({"layer": layer.name, "block": layer.block, "modality": layer.modality,
-                     "bits": c.bits or 8 * layer.weight_itemsize, "sparsity": c.sparsity if c.prune == "unstructured" else
-                     (0.5 if c.prune == "2:4" else 0.0), "rank": (c.rank / min(layer.rows, layer.cols)) if c.rank else 1.0,
+                     "bits": fig.get("bits", 8 * layer.weight_itemsize), "sparsity": fig.get("sparsity", 0.0),
+                     "rank": fig["rank"] / min(layer.rows, layer.cols) if "rank" in fig else 1.0,
                      "cut": 1 - (r * k) / (layer.rows * layer.cols), "bytes": layer_bytes(layer, c, r, k)})
     return rows
 
@@ -42,7 +42,7 @@ def collect(handle: Any) -> dict[str, Any]:
     import optuna
 
     from autocomp.engine import front_trials, trial_metric
-    from autocomp.search.pareto import knee_index
+    from autocomp.search.pareto import feasible, knee_index
 
     S = optuna.trial.TrialState
     meta = handle.meta
@@ -56,7 +56,7 @@ def collect(handle: Any) -> dict[str, Any]:
     for t in trials:
         size = t.user_attrs.get("size_bytes")
         if t.state == S.COMPLETE and t.values:
-            kind = "feasible" if all(c <= 0 for c in t.constraints.values()) and size is not None and size <= budget else "infeasible"
+            kind = "feasible" if feasible(t) and size is not None and size <= budget else "infeasible"
             proxy = trial_metric(t, "proxy", objectives)
         elif t.state == S.PRUNED and size is not None:
             kind, proxy = "infeasible", None  # over a budget: never evaluated

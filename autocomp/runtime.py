@@ -26,7 +26,6 @@ from typing import Any
 
 from autocomp.compressors.apply import PlanApplier, check_plan
 from autocomp.compressors.base import Part
-from autocomp.cost.latency import runs_int8
 from autocomp.desc import ModelDesc
 from autocomp.models.introspect import compressible_modules
 from autocomp.plan import LayerPlan, Plan
@@ -34,30 +33,38 @@ from autocomp.plan import LayerPlan, Plan
 __all__ = ["build_runtime_model", "measure_latency_ms"]
 
 
-def _linear(part: Part, bias: Any, choice: LayerPlan) -> Any:
+def _dense_linear(part: Part, bias: Any) -> Any:
     import torch
 
     values = part.values if part.mask is None else part.values * part.mask
     rows, cols = values.shape
-    if runs_int8(None, choice) and part.codes is not None:
-        import torch.ao.nn.quantized.dynamic as nnqd
-
-        q = (part.codes.to(torch.int32) - 128).to(torch.int8)  # stored unsigned: q + 2^(bits-1)
-        import warnings
-
-        scale = part.scale.reshape(-1).double()
-        with warnings.catch_warnings():  # torch >= 2.10 marks quantized tensors deprecated; the kernels remain
-            warnings.simplefilter("ignore")
-            qweight = torch._make_per_channel_quantized_tensor(q, scale, torch.zeros(rows, dtype=torch.long), 0)
-        layer = nnqd.Linear(cols, rows, bias_=bias is not None, dtype=torch.qint8)
-        layer.set_weight_bias(qweight, None if bias is None else bias.detach().float())
-        return layer
     layer = torch.nn.Linear(cols, rows, bias=bias is not None)
     with torch.no_grad():
         layer.weight.copy_(values)
         if bias is not None:
             layer.bias.copy_(bias)
     return layer.eval()
+
+
+def _lowered(choice: LayerPlan, parts: list[Part], bias: Any) -> Any:
+    """The module running one Linear layer's parts: the techniques' own kernels where they have them
+    (W8A8: int8), dense fp32 otherwise, composed by a factor technique (low rank: two matmuls)."""
+    steps = choice.steps()
+
+    def linear(part: Part, b: Any) -> Any:
+        for tech, config in steps:
+            module = tech.runtime_linear(config, part, b)
+            if module is not None:
+                return module
+        return _dense_linear(part, b)
+
+    for tech, config in steps:
+        module = tech.runtime_graph(config, parts, bias, linear)
+        if module is not None:
+            return module
+    if len(parts) != 1:
+        raise ValueError(f"{len(parts)} stored parts and no technique that composes them at run time")
+    return linear(parts[0], bias)
 
 
 def build_runtime_model(model: Any, desc: ModelDesc, plan: Plan, applier: PlanApplier | None = None) -> Any:
@@ -85,10 +92,7 @@ def build_runtime_model(model: Any, desc: ModelDesc, plan: Plan, applier: PlanAp
         bias = mod.bias
         if bias is not None and rows is not None:
             bias = bias.detach()[rows]
-        if choice.rank is None:
-            new = _linear(parts[0], bias, choice)
-        else:  # x -> A (r x cols) -> B (rows x r)
-            new = torch.nn.Sequential(_linear(parts[1], None, choice), _linear(parts[0], bias, choice))
+        new = _lowered(choice, parts, bias)
         parent_name, _, attr = layer.name.rpartition(".")
         parent = runtime.get_submodule(parent_name) if parent_name else runtime
         setattr(parent, attr, new)

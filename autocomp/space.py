@@ -10,6 +10,10 @@ A space file has ``layers`` rules (first match wins) and optional ``structured``
         prune: [none, u50, '2:4']           # uNN = NN% magnitude sparsity
         rank: [full, r0.5]                  # fraction of the full rank
         tie: '{block}.attn'                 # optional: layers with the same key share one choice
+
+``quant``, ``prune`` and ``rank`` are the axes of the built-in techniques; every registered technique
+(:mod:`autocomp.compressors.base`) adds its own axis key with its own option grammar, and an axis a rule
+does not name stays at that technique's neutral option.
     structured:
       - kind: neurons                       # neurons | heads | channels
         producers: ['(?P<p>.+)\\.intermediate\\.dense']   # first: a regex; the rest: templates
@@ -24,32 +28,33 @@ A space file has ``layers`` rules (first match wins) and optional ``structured``
 Rules may also select by ``modality: [vision]``.
 
 Binding to a model drops options that would not save bytes on that layer (a rank whose factors are
-larger than the matrix, 2:4 on an input size not divisible by 4, ...). Each remaining choice with more
-than one option becomes one categorical Optuna parameter; :meth:`SearchSpace.decode` turns a full
+larger than the matrix, 2:4 on an input size not divisible by 4, ...) and keeps one of several labels that
+mean the same compressed layer. Each remaining choice with more than one option becomes one categorical
+Optuna parameter named ``<layer or tie key>:<technique dim>``; :meth:`SearchSpace.decode` turns a full
 assignment into a :class:`~autocomp.plan.Plan` that the packed format can hold.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from autocomp.cost.size import layer_bytes, structured_shape, tensor_bytes
+from autocomp.compressors.base import Stored, Technique, axes, by_dim, registered
+from autocomp.compressors.pipeline import stored_matrices
+from autocomp.compressors.structured import structured_shape
+from autocomp.cost.size import layer_bytes
 from autocomp.desc import LayerDesc, ModelDesc
 from autocomp.errors import AutocompError
 from autocomp.plan import LayerPlan, Plan, StructuredGroup
 
-__all__ = ["SearchSpace", "reference_assignments", "uniform_assignment", "resolve_space_path", "parse_quant", "parse_prune", "SPACES_DIR"]
+__all__ = ["SearchSpace", "reference_assignments", "uniform_assignment", "resolve_space_path", "neutral_assignment",
+           "SPACES_DIR"]
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D")
-_QUANT = re.compile(r"^(?:keep|int8|(\d+)(c|g(\d+))(a?))$")
-_PRUNE = re.compile(r"^(?:none|u(\d{1,2})|2:4)$")
-_RANK = re.compile(r"^(?:full|r(0?\.\d+|1(?:\.0*)?))$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -66,72 +71,16 @@ def resolve_space_path(space: str) -> Path:
     raise AutocompError(f"search space {space!r} not found; use a YAML path or one of: {known}")
 
 
-@functools.lru_cache(maxsize=None)
-def parse_quant(label: str) -> tuple[int | None, int, bool, int | None]:
-    """-> (bits, group_size, symmetric, act_bits). ``int8`` = W8A8: 8-bit per-channel weights and
-    activations quantized on the fly (what int8 kernels run)."""
-    m = _QUANT.match(str(label))
-    if not m:
-        raise ValueError(f"quant option {label!r} is not keep, int8 or <bits><c|gN>[a] (e.g. 8c, 4g128, 3g32a)")
-    if label == "keep":
-        return None, 0, True, None
-    if label == "int8":
-        return 8, 0, True, 8
-    bits = int(m.group(1))
-    if not 2 <= bits <= 8:
-        raise ValueError(f"quant option {label!r}: bits must be 2..8")
-    group = int(m.group(3)) if m.group(3) else 0
-    if m.group(3) and group < 1:
-        raise ValueError(f"quant option {label!r}: group size must be >= 1")
-    return bits, group, m.group(4) != "a", None
-
-
-@functools.lru_cache(maxsize=None)
-def parse_prune(label: str) -> tuple[str, float]:
-    m = _PRUNE.match(str(label))
-    if not m:
-        raise ValueError(f"prune option {label!r} is not none, uNN (NN% magnitude) or 2:4")
-    if label == "none":
-        return "none", 0.0
-    if label == "2:4":
-        return "2:4", 0.5
-    pct = int(m.group(1))
-    if not 0 < pct < 100:
-        raise ValueError(f"prune option {label!r}: percentage must be 1..99")
-    return "unstructured", pct / 100
-
-
-@functools.lru_cache(maxsize=None)
-def parse_rank(label: str) -> float | None:
-    m = _RANK.match(str(label))
-    if not m:
-        raise ValueError(f"rank option {label!r} is not full or rF with 0 < F < 1 (e.g. r0.25)")
-    if label == "full":
-        return None
-    f = float(m.group(1))
-    if not 0 < f < 1:
-        raise ValueError(f"rank option {label!r}: fraction must be in (0, 1)")
-    return f
-
-
-def rank_for(fraction: float, rows: int, cols: int) -> int | None:
-    """Rank for a fraction of ``min(rows, cols)``, rounded down to a multiple of 4 (2:4- and SIMD-friendly);
-    None when the two factors would not be smaller than the matrix."""
-    r = int(fraction * min(rows, cols)) // 4 * 4
-    if r < 4 or r * (rows + cols) >= rows * cols:
-        return None
-    return r
-
-
 @dataclass(frozen=True)
 class _Rule:
     match: Any
     types: frozenset[str] | None
     modality: frozenset[str] | None
-    quant: tuple[str, ...]
-    prune: tuple[str, ...]
-    rank: tuple[str, ...]
+    options: tuple[tuple[str, tuple[str, ...]], ...]  # (technique dim, its option labels), axis order
     tie: str | None
+
+    def labels(self, dim: str) -> tuple[str, ...]:
+        return dict(self.options)[dim]
 
 
 @dataclass(frozen=True)
@@ -211,9 +160,11 @@ def _parse_rules(data: Mapping[str, Any], src: str) -> tuple[list[_Rule], list[_
         where = f"{src}: layers[{i}]"
         if not isinstance(r, dict):
             raise AutocompError(f"{where} must be a mapping")
-        bad = set(r) - {"match", "types", "modality", "quant", "prune", "rank", "tie"}
+        techniques = axes()
+        allowed = ["match", "types", "modality", *(t.axis for t in techniques), "tie"]
+        bad = set(r) - set(allowed)
         if bad:
-            raise AutocompError(f"{where}: unknown key {sorted(bad)[0]!r}; allowed: match, types, modality, quant, prune, rank, tie")
+            raise AutocompError(f"{where}: unknown key {sorted(bad)[0]!r}; allowed: {', '.join(allowed)}")
         try:
             match = re.compile(str(r["match"])) if "match" in r else None
         except re.error as e:
@@ -224,22 +175,27 @@ def _parse_rules(data: Mapping[str, Any], src: str) -> tuple[list[_Rule], list[_
             if types - set(LAYER_TYPES):
                 raise AutocompError(f"{where}.types: unknown type {sorted(types - set(LAYER_TYPES))[0]!r}; use {', '.join(LAYER_TYPES)}")
         modality = frozenset(_as_list(r["modality"], f"{where}.modality")) if "modality" in r else None
-        opts: dict[str, tuple[str, ...]] = {}
-        for key, parse, default in (("quant", parse_quant, ["keep"]), ("prune", parse_prune, ["none"]),
-                                    ("rank", parse_rank, ["full"])):
-            labels = [str(x) for x in _as_list(r.get(key, default), f"{where}.{key}")]
+        opts: list[tuple[str, tuple[str, ...]]] = []
+        stages: dict[str, str] = {}
+        for t in techniques:
+            labels = [str(x) for x in _as_list(r.get(t.axis, [t.neutral]), f"{where}.{t.axis}")]
             if not labels:
-                raise AutocompError(f"{where}.{key}: needs at least one option")
+                raise AutocompError(f"{where}.{t.axis}: needs at least one option")
             for lab in labels:
                 try:
-                    parse(lab)
+                    t.parse(lab)
                 except ValueError as e:
-                    raise AutocompError(f"{where}.{key}: {e}") from None
-            opts[key] = tuple(dict.fromkeys(labels))
+                    raise AutocompError(f"{where}.{t.axis}: {e}") from None
+            if any(lab != t.neutral for lab in labels):
+                if t.stage in stages:
+                    raise AutocompError(f"{where}: {stages[t.stage]} and {t.axis} both {t.stage} a layer's weights; "
+                                        f"offer one of them per rule")
+                stages[t.stage] = t.axis
+            opts.append((t.dim, tuple(dict.fromkeys(labels))))
         tie = r.get("tie")
         if tie is not None and not isinstance(tie, str):
             raise AutocompError(f"{where}.tie must be a string template such as '{{block}}.attn'")
-        rules.append(_Rule(match, types, modality, opts["quant"], opts["prune"], opts["rank"], tie))
+        rules.append(_Rule(match, types, modality, tuple(opts), tie))
     structs = []
     for i, s in enumerate(data.get("structured") or []):
         where = f"{src}: structured[{i}]"
@@ -303,15 +259,14 @@ class SearchSpace:
         for key, names in self.members.items():
             rule = rule_of[key]
             layers = [by_name[n] for n in names]
-            for dim, labels in (("q", rule.quant), ("p", rule.prune), ("r", rule.rank)):
-                valid = [lab for lab in labels if all(self._saves(dim, lab, lay) for lay in layers)]
-                valid = self._dedupe_groups(valid, layers) if dim == "q" else valid
-                if not valid:
-                    valid = [{"q": "keep", "p": "none", "r": "full"}[dim]]
+            for t in axes():
+                labels = rule.labels(t.dim)
+                valid = [lab for lab in labels if all(self._saves(t, lab, lay) for lay in layers)]
+                valid = self._dedupe(t, valid, layers) or [t.neutral]
                 if len(valid) == 1:
-                    self.fixed[f"{key}:{dim}"] = valid[0]
+                    self.fixed[f"{key}:{t.dim}"] = valid[0]
                 else:
-                    self.params[f"{key}:{dim}"] = tuple(valid)
+                    self.params[f"{key}:{t.dim}"] = tuple(valid)
         self._plan_memo: dict[tuple[Any, ...], tuple[LayerDesc, LayerPlan, int, int]] = {}
         self._layer_groups: dict[str, tuple[str, ...]] = {}
         for gk, g in self.groups.items():
@@ -345,36 +300,27 @@ class SearchSpace:
             raise AutocompError(f"tie template {rule.tie!r} uses unknown field {e}; use block, modality, type, name") from None
 
     @staticmethod
-    def _saves(dim: str, label: str, layer: LayerDesc) -> bool:
-        """Whether an option alone makes this layer smaller (and is representable for it)."""
-        dense = layer.rows * layer.cols * layer.weight_itemsize
-        if dim == "q":
-            bits, group, sym, act = parse_quant(label)
-            if bits is None:
-                return True
-            if act and layer.type != "Linear":
-                return False  # W8A8 kernels exist for Linear layers
-            return tensor_bytes(layer.rows, layer.cols, LayerPlan(bits, group, sym), layer.weight_itemsize) < dense
-        if dim == "p":
-            kind, s = parse_prune(label)
-            if kind == "none":
-                return True
-            if kind == "2:4" and layer.cols % 4:
-                return False
-            return tensor_bytes(layer.rows, layer.cols, LayerPlan(prune=kind, sparsity=s), layer.weight_itemsize) < dense
-        f = parse_rank(label)
-        if f is None:
+    def _saves(t: Technique, label: str, layer: LayerDesc) -> bool:
+        """Whether an option alone applies to this layer and makes it smaller."""
+        option = t.parse(label)
+        if option is None:
             return True
-        return layer.groups == 1 and rank_for(f, layer.rows, layer.cols) is not None
+        config = t.bind(option, layer, [(layer.rows, layer.cols)])
+        if config is None:
+            return False
+        dense = layer.rows * layer.cols * layer.weight_itemsize
+        return sum(s.nbytes for s in stored_matrices(LayerPlan(config), layer.rows, layer.cols,
+                                                      layer.weight_itemsize)) < dense
 
     @staticmethod
-    def _dedupe_groups(labels: list[str], layers: list[LayerDesc]) -> list[str]:
-        """A group as wide as every member's row is per-channel quantization: keep one label for it."""
+    def _dedupe(t: Technique, labels: list[str], layers: list[LayerDesc]) -> list[str]:
+        """Of labels that mean the same config on every member (e.g. a group as wide as the row is
+        per-channel), keep the first."""
         seen: dict[tuple[Any, ...], str] = {}
         for lab in labels:
-            bits, group, sym, act = parse_quant(lab)
-            eff = tuple(0 if group >= lay.cols else group for lay in layers)
-            seen.setdefault((bits, sym, act, eff), lab)
+            option = t.parse(lab)
+            bound = tuple(None if option is None else t.bind(option, lay, [(lay.rows, lay.cols)]) for lay in layers)
+            seen.setdefault(bound, lab)
         return [lab for lab in labels if lab in seen.values()]
 
     def _bind_structured(self, structs: list[_StructRule], by_name: dict[str, LayerDesc], src: str) -> None:
@@ -452,17 +398,21 @@ class SearchSpace:
         return out
 
     def layer_choice(self, layer: LayerDesc, key: str, assignment: Mapping[str, str], rows: int, cols: int) -> LayerPlan:
-        bits, group, sym, act = parse_quant(self.choice(f"{key}:q", assignment))
-        prune, sparsity = parse_prune(self.choice(f"{key}:p", assignment))
-        f = parse_rank(self.choice(f"{key}:r", assignment))
-        rank = rank_for(f, rows, cols) if f is not None else None
-        if bits is not None and group >= (rank if rank is not None else cols):
-            group = 0  # a group spanning the whole row is per-channel
-        if prune == "2:4" and (cols % 4 or (rank is not None and rank % 4)):
-            prune, sparsity = "none", 0.0  # the packed 2:4 format needs whole groups of 4 inputs
-        return LayerPlan(bits=bits, group_size=group if bits is not None else 0, symmetric=sym,
-                         prune=prune, sparsity=sparsity if prune == "unstructured" else 0.0, rank=rank,
-                         act_bits=act)
+        """The layer's plan: each technique's option bound to the shapes the earlier ones leave (a rank
+        fraction becomes a rank of the cut matrix, a group as wide as a factor's row is per channel, 2:4
+        needs inputs divisible by 4: an option that does not apply there is left out)."""
+        configs = []
+        stored = [Stored(rows, cols, rows * cols, 32)]
+        for t in registered():
+            label = self.choice(f"{key}:{t.dim}", assignment)
+            option = t.parse(label)
+            if option is None:
+                continue
+            config = t.bind(option, layer, [(s.rows, s.cols) for s in stored])
+            if config is not None:
+                configs.append(config)
+                stored = t.stored(config, stored)
+        return LayerPlan(*configs)
 
     def decode(self, assignment: Mapping[str, str]) -> Plan:
         """A full assignment (every parameter of :attr:`params`) -> the plan it means for this model."""
@@ -487,22 +437,21 @@ class SearchSpace:
         """(layer, its choice, rows, cols after structured pruning) under an assignment; memoized."""
         key = self.layer_keys.get(name)
         gkeys = self._layer_groups.get(name, ())
-        labels = tuple(self.choice(f"{key}:{d}", assignment) for d in "qpr") if key else ()
+        labels = tuple(self.choice(f"{key}:{t.dim}", assignment) for t in axes()) if key else ()
         keeps = tuple(self.groups[g].keeps[self.choice(f"{g}:keep", assignment)] for g in gkeys)
         memo_key = (name, labels, keeps)
         hit = self._plan_memo.get(memo_key)
         if hit is not None:
             return hit
         layer = self._by_name[name]
-        rows, cols = layer.rows, layer.cols
-        for gk, keep in zip(gkeys, keeps):
-            g = self.groups[gk]
-            if keep < g.units:
-                rows = rows // g.units * keep if name in g.producers else rows
-                cols = cols // g.units * keep if name in g.consumers else cols
+        rows, cols = structured_shape(layer, {gk: self._unit_group(gk, keep) for gk, keep in zip(gkeys, keeps)})
         choice = self.layer_choice(layer, key, assignment, rows, cols) if key else LayerPlan()
         out = self._plan_memo[memo_key] = (layer, choice, rows, cols)
         return out
+
+    def _unit_group(self, key: str, keep: int) -> StructuredGroup:
+        g = self.groups[key]
+        return StructuredGroup(g.kind, g.units, g.unit_size, keep, g.producers, g.consumers)
 
     def layer_bytes(self, name: str, assignment: Mapping[str, str]) -> int:
         """Bytes of one layer under an assignment (used by repair for incremental sizes)."""
@@ -527,15 +476,16 @@ class SearchSpace:
             floor = max((min_bits[m] for m in mods if m in min_bits), default=None)
             cap = min((max_sparsity[m] for m in mods if m in max_sparsity), default=None)
             keep = list(self.params[param])
-            if dim == "q" and floor is not None:
-                keep = [o for o in keep if (parse_quant(o)[0] or 32) >= floor]
-            elif dim == "p" and cap is not None:
-                keep = [o for o in keep if (0.5 if o == "2:4" else parse_prune(o)[1]) <= cap + 1e-9]
-            elif dim == "keep" and cap is not None:
+            t = by_dim(dim)
+            if dim == "keep" and cap is not None:
                 g = self.groups[key]
                 keep = [o for o in keep if 1 - g.keeps[o] / g.units <= cap + 1e-9]
+            elif t is not None and floor is not None:
+                keep = [o for o in keep if self._figure(t, o, param, "bits", 32.0) >= floor]
+            if t is not None and cap is not None:
+                keep = [o for o in keep if self._figure(t, o, param, "sparsity", 0.0) <= cap + 1e-9]
             if not keep:
-                keep = [{"q": "keep", "p": "none"}.get(dim) or max(self.groups[key].keeps, key=self.groups[key].keeps.get)]
+                keep = [t.neutral if t is not None else max(self.groups[key].keeps, key=self.groups[key].keeps.get)]
             if len(keep) == 1:
                 del self.params[param]
                 self.fixed[param] = keep[0]
@@ -543,6 +493,17 @@ class SearchSpace:
                 self.params[param] = tuple(keep)
         self._plan_memo.clear()
         return self
+
+    def _figure(self, t: Technique, label: str, param: str, figure: str, default: float) -> float:
+        """A technique's summary figure (bits, sparsity) of an option, the extreme over the param's layers."""
+        option = t.parse(label)
+        values = [default]
+        for n in self.param_layers(param):
+            layer = self._by_name[n]
+            config = None if option is None else t.bind(option, layer, [(layer.rows, layer.cols)])
+            if config is not None:
+                values.append(t.summary(config).get(figure, default))
+        return min(values) if figure == "bits" else max(values)
 
     def param_layers(self, param: str) -> list[str]:
         """The layers whose bytes depend on one parameter."""
@@ -561,7 +522,7 @@ class SearchSpace:
             if f"{key}:keep" in self.params:
                 out[f"{key}:keep"] = min(g.keeps, key=lambda lab: g.keeps[lab])
         for key in self.members:
-            dims = [f"{key}:{d}" for d in "qpr" if f"{key}:{d}" in self.params]
+            dims = [f"{key}:{t.dim}" for t in axes() if f"{key}:{t.dim}" in self.params]
             best = None
             for combo in itertools.product(*(self.params[d] for d in dims)):
                 trial = {**out, **dict(zip(dims, combo))}
@@ -582,35 +543,48 @@ class SearchSpace:
                 "layers_searched": len(self.layer_keys)}
 
 
-def uniform_assignment(space: SearchSpace, quant: str) -> dict[str, str] | None:
-    """Every quant choice at ``quant``, no pruning, full rank, all structured units kept;
-    None if some quant parameter does not offer ``quant``."""
-    out: dict[str, str] = {}
+def neutral_assignment(space: SearchSpace) -> dict[str, str]:
+    """Every choice at its uncompressed option (each technique's neutral label, all structured units)."""
+    out = {}
     for p, opts in space.params.items():
-        dim = p.rpartition(":")[2]
-        if dim == "q":
-            if quant in opts:
-                out[p] = quant
-            elif quant == "int8" and "8c" in opts:  # layers without W8A8 kernels (embeddings) keep 8-bit weights
-                out[p] = "8c"
-            else:
-                return None
+        key, _, dim = p.rpartition(":")
+        if dim == "keep":
+            out[p] = max(opts, key=lambda lab: space.groups[key].keeps[lab])
         else:
-            neutral = {"p": "none", "r": "full"}.get(dim)
-            if dim == "keep":
-                key = p.rpartition(":")[0]
-                neutral = max(opts, key=lambda lab: space.groups[key].keeps[lab])
-            out[p] = neutral if neutral in opts else opts[0]
+            t = by_dim(dim)
+            out[p] = t.neutral if t is not None and t.neutral in opts else opts[0]
+    return out
+
+
+def _reference() -> Technique:
+    return next(t for t in axes() if t.reference_axis)
+
+
+def uniform_assignment(space: SearchSpace, quant: str) -> dict[str, str] | None:
+    """Every reference-axis choice (quantization) at ``quant``, everything else neutral; None if some
+    choice does not offer ``quant``."""
+    ref = _reference()
+    out = neutral_assignment(space)
+    for p, opts in space.params.items():
+        if p.rpartition(":")[2] != ref.dim:
+            continue
+        if quant in opts:
+            out[p] = quant
+        elif quant == "int8" and "8c" in opts:  # layers without W8A8 kernels (embeddings) keep 8-bit weights
+            out[p] = "8c"
+        else:
+            return None
     return out
 
 
 def reference_assignments(space: SearchSpace) -> dict[str, dict[str, str]]:
     """The uniform plans every study starts from: one per quantization option all layers share
     (e.g. ``uniform-8c``, ``uniform-4g128``), least compressed first."""
+    ref = _reference()
     labels: list[str] = []
     for p, opts in space.params.items():
-        if p.endswith(":q"):
-            labels += [o for o in opts if o != "keep" and o not in labels]
+        if p.endswith(f":{ref.dim}"):
+            labels += [o for o in opts if o != ref.neutral and o not in labels]
     out = {}
     for lab in labels:
         a = uniform_assignment(space, lab)

@@ -127,7 +127,7 @@ def bytes_exact() -> tuple[int, int, int]:
             bias = getattr(mods[layer.name], "bias", None)
             if bias is not None:
                 bias = bias.detach()[rows] if rows is not None else bias.detach()
-            total += sum(a.nbytes for a in pack_layer(layer.name, parts, plan.layer(layer.name).bits, bias=bias).values())
+            total += sum(a.nbytes for a in pack_layer(layer.name, parts, plan.layer(layer.name), bias=bias).values())
         total += sum(np.packbits(np.ones(g.units, bool)).nbytes for g in plan.structured.values())
         predicted = plan_bytes(desc, plan)
         print(f"  plan with {len(plan.layers)} layers, {len(plan.structured)} structured groups: "

@@ -131,9 +131,10 @@ def main() -> None:
 
         sens = profile(space, ProxyEvaluator(dataclasses.replace(loaded, batches=loaded.batches[:1]), desc),
                        studies / "sensitivity", {"weights": weights_hash(loaded.module), "bench": 1})
-        from autocomp.search.sensitivity import Sensitivity, _neutral
+        from autocomp.search.sensitivity import Sensitivity
+        from autocomp.space import neutral_assignment
 
-        neutral = _neutral(space)  # bits only: every pruning / rank / structured option priced out
+        neutral = neutral_assignment(space)  # bits only: every pruning / rank / structured option priced out
         bits = Sensitivity({p: {o: (v if p.endswith(":q") or o == neutral[p] else float("inf")) for o, v in row.items()}
                             for p, row in sens.table.items()}, sens.base, sens.seconds, sens.evals)
         rows_u, rows_i, rows_f = [], [], []

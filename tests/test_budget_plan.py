@@ -52,12 +52,48 @@ def test_plan_key_ignores_metrics_and_identity_layers():
 @pytest.mark.parametrize("mutate,fragment", [
     (lambda d: d.update(_version=99), "version 99"),
     (lambda d: d.update(_type="other"), "not an autocomp plan"),
-    (lambda d: d["layers"]["b"].update(bits=40), "bits must be"),
-    (lambda d: d["layers"]["b"].update(prune="weird"), "prune must be"),
-    (lambda d: d["layers"]["b"].update(color=1), "malformed"),
+    (lambda d: d["layers"]["b"]["quantize"].update(bits=40), "bits must be"),
+    (lambda d: d["layers"]["b"]["quantize"].update(bits="eight"), "bits must be"),
+    (lambda d: d["layers"]["b"]["quantize"].update(bits=1), "bits must be"),
+    (lambda d: d["layers"]["a.fc"].update(prune={"kind": "weird"}), "prune must be"),
+    (lambda d: d["layers"]["b"]["quantize"].update(colour=1), "layer 'b'.*no field 'colour'; allowed: bits"),
+    (lambda d: d["layers"]["b"].update(cluster={"k": 4}), "technique 'cluster' is not registered"),
+    (lambda d: d["techniques"].update(quantize=7), "quantize configs of version 7"),
+    (lambda d: d.update(layers=[1, 2]), "malformed"),
 ])
 def test_plan_validation(mutate, fragment):
     d = _plan().to_dict()
+    mutate(d)
+    with pytest.raises(AutocompError, match=fragment):
+        Plan.from_dict(d)
+
+
+def _v1(p: Plan) -> dict:
+    """The version-1 form of a plan of the built-in techniques (what studies and plan files hold from before)."""
+    d = p.to_dict()
+    d["_version"] = 1
+    del d["techniques"]
+    d["layers"] = {k: v.v1() for k, v in p.layers.items()}
+    return d
+
+
+def test_version_1_plans_load_as_the_same_plan():
+    p = _plan()
+    d = _v1(p)
+    assert d["layers"]["a.fc"] == {"bits": 4, "group_size": 128, "symmetric": False, "prune": "unstructured",
+                                   "sparsity": 0.3, "rank": 8, "act_bits": None}
+    q = Plan.from_dict(json.loads(json.dumps(d)))
+    assert q == p and q.key() == p.key() and q.to_dict()["_version"] == 2
+
+
+@pytest.mark.parametrize("mutate,fragment", [
+    (lambda d: d["layers"]["b"].update(bits=40), "bits must be"),
+    (lambda d: d["layers"]["b"].update(bits="eight"), "bits must be"),
+    (lambda d: d["layers"]["b"].update(prune="weird"), "prune must be"),
+    (lambda d: d["layers"]["b"].update(colour=1), "layer 'b'.*unknown layer field 'colour'; allowed: bits"),
+])
+def test_version_1_plan_validation(mutate, fragment):
+    d = _v1(_plan())
     mutate(d)
     with pytest.raises(AutocompError, match=fragment):
         Plan.from_dict(d)

@@ -9,7 +9,8 @@ import torch
 
 from autocomp import PlanMismatchError, apply_plan
 from autocomp.compressors.apply import PlanApplier
-from autocomp.compressors.base import LayerContext, reconstruct, registered, run_pipeline
+from autocomp.compressors.base import LayerContext, registered
+from autocomp.compressors.pipeline import reconstruct, run_pipeline
 from autocomp.compressors.prune import magnitude_mask, nm_mask
 from autocomp.compressors.quantize import quantize_matrix
 from autocomp.evaluators.proxy import ProxyEvaluator

@@ -371,7 +371,7 @@ def test_feature_distillation_runs_on_a_student(tmp_path):
 @pytest.mark.parametrize("bits,group,symmetric", [(2, 16, False), (3, 0, False), (4, 16, True), (2, 0, True)])
 def test_mse_clip_never_quantizes_worse_than_min_max(bits, group, symmetric):
     from autocomp.compressors.quantize import quantize_matrix
-    from autocomp.training import mse_clip
+    from autocomp.compressors.quantize import mse_clip
 
     torch.manual_seed(bits + group)
     w = torch.distributions.StudentT(3.0).sample((24, 40))  # heavy tails: min/max wastes the grid on outliers
@@ -389,14 +389,14 @@ def test_mse_clip_never_quantizes_worse_than_min_max(bits, group, symmetric):
 
 
 def test_clip_init_lowers_every_layers_weight_error_and_exports_exactly(tiny, tmp_path):
-    from autocomp.training import clip_init
+    from autocomp.compressors.student import start_training
 
     loaded, desc, space = tiny
     lowered = 0
     for i, plan in enumerate(_plans(space, 4, seed=11)):
         student = prepare_for_training(loaded.module, plan, desc)
         before = {n: p.detach().clone() for n, p in finalize(student).named_parameters()}
-        clip_init(student)
+        start_training(student, "mse")
         model = finalize(student)
         after = dict(model.named_parameters())
         ref = dict(loaded.module.named_parameters())

@@ -75,7 +75,8 @@ def test_space_modality_patterns_retag_layers(dual, tmp_path):
 
 
 def test_restrict_applies_min_bits_and_max_sparsity_per_modality(dual):
-    from autocomp.space import SearchSpace, parse_prune, parse_quant
+    from autocomp.compressors.base import technique
+    from autocomp.space import SearchSpace
 
     _, desc = dual
     space = SearchSpace.from_yaml("multimodal", desc).restrict({"vision": 8}, {"text": 0.3})
@@ -84,15 +85,16 @@ def test_restrict_applies_min_bits_and_max_sparsity_per_modality(dual):
         for name, choice in plan.layers.items():
             m = desc.layer(name).modality
             if m == "vision":
-                assert choice.bits is None or choice.bits >= 8, (name, choice)
+                assert choice.summary().get("bits", 32) >= 8, (name, choice)
             if m == "text":
-                assert choice.sparsity <= 0.3 and choice.prune != "2:4", (name, choice)
+                assert choice.summary().get("sparsity", 0.0) <= 0.3, (name, choice)
         for g in plan.structured.values():
             if desc.layer(g.producers[0]).modality == "text":
                 assert 1 - g.keep / g.units <= 0.3
-    assert all((parse_quant(o)[0] or 32) >= 8 for p, opts in space.params.items() if p.endswith(":q")
+    quant = technique("quantize")
+    assert all((quant.parse(o) or (32,))[0] >= 8 for p, opts in space.params.items() if p.endswith(":q")
                and desc.layer(space.param_layers(p)[0]).modality == "vision" for o in opts)
-    assert parse_prune("2:4") == ("2:4", 0.5)
+    assert technique("prune").summary(technique("prune").parse("2:4")) == {"sparsity": 0.5}
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -139,9 +141,10 @@ def test_search_respects_split_and_floors_and_reports_by_modality(capsys, studie
     assert len(done) == 14
     for t in done:
         assert t.user_attrs["by_modality"]["text"] <= 0.6 * budget
+        assert t.user_attrs["plan"]["_version"] == 2  # new trials store version-2 plans
         for name, choice in t.user_attrs["plan"]["layers"].items():
             if name.startswith("vision_model"):
-                assert choice["bits"] is None or choice["bits"] >= 8
+                assert choice.get("quantize", {}).get("bits", 32) >= 8
     # a resume with other constraints is refused, naming the flags
     code, _, err = cli(capsys, "search", "--model", DUAL, "--data", DATA, "--budget", "40%", "--trials", "15",
                        "--space", "multimodal", "--study", "mm", "--studies-dir", studies)

@@ -242,9 +242,9 @@ def test_ilp_holds_a_latency_limit(tmp_path):
     sens = Sensitivity({p: ({"keep": 0.0, "int8": 0.5, "4g16": 0.1} if p.endswith(":q") else {"full": 0.0, "r0.5": 1.0})
                         for p in space.params}, 0.0, 0.0, 0)
     free = ilp_assignment(space, sens, desc.fp32_bytes)  # no size pressure: everything stays uncompressed
-    limit = Limit("latency", seconds, cost._other()[0], 0.0)
+    limit = Limit("latency", seconds, cost.other_cost()[0], 0.0)
     slow = limit.total(space, free)
-    limit = Limit("latency", seconds, cost._other()[0], 0.8 * slow)
+    limit = Limit("latency", seconds, cost.other_cost()[0], 0.8 * slow)
     held = ilp_assignment(space, sens, desc.fp32_bytes, limits=[limit])
     assert held is not None and limit.total(space, held) <= limit.budget < slow
     assert sens.of(held) > sens.of(free)  # it paid drift for speed

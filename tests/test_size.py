@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from autocomp.compressors.apply import PlanApplier
-from autocomp.compressors.base import LayerContext, reconstruct, run_pipeline
+from autocomp.compressors.base import LayerContext
+from autocomp.compressors.pipeline import pack_layer, reconstruct, run_pipeline, unpack_layer
 from autocomp.cost.size import layer_bytes, plan_bytes
 from autocomp.desc import LayerDesc
 from autocomp.models.introspect import introspect
-from autocomp.packing import pack_bits, pack_layer, unpack_bits, unpack_matrix
+from autocomp.packing import pack_bits, unpack_bits
 from autocomp.plan import LayerPlan, Plan
 from autocomp.space import SearchSpace
 from conftest import tiny_loaded
@@ -54,17 +55,11 @@ def test_predicted_bytes_equal_packed_bytes(shape, choice):
     w = torch.randn(rows, cols, generator=g)
     bias = torch.randn(rows, generator=g)
     parts = run_pipeline(w, choice, LayerContext("x"))
-    arrays = pack_layer("x", parts, choice.bits, bias=bias)
+    arrays = pack_layer("x", parts, choice, bias=bias)
     desc = LayerDesc(name="x", type="Linear", rows=rows, cols=cols, bias=rows)
     assert sum(a.nbytes for a in arrays.values()) == layer_bytes(desc, choice)
     # and the packed arrays decode to exactly the weights the proxy evaluates
-    if choice.rank is None:
-        dense = unpack_matrix(arrays, "x", rows, cols, choice.bits, choice.group_size, choice.symmetric)
-    else:
-        r = choice.rank
-        b = unpack_matrix(arrays, "x.B", rows, r, choice.bits, choice.group_size, choice.symmetric)
-        a = unpack_matrix(arrays, "x.A", r, cols, choice.bits, choice.group_size, choice.symmetric)
-        dense = (torch.from_numpy(b) @ torch.from_numpy(a)).numpy()
+    dense = unpack_layer(arrays, "x", choice, rows, cols)
     assert np.array_equal(dense, reconstruct(parts).numpy())
 
 
@@ -95,7 +90,7 @@ def test_whole_plan_bytes_equal_packed_model(seed, tmp_path):
         bias = getattr(mod, "bias", None)
         if bias is not None:
             bias = bias.detach()[rows] if rows is not None else bias.detach()
-        arrays = pack_layer(layer.name, parts, plan.layer(layer.name).bits, bias=bias)
+        arrays = pack_layer(layer.name, parts, plan.layer(layer.name), bias=bias)
         total += sum(a.nbytes for a in arrays.values())
     for g in plan.structured.values():
         keep_mask = np.zeros(g.units, dtype=bool)

@@ -127,7 +127,7 @@ def test_repair_meets_two_budgets_at_once(desc):
 
     def bits_cost(n, a):
         layer, choice, rows, cols = sp.layer_plan(n, a)
-        return (choice.bits or 32) * rows * cols
+        return choice.summary().get("bits", 32) * rows * cols
 
     a = sp.largest_assignment()
     full = Limit("bits", bits_cost, 0.0, 1.0).total(sp, a)
@@ -145,7 +145,7 @@ def test_repair_ends_when_two_budgets_pull_apart(desc):
 
     def fewer_bits_cost(n, a):
         layer, choice, rows, cols = sp.layer_plan(n, a)
-        return 32 / (choice.bits or 32) * rows * cols
+        return 32 / choice.summary().get("bits", 32) * rows * cols
 
     a = sp.largest_assignment()
     wide = Limit("wide", fewer_bits_cost, 0.0, 1.0).total(sp, a)

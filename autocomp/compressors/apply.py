@@ -12,11 +12,12 @@ import contextlib
 from collections import OrderedDict
 from typing import Any, Iterator
 
-from autocomp.compressors.base import LayerContext, Part, reconstruct, run_pipeline
-from autocomp.compressors.structured import kept_index, kept_units, unit_order
+from autocomp.compressors.base import LayerContext, Part
+from autocomp.compressors.pipeline import check_layer, reconstruct, run_pipeline
+from autocomp.compressors.structured import kept_index, kept_units, scatter, structured_shape, unit_order
 from autocomp.desc import ModelDesc
 from autocomp.errors import AutocompError, PlanMismatchError
-from autocomp.models.introspect import compressible_modules, fingerprint, weight_matrix_view
+from autocomp.models.introspect import compressible_modules, fingerprint, matrix_to_weight, weight_matrix_view
 from autocomp.plan import Plan
 
 __all__ = ["PlanApplier", "check_plan"]
@@ -45,6 +46,8 @@ def check_plan(plan: Plan, desc: ModelDesc) -> None:
         for n in g.consumers:
             if names[n].cols % g.units:
                 raise AutocompError(f"structured group {key!r}: {n} has {names[n].cols} inputs, not divisible by {g.units} units")
+    for name, choice in plan.layers.items():
+        check_layer(choice, names[name], *structured_shape(names[name], plan.structured))
 
 
 class PlanApplier:
@@ -73,7 +76,10 @@ class PlanApplier:
         mod, kind = self.modules[name]
         return weight_matrix_view(kind, mod.weight.data)
 
-    def _kept(self, plan: Plan, name: str) -> tuple[Any, Any, tuple[int, ...]]:
+    def kept_indices(self, plan: Plan, name: str) -> tuple[Any, Any, tuple[int, ...]]:
+        """(kept rows or None, kept columns or None, a cache key of the cut) of one layer under ``plan``'s
+        structured groups; which units stay is decided once per group (from the weights, or the order the
+        plan stores)."""
         import torch
 
         rows = cols = None
@@ -100,7 +106,7 @@ class PlanApplier:
         """The stored parts of one layer under ``plan`` plus the kept row / column indices (or None)."""
         import torch
 
-        rows, cols, skey = self._kept(plan, name)
+        rows, cols, skey = self.kept_indices(plan, name)
         with torch.no_grad():
             m = self._matrix(name).float()
             if rows is not None:
@@ -118,7 +124,7 @@ class PlanApplier:
         import torch
 
         choice = plan.layer(name)
-        rows, cols, skey = self._kept(plan, name)
+        rows, cols, skey = self.kept_indices(plan, name)
         if choice.is_identity and rows is None and cols is None:
             return None, None
         ckey = (name, choice, skey)
@@ -135,15 +141,9 @@ class PlanApplier:
             if subset is not None:
                 dense = full_m.detach().clone().float()
                 dense[subset] = sub
-            elif rows is None and cols is None:
-                dense = sub
             else:
-                dense = torch.zeros(full_m.shape, dtype=torch.float32)
-                r = rows if rows is not None else torch.arange(full_m.shape[0])
-                c = cols if cols is not None else torch.arange(full_m.shape[1])
-                dense[r[:, None], c[None, :]] = sub
-            w = dense.t() if kind == "Conv1D" else dense
-            w = w.reshape(mod.weight.shape).to(mod.weight.dtype).contiguous()
+                dense = scatter(sub, rows, cols, tuple(full_m.shape))
+            w = matrix_to_weight(kind, dense, mod.weight).contiguous()
             bias = None
             if rows is not None and getattr(mod, "bias", None) is not None and mod.bias.numel() == full_m.shape[0]:
                 bias = torch.zeros_like(mod.bias.data)
@@ -159,13 +159,12 @@ class PlanApplier:
     def applied(self, plan: Plan) -> Iterator[None]:
         """Within the block the model computes with the plan's weights; afterwards it is restored.
 
-        W8A8 layers (``act_bits == 8``) also quantize their inputs on the fly exactly as torch's dynamic
-        int8 Linear does on x86 (per tensor, asymmetric, 7-bit range ``reduce_range``), so the proxy sees
-        the drift the real int8 kernels cause."""
+        Techniques that act on a layer's inputs (W8A8: activations quantized on the fly exactly as torch's
+        dynamic int8 Linear does on x86) hook them for the block, so the proxy sees what real kernels do."""
         check_plan(plan, self.desc)
         saved: list[tuple[Any, str, Any]] = []
-        hooks = [self.modules[n][0].register_forward_pre_hook(_fake_quant_input)
-                 for n, c in plan.layers.items() if c.act_bits == 8 and n in self.modules]
+        hooks = [self.modules[n][0].register_forward_pre_hook(h)
+                 for n, c in plan.layers.items() if n in self.modules for h in c.input_hooks()]
         try:
             for name in self.modules:
                 w, b = self.compressed(plan, name)
@@ -184,15 +183,3 @@ class PlanApplier:
             for mod, attr, data in reversed(saved):
                 getattr(mod, attr).data = data
 
-
-def _fake_quant_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Dynamic per-tensor asymmetric activation quantization, 7-bit (fbgemm's reduce_range=True)."""
-    import torch
-
-    x = args[0]
-    lo = torch.clamp(x.min(), max=0.0)
-    hi = torch.clamp(x.max(), min=0.0)
-    scale = torch.clamp((hi - lo) / 127, min=1e-12)
-    zp = torch.round(-lo / scale)
-    xq = (torch.clamp(torch.round(x / scale) + zp, 0, 127) - zp) * scale
-    return (xq, *args[1:])

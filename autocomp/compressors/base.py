@@ -1,37 +1,57 @@
-"""The compressor interface and its registry.
+"""The compression-technique contract and its registry.
 
-A layer's weight is viewed as a float32 matrix (outputs x inputs) and carried through the registered
-compressors in ascending ``order`` as a list of :class:`Part` s. A plain weight is one part; low-rank turns
-it into two factors ``B @ A``; pruning and quantization then act on every part. A new technique is one new
-file with one :func:`register` call; the engine never changes.
+A technique (quantization, pruning, low rank, ...) is one module: a frozen, versioned config dataclass
+(what a plan stores per layer) and a :class:`Technique` subclass that owns every stage of it, registered
+with :func:`register`. Nothing else in autocomp names a technique: the search space reads its option
+labels, the size model its :meth:`Technique.stored` arithmetic, the proxy its :meth:`Technique.apply`,
+``train`` its trainable form, ``export``/``load`` its :meth:`Technique.pack`/:meth:`Technique.unpack`,
+the latency model its :meth:`Technique.execution` and the runtime its lowering. Adding one is its file
+plus one registration line (or an ``autocomp.techniques`` entry point for a separate package).
 
-Contract for ``Compressor.__call__(parts, choice, ctx)``:
+How techniques compose. A layer's weight is viewed as a float32 matrix (outputs x inputs), already cut
+by the plan's structured groups, and carried through the layer's techniques in ascending :attr:`order`
+as a list of :class:`Part` s. A plain weight is one part; a ``factor`` technique (low rank) may turn it
+into several (``B @ A``); ``sparsify`` techniques (pruning) attach masks; an ``encode`` technique
+(quantization) stores the values in fewer bits. At most one technique per :attr:`stage` acts on a layer.
 
-* It is called only when ``active(choice)`` is true, after every compressor with a lower ``order``.
-* It must not modify the input tensors in place (they may be the model's own weights or cached values);
-  return new :class:`Part` objects instead.
-* It must be deterministic: the same inputs give bit-identical outputs.
-* Expensive work that depends only on the layer (an SVD, a magnitude sort) goes into ``ctx.cache`` under a
-  key that includes everything it depends on, so later trials reuse it.
-* What it produces must be exactly representable in the packed format (docs/FORMAT.md): whatever it
-  stores is counted by :mod:`autocomp.cost.size`, and ``tests/test_compressors.py`` checks the two agree.
+Contract (every method is called only for a config of this technique; "parts" are the outputs of the
+techniques with a lower ``order``):
+
+* :meth:`parse` / :meth:`bind` -- a search-space label becomes an option, and an option becomes this
+  layer's config given the stored shapes the earlier techniques leave (``None``: not applicable there;
+  the space then drops the option for that layer). :attr:`neutral` is the label meaning "not applied".
+* :meth:`stored` -- exact arithmetic: how the stored matrices (:class:`Stored`) change. It must count
+  every byte :meth:`pack` writes; ``tests/test_techniques.py`` checks the two agree for every
+  registered technique.
+* :meth:`apply` -- the proxy's transform. It must not modify its input tensors (they may be the model's
+  own weights or cached values), must be deterministic, and may cache expensive layer-only work in
+  ``ctx.cache`` under a key that includes ``ctx.name``, ``ctx.structured_key`` and ``ctx.upstream``.
+* :meth:`train_setup` / :meth:`train_transform` / :meth:`train_prepare` -- the trainable form. At step
+  0 it must compute exactly what :meth:`apply` computes (the untrained student equals the proxy).
+* :meth:`pack` / :meth:`unpack` -- the packed format (docs/FORMAT.md); ``unpack(pack(x))`` equals
+  :func:`reconstruct` of the parts bit for bit.
+* :meth:`execution` -- how the layer runs on a device (latency, BitOps): default unchanged (dense).
+* :meth:`runtime_linear` / :meth:`runtime_graph` -- real kernels for ``autocomp hardware validate``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, ClassVar, Mapping
 
-from autocomp.plan import LayerPlan
+from autocomp.errors import AutocompError
 
-__all__ = ["Part", "LayerContext", "Compressor", "register", "registered", "run_pipeline", "reconstruct"]
+__all__ = ["Part", "Stored", "Execution", "LayerContext", "TechniqueConfig", "Technique", "register", "registered",
+           "technique", "axes", "by_dim", "ceil8", "unregister", "STAGES"]
+
+STAGES = ("factor", "sparsify", "encode")
 
 
 @dataclass(frozen=True)
 class Part:
-    """One stored matrix. ``values`` is what the runtime multiplies with (already dequantized); the
-    integer ``codes``/``scale``/``zero_point`` are kept for the packed export."""
+    """One stored matrix. ``values`` is what the runtime multiplies with (already decoded); the integer
+    ``codes``/``scale``/``zero_point`` (or a technique's own ``extra`` arrays) are kept for the export."""
 
     values: Any  # torch.Tensor [rows, cols] float32
     mask: Any = None  # torch.Tensor bool [rows, cols], True = kept; None = dense
@@ -39,84 +59,283 @@ class Part:
     codes: Any = None  # torch.Tensor int32, unsigned codes in [0, 2**bits)
     scale: Any = None  # torch.Tensor float16 [rows, n_groups]
     zero_point: Any = None  # torch.Tensor int32 [rows, n_groups] or None (symmetric)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # a plug-in technique's own stored arrays
 
     def evolve(self, **changes: Any) -> "Part":
         return replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class Stored:
+    """One stored matrix as the size model sees it: ``nnz`` values of ``value_bits`` each, plus
+    ``meta_bytes`` of whole arrays (masks, indices, scales, zero points, codebooks)."""
+
+    rows: int
+    cols: int
+    nnz: int
+    value_bits: int
+    meta_bytes: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return (self.nnz * self.value_bits + 7) // 8 + self.meta_bytes
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How one layer runs on a device: its matmuls ``(k, n)`` (inputs, outputs), the compute dtype, the
+    weight bits read from memory, speed-up and density factors, and the BitOps operand widths."""
+
+    shapes: tuple[tuple[int, int], ...]
+    dtype: str
+    read_bits: float  # weight bits per value the kernel reads
+    store_bits: float  # weight bits per value for BitOps (what the plan stores)
+    act_bits: int = 32
+    speed: float = 1.0  # compute-time factor (2:4 kernels: 1 / speed-up)
+    density: float = 1.0  # weight-bytes factor
+    kernel: str = "dense"  # the latency class: dense | int8 (a calibrated device fits one correction per class)
+
+
 @dataclass
 class LayerContext:
-    """Where a compressor is working, and a cache shared across trials for this evaluator."""
+    """Where a technique is working, and a cache shared across trials for this evaluator."""
 
     name: str
     structured_key: tuple[int, ...] = ()
     cache: dict[Any, Any] = field(default_factory=dict)
+    upstream: tuple[Any, ...] = ()  # the configs already applied to this layer (lower order)
 
 
-class Compressor(ABC):
-    name: ClassVar[str]
-    order: ClassVar[int]
-    row_local: ClassVar[bool] = False  # True if output row i depends only on input row i (of part 0)
+@dataclass(frozen=True)
+class TechniqueConfig:
+    """Base of every technique's per-layer config: a frozen dataclass, stored in plans as its fields.
+    Subclasses set ``technique`` (the registered name) and bump ``VERSION`` when the fields change."""
+
+    technique: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "") -> "TechniqueConfig":
+        if not isinstance(d, Mapping):
+            raise AutocompError(f"{where}: {cls.technique} config must be a mapping of its fields")
+        allowed = [f.name for f in fields(cls)]
+        bad = sorted(set(d) - set(allowed))
+        if bad:
+            raise AutocompError(f"{where}: {cls.technique} has no field {bad[0]!r}; allowed: {', '.join(allowed)}")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise AutocompError(f"{where}: {cls.technique}: {e}") from None
+
+    def label(self) -> str:
+        return technique(self.technique).label(self)
+
+
+class Technique(ABC):
+    """One compression technique. See the module docstring for the contract of each method."""
+
+    name: ClassVar[str]  # registered name; the key of its config in plans
+    order: ClassVar[int]  # position in the per-layer pipeline (lower first)
+    stage: ClassVar[str]  # "factor" | "sparsify" | "encode": at most one technique per stage on a layer
+    config: ClassVar[type[TechniqueConfig]]
+    axis: ClassVar[str]  # the search-space rule key offering its options (e.g. "quant")
+    dim: ClassVar[str]  # the suffix of its Optuna parameters ("<layer or tie key>:<dim>")
+    neutral: ClassVar[str]  # the option label meaning "not applied"
+    title: ClassVar[str] = ""  # how plan summaries name it ("pruned", "low-rank")
+    row_local: ClassVar[bool] = False  # output row i depends only on input row i (of part 0)
+    reference_axis: ClassVar[bool] = False  # its options define the uniform reference plans of a study
+
+    # -- options ------------------------------------------------------------------------------------------
+    @abstractmethod
+    def parse(self, label: str) -> Any:
+        """A label -> a hashable option, ``None`` for :attr:`neutral`; ``ValueError`` naming the grammar
+        for anything else."""
 
     @abstractmethod
-    def active(self, choice: LayerPlan) -> bool:
-        """Whether this technique has anything to do for ``choice``."""
+    def bind(self, option: Any, layer: Any, shapes: list[tuple[int, int]]) -> TechniqueConfig | None:
+        """The config ``option`` means for ``layer`` (a :class:`~autocomp.desc.LayerDesc`) whose stored
+        matrices have ``shapes`` after the earlier techniques; ``None`` where it does not apply."""
 
+    def label(self, config: Any) -> str:
+        """A short label for people and option lists (``4g128``, ``u50``, ``r96``)."""
+        return self.name
+
+    def brief(self, config: Any) -> str:
+        """What plan summaries count (``4b``, ``u50``); ``""`` counts the layers only."""
+        return self.label(config)
+
+    def summary(self, config: Any) -> dict[str, float]:
+        """Plain figures for constraints and reports: any of ``bits`` (per stored weight), ``sparsity``
+        (fraction of entries removed) and ``rank``."""
+        return {}
+
+    def from_v1(self, fields: Mapping[str, Any]) -> TechniqueConfig | None:
+        """Built-in techniques: this technique's config from a version-1 plan's fixed layer fields."""
+        return None
+
+    def to_v1(self, config: Any) -> dict[str, Any] | None:
+        """Built-in techniques: the version-1 fields for ``config`` (plan keys stay those of v1)."""
+        return None
+
+    def check(self, config: Any, layer: Any, shapes: list[tuple[int, int]]) -> None:
+        """Raise :class:`AutocompError` if ``config`` cannot be stored for this layer (a hand-edited plan)."""
+
+    # -- bytes --------------------------------------------------------------------------------------------
     @abstractmethod
-    def __call__(self, parts: list[Part], choice: LayerPlan, ctx: LayerContext) -> list[Part]:
-        """Transform the parts; see the module docstring for the contract."""
+    def stored(self, config: Any, stored: list[Stored]) -> list[Stored]:
+        """How this technique changes the stored matrices (exact bytes of what :meth:`pack` writes)."""
+
+    # -- proxy --------------------------------------------------------------------------------------------
+    @abstractmethod
+    def apply(self, parts: list[Part], config: Any, ctx: LayerContext) -> list[Part]:
+        """The compressed parts (new tensors; inputs untouched)."""
+
+    def input_hook(self, config: Any) -> Any:
+        """A ``forward_pre_hook`` applied to the layer's inputs (W8A8 activation quantization), or None."""
+        return None
+
+    # -- training -----------------------------------------------------------------------------------------
+    def train_latent(self, config: Any, sub: Any) -> list[Any] | None:
+        """``factor`` techniques: the initial trainable matrices that replace the weight (e.g. ``[B, A]``)."""
+        return None
+
+    def train_setup(self, config: Any, holder: Any, latents: list[Any], options: Mapping[str, Any]) -> None:
+        """Register this technique's buffers / parameters on ``holder`` (names prefixed by its own)."""
+
+    def train_prepare(self, config: Any, holder: Any, i: int, v: Any) -> Any:
+        """Differentiable transform of stored matrix ``i`` kept by the export (masks, clipping)."""
+        return v
+
+    def train_mask(self, config: Any, holder: Any, i: int) -> Any:
+        """``sparsify`` techniques: the current keep-mask of stored matrix ``i`` (what ``apply`` hands on)."""
+        return None
+
+    def train_transform(self, config: Any, holder: Any, i: int, v: Any, mask: Any = None) -> Any:
+        """What training computes for stored matrix ``i`` (``mask``: the upstream keep-mask, or None):
+        :meth:`train_prepare`, and for ``encode`` techniques a straight-through estimate of :meth:`apply`
+        (default: the real transform forward, identity backward)."""
+        v = self.train_prepare(config, holder, i, v)
+        if self.stage != "encode":
+            return v
+        out = self.apply([Part(values=v.detach(), mask=mask)], config, LayerContext(f"train.{self.name}"))[0]
+        deq = out.values if out.mask is None else out.values * out.mask
+        return v + (deq - v).detach()
+
+    def train_start(self, config: Any, holder: Any, latents: list[Any], masks: list[Any],
+                    options: Mapping[str, Any]) -> list[Any] | None:
+        """Before the first step of a fresh run: new values for the latent matrices (e.g. clipped
+        quantization ranges), or None to leave them."""
+        return None
+
+    def train_progress(self, config: Any, holder: Any, latents: list[Any], frac: float) -> None:
+        """Schedules: called as training advances (``frac`` in 0..1)."""
+
+    def train_param_lr(self, param_name: str) -> float | None:
+        """Learning-rate multiplier for a parameter this technique registered (None: the weights' lr)."""
+        return None
+
+    def train_after_step(self, holder: Any) -> None:
+        """Projection after each optimizer step (e.g. clamping learned ranges)."""
+
+    # -- export -------------------------------------------------------------------------------------------
+    def pack(self, config: Any, part: Part, key: str, out: dict[str, Any], state: dict[str, Any]) -> None:
+        """Write this technique's arrays for one part into ``out`` (numpy, keyed ``{key}.<name>``).
+        ``state["selection"]`` is the boolean mask of stored entries (sparsify); an ``encode`` technique
+        writes the values and sets ``state["encoded"]``."""
+
+    def unpack(self, config: Any, arrays: Mapping[str, Any], key: str, rows: int, cols: int,
+               state: dict[str, Any]) -> None:
+        """Inverse of :meth:`pack`: read ``state["mask"]`` (sparsify) or set ``state["values"]`` (the
+        dense float32 matrix, encode)."""
+
+    def part_names(self, config: Any) -> list[str] | None:
+        """``factor`` techniques: the array-name suffixes of the parts (``["B", "A"]``)."""
+        return None
+
+    # -- hardware -----------------------------------------------------------------------------------------
+    def execution(self, config: Any, ex: Execution, device: Any) -> Execution:
+        """How the layer runs on ``device`` (None: autocomp's own runtime on this CPU)."""
+        return ex
+
+    def runtime_linear(self, config: Any, part: Part, bias: Any) -> Any:
+        """A real kernel (``torch.nn.Module``) computing ``x @ part.T + bias``, or None (dense fp32)."""
+        return None
+
+    def runtime_graph(self, config: Any, parts: list[Part], bias: Any, linear: Any) -> Any:
+        """``factor`` techniques: the module for several parts, each built with ``linear(part, bias)``."""
+        return None
 
 
-_REGISTRY: dict[str, Compressor] = {}
+_REGISTRY: dict[str, Technique] = {}
+_LOADED = False
 
 
-def register(cls: type[Compressor]) -> type[Compressor]:
-    """Class decorator: make a technique part of every pipeline, in ``order``."""
+def register(cls: type[Technique]) -> type[Technique]:
+    """Class decorator: make a technique available to plans, spaces and every stage, by its name."""
+    for attr in ("name", "order", "stage", "config", "axis", "dim", "neutral"):
+        if not hasattr(cls, attr):
+            raise TypeError(f"technique {cls.__name__} must define {attr!r}")
+    if cls.stage not in STAGES:
+        raise TypeError(f"technique {cls.name}: stage must be one of {STAGES}, got {cls.stage!r}")
+    if cls.config.technique != cls.name:
+        raise TypeError(f"technique {cls.name}: its config class must set technique = {cls.name!r}")
+    for other in _REGISTRY.values():
+        if other.name != cls.name and (other.dim == cls.dim or other.axis == cls.axis):
+            raise TypeError(f"technique {cls.name}: axis {cls.axis!r} / dim {cls.dim!r} taken by {other.name}")
     _REGISTRY[cls.name] = cls()
     return cls
 
 
-def registered() -> list[Compressor]:
-    # import the built-in techniques so that they register themselves
-    from autocomp.compressors import lowrank, prune, quantize  # noqa: F401
-
-    return sorted(_REGISTRY.values(), key=lambda c: c.order)
+def unregister(name: str) -> None:
+    """Remove a technique (tests of plug-ins; plans naming it then fail to load with a clear error)."""
+    _REGISTRY.pop(name, None)
 
 
-def run_pipeline(matrix: Any, choice: LayerPlan, ctx: LayerContext, row_subset: Any = None) -> list[Part]:
-    """Run every active compressor in order.
+def _load_builtins() -> None:
+    """The built-in techniques (one import line each) and ``autocomp.techniques`` entry points."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    import autocomp.compressors.builtin  # noqa: F401 - registers quantize, prune, lowrank
 
-    ``row_subset`` (indices) asks only for those output rows: techniques with ``row_local = False``
-    (low-rank, global magnitude pruning) run on the whole matrix first, then the first part is cut to
-    the subset and the row-local ones (quantization is per row / per group) finish the job. The rows
-    returned equal the same rows of the full result.
-    """
-    parts = [Part(values=matrix)]
-    cut = row_subset is None
-    for comp in registered():
-        if not comp.active(choice):
-            continue
-        if not cut and comp.row_local:
-            parts = [_take_rows(parts[0], row_subset), *parts[1:]]
-            cut = True
-        parts = comp(parts, choice, ctx)
-    if not cut:
-        parts = [_take_rows(parts[0], row_subset), *parts[1:]]
-    return parts
+    try:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="autocomp.techniques"):
+            ep.load()
+    except Exception as e:  # a broken plug-in package must not take the built-ins down
+        raise AutocompError(f"a technique plug-in failed to load ({type(e).__name__}: {e}); fix or uninstall it") from None
 
 
-def _take_rows(part: Part, rows: Any) -> Part:
-    def take(t: Any) -> Any:
-        return None if t is None else t.index_select(0, rows)
-
-    return part.evolve(values=take(part.values), mask=take(part.mask), codes=take(part.codes),
-                       scale=take(part.scale), zero_point=take(part.zero_point))
+def registered() -> list[Technique]:
+    """Every technique, in pipeline order."""
+    _load_builtins()
+    return sorted(_REGISTRY.values(), key=lambda t: t.order)
 
 
-def reconstruct(parts: list[Part]) -> Any:
-    """The dense matrix the parts represent (the product of the factors)."""
-    out = None
-    for p in parts:
-        v = p.values if p.mask is None else p.values * p.mask
-        out = v if out is None else out @ v
-    return out
+def axes() -> list[Technique]:
+    """Every technique in the order its search-space axis was registered (the Optuna parameter order)."""
+    _load_builtins()
+    return list(_REGISTRY.values())
+
+
+def technique(name: str) -> Technique:
+    _load_builtins()
+    t = _REGISTRY.get(name)
+    if t is None:
+        raise AutocompError(f"technique {name!r} is not registered here (known: {', '.join(sorted(_REGISTRY))}); "
+                            f"install or import the package that defines it")
+    return t
+
+
+def by_dim(dim: str) -> Technique | None:
+    _load_builtins()
+    return next((t for t in _REGISTRY.values() if t.dim == dim), None)
+
+
+def ceil8(bits: int) -> int:
+    return (bits + 7) // 8

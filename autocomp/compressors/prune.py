@@ -1,16 +1,58 @@
 """Pruning inside a matrix: magnitude (unstructured) and 2:4 (two of every four consecutive inputs kept).
 
 Unstructured removes exactly ``n_pruned(numel, sparsity)`` entries, the smallest in magnitude (ties
-broken by position, so the mask is deterministic). 2:4 keeps the two largest of each group of four along
-the input dimension. Structured pruning (whole neurons/heads/channels) lives in ``structured.py``.
+broken by position, so the mask is deterministic), and stores a 1-bit-per-position mask; 2:4 keeps the
+two largest of each group of four along the input dimension and stores a 2-bit position per kept value.
+Options in search spaces: ``none``, ``uNN`` (NN% magnitude sparsity), ``2:4``. Structured pruning (whole
+neurons / heads / channels) is a plan-level cut, see ``structured.py``.
+
+Training: the mask is fixed from the original weights, or (``schedule="progressive"``) ramped from 0 to
+the plan's sparsity by current magnitude over the first part of training.
 """
 
 from __future__ import annotations
 
-from autocomp.compressors.base import Compressor, LayerContext, Part, register
-from autocomp.cost.size import n_pruned
+import functools
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from autocomp.compressors.base import (Execution, LayerContext, Part, Stored, Technique, TechniqueConfig, ceil8,
+                                       register)
 from autocomp.errors import AutocompError
-from autocomp.plan import LayerPlan
+
+__all__ = ["PruneConfig", "Prune", "magnitude_mask", "nm_mask", "n_pruned"]
+
+NM_INDEX_BITS = 2  # 2:4 sparsity: a 2-bit position (0..3) per kept value
+_LABEL = re.compile(r"^(?:none|u(\d{1,2})|2:4)$")
+KINDS = ("unstructured", "2:4")
+
+
+@dataclass(frozen=True)
+class PruneConfig(TechniqueConfig):
+    """kind: ``unstructured`` (``sparsity`` of the entries removed, by magnitude) or ``2:4``."""
+
+    technique = "prune"
+    kind: str = "unstructured"
+    sparsity: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"prune must be one of {('none', *KINDS)}, got {self.kind!r}")
+        if self.kind == "unstructured" and not (isinstance(self.sparsity, (int, float)) and 0.0 < self.sparsity < 1.0):
+            raise ValueError(f"unstructured sparsity must be in (0, 1), got {self.sparsity!r}")
+        if self.kind == "2:4" and self.sparsity != 0.0:
+            object.__setattr__(self, "sparsity", 0.0)  # the pattern fixes it (plans store 0)
+
+    @property
+    def fraction(self) -> float:
+        return 0.5 if self.kind == "2:4" else float(self.sparsity)
+
+
+def n_pruned(numel: int, sparsity: float) -> int:
+    """How many entries unstructured pruning removes."""
+    return int(math.floor(sparsity * numel + 1e-9))
 
 
 def magnitude_mask(values, sparsity: float, order=None):  # type: ignore[no-untyped-def]
@@ -37,30 +79,155 @@ def nm_mask(values, n: int = 2, m: int = 4):  # type: ignore[no-untyped-def]
     return mask.reshape(rows, cols)
 
 
+@functools.lru_cache(maxsize=None)
+def _parse(label: str) -> PruneConfig | None:
+    m = _LABEL.match(str(label))
+    if not m:
+        raise ValueError(f"prune option {label!r} is not none, uNN (NN% magnitude) or 2:4")
+    if label == "none":
+        return None
+    if label == "2:4":
+        return PruneConfig("2:4", 0.0)
+    pct = int(m.group(1))
+    if not 0 < pct < 100:
+        raise ValueError(f"prune option {label!r}: percentage must be 1..99")
+    return PruneConfig("unstructured", pct / 100)
+
+
 @register
-class Prune(Compressor):
+class Prune(Technique):
     name = "prune"
     order = 20
+    stage = "sparsify"
+    config = PruneConfig
+    axis, dim, neutral = "prune", "p", "none"
+    title = "pruned"
 
-    def active(self, choice: LayerPlan) -> bool:
-        return choice.prune != "none"
+    def parse(self, label: str) -> Any:
+        return _parse(label)
 
-    def __call__(self, parts: list[Part], choice: LayerPlan, ctx: LayerContext) -> list[Part]:
+    def bind(self, option: PruneConfig, layer: Any, shapes: list[tuple[int, int]]) -> PruneConfig | None:
+        if option.kind == "2:4" and any(cols % 4 for _, cols in shapes):
+            return None  # the packed 2:4 format needs whole groups of 4 inputs
+        return option
+
+    def check(self, c: PruneConfig, layer: Any, shapes: list[tuple[int, int]]) -> None:
+        if c.kind == "2:4" and any(cols % 4 for _, cols in shapes):
+            raise AutocompError(f"layer {layer.name}: 2:4 sparsity needs every stored matrix's input size divisible "
+                                f"by 4, got {[cols for _, cols in shapes]}")
+
+    def label(self, c: PruneConfig) -> str:
+        return "2:4" if c.kind == "2:4" else f"u{round(c.sparsity * 100)}"
+
+    def summary(self, c: PruneConfig) -> dict[str, float]:
+        return {"sparsity": c.fraction}
+
+    def from_v1(self, f: Mapping[str, Any]) -> PruneConfig | None:
+        kind = f.get("prune", "none")
+        if kind == "none":
+            return None
+        return PruneConfig(kind, f.get("sparsity", 0.0) if kind == "unstructured" else 0.0)
+
+    def to_v1(self, c: PruneConfig) -> dict[str, Any]:
+        return {"prune": c.kind, "sparsity": c.sparsity if c.kind == "unstructured" else 0.0}
+
+    # -- bytes --------------------------------------------------------------------------------------------
+    def stored(self, c: PruneConfig, stored: list[Stored]) -> list[Stored]:
+        out = []
+        for s in stored:
+            numel = s.rows * s.cols
+            if c.kind == "2:4":
+                nnz, meta = numel // 2, ceil8(numel // 2 * NM_INDEX_BITS)
+            else:
+                nnz, meta = numel - n_pruned(numel, c.sparsity), ceil8(numel)  # bitmask, 1 bit per position
+            out.append(replace(s, nnz=nnz, meta_bytes=s.meta_bytes + meta))
+        return out
+
+    # -- proxy --------------------------------------------------------------------------------------------
+    def apply(self, parts: list[Part], c: PruneConfig, ctx: LayerContext) -> list[Part]:
         import torch
 
         out = []
         for i, part in enumerate(parts):
-            if choice.prune == "2:4":
-                key = ("nm", ctx.name, ctx.structured_key, choice.rank, i)
+            if c.kind == "2:4":
+                key = ("nm", ctx.name, ctx.structured_key, ctx.upstream, i)
                 mask = ctx.cache.get(key)
                 if mask is None:
                     mask = ctx.cache[key] = nm_mask(part.values)
                 out.append(part.evolve(mask=mask, nm=True))
                 continue
-            # the sort order depends only on the values; for factors, on the rank too
-            key = ("absorder", ctx.name, ctx.structured_key, choice.rank, i)
+            # the sort order depends only on the values; for factors, on the upstream rank too
+            key = ("absorder", ctx.name, ctx.structured_key, ctx.upstream, i)
             order = ctx.cache.get(key)
             if order is None:
                 order = ctx.cache[key] = torch.sort(part.values.reshape(-1).abs(), stable=True).indices
-            out.append(part.evolve(mask=magnitude_mask(part.values, choice.sparsity, order)))
+            out.append(part.evolve(mask=magnitude_mask(part.values, c.sparsity, order)))
         return out
+
+    # -- training -----------------------------------------------------------------------------------------
+    def train_setup(self, c: PruneConfig, holder: Any, latents: list[Any], options: Mapping[str, Any]) -> None:
+        import torch
+
+        progressive = bool(options.get("progressive")) and c.kind == "unstructured"
+        holder.progressive = progressive
+        parts = self.apply([Part(values=v.detach()) for v in latents], c, LayerContext(f"train.{self.name}"))
+        for i, p in enumerate(parts):
+            mask = torch.ones_like(p.values, dtype=torch.bool) if progressive else p.mask
+            holder.register_buffer(f"mask{i}", mask.clone())
+
+    def train_prepare(self, c: PruneConfig, holder: Any, i: int, v: Any) -> Any:
+        return v * getattr(holder, f"mask{i}")
+
+    def train_mask(self, c: PruneConfig, holder: Any, i: int) -> Any:
+        return getattr(holder, f"mask{i}")
+
+    def train_progress(self, c: PruneConfig, holder: Any, latents: list[Any], frac: float) -> None:
+        """Progressive schedule: masks at ``frac`` (0..1) of the plan's sparsity, by current magnitude."""
+        if not getattr(holder, "progressive", False):
+            return
+        import torch
+
+        with torch.no_grad():
+            for i, v in enumerate(latents):
+                mask = getattr(holder, f"mask{i}")
+                mask.copy_(magnitude_mask(v * mask, c.sparsity * min(max(frac, 0.0), 1.0)))
+
+    # -- export -------------------------------------------------------------------------------------------
+    def pack(self, c: PruneConfig, part: Part, key: str, out: dict[str, Any], state: dict[str, Any]) -> None:
+        import numpy as np
+
+        from autocomp.packing import pack_bits
+
+        mask = part.mask.detach().cpu().numpy().astype(bool)
+        if c.kind == "2:4":
+            rows, cols = mask.shape
+            pos = np.nonzero(mask.reshape(rows, cols // 4, 4))[2]  # row-major: 2 ascending positions per group
+            out[f"{key}.nm_index"] = pack_bits(pos, NM_INDEX_BITS)
+        else:
+            out[f"{key}.mask"] = np.packbits(mask.reshape(-1), bitorder="little")
+        state["selection"] = mask
+
+    def unpack(self, c: PruneConfig, arrays: Mapping[str, Any], key: str, rows: int, cols: int,
+               state: dict[str, Any]) -> None:
+        import numpy as np
+
+        from autocomp.packing import unpack_bits
+
+        numel = rows * cols
+        if c.kind == "2:4":
+            pos = unpack_bits(arrays[f"{key}.nm_index"], NM_INDEX_BITS, numel // 2).reshape(rows, cols // 4, 2)
+            mask = np.zeros((rows, cols // 4, 4), dtype=bool)
+            np.put_along_axis(mask, pos, True, axis=-1)
+            state["mask"] = mask.reshape(rows, cols)
+        else:
+            state["mask"] = np.unpackbits(arrays[f"{key}.mask"], bitorder="little")[:numel].astype(bool).reshape(rows, cols)
+
+    # -- hardware -----------------------------------------------------------------------------------------
+    def execution(self, c: PruneConfig, ex: Execution, device: Any) -> Execution:
+        if device is None:
+            return ex
+        if c.kind == "2:4" and device.sparse_2_4:
+            return replace(ex, speed=1.0 / device.sparse_2_4, density=0.5 + 1 / max(ex.read_bits, 1))  # values + indices
+        if c.kind == "unstructured" and device.unstructured_sparse:
+            return replace(ex, speed=1.0 - c.sparsity, density=1.0 - c.sparsity)
+        return ex

@@ -1,4 +1,5 @@
-"""Round-to-nearest integer weight quantization, symmetric or asymmetric, per channel or group-wise.
+"""Round-to-nearest integer weight quantization, symmetric or asymmetric, per channel or group-wise, and
+W8A8 (``int8``: 8-bit per-channel weights, activations quantized on the fly as int8 kernels do).
 
 Groups run along the input dimension (``group_size`` inputs share a scale; 0 = the whole row). Scales are
 stored as float16 and the codes are computed with the float16-rounded scale, so dequantizing the stored
@@ -9,18 +10,57 @@ codes reproduces exactly the weights the proxy evaluated.
 * asymmetric: range widened to include 0, ``s = (max - min) / (2^b - 1)``, ``z = round(-min / s)``,
   ``q = clamp(round(w / s) + z, 0, 2^b - 1)``; ``w ~ (q - z) s``.
 
-Pruned entries are zero before quantization and stay zero after (the mask is reapplied).
+Pruned entries are zero before quantization and stay zero after (the mask is reapplied). Options in
+search spaces: ``keep``, ``int8``, or ``<bits><c|gN>[a]`` (``8c``, ``4g128``, ``3g32a``).
+
+Training: fake quantization with a straight-through estimator; ``clip`` ``mse`` starts each group from the
+clipping ratio (of :data:`CLIP_GRID`) with the least round-to-nearest error, ``learned`` also trains one
+ratio per group (PACT-style, :data:`CLIP_LR_MULT` x the weights' learning rate). The clipping is held in
+the weights, so the plan's min/max quantizer lands on the clipped range and the packed format is unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
 
-from autocomp.compressors.base import Compressor, LayerContext, Part, register
-from autocomp.plan import LayerPlan
+from autocomp.compressors.base import (Execution, LayerContext, Part, Stored, Technique, TechniqueConfig, ceil8,
+                                       register)
+
+__all__ = ["QuantConfig", "Quantize", "quantize_matrix", "fake_quant_input", "mse_clip", "CLIP_GRID", "CLIPS",
+           "CLIP_LR_MULT"]
 
 _MIN_SCALE = 2.0**-24  # smallest positive float16
 _MAX_SCALE = 65504.0
+SCALE_BYTES = 2  # scales are stored as float16
+_LABEL = re.compile(r"^(?:keep|int8|(\d+)(c|g(\d+))(a?))$")
+CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # clip ratios tried per group: 1.0, 0.95, ..., 0.5
+CLIPS = ("learned", "mse", "minmax")  # train's quantization ranges (learned = the mse start, then trainable ratios)
+CLIP_LR_MULT = 10.0  # the clipping ratios' learning rate, as a multiple of the weights'
+
+
+@dataclass(frozen=True)
+class QuantConfig(TechniqueConfig):
+    """bits: 2..16 weight bits; group_size: inputs per scale (0 = one group per output row);
+    symmetric: no zero point; act_bits: 8 for W8A8 (8-bit per-channel symmetric weights only)."""
+
+    technique = "quantize"
+    bits: int = 8
+    group_size: int = 0
+    symmetric: bool = True
+    act_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise ValueError(f"bits must be an integer in 2..16, got {self.bits!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 0:
+            raise ValueError(f"group_size must be an integer >= 0 (0 = per channel), got {self.group_size!r}")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")
+        if self.act_bits is not None and (self.act_bits != 8 or self.bits != 8 or self.group_size or not self.symmetric):
+            raise ValueError("act_bits 8 (W8A8) needs bits 8, group_size 0 (per channel) and symmetric weights")
 
 
 def quantize_matrix(w: Any, bits: int, group_size: int, symmetric: bool) -> tuple[Any, Any, Any, Any]:
@@ -57,19 +97,246 @@ def quantize_matrix(w: Any, bits: int, group_size: int, symmetric: bool) -> tupl
     return deq.contiguous(), codes.contiguous(), scale, zp
 
 
+def fake_quant_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Dynamic per-tensor asymmetric activation quantization, 7-bit (fbgemm's reduce_range=True): what
+    torch's dynamic int8 Linear does to its inputs on x86. A ``forward_pre_hook``."""
+    import torch
+
+    x = args[0]
+    lo = torch.clamp(x.min(), max=0.0)
+    hi = torch.clamp(x.max(), min=0.0)
+    scale = torch.clamp((hi - lo) / 127, min=1e-12)
+    zp = torch.round(-lo / scale)
+    xq = (torch.clamp(torch.round(x / scale) + zp, 0, 127) - zp) * scale
+    return (xq, *args[1:])
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(label: str) -> tuple[int, int, bool, int | None] | None:
+    m = _LABEL.match(str(label))
+    if not m:
+        raise ValueError(f"quant option {label!r} is not keep, int8 or <bits><c|gN>[a] (e.g. 8c, 4g128, 3g32a)")
+    if label == "keep":
+        return None
+    if label == "int8":
+        return 8, 0, True, 8
+    bits = int(m.group(1))
+    if not 2 <= bits <= 8:
+        raise ValueError(f"quant option {label!r}: bits must be 2..8")
+    group = int(m.group(3)) if m.group(3) else 0
+    if m.group(3) and group < 1:
+        raise ValueError(f"quant option {label!r}: group size must be >= 1")
+    return bits, group, m.group(4) != "a", None
+
+
 @register
-class Quantize(Compressor):
+class Quantize(Technique):
     name = "quantize"
     order = 30
+    stage = "encode"
+    config = QuantConfig
+    axis, dim, neutral = "quant", "q", "keep"
     row_local = True
+    reference_axis = True
 
-    def active(self, choice: LayerPlan) -> bool:
-        return choice.bits is not None
+    def parse(self, label: str) -> Any:
+        return _parse(label)
 
-    def __call__(self, parts: list[Part], choice: LayerPlan, ctx: LayerContext) -> list[Part]:
+    def bind(self, option: Any, layer: Any, shapes: list[tuple[int, int]]) -> QuantConfig | None:
+        bits, group, sym, act = option
+        if act and layer.type != "Linear":
+            return None  # W8A8 kernels exist for Linear layers
+        if group >= shapes[0][1]:
+            group = 0  # a group spanning the whole row is per-channel
+        return QuantConfig(bits, group, sym, act)
+
+    def label(self, c: QuantConfig) -> str:
+        if c.act_bits == 8:
+            return "int8"
+        return f"{c.bits}{'c' if c.group_size == 0 else f'g{c.group_size}'}{'' if c.symmetric else 'a'}"
+
+    def brief(self, c: QuantConfig) -> str:
+        return f"{'int8' if c.act_bits == 8 else f'{c.bits}b'}{'' if c.group_size == 0 else f'g{c.group_size}'}"
+
+    def summary(self, c: QuantConfig) -> dict[str, float]:
+        return {"bits": c.bits}
+
+    def from_v1(self, f: Mapping[str, Any]) -> QuantConfig | None:
+        if f.get("bits") is None:
+            return None
+        return QuantConfig(f["bits"], f.get("group_size", 0), f.get("symmetric", True), f.get("act_bits"))
+
+    def to_v1(self, c: QuantConfig) -> dict[str, Any]:
+        return {"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric, "act_bits": c.act_bits}
+
+    # -- bytes --------------------------------------------------------------------------------------------
+    def stored(self, c: QuantConfig, stored: list[Stored]) -> list[Stored]:
+        out = []
+        for s in stored:
+            n_groups = s.rows * -(-s.cols // (c.group_size or s.cols))
+            zero_points = 0 if c.symmetric else ceil8(n_groups * c.bits)
+            out.append(replace(s, value_bits=c.bits, meta_bytes=s.meta_bytes + n_groups * SCALE_BYTES + zero_points))
+        return out
+
+    # -- proxy --------------------------------------------------------------------------------------------
+    def apply(self, parts: list[Part], c: QuantConfig, ctx: LayerContext) -> list[Part]:
         out = []
         for part in parts:
             w = part.values if part.mask is None else part.values * part.mask
-            deq, codes, scale, zp = quantize_matrix(w, int(choice.bits), choice.group_size, choice.symmetric)  # type: ignore[arg-type]
+            deq, codes, scale, zp = quantize_matrix(w, c.bits, c.group_size, c.symmetric)
             out.append(part.evolve(values=deq, codes=codes, scale=scale, zero_point=zp))
         return out
+
+    def input_hook(self, c: QuantConfig) -> Any:
+        return fake_quant_input if c.act_bits == 8 else None
+
+    # -- training -----------------------------------------------------------------------------------------
+    def train_setup(self, c: QuantConfig, holder: Any, latents: list[Any], options: Mapping[str, Any]) -> None:
+        import torch
+
+        if options.get("clip") != "learned" or not options.get("trainable", True):
+            return
+        for i, v in enumerate(latents):
+            g = c.group_size or v.shape[1]
+            holder.register_parameter(f"clip{i}", torch.nn.Parameter(torch.ones(v.shape[0], -(-v.shape[1] // g), 1)))
+
+    def train_prepare(self, c: QuantConfig, holder: Any, i: int, v: Any) -> Any:
+        ratio = getattr(holder, f"clip{i}", None)
+        if ratio is None:
+            return v
+        lo, hi = _group_range(_grouped(v.detach(), c.group_size), c.symmetric)  # v is masked: the stored range
+        return _clamp_groups(v, c.group_size, lo, hi, ratio.clamp(CLIP_GRID[-1], 1.0))
+
+    def train_transform(self, c: QuantConfig, holder: Any, i: int, v: Any, mask: Any = None) -> Any:
+        v = self.train_prepare(c, holder, i, v)
+        deq = quantize_matrix(v.detach(), c.bits, c.group_size, c.symmetric)[0]
+        return v + (deq - v).detach()
+
+    def train_start(self, c: QuantConfig, holder: Any, latents: list[Any], masks: list[Any],
+                    options: Mapping[str, Any]) -> list[Any] | None:
+        if options.get("clip", "minmax") == "minmax":
+            return None
+        return [mse_clip(v, c.bits, c.group_size, c.symmetric, m) for v, m in zip(latents, masks)]
+
+    def train_param_lr(self, param_name: str) -> float | None:
+        return CLIP_LR_MULT if param_name.startswith("clip") else None
+
+    def train_after_step(self, holder: Any) -> None:
+        for name, p in holder.named_parameters(recurse=False):
+            if name.startswith("clip"):  # projected: a ratio outside the grid's range gets no gradient back
+                p.data.clamp_(CLIP_GRID[-1], 1.0)
+
+    # -- export -------------------------------------------------------------------------------------------
+    def pack(self, c: QuantConfig, part: Part, key: str, out: dict[str, Any], state: dict[str, Any]) -> None:
+        import numpy as np
+
+        from autocomp.packing import pack_bits
+
+        sel = state.get("selection")
+        codes = part.codes.detach().cpu().numpy()
+        out[f"{key}.qweight"] = pack_bits(codes[sel] if sel is not None else codes.reshape(-1), c.bits)
+        out[f"{key}.scale"] = part.scale.detach().cpu().numpy().astype(np.float16).reshape(-1)
+        if part.zero_point is not None:
+            out[f"{key}.zero_point"] = pack_bits(part.zero_point.detach().cpu().numpy().reshape(-1), c.bits)
+        state["encoded"] = True
+
+    def unpack(self, c: QuantConfig, arrays: Mapping[str, Any], key: str, rows: int, cols: int,
+               state: dict[str, Any]) -> None:
+        import numpy as np
+
+        from autocomp.packing import unpack_bits
+
+        mask = state.get("mask")
+        if mask is None:
+            mask = np.ones((rows, cols), dtype=bool)
+        codes = np.zeros((rows, cols), dtype=np.int64)
+        codes[mask] = unpack_bits(arrays[f"{key}.qweight"], c.bits, int(mask.sum()))
+        g = c.group_size or cols
+        n_groups = -(-cols // g)
+        s = np.repeat(arrays[f"{key}.scale"].astype(np.float32).reshape(rows, n_groups), g, axis=1)[:, :cols]
+        if c.symmetric:
+            q = codes - (1 << (c.bits - 1))
+        else:
+            zp = unpack_bits(arrays[f"{key}.zero_point"], c.bits, rows * n_groups).reshape(rows, n_groups)
+            q = codes - np.repeat(zp, g, axis=1)[:, :cols]
+        values = (q * s).astype(np.float32)
+        values[~mask] = 0.0
+        state["values"] = values
+
+    # -- hardware -----------------------------------------------------------------------------------------
+    def execution(self, c: QuantConfig, ex: Execution, device: Any) -> Execution:
+        ex = replace(ex, store_bits=float(c.bits), act_bits=8 if c.act_bits == 8 else ex.act_bits)
+        if c.act_bits == 8 and (device is None or device.int8):
+            return replace(ex, dtype="int8", read_bits=8.0, kernel="int8")
+        if device is not None and c.bits in device.weight_only_bits:
+            return replace(ex, read_bits=float(c.bits))
+        return ex
+
+    def runtime_linear(self, c: QuantConfig, part: Part, bias: Any) -> Any:
+        """W8A8: torch's dynamic-quantized int8 Linear (x86/fbgemm) built from the plan's own codes and
+        float16 scales, so the weights are exactly those the proxy evaluated."""
+        if c.act_bits != 8 or part.codes is None:
+            return None
+        import warnings
+
+        import torch
+        import torch.ao.nn.quantized.dynamic as nnqd
+
+        rows, cols = part.values.shape
+        q = (part.codes.to(torch.int32) - 128).to(torch.int8)  # stored unsigned: q + 2^(bits-1)
+        scale = part.scale.reshape(-1).double()
+        with warnings.catch_warnings():  # torch >= 2.10 marks quantized tensors deprecated; the kernels remain
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(q, scale, torch.zeros(rows, dtype=torch.long), 0)
+        layer = nnqd.Linear(cols, rows, bias_=bias is not None, dtype=torch.qint8)
+        layer.set_weight_bias(qweight, None if bias is None else bias.detach().float())
+        return layer
+
+
+# -- clipping (train --clip, export --clip mse) --------------------------------------------------------------
+def mse_clip(v: Any, bits: int, group_size: int, symmetric: bool, mask: Any = None) -> Any:
+    """``v`` with each quantization group clamped to the fraction of its range (from :data:`CLIP_GRID`)
+    whose round-to-nearest quantization has the least squared error against ``v``. The plan's min/max
+    quantizer, run on the result, then lands on those clipped ranges: clipping is held in the weights, so
+    the packed format does not change."""
+    import torch
+
+    w = v if mask is None or not mask.numel() else v * mask
+    lo, hi = _group_range(_grouped(w, group_size), symmetric)
+    best_err = best_a = None
+    for a in CLIP_GRID:
+        deq = quantize_matrix(_clamp_groups(w, group_size, lo, hi, a), bits, group_size, symmetric)[0]
+        err = _grouped((deq - w) ** 2, group_size).sum(-1, keepdim=True)
+        if best_err is None:
+            best_err, best_a = err, torch.full_like(err, a)
+        else:
+            better = err < best_err
+            best_err, best_a = torch.where(better, err, best_err), torch.where(better, torch.full_like(err, a), best_a)
+    return _clamp_groups(v, group_size, lo, hi, best_a)
+
+
+def _grouped(v: Any, group_size: int) -> Any:
+    """``[rows, cols]`` -> ``[rows, groups, group_size]``, zero-padded: the quantizer's groups."""
+    import torch
+
+    rows, cols = v.shape
+    g = group_size or cols
+    n = -(-cols // g)
+    return torch.nn.functional.pad(v, (0, n * g - cols)).reshape(rows, n, g)
+
+
+def _group_range(x: Any, symmetric: bool) -> tuple[Any, Any]:
+    """Per group (``[rows, groups, 1]``) the range the quantizer spans: ±max|x|, or [min, max] widened to 0."""
+    if symmetric:
+        hi = x.abs().amax(-1, keepdim=True)
+        return -hi, hi
+    return x.amin(-1, keepdim=True).clamp(max=0.0), x.amax(-1, keepdim=True).clamp(min=0.0)
+
+
+def _clamp_groups(v: Any, group_size: int, lo: Any, hi: Any, ratio: Any) -> Any:
+    """``v`` with every group clamped to ``ratio`` times its range ``[lo, hi]``."""
+    import torch
+
+    rows, cols = v.shape
+    x = _grouped(v, group_size)
+    return torch.maximum(torch.minimum(x, ratio * hi), ratio * lo).reshape(rows, -1)[:, :cols]

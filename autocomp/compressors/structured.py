@@ -9,11 +9,38 @@ columns, ties by index.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from autocomp.plan import StructuredGroup
 
-__all__ = ["unit_order", "kept_units", "kept_index"]
+__all__ = ["unit_order", "kept_units", "kept_index", "structured_shape", "scatter"]
+
+
+def structured_shape(layer: Any, groups: Mapping[str, StructuredGroup]) -> tuple[int, int]:
+    """``(rows, cols)`` of a layer after the structured groups that cut (keep < units) and that it produces
+    for / consumes from. No torch: the size and latency models call it."""
+    rows, cols = layer.rows, layer.cols
+    for g in groups.values():
+        if g.keep >= g.units:
+            continue
+        if layer.name in g.producers:
+            rows = rows // g.units * g.keep
+        if layer.name in g.consumers:
+            cols = cols // g.units * g.keep
+    return rows, cols
+
+
+def scatter(sub: Any, rows: Any, cols: Any, shape: tuple[int, int]) -> Any:
+    """The full ``shape`` matrix holding ``sub`` at the kept ``rows`` x ``cols`` (None: all) and zeros in
+    the cut units; differentiable (training uses it)."""
+    import torch
+
+    if rows is None and cols is None:
+        return sub
+    full = torch.zeros(shape, dtype=sub.dtype, device=sub.device)
+    r = rows if rows is not None else torch.arange(shape[0])
+    c = cols if cols is not None else torch.arange(shape[1])
+    return full.index_put((r[:, None], c[None, :]), sub)
 
 
 def unit_order(group: StructuredGroup, matrices: dict[str, Any]) -> Any:

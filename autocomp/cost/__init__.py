@@ -1,7 +1,5 @@
-"""Cost models: pure arithmetic over layer descriptions (no torch)."""
+"""Cost models: exact packed bytes (size), latency / BitOps / energy on a device. No torch at import."""
 
-from __future__ import annotations
+from autocomp.cost.size import layer_bytes, plan_bytes
 
-from autocomp.cost.size import plan_bytes, layer_bytes, tensor_bytes, n_pruned
-
-__all__ = ["plan_bytes", "layer_bytes", "tensor_bytes", "n_pruned"]
+__all__ = ["plan_bytes", "layer_bytes"]

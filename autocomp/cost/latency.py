@@ -5,11 +5,12 @@ Per layer, a roofline: ``max(compute, memory) + overhead`` where
 * compute = 2 x MACs / (peak[dtype] x efficiency) and MACs = positions x rows x cols after structured
   pruning (a low-rank layer is two matmuls, ``cols -> rank -> rows``);
 * memory = (weight bytes as the device reads them + input and output activations) / (bandwidth x eff.);
-* the dtype is what the device really runs: ``int8`` (W8A8) layers run int8 kernels where the device has
-  them; bit-widths listed in
-  ``weight_only_bits`` are read packed but computed in ``default_dtype``; anything else is dequantized and
-  runs as ``default_dtype`` (saves bytes on disk, not time); 2:4 sparsity is faster only with
-  ``sparse_2_4`` kernels, unstructured sparsity only with ``unstructured_sparse`` kernels.
+* the dtype is what the device really runs, as each technique says of itself
+  (:meth:`~autocomp.compressors.base.Technique.execution`): ``int8`` (W8A8) layers run int8 kernels where
+  the device has them; bit-widths listed in ``weight_only_bits`` are read packed but computed in
+  ``default_dtype``; anything else is dequantized and runs as ``default_dtype`` (saves bytes on disk, not
+  time); 2:4 sparsity is faster only with ``sparse_2_4`` kernels, unstructured sparsity only with
+  ``unstructured_sparse`` kernels.
 
 Work outside the compressible layers (attention score matmuls, norms, activations) is included from
 what introspection measured: ``other_flops_per_sample`` (scaled by seq^2) and the bytes those
@@ -35,13 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autocomp.compressors.pipeline import layer_execution
+from autocomp.compressors.structured import structured_shape
 from autocomp.cost.device import DTYPE_BITS, Device
-from autocomp.cost.size import structured_shape
 from autocomp.desc import LayerDesc, ModelDesc
 from autocomp.errors import AutocompError
 from autocomp.plan import LayerPlan, Plan
 
-__all__ = ["Workload", "parse_workload", "CostModel", "runs_int8"]
+__all__ = ["Workload", "parse_workload", "CostModel"]
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,6 @@ def parse_workload(text: str | None, desc: ModelDesc) -> Workload:
     if seq and max_pos and seq > int(max_pos):
         raise AutocompError(f"--workload {text!r}: model {desc.spec!r} takes at most {max_pos} tokens per sequence")
     return Workload(batch, seq if seq else (min(128, int(max_pos or 128)) if seq_model else None))
-
-
-def runs_int8(device: Device | None, choice: LayerPlan) -> bool:
-    """Whether a layer runs W8A8 int8 kernels (real ones on this CPU: torch's dynamic quantized Linear)."""
-    return choice.act_bits == 8 and (device is None or device.int8)
 
 
 @functools.lru_cache(maxsize=1)
@@ -137,36 +134,25 @@ class CostModel:
             out = (seconds * (self._e2e["dense"] if self._e2e else 1.0), 0.0, dram * self._dram_pj, 0.0)
             self._memo[key] = out
             return out
-        int8 = runs_int8(d, choice)
-        dtype = "int8" if int8 else d.default_dtype
-        if int8:
-            w_bits = 8.0
-        elif choice.bits is not None and choice.bits in d.weight_only_bits:
-            w_bits = float(choice.bits)
-        else:
-            w_bits = float(DTYPE_BITS[d.default_dtype])
-        speed = density = 1.0
-        if choice.prune == "2:4" and d.sparse_2_4:
-            speed, density = 1.0 / d.sparse_2_4, 0.5 + 1 / max(w_bits, 1)  # values + 2-bit indices
-        elif choice.prune == "unstructured" and d.unstructured_sparse:
-            speed = density = 1.0 - choice.sparsity
-        shapes = [(cols, rows)] if choice.rank is None else [(cols, choice.rank), (choice.rank, rows)]
+        ex = self.execution(layer, choice, rows, cols)
         seconds = energy = macs = 0.0
-        cls = "int8" if int8 else "dense"
-        scale = self._e2e[cls] if self._e2e else 1.0
-        for k, n in shapes:
-            comp, mem, dram = self._matmul(m, k, n, dtype, w_bits, speed, density)
-            seconds += scale * self._combine(comp, mem, cls)
+        scale = self._e2e[ex.kernel] if self._e2e else 1.0
+        for k, n in ex.shapes:
+            comp, mem, dram = self._matmul(m, k, n, ex.dtype, ex.read_bits, ex.speed, ex.density)
+            seconds += scale * self._combine(comp, mem, ex.kernel)
             macs += m * k * n
-            energy += m * k * n * self._mac_pj.get(dtype, self._mac_pj["fp32"]) + dram * self._dram_pj
-        a_bits = 8 if choice.act_bits == 8 else 32
-        w_store = choice.bits if choice.bits is not None else layer.weight_itemsize * 8
-        out = (seconds, macs * w_store * a_bits, energy, macs)
+            energy += m * k * n * self._mac_pj.get(ex.dtype, self._mac_pj["fp32"]) + dram * self._dram_pj
+        out = (seconds, macs * ex.store_bits * ex.act_bits, energy, macs)
         self._memo[key] = out
         return out
 
+    def execution(self, layer: LayerDesc, choice: LayerPlan, rows: int, cols: int) -> Any:
+        """How the layer runs on this device (:class:`~autocomp.compressors.base.Execution`)."""
+        d = self.device
+        return layer_execution(layer, choice, rows, cols, d, d.default_dtype, DTYPE_BITS[d.default_dtype])
+
     # -- whole model ---------------------------------------------------------------------------------------
-    def _other(self) -> tuple[float, float]:
+    def other_cost(self) -> tuple[float, float]:
         """(seconds, energy pJ) of the work outside the compressible layers."""
         d, info = self.device, self.desc.info
         b, r = self.workload.batch, self._seq_ratio
@@ -194,11 +180,10 @@ class CostModel:
         return seconds, energy
 
     def _raw(self, plan: Plan) -> tuple[float, float, float]:
-        groups = {k: g for k, g in plan.structured.items() if g.keep < g.units}
-        seconds, energy = self._other()
+        seconds, energy = self.other_cost()
         bitops = 0.0
         for layer in self.desc.layers:
-            rows, cols = structured_shape(layer, groups) if groups else (layer.rows, layer.cols)
+            rows, cols = structured_shape(layer, plan.structured)
             s, b, e, _ = self.layer(layer, plan.layer(layer.name), rows, cols)
             seconds, bitops, energy = seconds + s, bitops + b, energy + e
         return seconds, bitops, energy
@@ -218,12 +203,11 @@ class CostModel:
         correction: the features `calibrate --model` fits on."""
         saved, self._e2e, self._memo = self._e2e, None, {}
         try:
-            out = {"dense": 0.0, "int8": 0.0, "other": self._other()[0]}
-            groups = {k: g for k, g in plan.structured.items() if g.keep < g.units}
+            out = {"dense": 0.0, "int8": 0.0, "other": self.other_cost()[0]}
             for layer in self.desc.layers:
-                rows, cols = structured_shape(layer, groups) if groups else (layer.rows, layer.cols)
+                rows, cols = structured_shape(layer, plan.structured)
                 choice = plan.layer(layer.name)
-                cls = "int8" if layer.type != "Embedding" and runs_int8(self.device, choice) else "dense"
+                cls = "dense" if layer.type == "Embedding" else self.execution(layer, choice, rows, cols).kernel
                 out[cls] += self.layer(layer, choice, rows, cols)[0]
             return out
         finally:

@@ -10,7 +10,8 @@ from autocomp.desc import LayerDesc, ModelDesc
 from autocomp.errors import AutocompError
 from autocomp.models.base import LoadedModel, check_pairs, run_batch
 
-__all__ = ["introspect", "describe_static", "compressible_modules", "fingerprint", "weight_matrix_view", "MODALITY_PATTERNS"]
+__all__ = ["introspect", "describe_static", "compressible_modules", "fingerprint", "weight_matrix_view", "matrix_to_weight",
+           "MODALITY_PATTERNS"]
 
 # first match wins; names are lower-cased before matching
 MODALITY_PATTERNS: tuple[tuple[str, str], ...] = (
@@ -61,6 +62,12 @@ def weight_matrix_view(kind: str, weight: Any) -> Any:
     if weight.dim() > 2:
         return weight.reshape(weight.shape[0], -1)
     return weight
+
+
+def matrix_to_weight(kind: str, matrix: Any, weight: Any) -> Any:
+    """Inverse of :func:`weight_matrix_view`: ``matrix`` (rows x cols) in ``weight``'s shape and dtype."""
+    w = matrix.t() if kind == "Conv1D" else matrix
+    return w.reshape(weight.shape).to(weight.dtype)
 
 
 def fingerprint(model: Any) -> str:

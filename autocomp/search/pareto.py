@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
-__all__ = ["pareto_front", "knee_index", "hypervolume"]
+__all__ = ["pareto_front", "knee_index", "hypervolume", "feasible"]
+
+
+def feasible(trial: Any) -> bool:
+    """Whether an Optuna trial met every constraint the engine set on it (``size``, ``latency``, ...)."""
+    return all(c <= 0 for c in trial.constraints.values())
 
 
 def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:

@@ -18,7 +18,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from autocomp.search.pareto import pareto_front
+from autocomp.search.pareto import feasible, pareto_front
 
 __all__ = ["FrontRefiner"]
 
@@ -42,7 +42,7 @@ class FrontRefiner(BaseSampler):
         if not names:
             return {}
         done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.values and all(c <= 0 for c in t.constraints.values())]
+                if t.values and feasible(t)]
         front = [done[i] for i in pareto_front([tuple(t.values) for t in done])]
         if len(front) < 2:
             return {}

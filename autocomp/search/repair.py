@@ -42,11 +42,11 @@ def size_limit(space: SearchSpace, budget: int) -> Limit:
 
 def modality_size_limit(space: SearchSpace, modality: str, budget: int) -> Limit:
     """Bytes of one modality's layers, masks and other parameters within ``budget``."""
-    from autocomp.modality import _other_by_modality
+    from autocomp.modality import other_bytes_by_modality
 
     by_name = space.desc.by_name
     cost = lambda n, a: space.layer_bytes(n, a) if by_name[n].modality == modality else 0  # noqa: E731
-    return Limit(f"size:{modality}", cost, _other_by_modality(space.desc).get(modality, 0), budget,
+    return Limit(f"size:{modality}", cost, other_bytes_by_modality(space.desc).get(modality, 0), budget,
                  counts_masks=True, modality=modality)
 
 

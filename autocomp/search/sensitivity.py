@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from autocomp.plan import atomic_write_text
-from autocomp.space import SearchSpace
+from autocomp.space import SearchSpace, neutral_assignment
 
 __all__ = ["Sensitivity", "profile", "fisher_profile", "ilp_assignment", "weights_hash"]
 
@@ -36,20 +36,6 @@ def weights_hash(model: Any) -> str:
         h.update(name.encode())
         h.update(p.detach().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _neutral(space: SearchSpace) -> dict[str, str]:
-    """Every choice at its uncompressed option (keep, none, full rank, all units)."""
-    out = {}
-    for p, opts in space.params.items():
-        dim = p.rpartition(":")[2]
-        if dim == "keep":
-            g = space.groups[p.rpartition(":")[0]]
-            out[p] = max(opts, key=lambda lab: g.keeps[lab])
-        else:
-            want = {"q": "keep", "p": "none", "r": "full"}[dim]
-            out[p] = want if want in opts else opts[0]
-    return out
 
 
 class Sensitivity:
@@ -72,12 +58,17 @@ class Sensitivity:
 
 def _cached(cache_dir: Path, key_parts: dict[str, Any], what: str,
             log: Callable[[str], None]) -> tuple[Path, Sensitivity | None]:
-    """(cache file for this content key, its table if already computed)."""
+    """(cache file for this content key, its table if already computed). A damaged file is a cache miss
+    (it is recomputed and replaced), never an error."""
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir / f"{key}.json"
     if path.is_file():
-        d = json.loads(path.read_text())
-        if d.get("_type") == "autocomp.Sensitivity" and d.get("_version") == 1:
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError):
+            d = {}
+        if isinstance(d, dict) and d.get("_type") == "autocomp.Sensitivity" and d.get("_version") == 1 \
+                and isinstance(d.get("table"), dict) and all(k in d for k in ("base", "seconds", "evals")):
             log(f"{what}: cached ({path})")
             hit = Sensitivity(d["table"], d["base"], d["seconds"], d["evals"])
             hit.path = str(path)
@@ -91,7 +82,7 @@ def profile(space: SearchSpace, evaluate: Callable[[Any], float], cache_dir: Pat
     path, hit = _cached(cache_dir, {**key_parts, "params": space.params}, "sensitivity database", log)
     if hit is not None:
         return hit
-    neutral = _neutral(space)
+    neutral = neutral_assignment(space)
     t0 = time.perf_counter()
     base = evaluate(space.decode(neutral))
     table: dict[str, dict[str, float]] = {}
@@ -149,7 +140,7 @@ def ilp_assignment(space: SearchSpace, sens: Sensitivity, budget: int,
     import numpy as np
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    base = _neutral(space)
+    base = neutral_assignment(space)
     fixed_bytes = space.desc.other_bytes + sum(
         space.layer_bytes(layer.name, base) for layer in space.desc.layers if layer.name not in space.layer_keys)
     columns: list[tuple[str, dict[str, str], float, float]] = []  # key, choice, bytes, sensitivity
@@ -317,7 +308,7 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
     fw, fb, act, den = _fisher_diag(evaluator, probes, seed)
     k = 1.0 if metric == "mse" else 0.5
     scale = k / (probes * max(den, 1e-30))
-    neutral = _neutral(space)
+    neutral = neutral_assignment(space)
     table: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for p, opts in space.params.items():
@@ -340,7 +331,7 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
                         total += float((f * (wq.float() - w.float()).pow(2)).sum())
                     if bq is not None and name in fb:
                         total += float((fb[name] * (bq.float() - mods[name].bias.float()).pow(2)).sum())
-                    if plan.layer(name).act_bits == 8:
+                    if plan.layer(name).input_hooks():  # W8A8: the activation-rounding term
                         total += act[name]
                 row[o] = total * scale
             table[p] = row

@@ -1,0 +1,5 @@
+"""The built-in techniques: importing a technique's module registers it (one line each)."""
+
+from autocomp.compressors import quantize  # noqa: F401  (axis order: quant, prune, rank)
+from autocomp.compressors import prune  # noqa: F401
+from autocomp.compressors import lowrank  # noqa: F401
