@@ -125,7 +125,7 @@ def proxy_fidelity(loaded: Any, desc: Any, n_plans: int, budget: str, space_name
     n_random = len(plans)
     trial_of: list[int | None] = [None] * n_random
     if study:
-        from autocomp.engine import check_study_model, front_trials, open_study, plan_of
+        from autocomp.search.study import check_study_model, front_trials, open_study, plan_of
 
         handle = open_study(study, storage, studies_dir or Path("studies"))
         check_study_model(handle, desc)

@@ -6,7 +6,7 @@ budget, sends the plan to its actor and tells the result, so every trial lands i
 storage) as with the local backend, and ``pareto``, ``plan``, resume and optuna-dashboard work unchanged.
 
 Resume is the study's own: killing the driver leaves at most one RUNNING trial per actor, which the next
-run fails and re-enqueues (see :func:`autocomp.engine._recover_stale`). Ray Tune's experiment restore
+run fails and re-enqueues (see :func:`autocomp.search.study.recover_stale`). Ray Tune's experiment restore
 was not used because it would keep a second record of the same trials next to the study, and the two
 could disagree after a kill.
 

@@ -41,7 +41,7 @@ def collect(handle: Any) -> dict[str, Any]:
     """Everything the report draws, as plain data."""
     import optuna
 
-    from autocomp.engine import front_trials, trial_metric
+    from autocomp.search.study import front_trials, trial_metric
     from autocomp.search.pareto import feasible, knee_index
 
     S = optuna.trial.TrialState

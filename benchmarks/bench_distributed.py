@@ -32,7 +32,7 @@ def storage_overhead(url_or_path: str, n: int = 100) -> float:
     """Seconds of storage work per trial."""
     import optuna
 
-    from autocomp.engine import _open_storage
+    from autocomp.engine import open_storage as _open_storage
     from autocomp.models import load_model
     from autocomp.models.introspect import describe_static
     from autocomp.space import SearchSpace
@@ -62,7 +62,7 @@ def storage_overhead(url_or_path: str, n: int = 100) -> float:
 def _span(storage: str, study: str) -> tuple[int, float]:
     import optuna
 
-    from autocomp.engine import _open_storage
+    from autocomp.engine import open_storage as _open_storage
 
     st = optuna.load_study(study_name=study, storage=_open_storage(storage))
     done = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]

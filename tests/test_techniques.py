@@ -31,7 +31,6 @@ from autocomp.compressors.student import finalize, prepare_for_training
 from autocomp.cost.size import layer_bytes, plan_bytes
 from autocomp.desc import LayerDesc
 from autocomp.errors import AutocompError
-from autocomp.models.base import run_batch
 from autocomp.models.introspect import introspect
 from autocomp.packing import pack_bits, unpack_bits
 from autocomp.plan import LayerPlan, Plan

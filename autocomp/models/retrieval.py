@@ -19,7 +19,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from autocomp.models.textdata import _MODULES
+from autocomp.models.textdata import CALIBRATION_MODULES
 
 __all__ = ["pairs", "RetrievalTask"]
 
@@ -30,7 +30,7 @@ _SKIP_DIRS = ("idlelib", "lib2to3", "site-packages", "dist-packages", "turtledem
 def pairs() -> tuple[tuple[str, str], ...]:
     """(query, document) pairs, deduplicated, in a fixed shuffled order."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    used = {root / f"{m}.py" for m in _MODULES}
+    used = {root / f"{m}.py" for m in CALIBRATION_MODULES}
     found: dict[str, str] = {}
     docs_seen: set[str] = set()
     files = []
@@ -101,7 +101,6 @@ class RetrievalTask:
 
     def ranks(self, model: Any) -> Any:
         """Rank (1 = best) of the right document for every query."""
-        import torch
 
         q = self._embed(model, self.queries, self._q_order)
         d = self._embed(model, self.docs, self._d_order)

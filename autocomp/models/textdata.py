@@ -18,7 +18,7 @@ from typing import Any
 __all__ = ["sentences", "calibration_sentences", "tokenize_batches"]
 
 # Modules with long, well-written prose docstrings. Missing files are skipped.
-_MODULES = (
+CALIBRATION_MODULES = (
     "argparse", "asyncio/events", "asyncio/tasks", "base64", "bisect", "calendar", "collections/__init__",
     "concurrent/futures/_base", "configparser", "contextlib", "csv", "dataclasses", "datetime", "decimal",
     "difflib", "email/message", "enum", "fractions", "ftplib", "functools", "gettext", "glob", "gzip",
@@ -38,7 +38,7 @@ def sentences() -> tuple[str, ...]:
     """All usable sentences, deduplicated, in a fixed shuffled order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     found: dict[str, None] = {}
-    for mod in _MODULES:
+    for mod in CALIBRATION_MODULES:
         path = root / f"{mod}.py"
         if not path.is_file():
             continue

@@ -1,8 +1,4 @@
-"""Samplers, Pareto extraction and budget repair for the trial loop in :mod:`autocomp.engine`."""
-
-from __future__ import annotations
-
-from autocomp.search.pareto import pareto_front
-from autocomp.search.samplers import SAMPLERS, make_sampler
-
-__all__ = ["pareto_front", "make_sampler", "SAMPLERS"]
+"""The search rooms: ``config`` (the request and its settings table), ``study`` (storages, resume, heartbeat,
+the front on disk), ``trial`` (one trial: decode -> size -> repair -> constraints -> evaluate), ``seeds``
+(ILP and uniform seeds), ``engine`` (the loop); and ``space``-level helpers: samplers, the front refiner,
+Pareto extraction, budget repair, the sensitivity database."""

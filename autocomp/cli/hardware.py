@@ -1,0 +1,146 @@
+"""``autocomp hardware``: list devices, calibrate this machine, validate predictions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from autocomp.cli.common import STUDIES_DIR, cli, console, resolve_studies_dir
+from autocomp.errors import AutocompError
+
+
+@cli.group()
+def hardware() -> None:
+    """Devices for the latency / BitOps / energy cost model: list, calibrate this machine, validate."""
+
+
+@hardware.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def hardware_list(as_json: bool) -> None:
+    """Devices with their figures and where each figure comes from."""
+    from autocomp.cost.device import list_devices
+
+    devices = list_devices()
+    if as_json:
+        click.echo(json.dumps([d.summary() for d in devices]))
+        return
+    from rich.table import Table
+
+    table = Table(title="devices (dense peaks; sparse figures are never used as peaks)")
+    for col in ("name", "kind", "fp32 TFLOP/s", "fp16", "int8 TOP/s", "GB/s", "accelerates", "calibrated"):
+        table.add_column(col)
+    for d in devices:
+        acc = ", ".join(x for x in ("int8" if d.int8 else "", f"w{'/'.join(map(str, d.weight_only_bits))}-only"
+                                    if d.weight_only_bits else "", "2:4" if d.sparse_2_4 else "") if x)
+        pk = d.peak_ops
+        table.add_row(d.name, d.kind, f"{pk.get('fp32', 0) / 1e12:.3g}", f"{pk.get('fp16', 0) / 1e12:.3g}",
+                      f"{pk.get('int8', 0) / 1e12:.3g}", f"{d.memory_bandwidth / 1e9:.4g}", acc or "-",
+                      "yes" if d.correction else "no")
+    con = console(stderr=False)
+    con.print(table)
+    for d in devices:
+        con.print(f"[bold]{d.name}[/bold] ({d.path}): {d.description}")
+        for k, v in d.sources.items():
+            con.print(f"   {k}: {v}")
+
+
+@hardware.command("calibrate")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Device file to write (default: studies/hardware/cpu-local.yaml, found as --hardware cpu-local).")
+@click.option("--name", default="cpu-local", show_default=True)
+@click.option("--model", default="minilm", show_default=True,
+              help="Also time real compressed versions of this model and fit a whole-model correction for it "
+                   "('none' to time kernels only).")
+@click.option("--data", default=None, help="Calibration data for --model (user models).")
+@click.option("--workload", default=None, help="BATCH or BATCHxSEQ for the whole-model runs (default 1x128).")
+@click.option("--fit-plans", default=12, show_default=True, type=int, help="Random plans timed for the whole-model fit.")
+@click.option("--quick", is_flag=True, help="Fewer kernels (for tests).")
+def hardware_calibrate(out: Path | None, name: str, model: str, data: str | None, workload: str | None,
+                       fit_plans: int, quick: bool) -> None:
+    """Time representative kernels here and fit a correction on top of the analytic model."""
+    from autocomp.cost.device import local_dir
+    from autocomp.hardware import calibrate
+
+    out = out or local_dir() / f"{name}.yaml"
+    loaded = None
+    if model.lower() != "none":
+        from autocomp.models import load_model
+
+        if fit_plans < 2:
+            raise AutocompError(f"--fit-plans must be >= 2, got {fit_plans}")
+        loaded = load_model(model, data=data)  # fails here, before minutes of timing, on a bad --model
+    con = console()
+    con.print(f"calibrating {name}: timing matmul, int8 and attention/elementwise kernels…")
+    calibrate(out, name=name, quick=quick, log=con.print, model=loaded, workload=workload, fit_plans=fit_plans)
+    con.print(f"wrote {out}; use it with --hardware {out if out.parent != local_dir() else name}")
+
+
+@hardware.command("validate")
+@click.option("--model", default=None, help="Default: the --study's model, else minilm.")
+@click.option("--data", default=None)
+@click.option("--hardware", "hw", default=None,
+              help="Device name or file (must describe this machine). Default: the --study's, else cpu-local.")
+@click.option("--space", default="default", show_default=True)
+@click.option("--plans", default=30, show_default=True, type=int)
+@click.option("--workload", default=None, help="BATCH or BATCHxSEQ (default: 1x128 for sequence models).")
+@click.option("--runs", default=15, show_default=True, type=int,
+              help="Timed forwards per plan, interleaved with the other plans in shuffled rounds (lower quartile; warm-up excluded).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--study", default=None, help="Record the result in this study (drawn by `autocomp report`).")
+@click.option("--storage", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@STUDIES_DIR
+def hardware_validate(model: str | None, data: str | None, hw: str | None, space: str, plans: int,
+                      workload: str | None, runs: int, seed: int, study: str | None, storage: str | None,
+                      as_json: bool, studies_dir: Path | None) -> None:
+    """Predict, build and time random plans on this machine; report the agreement."""
+    from autocomp.cost.device import load_device
+    from autocomp.cost.latency import parse_workload
+    from autocomp.search.study import check_study_model
+    from autocomp.hardware import validate
+    from autocomp.models import load_model
+    from autocomp.models.introspect import introspect
+    from autocomp.space import SearchSpace
+
+    meta: dict[str, Any] = {}
+    handle = None
+    if study:  # check the study before minutes of timing
+        from autocomp.search.study import open_study
+
+        handle = open_study(study, storage, resolve_studies_dir(studies_dir))
+        meta = handle.meta
+        if hw and meta.get("hardware") and hw != meta["hardware"] and load_device(hw).name != meta["hardware"]:
+            raise AutocompError(f"study {study!r} was searched for hardware {meta['hardware']!r}, not {hw!r}; "
+                                f"drop --hardware or pass --hardware {meta['hardware']}")
+    hw = hw or meta.get("hardware") or "cpu-local"
+    model = model or meta.get("model_spec") or "minilm"
+    data = data or (meta.get("data_spec") if model == meta.get("model_spec") and ":" in (meta.get("data_spec") or "")
+                    and not str(meta.get("data_spec")).startswith("builtin:") else None)
+    workload = workload or meta.get("workload")
+    device = load_device(hw)
+    loaded = load_model(model, data=data)
+    desc = introspect(loaded)
+    if handle is not None:
+        check_study_model(handle, desc)
+    wl = parse_workload(workload, desc)
+    sp = SearchSpace.from_yaml(space, desc)
+    con = console()
+    con.print(f"validating {device.name} on {model}, workload {wl.label()}, {plans} random plans from {space}…")
+    extra = None
+    if study:  # the study's own front plans too: the ones a user will pick from
+        from autocomp.search.study import front_trials, plan_of
+
+        extra = {f"trial {t.number}": plan_of(t, handle) for t in front_trials(handle.study, handle.budget_bytes)}
+    result = validate(loaded, desc, sp, device, wl, plans, seed=seed, runs=runs, log=con.print, extra=extra)
+    if study:
+        from autocomp.fidelity import record
+
+        record(handle.study, "latency", {**result, "workload": wl.label()})
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{device.name}: Spearman {result['spearman']:.3f}, within ±10% {result['within_10pct']:.0%}, "
+                   f"within ±25% {result['within_25pct']:.0%}, MAPE {result['mape']:.1%} over {result['plans']} plans")

@@ -1,0 +1,67 @@
+"""Models and plans: ``layers``, ``score``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from autocomp.cli.common import cli, console
+from autocomp.errors import AutocompError
+from autocomp.evaluators.proxy import METRICS
+
+
+@cli.command()
+@click.option("--model", default="minilm", show_default=True)
+@click.option("--data", default=None)
+@click.option("--json", "as_json", is_flag=True)
+def layers(model: str, data: str | None, as_json: bool) -> None:
+    """List the compressible layers of a model: shape, parameters, FLOPs per sample, block, modality."""
+    from autocomp.models import load_model
+    from autocomp.models.introspect import introspect
+
+    desc = introspect(load_model(model, data=data))
+    if as_json:
+        click.echo(json.dumps(desc.to_dict()))
+        return
+    from rich.table import Table
+
+    from autocomp.budget import format_bytes
+
+    table = Table(title=f"{desc.name}: {desc.params:,} parameters, {format_bytes(desc.fp32_bytes)}")
+    for col in ("layer", "type", "shape", "params", "MFLOPs/sample", "block", "modality"):
+        table.add_column(col, justify="left" if col in ("layer", "type", "modality") else "right")
+    for lay in desc.layers:
+        table.add_row(lay.name, lay.type, f"{lay.rows}x{lay.cols}", f"{lay.params:,}",
+                      f"{lay.flops_per_sample / 1e6:.2f}", "" if lay.block is None else str(lay.block), lay.modality)
+    console(stderr=False).print(table)
+
+
+
+@cli.command()
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True)
+@click.option("--model", default=None, help="Default: the model the plan was made for.")
+@click.option("--data", default=None)
+@click.option("--metric", default="auto", type=click.Choice(METRICS))
+@click.option("--json", "as_json", is_flag=True)
+def score(plan_path: Path, model: str | None, data: str | None, metric: str, as_json: bool) -> None:
+    """Apply a plan to its model and report exact size and proxy (checks the plan fits the model)."""
+    from autocomp.compressors.apply import check_plan
+    from autocomp.cost.size import plan_bytes
+    from autocomp.evaluators.proxy import ProxyEvaluator
+    from autocomp.models import load_model
+    from autocomp.models.introspect import introspect
+    from autocomp.plan import Plan
+
+    p = Plan.load(plan_path)
+    spec = model or p.model_spec
+    if not spec:
+        raise AutocompError(f"plan {str(plan_path)!r} names no model; pass --model")
+    loaded = load_model(spec, data=data, metric=metric)
+    desc = introspect(loaded)
+    check_plan(p, desc)
+    out = {"model": spec, "size_bytes": plan_bytes(desc, p), "fp32_bytes": desc.fp32_bytes,
+           "proxy": ProxyEvaluator(loaded, desc)(p)}
+    click.echo(json.dumps(out) if as_json else
+               f"{spec}: {out['size_bytes']} bytes ({out['size_bytes'] / desc.fp32_bytes:.1%} of fp32), proxy {out['proxy']:.5f}")

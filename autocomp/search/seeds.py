@@ -1,0 +1,82 @@
+"""The first trials of a new study: the additive integer program's plans over the sensitivity database (for a
+sweep of budgets up to the user's) and the uniform reference plans; plus the data-driven unit rankings of
+structured groups with ``importance: fisher``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from autocomp.desc import ModelDesc
+from autocomp.search.config import SearchConfig
+
+__all__ = ["sensitivity_database", "unit_orders", "ilp_seeds", "enqueue_seeds"]
+
+
+def sensitivity_database(cfg: SearchConfig, loaded: Any, desc: ModelDesc, space: Any, evaluator: Any, emit: Any) -> Any:
+    """The sensitivity database for this model / data / space, profiled on the first calibration batch."""
+    import dataclasses
+
+    from autocomp.evaluators.proxy import ProxyEvaluator, data_fingerprint
+    from autocomp.search.sensitivity import fisher_profile, profile, weights_hash
+
+    sliced = dataclasses.replace(loaded, batches=loaded.batches[:1], metric=evaluator.metric)
+    fast = ProxyEvaluator(sliced, desc)
+    parts = {"weights": weights_hash(loaded.module), "data": data_fingerprint(sliced.batches),
+             "metric": evaluator.metric, "evaluator": "proxy-v1"}
+    emit("status", {"message": f"{cfg.sensitivity} sensitivity database (cached after the first run)"})
+    log = lambda m: emit("status", {"message": m})  # noqa: E731
+    if cfg.sensitivity == "fisher":
+        return fisher_profile(space, fast, cfg.studies_dir / "sensitivity", parts, log=log)
+    return profile(space, fast, cfg.studies_dir / "sensitivity", parts, log=log)
+
+
+def unit_orders(cfg: SearchConfig, loaded: Any, desc: ModelDesc, space: Any, evaluator: Any,
+                 emit: Any) -> dict[str, tuple[int, ...]]:
+    """Data-driven unit rankings for structured groups with ``importance: fisher`` (first calibration batch)."""
+    import dataclasses
+
+    from autocomp.evaluators.proxy import ProxyEvaluator, data_fingerprint
+    from autocomp.search.sensitivity import unit_importance, weights_hash
+
+    sliced = dataclasses.replace(loaded, batches=loaded.batches[:1], metric=evaluator.metric)
+    parts = {"weights": weights_hash(loaded.module), "data": data_fingerprint(sliced.batches),
+             "metric": evaluator.metric}
+    return unit_importance(space, ProxyEvaluator(sliced, desc), cfg.studies_dir / "sensitivity", parts,
+                           log=lambda m: emit("status", {"message": m}))
+
+
+def ilp_seeds(space: Any, sens: Any, budget: int, smallest: int, split: Mapping[str, float] | None = None,
+               n: int = 5, limits: Sequence[Any] = ()) -> list[tuple[float, dict[str, str]]]:
+    """Additive-ILP plans for ``n`` budgets from the user's down to 40% of it (or the smallest plan): the
+    front below the budget too, where (size, proxy) trade-offs are steepest. ``n`` grows with the trial count
+    (5 for short runs, up to 12). ``limits`` (latency, BitOps) hold for every plan of the sweep."""
+    from autocomp.search.sensitivity import ilp_assignment
+
+    seeds, seen = [], set()
+    low = max(0.4, smallest / budget)
+    for i in range(n):
+        frac = 1.0 - (1.0 - low) * i / max(1, n - 1) if n > 1 else 1.0
+        b = int(budget * frac)
+        if b < smallest:
+            continue
+        # per-modality shares stay those of the user's budget (they are caps, not targets)
+        a = ilp_assignment(space, sens, b, {m: int(budget * f) for m, f in (split or {}).items()}, limits)
+        if a is not None and tuple(sorted(a.items())) not in seen:
+            seen.add(tuple(sorted(a.items())))
+            seeds.append((frac, a))
+    return seeds
+
+
+def enqueue_seeds(study: Any, cfg: SearchConfig, space: Any, sens: Any, budget: int, smallest: int,
+                  split: Mapping[str, float], limits: Sequence[Any]) -> None:
+    """Queue the seed plans of a new study, labelled (``reference``) so reports can tell them apart."""
+    from autocomp.space import reference_assignments
+
+    if cfg.seeds == "ilp":  # plans of the additive model for a sweep of budgets up to the user's
+        for frac, assignment in ilp_seeds(space, sens, budget, smallest, split, n=min(12, max(5, cfg.trials // 20)),
+                                          limits=[lim for lim in limits if lim.name in ("latency", "bitops")]):
+            study.enqueue_trial(assignment, user_attrs={"reference": f"ilp-{frac:.2f}"})
+    # the uniform reference plans (repaired onto the budget when they do not fit)
+    for label, assignment in (reference_assignments(space).items() if cfg.seeds != "none" else ()):
+        study.enqueue_trial(assignment, user_attrs={"reference": label})
