@@ -40,7 +40,7 @@ class LayerPlan:
     rank=None, symmetric=True, act_bits=None)``. Immutable and hashable; ``LayerPlan()`` keeps the layer.
     """
 
-    __slots__ = ("_configs", "_hash")
+    __slots__ = ("_configs", "_hash", "_steps")
 
     def __init__(self, *configs: Any, **v1: Any) -> None:
         from autocomp.compressors.base import TechniqueConfig, registered, technique
@@ -49,6 +49,7 @@ class LayerPlan:
         if not configs and not v1:
             object.__setattr__(self, "_configs", ())
             object.__setattr__(self, "_hash", hash(()))
+            object.__setattr__(self, "_steps", ())
             return
         if len(configs) == 1 and isinstance(configs[0], Mapping):
             configs = tuple(configs[0].values())
@@ -72,21 +73,22 @@ class LayerPlan:
                 if c is not None:
                     found[t.name] = c
         stages: dict[str, str] = {}
-        ordered = []
+        steps = []
         for t in registered():
             if t.name in found:
                 if t.stage in stages:
                     raise AutocompError(f"a layer takes one {t.stage} technique, got {stages[t.stage]} and {t.name}")
                 stages[t.stage] = t.name
-                ordered.append((t.name, found[t.name]))
-        object.__setattr__(self, "_configs", tuple(ordered))
+                steps.append((t, found[t.name]))
+        object.__setattr__(self, "_steps", tuple(steps))
+        object.__setattr__(self, "_configs", tuple((t.name, c) for t, c in steps))
         object.__setattr__(self, "_hash", hash(self._configs))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("LayerPlan is immutable")
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, LayerPlan) and self._configs == other._configs
+        return other is self or (isinstance(other, LayerPlan) and self._configs == other._configs)
 
     def __hash__(self) -> int:
         return self._hash
@@ -108,11 +110,9 @@ class LayerPlan:
         """(technique name, config) in pipeline order."""
         return self._configs
 
-    def steps(self) -> list[tuple[Any, Any]]:
+    def steps(self) -> tuple[tuple[Any, Any], ...]:
         """(technique, config) in pipeline order."""
-        from autocomp.compressors.base import technique
-
-        return [(technique(n), c) for n, c in self._configs]
+        return self._steps
 
     @property
     def is_identity(self) -> bool:

@@ -268,6 +268,7 @@ class SearchSpace:
                 else:
                     self.params[f"{key}:{t.dim}"] = tuple(valid)
         self._plan_memo: dict[tuple[Any, ...], tuple[LayerDesc, LayerPlan, int, int]] = {}
+        self._choice_memo: dict[tuple[Any, ...], LayerPlan] = {}
         self._layer_groups: dict[str, tuple[str, ...]] = {}
         for gk, g in self.groups.items():
             for n in dict.fromkeys((*g.producers, *g.consumers)):
@@ -401,10 +402,15 @@ class SearchSpace:
         """The layer's plan: each technique's option bound to the shapes the earlier ones leave (a rank
         fraction becomes a rank of the cut matrix, a group as wide as a factor's row is per channel, 2:4
         needs inputs divisible by 4: an option that does not apply there is left out)."""
+        techniques = registered()
+        labels = tuple(self.choice(f"{key}:{t.dim}", assignment) for t in techniques)
+        memo_key = (layer.name, labels, rows, cols)
+        hit = self._choice_memo.get(memo_key)
+        if hit is not None:
+            return hit
         configs = []
         stored = [Stored(rows, cols, rows * cols, 32)]
-        for t in registered():
-            label = self.choice(f"{key}:{t.dim}", assignment)
+        for t, label in zip(techniques, labels):
             option = t.parse(label)
             if option is None:
                 continue
@@ -412,7 +418,8 @@ class SearchSpace:
             if config is not None:
                 configs.append(config)
                 stored = t.stored(config, stored)
-        return LayerPlan(*configs)
+        out = self._choice_memo[memo_key] = LayerPlan(*configs)
+        return out
 
     def decode(self, assignment: Mapping[str, str]) -> Plan:
         """A full assignment (every parameter of :attr:`params`) -> the plan it means for this model."""
@@ -492,6 +499,7 @@ class SearchSpace:
             else:
                 self.params[param] = tuple(keep)
         self._plan_memo.clear()
+        self._choice_memo.clear()
         return self
 
     def _figure(self, t: Technique, label: str, param: str, figure: str, default: float) -> float:

@@ -10,16 +10,17 @@ from autocomp.search.samplers import SAMPLERS, make_sampler
 from conftest import TINY
 
 
-@pytest.fixture(params=SAMPLERS)
-def sampler(request):
-    return lambda: make_sampler(request.param, seed=0)
+class _EverySampler:
+    @pytest.fixture(params=SAMPLERS)
+    def sampler(self, request):
+        return lambda: make_sampler(request.param, seed=0)
 
 
-class TestOptunaBasicCases(BasicSamplerTestCase):
+class TestOptunaBasicCases(_EverySampler, BasicSamplerTestCase):
     """Optuna's single-objective cases: every distribution in range, NaN objectives, fixed params."""
 
 
-class TestOptunaMultiObjectiveCases(MultiObjectiveSamplerTestCase):
+class TestOptunaMultiObjectiveCases(_EverySampler, MultiObjectiveSamplerTestCase):
     """Optuna's multi-objective cases (autocomp's studies have 2-3 objectives)."""
 
 

@@ -64,7 +64,7 @@ def test_a_killed_trial_is_retried_and_the_total_is_exact(kind, tmp_path):
     ghost = study.ask()  # a worker that died mid-trial
     params = {p: ghost.suggest_categorical(p, list(d.choices)) for p, d in study.trials[0].distributions.items()}
     if kind != "sqlite":  # shared storages fail a trial once its heartbeat is overdue
-        study._storage.set_trial_user_attr(ghost._trial_id, "autocomp_heartbeat", 0.0)
+        study._storage.set_trial_user_attr(ghost._trial_id, "autocomp_heartbeat", 1.0)  # 1970
     cfg.trials = 9
     result = run_search(cfg)
     trials = optuna.load_study(study_name=name, storage=open_storage(url)).trials

@@ -270,7 +270,12 @@ class Technique(ABC):
 
 
 _REGISTRY: dict[str, Technique] = {}
+_ORDERED: list[Technique] = []  # pipeline order, rebuilt on every (un)registration: read on hot paths
 _LOADED = False
+
+
+def _reorder() -> None:
+    _ORDERED[:] = sorted(_REGISTRY.values(), key=lambda t: t.order)
 
 
 def register(cls: type[Technique]) -> type[Technique]:
@@ -286,12 +291,14 @@ def register(cls: type[Technique]) -> type[Technique]:
         if other.name != cls.name and (other.dim == cls.dim or other.axis == cls.axis):
             raise TypeError(f"technique {cls.name}: axis {cls.axis!r} / dim {cls.dim!r} taken by {other.name}")
     _REGISTRY[cls.name] = cls()
+    _reorder()
     return cls
 
 
 def unregister(name: str) -> None:
     """Remove a technique (tests of plug-ins; plans naming it then fail to load with a clear error)."""
     _REGISTRY.pop(name, None)
+    _reorder()
 
 
 def _load_builtins() -> None:
@@ -313,8 +320,9 @@ def _load_builtins() -> None:
 
 def registered() -> list[Technique]:
     """Every technique, in pipeline order."""
-    _load_builtins()
-    return sorted(_REGISTRY.values(), key=lambda t: t.order)
+    if not _LOADED:
+        _load_builtins()
+    return _ORDERED
 
 
 def axes() -> list[Technique]:
@@ -324,7 +332,8 @@ def axes() -> list[Technique]:
 
 
 def technique(name: str) -> Technique:
-    _load_builtins()
+    if not _LOADED:
+        _load_builtins()
     t = _REGISTRY.get(name)
     if t is None:
         raise AutocompError(f"technique {name!r} is not registered here (known: {', '.join(sorted(_REGISTRY))}); "

@@ -5,13 +5,14 @@ through their contract (:mod:`autocomp.compressors.base`); nothing here names on
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 from autocomp.compressors.base import Execution, LayerContext, Part, Stored
 from autocomp.errors import AutocompError
 from autocomp.plan import LayerPlan
 
-__all__ = ["run_pipeline", "reconstruct", "stored_matrices", "stored_shapes", "pack_layer", "unpack_layer",
+__all__ = ["run_pipeline", "reconstruct", "stored_matrices", "stored_bytes", "stored_shapes", "pack_layer", "unpack_layer",
            "layer_execution", "check_layer", "part_keys"]
 
 
@@ -61,6 +62,12 @@ def stored_matrices(choice: LayerPlan, rows: int, cols: int, itemsize: int) -> l
     for tech, config in choice.steps():
         stored = tech.stored(config, stored)
     return stored
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def stored_bytes(choice: LayerPlan, rows: int, cols: int, itemsize: int) -> int:
+    """Total bytes of :func:`stored_matrices` (memoized: the size model's hot path)."""
+    return sum(s.nbytes for s in stored_matrices(choice, rows, cols, itemsize))
 
 
 def stored_shapes(choice: LayerPlan, rows: int, cols: int, before: str | None = None) -> list[tuple[int, int]]:

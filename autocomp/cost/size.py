@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from autocomp.compressors.pipeline import stored_matrices
+from autocomp.compressors.pipeline import stored_bytes
 from autocomp.compressors.structured import structured_shape
 from autocomp.desc import LayerDesc, ModelDesc
 from autocomp.plan import LayerPlan, Plan, StructuredGroup
@@ -26,7 +26,7 @@ def layer_bytes(layer: LayerDesc, choice: LayerPlan, rows: int | None = None, co
     bias = (rows if layer.bias else 0) * layer.bias_itemsize
     if layer.bias and layer.bias != layer.rows:  # bias not per output row (unusual): kept whole
         bias = layer.bias * layer.bias_itemsize
-    return sum(s.nbytes for s in stored_matrices(choice, rows, cols, layer.weight_itemsize)) + bias
+    return stored_bytes(choice, rows, cols, layer.weight_itemsize) + bias
 
 
 def mask_bytes(groups: Mapping[str, StructuredGroup]) -> int:
