@@ -74,76 +74,64 @@ def _elementwise_costs(op_s: float) -> dict[str, float]:
     return {name: max((_time(fn) - op_s) / n, 0.0) for name, (fn, n) in kernels.items()}
 
 
-def calibrate(out: Path, name: str = "cpu-local", quick: bool = False, log: Callable[[str], None] = print,
-              model: Any = None, workload: str | None = None, fit_plans: int = 12) -> Device:
-    """Micro-benchmark matmuls (fp32 dense, int8, low-rank factor shapes), attention-like and elementwise
-    kernels on this machine; take the best achieved rates as peaks, then fit a per-class correction
-    ``t = a * compute + b * memory + c`` with scikit-learn (non-negative least squares, relative error).
-
-    With ``model`` (a :class:`~autocomp.models.base.LoadedModel`), also time ``fit_plans`` real compressed
-    versions of it (plus fp32 and uniform int8) and fit a whole-model correction on top of the kernel-level
-    prediction: what isolated kernels miss inside a real network (cache misses, per-forward overhead)."""
-    import numpy as np
+def _time_matmuls(shapes: list[tuple[int, int]], rows: list[int], samples: dict[str, list[Any]]) -> None:
+    """Dense fp32 and dynamic int8 Linear layers of each shape at each row count -> (flops, bytes, s)."""
     import torch
+
+    for k, n in shapes:
+        # Rotate through enough copies that weights and inputs come from DRAM, not cache, as they do
+        # inside a real network (timing one layer again and again was 28% optimistic on MiniLM here).
+        copies = max(2, min(16, -(-_COLD_BYTES // (4 * k * n))))
+        dense = [torch.nn.Linear(k, n) for _ in range(copies)]
+        int8 = [_int8_linear(k, n) for _ in range(copies)]
+        for m in rows:
+            xs = [torch.randn(m, k) for _ in range(copies)]
+            flops, nbytes = 2.0 * m * k * n, 4.0 * (k * n + m * (k + n))
+
+            def run(layers: list[Any]) -> None:
+                for layer, x in zip(layers, xs):
+                    layer(x)
+
+            samples["dense"].append((flops, nbytes, _time(lambda: run(dense)) / copies))
+            samples["int8"].append((flops, nbytes - 3.0 * k * n, _time(lambda: run(int8)) / copies))
+
+
+def _time_other(samples: dict[str, list[Any]]) -> tuple[float, float]:
+    """Attention scores + softmax + context with a norm and an activation (the work between layers), and the
+    fixed cost of one eager module call and of one small tensor operation."""
+    import torch
+
+    for t, d, h in ([16, 384, 12], [64, 384, 12], [128, 384, 12], [256, 384, 12], [128, 768, 12], [512, 384, 12]):
+        q = torch.randn(1, h, t, d // h)
+        x = torch.randn(1, t, d)
+        ln = torch.nn.LayerNorm(d)
+        gelu = torch.nn.GELU()
+
+        def block() -> None:
+            torch.matmul(torch.softmax(torch.matmul(q, q.transpose(-1, -2)), -1), q)
+            gelu(ln(x))
+
+        flops = 2.0 * 2 * t * t * d
+        nbytes = 2 * (4 * t * d) * 2 + 4 * h * t * t * 2  # norm + activation read/write, scores
+        samples["other"].append((flops, nbytes, _time(block)))
+    ident = torch.nn.Sequential(*[torch.nn.Identity() for _ in range(50)])
+    tiny = torch.randn(4)
+    module_call_s = max(_time(lambda: ident(tiny)) / 51, 1e-8)  # 50 children + the container
+
+    def ops50() -> None:
+        y = tiny
+        for _ in range(50):
+            y = y + 1.0
+
+    return module_call_s, max(_time(ops50) / 50, 1e-8)
+
+
+def _fit(samples: dict[str, list[Any]], peak: dict[str, float], bandwidth: float,
+         log: Callable[[str], None]) -> dict[str, Any]:
+    """Per kernel class, ``t = a * compute + b * memory + c`` (scikit-learn, non-negative, relative error)."""
+    import numpy as np
     from sklearn.linear_model import LinearRegression
 
-    fit = None
-    if model is not None:  # check the model and workload before minutes of timing
-        from autocomp.cost.latency import parse_workload
-        from autocomp.models.introspect import introspect
-
-        desc = introspect(model)
-        fit = (model, desc, parse_workload(workload, desc))
-    shapes = _SHAPES[:6] if quick else _SHAPES
-    rows = _ROWS[::2] if quick else _ROWS
-    samples: dict[str, list[tuple[float, float, float]]] = {"dense": [], "int8": [], "other": []}  # (flops, bytes, s)
-    with torch.inference_mode():
-        big = torch.ones(64 * 2**20 // 4)
-        dst = torch.empty_like(big)
-        copy_s = _time(lambda: dst.copy_(big))
-        bandwidth = 2 * big.numel() * 4 / copy_s  # read + write
-        for k, n in shapes:
-            # Rotate through enough copies that weights and inputs come from DRAM, not cache, as they do
-            # inside a real network (timing one layer again and again was 28% optimistic on MiniLM here).
-            copies = max(2, min(16, -(-_COLD_BYTES // (4 * k * n))))
-            dense = [torch.nn.Linear(k, n) for _ in range(copies)]
-            int8 = [_int8_linear(k, n) for _ in range(copies)]
-            for m in rows:
-                xs = [torch.randn(m, k) for _ in range(copies)]
-                flops, nbytes = 2.0 * m * k * n, 4.0 * (k * n + m * (k + n))
-
-                def run(layers: list[Any]) -> None:
-                    for layer, x in zip(layers, xs):
-                        layer(x)
-
-                samples["dense"].append((flops, nbytes, _time(lambda: run(dense)) / copies))
-                samples["int8"].append((flops, nbytes - 3.0 * k * n, _time(lambda: run(int8)) / copies))
-        for t, d, h in ([16, 384, 12], [64, 384, 12], [128, 384, 12], [256, 384, 12], [128, 768, 12], [512, 384, 12]):
-            q = torch.randn(1, h, t, d // h)
-            x = torch.randn(1, t, d)
-            ln = torch.nn.LayerNorm(d)
-            gelu = torch.nn.GELU()
-
-            def block() -> None:  # attention scores + softmax + context, plus norm and activation
-                torch.matmul(torch.softmax(torch.matmul(q, q.transpose(-1, -2)), -1), q)
-                gelu(ln(x))
-
-            flops = 2.0 * 2 * t * t * d
-            nbytes = 2 * (4 * t * d) * 2 + 4 * h * t * t * 2  # norm + activation read/write, scores
-            samples["other"].append((flops, nbytes, _time(block)))
-        ident = torch.nn.Sequential(*[torch.nn.Identity() for _ in range(50)])
-        tiny = torch.randn(4)
-        module_call_s = max(_time(lambda: ident(tiny)) / 51, 1e-8)  # 50 children + the container
-
-        def ops50() -> None:
-            y = tiny
-            for _ in range(50):
-                y = y + 1.0
-
-        op_s = max(_time(ops50) / 50, 1e-8)  # one small eager tensor operation
-        op_element_s = _elementwise_costs(op_s)
-    peak = {cls: max(f / s for f, _, s in v) for cls, v in samples.items() if cls != "other"}
-    peak["other"] = peak["dense"]
     correction: dict[str, Any] = {"method": "sklearn LinearRegression(positive=True, no intercept) on "
                                             "[compute_s, memory_s, 1], sample weights 1/measured^2 (relative error)"}
     for cls, v in samples.items():
@@ -152,19 +140,20 @@ def calibrate(out: Path, name: str = "cpu-local", quick: bool = False, log: Call
         y = np.array([x[2] for x in v])
         X = np.stack([f, b, np.ones_like(f)], axis=1)
         reg = LinearRegression(positive=True, fit_intercept=False).fit(X, y, sample_weight=1.0 / y**2)
-        pred = reg.predict(X)
-        mape = float(np.mean(np.abs(pred - y) / y))
+        mape = float(np.mean(np.abs(reg.predict(X) - y) / y))
         a, bb, c = (float(z) for z in reg.coef_)
         correction[cls] = {"compute": a, "memory": bb, "overhead_s": c, "kernels": len(v), "mape": round(mape, 4)}
         log(f"  {cls:6s} {len(v):3d} kernels: t = {a:.3f} x compute + {bb:.3f} x memory + {c * 1e6:.1f} us"
             f"   (fit error {mape:.1%})")
-    correction["module_call_s"] = module_call_s
-    correction["op_s"] = op_s
-    correction["op_element_s"] = op_element_s
-    log(f"  one eager module call: {module_call_s * 1e6:.2f} us; one small tensor operation: {op_s * 1e6:.2f} us")
-    today = time.strftime("%Y-%m-%d")
-    src = f"measured here with `autocomp hardware calibrate` on {today}"
-    doc = {
+    return correction
+
+
+def _device_doc(name: str, peak: dict[str, float], bandwidth: float, correction: dict[str, Any],
+                samples: dict[str, list[Any]]) -> dict[str, Any]:
+    import torch
+
+    src = f"measured here with `autocomp hardware calibrate` on {time.strftime('%Y-%m-%d')}"
+    return {
         "name": name,
         "description": f"this machine: {platform.machine()} {platform.processor() or ''}, "
                        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}".strip(),
@@ -179,8 +168,41 @@ def calibrate(out: Path, name: str = "cpu-local", quick: bool = False, log: Call
         "accelerates": {"int8": True, "weight_only_bits": [], "sparse_2_4": False, "unstructured_sparse": False},
         "correction": correction,
     }
+
+
+def calibrate(out: Path, name: str = "cpu-local", quick: bool = False, log: Callable[[str], None] = print,
+              model: Any = None, workload: str | None = None, fit_plans: int = 12) -> Device:
+    """Micro-benchmark matmuls (fp32 dense, int8, low-rank factor shapes), attention-like and elementwise
+    kernels on this machine; take the best achieved rates as peaks, then fit a per-class correction
+    ``t = a * compute + b * memory + c`` with scikit-learn (non-negative least squares, relative error).
+
+    With ``model`` (a :class:`~autocomp.models.base.LoadedModel`), also time ``fit_plans`` real compressed
+    versions of it (plus fp32 and uniform int8) and fit a whole-model correction on top of the kernel-level
+    prediction: what isolated kernels miss inside a real network (cache misses, per-forward overhead)."""
+    import torch
     import yaml
 
+    fit = None
+    if model is not None:  # check the model and workload before minutes of timing
+        from autocomp.cost.latency import parse_workload
+        from autocomp.models.introspect import introspect
+
+        desc = introspect(model)
+        fit = (model, desc, parse_workload(workload, desc))
+    samples: dict[str, list[tuple[float, float, float]]] = {"dense": [], "int8": [], "other": []}  # (flops, bytes, s)
+    with torch.inference_mode():
+        big = torch.ones(64 * 2**20 // 4)
+        dst = torch.empty_like(big)
+        bandwidth = 2 * big.numel() * 4 / _time(lambda: dst.copy_(big))  # read + write
+        _time_matmuls(_SHAPES[:6] if quick else _SHAPES, _ROWS[::2] if quick else _ROWS, samples)
+        module_call_s, op_s = _time_other(samples)
+        op_element_s = _elementwise_costs(op_s)
+    peak = {cls: max(f / s for f, _, s in v) for cls, v in samples.items() if cls != "other"}
+    peak["other"] = peak["dense"]
+    correction = _fit(samples, peak, bandwidth, log)
+    correction.update(module_call_s=module_call_s, op_s=op_s, op_element_s=op_element_s)
+    log(f"  one eager module call: {module_call_s * 1e6:.2f} us; one small tensor operation: {op_s * 1e6:.2f} us")
+    doc = _device_doc(name, peak, bandwidth, correction, samples)
     device = parse_device(doc, str(out))
     if fit is not None:
         correction["end_to_end"] = fit_end_to_end(*fit, device, fit_plans, log=log)

@@ -142,10 +142,9 @@ FIDELITY_HOWTO = {
 }
 
 
-def _figures(data: dict[str, Any]) -> list[tuple[str, Any]]:
+def _pareto_figure(data: dict[str, Any]) -> Any:
     import plotly.graph_objects as go
 
-    figs = []
     mb = 1e6
     pareto = go.Figure()
     styles = {"feasible": ("#4c78a8", 6), "infeasible": ("#bbbbbb", 5), "failed": ("#e45756", 7)}
@@ -175,7 +174,14 @@ def _figures(data: dict[str, Any]) -> list[tuple[str, Any]]:
     pareto.update_layout(title=f"{data['study']}: proxy vs size ({len(data['points'])} trials; failed and "
                                "unevaluated trials drawn at the top)", xaxis_title="size (MB)",
                          yaxis_title="proxy (drift)", yaxis_type="log" if finite else "linear")
-    figs.append(("pareto", pareto))
+    return pareto
+
+
+def _figures(data: dict[str, Any]) -> list[tuple[str, Any]]:
+    import plotly.graph_objects as go
+
+    figs = [("pareto", _pareto_figure(data))]
+    mb = 1e6
     lat = [p for p in data["points"] if p["latency_ms"] is not None and p["proxy"] is not None]
     if lat:
         f3 = go.Figure(go.Scatter3d(x=[p["size"] / mb for p in lat], y=[p["latency_ms"] for p in lat],
@@ -294,70 +300,84 @@ def write_pngs(data: dict[str, Any], out_dir: Path) -> list[Path]:
             plt.close(fig)
         written.append(path)
 
+    save(_png_pareto(plt, data), "pareto")
+    for label, plan in data["plans"].items():
+        save(_png_plan(plt, label, plan), f"plan-{label}")
+    if data["sensitivity"]:
+        save(_png_sensitivity(plt, data["sensitivity"]), "sensitivity")
+    for panel in _fidelity_panels(data.get("fidelity") or {}):
+        save(_png_panel(plt, panel), panel["name"])
+    return written
+
+
+def _png_pareto(plt: Any, data: dict[str, Any]) -> Any:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if not data["points"]:
         ax.text(0.5, 0.5, "no finished trials yet", ha="center", va="center")
         ax.set_axis_off()
-    else:
-        finite = [p["proxy"] for p in data["points"] if p["proxy"] is not None and p["proxy"] > 0]
-        top = max(finite) * 2 if finite else 1.0
-        for kind, color in (("infeasible", "#bbbbbb"), ("feasible", "#4c78a8"), ("failed", "#e45756")):
-            pts = [p for p in data["points"] if p["kind"] == kind and p["size"] is not None]
-            if pts:
-                ax.scatter([p["size"] / 1e6 for p in pts], [p["proxy"] if p["proxy"] is not None else top for p in pts],
-                           s=10, c=color, label=f"{kind} ({len(pts)})")
-        front = sorted((p for p in data["points"] if p["front"]), key=lambda p: p["size"])
-        ax.plot([p["size"] / 1e6 for p in front], [p["proxy"] for p in front], "-o", c="#f58518", ms=4, label="front")
-        ax.axvline(data["budget"] / 1e6, ls="--", c="k", lw=1, label="budget")
-        if finite:
-            ax.set_yscale("log")
-        ax.set_xlabel("size (MB)")
-        ax.set_ylabel("proxy (drift)")
-        ax.legend(fontsize=8)
-        ax.set_title(data["study"])
-    save(fig, "pareto")
-    for label, plan in data["plans"].items():
-        rows = plan["rows"]
-        fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.12), 2.6))
-        z = [[r["bits"] for r in rows], [100 * r["sparsity"] for r in rows], [100 * (1 - r["rank"]) for r in rows],
-             [100 * r["cut"] for r in rows]]
-        ax.imshow([[v / max(1e-9, max(row)) for v in row] for row in z], aspect="auto", cmap="viridis")
-        ax.set_yticks(range(4), ["bits", "sparsity", "rank cut", "structured cut"])
-        ax.set_xlabel("layer")
-        ax.set_title(f"plan map: {label} (trial {plan['trial']})")
-        save(fig, f"plan-{label}")
-    if data["sensitivity"]:
-        table = data["sensitivity"]
-        fig, ax = plt.subplots(figsize=(max(6, len(table) * 0.1), 3.5))
-        opts = sorted({o for row in table.values() for o in row})
-        for o in opts:
-            ys = [max(table[p].get(o) or 0.0, 1e-12) for p in table]
-            if max(ys) > 1e-12 and all(math.isfinite(y) for y in ys):
-                ax.plot(range(len(ys)), ys, ".", ms=3, label=o)
+        return fig
+    finite = [p["proxy"] for p in data["points"] if p["proxy"] is not None and p["proxy"] > 0]
+    top = max(finite) * 2 if finite else 1.0
+    for kind, color in (("infeasible", "#bbbbbb"), ("feasible", "#4c78a8"), ("failed", "#e45756")):
+        pts = [p for p in data["points"] if p["kind"] == kind and p["size"] is not None]
+        if pts:
+            ax.scatter([p["size"] / 1e6 for p in pts], [p["proxy"] if p["proxy"] is not None else top for p in pts],
+                       s=10, c=color, label=f"{kind} ({len(pts)})")
+    front = sorted((p for p in data["points"] if p["front"]), key=lambda p: p["size"])
+    ax.plot([p["size"] / 1e6 for p in front], [p["proxy"] for p in front], "-o", c="#f58518", ms=4, label="front")
+    ax.axvline(data["budget"] / 1e6, ls="--", c="k", lw=1, label="budget")
+    if finite:
         ax.set_yscale("log")
-        ax.set_xlabel("choice")
-        ax.set_ylabel("proxy increase")
-        ax.legend(fontsize=6, ncol=4)
-        save(fig, "sensitivity")
-    for panel in _fidelity_panels(data.get("fidelity") or {}):
-        fig, ax = plt.subplots(figsize=(5.5, 4.5))
-        series = panel.get("series") or [""] * len(panel["x"])
-        for name in dict.fromkeys(series):
-            idx = [i for i, s in enumerate(series) if s == name]
-            if panel.get("bars"):
-                k = list(dict.fromkeys(series)).index(name)
-                pos = [j + 0.4 * k for j in range(len(idx))]
-                ax.bar(pos, [panel["y"][i] for i in idx], width=0.4, label=name)
-                ax.set_xticks([j + 0.2 for j in range(len(idx))], [panel["x"][i] for i in idx], rotation=20,
-                              ha="right", fontsize=6)
-            else:
-                ax.scatter([panel["x"][i] for i in idx], [panel["y"][i] for i in idx], s=14, label=name or "plans")
-        if panel["diagonal"] and panel["x"]:
-            lo, hi = min(panel["x"] + panel["y"]), max(panel["x"] + panel["y"])
-            ax.plot([lo, hi], [lo, hi], "--", c="#888", lw=1, label="prediction = measurement")
-        ax.set_xlabel(panel["xlabel"])
-        ax.set_ylabel(panel["ylabel"])
-        ax.set_title(panel["title"], fontsize=8)
-        ax.legend(fontsize=7)
-        save(fig, panel["name"])
-    return written
+    ax.set_xlabel("size (MB)")
+    ax.set_ylabel("proxy (drift)")
+    ax.legend(fontsize=8)
+    ax.set_title(data["study"])
+    return fig
+
+
+def _png_plan(plt: Any, label: str, plan: dict[str, Any]) -> Any:
+    rows = plan["rows"]
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.12), 2.6))
+    z = [[r["bits"] for r in rows], [100 * r["sparsity"] for r in rows], [100 * (1 - r["rank"]) for r in rows],
+         [100 * r["cut"] for r in rows]]
+    ax.imshow([[v / max(1e-9, max(row)) for v in row] for row in z], aspect="auto", cmap="viridis")
+    ax.set_yticks(range(4), ["bits", "sparsity", "rank cut", "structured cut"])
+    ax.set_xlabel("layer")
+    ax.set_title(f"plan map: {label} (trial {plan['trial']})")
+    return fig
+
+
+def _png_sensitivity(plt: Any, table: dict[str, Any]) -> Any:
+    fig, ax = plt.subplots(figsize=(max(6, len(table) * 0.1), 3.5))
+    for o in sorted({o for row in table.values() for o in row}):
+        ys = [max(table[p].get(o) or 0.0, 1e-12) for p in table]
+        if max(ys) > 1e-12 and all(math.isfinite(y) for y in ys):
+            ax.plot(range(len(ys)), ys, ".", ms=3, label=o)
+    ax.set_yscale("log")
+    ax.set_xlabel("choice")
+    ax.set_ylabel("proxy increase")
+    ax.legend(fontsize=6, ncol=4)
+    return fig
+
+
+def _png_panel(plt: Any, panel: dict[str, Any]) -> Any:
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    series = panel.get("series") or [""] * len(panel["x"])
+    for name in dict.fromkeys(series):
+        idx = [i for i, s in enumerate(series) if s == name]
+        if panel.get("bars"):
+            k = list(dict.fromkeys(series)).index(name)
+            pos = [j + 0.4 * k for j in range(len(idx))]
+            ax.bar(pos, [panel["y"][i] for i in idx], width=0.4, label=name)
+            ax.set_xticks([j + 0.2 for j in range(len(idx))], [panel["x"][i] for i in idx], rotation=20,
+                          ha="right", fontsize=6)
+        else:
+            ax.scatter([panel["x"][i] for i in idx], [panel["y"][i] for i in idx], s=14, label=name or "plans")
+    if panel["diagonal"] and panel["x"]:
+        lo, hi = min(panel["x"] + panel["y"]), max(panel["x"] + panel["y"])
+        ax.plot([lo, hi], [lo, hi], "--", c="#888", lw=1, label="prediction = measurement")
+    ax.set_xlabel(panel["xlabel"])
+    ax.set_ylabel(panel["ylabel"])
+    ax.set_title(panel["title"], fontsize=8)
+    ax.legend(fontsize=7)
+    return fig

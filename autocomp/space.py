@@ -49,49 +49,11 @@ from autocomp.cost.size import layer_bytes
 from autocomp.desc import LayerDesc, ModelDesc
 from autocomp.errors import AutocompError
 from autocomp.plan import LayerPlan, Plan, StructuredGroup
+from autocomp.space_rules import (SPACES_DIR, LAYER_TYPES, Rule, StructRule, load_yaml, parse_modalities,  # noqa: F401
+                                  parse_rules, resolve_space_path)
 
 __all__ = ["SearchSpace", "reference_assignments", "uniform_assignment", "resolve_space_path", "neutral_assignment",
            "SPACES_DIR"]
-
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
-LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D")
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-def resolve_space_path(space: str) -> Path:
-    """``default`` -> search_spaces/default.yaml; a path is used as is."""
-    p = Path(space).expanduser()
-    if p.is_file():
-        return p
-    if _NAME.match(space):
-        cand = SPACES_DIR / f"{space}.yaml"
-        if cand.is_file():
-            return cand
-    known = ", ".join(sorted(x.stem for x in SPACES_DIR.glob("*.yaml"))) if SPACES_DIR.is_dir() else ""
-    raise AutocompError(f"search space {space!r} not found; use a YAML path or one of: {known}")
-
-
-@dataclass(frozen=True)
-class _Rule:
-    match: Any
-    types: frozenset[str] | None
-    modality: frozenset[str] | None
-    options: tuple[tuple[str, tuple[str, ...]], ...]  # (technique dim, its option labels), axis order
-    tie: str | None
-
-    def labels(self, dim: str) -> tuple[str, ...]:
-        return dict(self.options)[dim]
-
-
-@dataclass(frozen=True)
-class _StructRule:
-    kind: str
-    producers: tuple[str, ...]
-    consumers: tuple[str, ...]
-    keep: tuple[float, ...]
-    heads: Any
-    importance: str = "weight"
-
 
 @dataclass(frozen=True)
 class _Group:
@@ -105,138 +67,10 @@ class _Group:
     importance: str = "weight"  # how units are ranked: weight norms, or Fisher (gradient-based, from data)
 
 
-def _as_list(value: Any, where: str) -> list[Any]:
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(value, (str, int, float)):
-        return [value]
-    raise AutocompError(f"{where} must be a list")
-
-
-def _load_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise AutocompError(f"search space {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-    except OSError as e:
-        raise AutocompError(f"search space {str(path)!r} cannot be read: {e.strerror}") from None
-    if not isinstance(data, dict):
-        raise AutocompError(f"search space {str(path)!r} must be a mapping with a 'layers' list")
-    return data
-
-
-def _parse_modalities(value: Any, src: str) -> dict[str, list[str]]:
-    """``modalities: {vision: ['regex', ...], ...}`` -> checked patterns (tried before the built-in tags)."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise AutocompError(f"{src}: 'modalities' must map a modality name to a list of regexes")
-    out: dict[str, list[str]] = {}
-    for tag, pats in value.items():
-        pats = [str(p) for p in _as_list(pats, f"{src}: modalities.{tag}")]
-        for p in pats:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise AutocompError(f"{src}: modalities.{tag}: invalid regex {p!r}: {e}") from None
-        out[str(tag)] = pats
-    return out
-
-
-def _parse_rules(data: Mapping[str, Any], src: str) -> tuple[list[_Rule], list[_StructRule]]:
-    unknown = set(data) - {"version", "description", "layers", "structured", "modalities"}
-    if unknown:
-        raise AutocompError(f"{src}: unknown key {sorted(unknown)[0]!r}; allowed: version, description, layers, "
-                            f"structured, modalities")
-    if data.get("version", 1) != 1:
-        raise AutocompError(f"{src}: version {data.get('version')!r} is not supported; use version: 1")
-    layers = data.get("layers")
-    if not isinstance(layers, list) or not layers:
-        raise AutocompError(f"{src}: 'layers' must be a non-empty list of rules")
-    rules = []
-    for i, r in enumerate(layers):
-        where = f"{src}: layers[{i}]"
-        if not isinstance(r, dict):
-            raise AutocompError(f"{where} must be a mapping")
-        techniques = axes()
-        allowed = ["match", "types", "modality", *(t.axis for t in techniques), "tie"]
-        bad = set(r) - set(allowed)
-        if bad:
-            raise AutocompError(f"{where}: unknown key {sorted(bad)[0]!r}; allowed: {', '.join(allowed)}")
-        try:
-            match = re.compile(str(r["match"])) if "match" in r else None
-        except re.error as e:
-            raise AutocompError(f"{where}.match: invalid regex: {e}") from None
-        types = None
-        if "types" in r:
-            types = frozenset(str(t) for t in _as_list(r["types"], f"{where}.types"))
-            if types - set(LAYER_TYPES):
-                raise AutocompError(f"{where}.types: unknown type {sorted(types - set(LAYER_TYPES))[0]!r}; use {', '.join(LAYER_TYPES)}")
-        modality = frozenset(_as_list(r["modality"], f"{where}.modality")) if "modality" in r else None
-        opts: list[tuple[str, tuple[str, ...]]] = []
-        stages: dict[str, str] = {}
-        for t in techniques:
-            labels = [str(x) for x in _as_list(r.get(t.axis, [t.neutral]), f"{where}.{t.axis}")]
-            if not labels:
-                raise AutocompError(f"{where}.{t.axis}: needs at least one option")
-            for lab in labels:
-                try:
-                    t.parse(lab)
-                except ValueError as e:
-                    raise AutocompError(f"{where}.{t.axis}: {e}") from None
-            if any(lab != t.neutral for lab in labels):
-                if t.stage in stages:
-                    raise AutocompError(f"{where}: {stages[t.stage]} and {t.axis} both {t.stage} a layer's weights; "
-                                        f"offer one of them per rule")
-                stages[t.stage] = t.axis
-            opts.append((t.dim, tuple(dict.fromkeys(labels))))
-        tie = r.get("tie")
-        if tie is not None and not isinstance(tie, str):
-            raise AutocompError(f"{where}.tie must be a string template such as '{{block}}.attn'")
-        rules.append(_Rule(match, types, modality, tuple(opts), tie))
-    structs = []
-    for i, s in enumerate(data.get("structured") or []):
-        where = f"{src}: structured[{i}]"
-        if not isinstance(s, dict):
-            raise AutocompError(f"{where} must be a mapping")
-        bad = set(s) - {"kind", "producers", "consumers", "keep", "heads", "importance"}
-        if bad:
-            raise AutocompError(f"{where}: unknown key {sorted(bad)[0]!r}; allowed: kind, producers, consumers, keep, "
-                                f"heads, importance")
-        importance = s.get("importance", "weight")
-        if importance not in ("weight", "fisher"):
-            raise AutocompError(f"{where}.importance: {importance!r} is not weight or fisher")
-        kind = s.get("kind")
-        if kind not in ("neurons", "heads", "channels"):
-            raise AutocompError(f"{where}.kind: {kind!r} is not neurons, heads or channels")
-        prods = [str(x) for x in _as_list(s.get("producers", []), f"{where}.producers")]
-        cons = [str(x) for x in _as_list(s.get("consumers", []), f"{where}.consumers")]
-        if not prods or not cons:
-            raise AutocompError(f"{where}: needs at least one producer and one consumer")
-        try:
-            re.compile(prods[0])
-        except re.error as e:
-            raise AutocompError(f"{where}.producers[0]: invalid regex: {e}") from None
-        keep = _as_list(s.get("keep", [1.0]), f"{where}.keep")
-        try:
-            keep_f = tuple(float(k) for k in keep)
-        except (TypeError, ValueError):
-            raise AutocompError(f"{where}.keep: fractions in (0, 1] expected, got {keep!r}") from None
-        if any(not 0 < k <= 1 for k in keep_f):
-            raise AutocompError(f"{where}.keep: fractions in (0, 1] expected, got {keep!r}")
-        heads = s.get("heads", "auto" if kind == "heads" else None)
-        if kind == "heads" and not (heads == "auto" or (isinstance(heads, int) and heads > 0)):
-            raise AutocompError(f"{where}.heads: a positive count or 'auto', got {heads!r}")
-        structs.append(_StructRule(kind, tuple(prods), tuple(cons), keep_f, heads, importance))
-    return rules, structs
-
-
 class SearchSpace:
     """Per-layer categorical choices for one model. Build with :meth:`from_yaml`."""
 
-    def __init__(self, desc: ModelDesc, rules: list[_Rule], structs: list[_StructRule], source: str = "") -> None:
+    def __init__(self, desc: ModelDesc, rules: list[Rule], structs: list[StructRule], source: str = "") -> None:
         self.desc = desc
         self.source = source
         self.params: dict[str, tuple[str, ...]] = {}  # optuna parameter -> option labels
@@ -246,7 +80,7 @@ class SearchSpace:
         self.groups: dict[str, _Group] = {}
         self.unit_orders: dict[str, tuple[int, ...]] = {}  # group key -> units ranked from data (importance: fisher)
         self._by_name = by_name = desc.by_name
-        rule_of: dict[str, _Rule] = {}
+        rule_of: dict[str, Rule] = {}
         self._bind_structured(structs, by_name, source)
         for layer in desc.layers:
             rule = next((r for r in rules if self._matches(r, layer)), None)
@@ -282,7 +116,7 @@ class SearchSpace:
 
     # -- construction helpers ---------------------------------------------------------------------------
     @staticmethod
-    def _matches(rule: _Rule, layer: LayerDesc) -> bool:
+    def _matches(rule: Rule, layer: LayerDesc) -> bool:
         if rule.types is not None and layer.type not in rule.types:
             return False
         if rule.modality is not None and layer.modality not in rule.modality:
@@ -290,7 +124,7 @@ class SearchSpace:
         return rule.match is None or rule.match.fullmatch(layer.name) is not None
 
     @staticmethod
-    def _tie_key(rule: _Rule, layer: LayerDesc) -> str:
+    def _tie_key(rule: Rule, layer: LayerDesc) -> str:
         if not rule.tie:
             return layer.name
         if "{block}" in rule.tie and layer.block is None:
@@ -324,7 +158,7 @@ class SearchSpace:
             seen.setdefault(bound, lab)
         return [lab for lab in labels if lab in seen.values()]
 
-    def _bind_structured(self, structs: list[_StructRule], by_name: dict[str, LayerDesc], src: str) -> None:
+    def _bind_structured(self, structs: list[StructRule], by_name: dict[str, LayerDesc], src: str) -> None:
         claimed: set[str] = set()
         for rule in structs:
             pat = re.compile(rule.producers[0])
@@ -372,9 +206,9 @@ class SearchSpace:
     @classmethod
     def from_yaml(cls, space: str | Path, desc: ModelDesc) -> "SearchSpace":
         path = resolve_space_path(str(space))
-        data = _load_yaml(path)
-        rules, structs = _parse_rules(data, str(path))
-        patterns = _parse_modalities(data.get("modalities"), str(path))
+        data = load_yaml(path)
+        rules, structs = parse_rules(data, str(path))
+        patterns = parse_modalities(data.get("modalities"), str(path))
         if patterns:
             from autocomp.modality import retag
 

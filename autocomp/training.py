@@ -9,6 +9,7 @@ module holds the losses (response, feature, relation, contrastive), the loop, an
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from autocomp.compressors.quantize import CLIPS
@@ -165,27 +166,8 @@ def load_student(model: Any, plan: Plan, desc: Any, weights: Any, schedule: str 
     return student, meta
 
 
-def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: list[Any], lr: float = 2e-4,
-          distill: tuple[str, ...] = ("response", "relation"), temperature: float = 2.0, amp: str = "none",
-          schedule: str = "fixed", ramp: float = 0.3, task_loss: Any = None, checkpoint_every: int = 50,
-          resume: bool = True, seed: int = 0, on_step: Any = None, train_embeddings: bool = False,
-          clip: str = "learned") -> dict[str, Any]:
-    """Distill the original model into its compressed student for ``steps`` optimizer steps.
-
-    Teacher = the original model (frozen); loss = sum of the chosen distillation kinds (+ ``task_loss(out,
-    batch)`` when given). ``clip="mse"`` starts a fresh run from MSE-optimal clipping ranges
-    (:func:`~autocomp.compressors.student.start_training`), ``"learned"`` (default) does too and then trains one clipping ratio per quantization
-    group, ``"minmax"`` keeps the plan's plain ranges. AdamW with linear warm-up (5% of
-    steps) and cosine decay; batches reshuffled every epoch. Dropout stays off (eval mode) so that the run
-    is deterministic. ``amp="bf16"`` runs forward passes under CPU bf16 autocast. Checkpoints (atomic) every ``checkpoint_every`` steps and at the end; an existing checkpoint
-    for the same plan at ``out`` is resumed (optimizer state restarts). -> summary dict."""
-    import math
-    import time
-
-    import torch
-
-    from autocomp.models.base import extract_output, run_batch
-
+def _check_train(loaded: Any, steps: int, batches: list[Any], distill: tuple[str, ...], amp: str, clip: str) -> bool:
+    """Refuse bad training settings before any work; -> whether the model is a dual encoder."""
     if steps < 1:
         raise AutocompError(f"--steps must be >= 1, got {steps}")
     if not batches:
@@ -201,77 +183,137 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
         raise AutocompError(f"--amp must be none or bf16, got {amp!r}")
     if clip not in CLIPS:
         raise AutocompError(f"--clip must be one of {', '.join(CLIPS)}, got {clip!r}")
-    torch.manual_seed(seed)
-    teacher = loaded.module.eval()
-    start = 0
+    return dual
+
+
+def _student(teacher: Any, plan: Plan, desc: Any, out: Any, resume: bool, schedule: str, train_embeddings: bool,
+             clip: str) -> tuple[Any, int, bool, str]:
+    """(student, first step, train_embeddings, clip): the checkpoint at ``out`` resumed, or a fresh start."""
     from pathlib import Path
 
     if resume and Path(out).is_file():
         try:
             # a resumed run trains what the checkpoint trained (plus the embeddings when asked now)
             student, meta = load_student(teacher, plan, desc, out, schedule, train_embeddings or None)
-            start = int(meta.get("step", 0))
-            train_embeddings = train_embeddings or meta.get("train_embeddings") == "1"
-            clip = meta.get("clip", "minmax")  # how the checkpoint's run started
         except AutocompError:
             raise AutocompError(f"{str(out)!r} exists and is not a checkpoint of this plan; choose another --out "
                                 f"or delete it") from None
-    else:
-        student = prepare_for_training(teacher, plan, desc, schedule=schedule, train_embeddings=train_embeddings,
-                                       clip=clip)
-        start_training(student, clip)  # a resumed run already holds (and has trained) its starting weights
-    student.eval()
-    mults = param_lr(student)  # technique parameters with their own learning rate (e.g. clipping ratios x10)
-    params = [p for p in student.parameters() if p.requires_grad and id(p) not in mults]
-    groups = [{"params": params}]
+        # how the checkpoint's run started; it already holds (and has trained) its starting weights
+        return (student, int(meta.get("step", 0)), train_embeddings or meta.get("train_embeddings") == "1",
+                meta.get("clip", "minmax"))
+    student = prepare_for_training(teacher, plan, desc, schedule=schedule, train_embeddings=train_embeddings, clip=clip)
+    start_training(student, clip)
+    return student, 0, train_embeddings, clip
+
+
+def _optimizer(student: Any, lr: float, steps: int, start: int) -> tuple[Any, Any]:
+    """AdamW (technique parameters that want their own learning rate get it, e.g. clipping ratios x10),
+    linear warm-up over 5% of the steps, cosine decay; a resumed run continues the schedule."""
+    import math
+
+    import torch
+
+    mults = param_lr(student)
+    groups = [{"params": [p for p in student.parameters() if p.requires_grad and id(p) not in mults]}]
     for mult in sorted(set(mults.values())):
         own = [p for p in student.parameters() if p.requires_grad and mults.get(id(p)) == mult]
         if own:
             groups.append({"params": own, "lr": lr * mult})
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     warm = max(1, int(0.05 * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(  # a resumed run continues the schedule where it stopped
+    sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + start + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s + start, steps) / steps)))
-    t_blocks, s_blocks = _block_modules(teacher), _block_modules(student)
-    feature = "feature" in distill and t_blocks and len(t_blocks) == len(s_blocks)
+    return opt, sched
+
+
+@dataclass
+class _Losses:
+    """How one step's loss is made: the distillation kinds, their settings, the optional task loss."""
+
+    teacher: Any
+    student: Any
+    distill: tuple[str, ...]
+    temperature: float
+    metric: str
+    blocks: tuple[list[Any], list[Any]]  # (teacher's, student's) blocks for feature distillation, or empty
+    task_loss: Any
+    ctx: Any
+
+    def __call__(self, batch: Any) -> dict[str, Any]:
+        import torch
+
+        from autocomp.models.base import extract_output, run_batch
+
+        t_blocks, s_blocks = self.blocks
+        with torch.no_grad(), self.ctx():
+            t_store, hooks = _capture(t_blocks)
+            t_out = extract_output(run_batch(self.teacher, batch))[0].float()
+            for h in hooks:
+                h.remove()
+        with self.ctx():
+            s_store, hooks = _capture(s_blocks)
+            raw = run_batch(self.student, batch)
+            s_out = extract_output(raw)[0].float()
+            for h in hooks:
+                h.remove()
+        mask = None
+        if isinstance(batch, dict) and "attention_mask" in batch and s_out.dim() == 3:
+            mask = batch["attention_mask"].float()
+        losses = {}
+        if "response" in self.distill:
+            losses["response"] = distillation_loss(s_out, t_out, "response", self.temperature, self.metric, mask)
+        if "relation" in self.distill:
+            losses["relation"] = distillation_loss(s_out, t_out, "relation")
+        if "contrastive" in self.distill:
+            losses["contrastive"] = distillation_loss(s_out, t_out, "contrastive", self.temperature)
+        if s_store and len(s_store) == len(t_store):  # blocks whose forward ran
+            losses["feature"] = distillation_loss([x.float() for x in s_store], [x.float() for x in t_store], "feature")
+        if self.task_loss is not None:
+            losses["task"] = self.task_loss(raw, batch)
+        return losses
+
+
+def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: list[Any], lr: float = 2e-4,
+          distill: tuple[str, ...] = ("response", "relation"), temperature: float = 2.0, amp: str = "none",
+          schedule: str = "fixed", ramp: float = 0.3, task_loss: Any = None, checkpoint_every: int = 50,
+          resume: bool = True, seed: int = 0, on_step: Any = None, train_embeddings: bool = False,
+          clip: str = "learned") -> dict[str, Any]:
+    """Distill the original model into its compressed student for ``steps`` optimizer steps.
+
+    Teacher = the original model (frozen); loss = sum of the chosen distillation kinds (+ ``task_loss(out,
+    batch)`` when given). ``clip="mse"`` starts a fresh run from MSE-optimal clipping ranges
+    (:func:`~autocomp.compressors.student.start_training`), ``"learned"`` (default) does too and then trains
+    one clipping ratio per quantization group, ``"minmax"`` keeps the plan's plain ranges. AdamW with linear
+    warm-up (5% of steps) and cosine decay; batches reshuffled every epoch. Dropout stays off (eval mode) so
+    that the run is deterministic. ``amp="bf16"`` runs forward passes under CPU bf16 autocast. Checkpoints
+    (atomic) every ``checkpoint_every`` steps and at the end; an existing checkpoint for the same plan at
+    ``out`` is resumed (optimizer state restarts). -> summary dict."""
+    import time
+    from pathlib import Path
+
+    import torch
+
+    dual = _check_train(loaded, steps, batches, distill, amp, clip)
+    torch.manual_seed(seed)
+    teacher = loaded.module.eval()
+    student, start, train_embeddings, clip = _student(teacher, plan, desc, out, resume, schedule, train_embeddings, clip)
+    student.eval()
+    opt, sched = _optimizer(student, lr, steps, start)
+    blocks = (_block_modules(teacher), _block_modules(student))
+    feature = "feature" in distill and bool(blocks[0]) and len(blocks[0]) == len(blocks[1])
+    losses_of = _Losses(teacher, student, distill, temperature,
+                        loaded.metric if loaded.metric in ("cosine", "kl", "mse") else "cosine" if dual else "mse",
+                        blocks if feature else ([], []), task_loss,
+                        (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp == "bf16" else _null)
     meta = {"autocomp_checkpoint": "1", "plan_key": plan.digest(), "schedule": schedule, "steps": steps,
             "train_embeddings": "1" if train_embeddings else "0", "clip": clip}
-    metric = loaded.metric if loaded.metric in ("cosine", "kl", "mse") else "cosine" if dual else "mse"
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp == "bf16" else (lambda: _null())
-    items = 0
-    t0 = time.perf_counter()
-    last = {"loss": float("nan")}
-    step = start
+    items, t0, last, step = 0, time.perf_counter(), {"loss": float("nan")}, start
     try:
         for step in range(start, steps):
             if schedule == "progressive":
                 set_progress(student, (step + 1) / max(1, ramp * steps))
             batch = batches[_batch_order(len(batches), step // len(batches), seed)[step % len(batches)]]
-            with torch.no_grad(), ctx():
-                t_store, hooks = _capture(t_blocks) if feature else ([], [])
-                t_out = extract_output(run_batch(teacher, batch))[0].float()
-                for h in hooks:
-                    h.remove()
-            with ctx():
-                s_store, hooks = _capture(s_blocks) if feature else ([], [])
-                raw = run_batch(student, batch)
-                s_out = extract_output(raw)[0].float()
-                for h in hooks:
-                    h.remove()
-            mask = None
-            if isinstance(batch, dict) and "attention_mask" in batch and s_out.dim() == 3:
-                mask = batch["attention_mask"].float()
-            losses = {}
-            if "response" in distill:
-                losses["response"] = distillation_loss(s_out, t_out, "response", temperature, metric, mask)
-            if "relation" in distill:
-                losses["relation"] = distillation_loss(s_out, t_out, "relation")
-            if "contrastive" in distill:
-                losses["contrastive"] = distillation_loss(s_out, t_out, "contrastive", temperature)
-            if feature and s_store and len(s_store) == len(t_store):  # blocks whose forward ran
-                losses["feature"] = distillation_loss([x.float() for x in s_store], [x.float() for x in t_store], "feature")
-            if task_loss is not None:
-                losses["task"] = task_loss(raw, batch)
+            losses = losses_of(batch)
             loss = sum(losses.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -280,11 +322,10 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
             after_step(student)
             items += _batch_items(batch)
             last = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
-            done = step + 1
             if on_step:
-                on_step(done, steps, last, items / (time.perf_counter() - t0))
-            if checkpoint_every and done % checkpoint_every == 0 and done < steps:
-                save_checkpoint(student, out, {**meta, "step": done})
+                on_step(step + 1, steps, last, items / (time.perf_counter() - t0))
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                save_checkpoint(student, out, {**meta, "step": step + 1})
         step = steps
     finally:
         if schedule == "progressive" and step >= steps:

@@ -34,7 +34,7 @@ def evals_per_second(n: int) -> dict[str, float]:
     from autocomp.evaluators.proxy import ProxyEvaluator
     from autocomp.models import load_model
     from autocomp.models.introspect import introspect
-    from autocomp.search.repair import repair
+    from autocomp.search.repair import repair, size_limit
     from autocomp.space import SearchSpace, reference_assignments
 
     loaded = load_model("minilm")
@@ -47,7 +47,7 @@ def evals_per_second(n: int) -> dict[str, float]:
 
     def fit(a):
         size = plan_bytes(desc, space.decode(a))
-        return repair(space, a, 30_000_000, size)[0] if size > 30_000_000 else a
+        return repair(space, a, [size_limit(space, 30_000_000)])[0] if size > 30_000_000 else a
 
     # warm the per-layer caches (SVDs, sort orders) as a search does in its first trials
     for _ in range(10):
@@ -103,10 +103,10 @@ def bytes_exact() -> tuple[int, int, int]:
     import numpy as np
 
     from autocomp.compressors.apply import PlanApplier
+    from autocomp.compressors.pipeline import pack_layer
     from autocomp.cost.size import plan_bytes
     from autocomp.models import load_model
     from autocomp.models.introspect import introspect
-    from autocomp.packing import pack_layer
     from autocomp.space import SearchSpace, reference_assignments
 
     loaded = load_model("minilm")
@@ -136,6 +136,25 @@ def bytes_exact() -> tuple[int, int, int]:
     return exact, len(plans), 0
 
 
+def uniform_drifts() -> dict[str, float]:
+    """The proxy of the uniform plans DESIGN.md's table lists (every layer of the default space alike)."""
+    from autocomp.evaluators.proxy import ProxyEvaluator
+    from autocomp.models import load_model
+    from autocomp.models.introspect import introspect
+    from autocomp.space import SearchSpace, uniform_assignment
+
+    loaded = load_model("minilm")
+    desc = introspect(loaded)
+    space = SearchSpace.from_yaml("default", desc)
+    ev = ProxyEvaluator(loaded, desc)
+    out = {}
+    for label in ("8c", "6g128", "5g128", "4g128", "3g32", "2g32"):
+        a = uniform_assignment(space, label)
+        if a is not None:
+            out[label] = ev(space.decode(a))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -149,6 +168,8 @@ def main() -> None:
           f"{e['tokens_padded']} with padding): forward alone {e['forward_s'] * 1000:.0f} ms")
     print(f"  evaluations/s, TPE-like plans (3 choices changed): {e['evals_per_s_local']:.2f}")
     print(f"  evaluations/s, random plans (every layer changed): {e['evals_per_s_cold']:.2f}")
+    drifts = uniform_drifts()
+    print("uniform plans, drift: " + ", ".join(f"{k} {v:.4g}" for k, v in drifts.items()))
     exact, n, _ = bytes_exact()
     print(f"predicted == numpy-packed bytes: {exact}/{n} plans exact")
     wall = search_wall_time()

@@ -12,10 +12,31 @@ import click
 
 from autocomp.errors import AutocompError
 
-__all__ = ["cli", "STUDIES_DIR", "resolve_studies_dir", "console", "print_result", "fidelity_study"]
+__all__ = ["cli", "STUDIES_DIR", "resolve_studies_dir", "console", "print_result", "fidelity_study", "SPACE_HELP",
+           "HARDWARE_HELP"]
 
 STUDIES_DIR = click.option("--studies-dir", type=click.Path(path_type=Path), default=None,
                            help="Where studies live (default: $AUTOCOMP_STUDIES or ./studies).")
+
+
+def _names(folder: Path) -> str:
+    return ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) if folder.is_dir() else ""
+
+
+def _space_help() -> str:
+    from autocomp.space_rules import SPACES_DIR
+
+    return f"Search space: {_names(SPACES_DIR)}, or a YAML path."
+
+
+def _hardware_help() -> str:
+    from autocomp.cost.device import BUILTIN_DIR
+
+    return (f"Device for latency/energy: {_names(BUILTIN_DIR)}, cpu-local (after `autocomp hardware "
+            f"calibrate`) or a device YAML.")
+
+
+SPACE_HELP, HARDWARE_HELP = _space_help(), _hardware_help()
 
 
 def resolve_studies_dir(value: Path | None) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from autocomp.cli.common import STUDIES_DIR, cli, console, fidelity_study, resolve_studies_dir
+from autocomp.cli.common import SPACE_HELP, STUDIES_DIR, cli, console, fidelity_study, resolve_studies_dir
 from autocomp.errors import AutocompError
 from autocomp.compressors.quantize import CLIPS
 
@@ -95,7 +95,7 @@ def train(plan_path: Path, model: str | None, data: str | None, steps: int, out:
               help="Record predicted vs real bytes in this study for its report (default: the study the plan came "
                    "from, when it is found).")
 @click.option("--storage", default=None)
-@click.option("--clip", default="minmax", show_default=True, type=click.Choice(["minmax", "mse"]),
+@click.option("--clip", default="minmax", show_default=True, type=click.Choice([c for c in CLIPS if c != "learned"]),
               help="Without --weights: minmax exports exactly what the search scored; mse first clamps each "
                    "quantization group to its least-error range (same size, usually a better model).")
 @click.option("--json", "as_json", is_flag=True)
@@ -149,7 +149,7 @@ def export(plan_path: Path, model: str | None, data: str | None, weights: Path |
 @click.option("--budget", default=None, help="Budget for --random-plans.")
 @click.option("--study", default=None, help="Also score this study's Pareto plans (proxy fidelity).")
 @click.option("--storage", default=None)
-@click.option("--space", default="default", show_default=True)
+@click.option("--space", default="default", show_default=True, help=SPACE_HELP)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--by-modality", is_flag=True, help="Add per-modality bytes, share and proxy contribution of --plan.")
 @click.option("--json", "as_json", is_flag=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from autocomp.cli.common import STUDIES_DIR, cli, console, resolve_studies_dir
+from autocomp.cli.common import SPACE_HELP, STUDIES_DIR, cli, console, resolve_studies_dir
 from autocomp.errors import AutocompError
 
 
@@ -83,7 +83,7 @@ def hardware_calibrate(out: Path | None, name: str, model: str, data: str | None
 @click.option("--data", default=None)
 @click.option("--hardware", "hw", default=None,
               help="Device name or file (must describe this machine). Default: the --study's, else cpu-local.")
-@click.option("--space", default="default", show_default=True)
+@click.option("--space", default="default", show_default=True, help=SPACE_HELP)
 @click.option("--plans", default=30, show_default=True, type=int)
 @click.option("--workload", default=None, help="BATCH or BATCHxSEQ (default: 1x128 for sequence models).")
 @click.option("--runs", default=15, show_default=True, type=int,

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from autocomp.cli.common import STUDIES_DIR, cli, console, print_result, resolve_studies_dir
+from autocomp.cli.common import HARDWARE_HELP, SPACE_HELP, STUDIES_DIR, cli, console, print_result, resolve_studies_dir
 from autocomp.evaluators.proxy import METRICS
 from autocomp.search.config import BACKENDS, SEEDS, SENSITIVITIES, SearchConfig
 from autocomp.search.samplers import SAMPLERS
@@ -19,7 +19,7 @@ from autocomp.search.samplers import SAMPLERS
 @click.option("--data", default=None, help="Calibration batches: file.py:fn | pkg.module:fn (default: the model's own).")
 @click.option("--study", default=None, help="Study name (default: from --model and --budget, so re-running resumes).")
 @click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///studies/<study>.db).")
-@click.option("--space", default="default", show_default=True, help="Search space: a name in search_spaces/ or a YAML path.")
+@click.option("--space", default="default", show_default=True, help=SPACE_HELP)
 @click.option("--trials", default=100, show_default=True, type=int, help="Total finished trials the study should have.")
 @click.option("--sampler", default="refine", show_default=True, type=click.Choice(SAMPLERS),
               help="refine: mutate front plans (level switches between layers), EvoPress-style; tpe: multivariate TPE.")
@@ -28,8 +28,7 @@ from autocomp.search.samplers import SAMPLERS
               help="Output distortion; auto: the model's own (cosine for embeddings, kl for logits, else mse).")
 @click.option("--repair/--no-repair", default=True, show_default=True,
               help="Move over-budget proposals onto the budget instead of skipping them.")
-@click.option("--hardware", default=None, help="Device for latency/energy: a name from `autocomp hardware list`, "
-              "cpu-local (after calibrate) or a device YAML.")
+@click.option("--hardware", default=None, help=HARDWARE_HELP)
 @click.option("--workload", default=None, help="BATCH or BATCHxSEQ for latency (default 1x128 for sequence models).")
 @click.option("--latency-budget", default=None, help="Latency limit on --hardware, e.g. 40ms; checked before the proxy.")
 @click.option("--bitops-budget", default=None, help="BitOps limit, e.g. 300G; checked before the proxy.")

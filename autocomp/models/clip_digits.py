@@ -68,6 +68,12 @@ def digit_splits() -> dict[str, tuple[Any, Any]]:
 
 
 def _classes() -> dict[str, type]:
+    """The model's module classes (built on first use: importing this file stays torch-free)."""
+    blocks = _block_classes()
+    return {**blocks, **_model_classes(blocks["Block"])}
+
+
+def _block_classes() -> dict[str, type]:
     import torch
     from torch import nn
 
@@ -115,6 +121,13 @@ def _classes() -> dict[str, type]:
                 bias = (1.0 - ctx_mask[:, None, None, :].to(q.dtype)) * torch.finfo(q.dtype).min
             o = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias)
             return self.out_proj(o.transpose(1, 2).reshape(b, n, h * self.head_dim))
+
+    return {"Block": Block, "Attention": Attention}
+
+
+def _model_classes(Block: type) -> dict[str, type]:  # noqa: N803 - a class
+    import torch
+    from torch import nn
 
     class DigitViT(nn.Module):
         def __init__(self, fusion: bool = False) -> None:
@@ -172,7 +185,7 @@ def _classes() -> dict[str, type]:
                 image = self.get_image_features(pixel_values)
             return {"image_embeds": image, "text_embeds": self.get_text_features(input_ids, attention_mask)}
 
-    return {"DualEncoder": DualEncoder, "Block": Block}
+    return {"DualEncoder": DualEncoder, "DigitViT": DigitViT}
 
 
 def _captions(labels: Any, seed: int, templates: tuple[str, ...] = TEMPLATES) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from autocomp.desc import LayerDesc, ModelDesc
@@ -151,6 +152,78 @@ def describe_static(loaded: LoadedModel) -> ModelDesc:
     return introspect(loaded, measure=False)
 
 
+@dataclass
+class _Measured:
+    """What one forward pass on calibration batch 0 showed (hooks on every module, a FLOP counter, an
+    operation counter outside the layers)."""
+
+    flops: dict[str, int] = field(default_factory=dict)
+    positions: dict[str, int] = field(default_factory=dict)
+    elementwise: int = 0
+    calls: int = 0
+    total_flops: int = 0
+    ops: Any = None
+    batch: Any = None
+    bs: int = 1
+
+
+def _layer_hook(m: _Measured, name: str, kind: str) -> Any:
+    def fn(mod: Any, inputs: Any, output: Any) -> None:
+        x = inputs[0]
+        w = weight_matrix_view(kind, mod.weight)
+        if kind == "Embedding":
+            f, pos = 0, x.numel()
+        elif kind in ("Linear", "Conv1D"):
+            pos = x.numel() // w.shape[1]
+            f = 2 * pos * w.shape[0] * w.shape[1]
+        else:  # conv: 2 * output elements * (in / groups * kernel)
+            pos = output.numel() // w.shape[0]
+            f = 2 * output.numel() * mod.weight[0].numel()
+        m.flops[name] = m.flops.get(name, 0) + int(f)
+        m.positions[name] = m.positions.get(name, 0) + int(pos)
+    return fn
+
+
+def _measure(loaded: LoadedModel, mods: dict[str, tuple[Any, str]]) -> _Measured:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, m = loaded.module, _Measured()
+
+    def elementwise_hook(mod: Any, inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):  # read + write of the output-sized tensor
+            m.elementwise += 2 * output.numel() * output.element_size()
+
+    def call_hook(mod: Any, inputs: Any, output: Any) -> None:
+        m.calls += 1
+
+    handles = [mod.register_forward_hook(_layer_hook(m, n, k)) for n, (mod, k) in mods.items()]
+    handles += [mod.register_forward_hook(elementwise_hook) for mod in model.modules()
+                if not list(mod.children()) and _layer_type(mod) is None and not isinstance(mod, torch.nn.Dropout)]
+    handles += [mod.register_forward_hook(call_hook) for mod in model.modules() if _layer_type(mod) is None]
+    inside = [0]
+    handles += [mod.register_forward_pre_hook(lambda *a: inside.__setitem__(0, inside[0] + 1)) for mod, _ in mods.values()]
+    handles += [mod.register_forward_hook(lambda *a: inside.__setitem__(0, inside[0] - 1)) for mod, _ in mods.values()]
+    m.ops = _OpCounter(inside)
+    m.batch = loaded.batches[0]
+    for i, b in enumerate(loaded.batches):
+        check_pairs(b, i)
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter, m.ops:
+            run_batch(model, m.batch)
+        m.total_flops = int(counter.get_total_flops())
+    except AutocompError:
+        raise
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise AutocompError(f"calibration batch 0 does not fit model {loaded.spec!r}: {type(e).__name__}: {msg}") from None
+    finally:
+        for h in handles:
+            h.remove()
+    m.bs = max(1, _batch_size(m.batch))
+    return m
+
+
 def introspect(loaded: LoadedModel, measure: bool = True) -> ModelDesc:
     """Describe every compressible layer; FLOPs per sample come from a forward on the first batch."""
     import torch
@@ -161,67 +234,8 @@ def introspect(loaded: LoadedModel, measure: bool = True) -> ModelDesc:
         raise AutocompError(
             f"model {loaded.spec!r} has no compressible layers (Linear, Conv1d, Conv2d, Embedding, Conv1D)"
         )
-    flops: dict[str, int] = {}
-    positions: dict[str, int] = {}
-    elementwise = [0]
-
-    def hook(name: str, kind: str):
-        def fn(mod: Any, inputs: Any, output: Any) -> None:
-            x = inputs[0]
-            w = weight_matrix_view(kind, mod.weight)
-            if kind == "Embedding":
-                f, pos = 0, x.numel()
-            elif kind in ("Linear", "Conv1D"):
-                pos = x.numel() // w.shape[1]
-                f = 2 * pos * w.shape[0] * w.shape[1]
-            else:  # conv: 2 * output elements * (in / groups * kernel)
-                pos = output.numel() // w.shape[0]
-                f = 2 * output.numel() * mod.weight[0].numel()
-            flops[name] = flops.get(name, 0) + int(f)
-            positions[name] = positions.get(name, 0) + int(pos)
-        return fn
-
-    calls = [0]
-
-    def elementwise_hook(mod: Any, inputs: Any, output: Any) -> None:
-        if isinstance(output, torch.Tensor):  # read + write of the output-sized tensor
-            elementwise[0] += 2 * output.numel() * output.element_size()
-
-    def call_hook(mod: Any, inputs: Any, output: Any) -> None:
-        calls[0] += 1
-
-    bs = 1
-    total_flops = 0
-    if measure:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        handles = [m.register_forward_hook(hook(n, k)) for n, (m, k) in mods.items()]
-        handles += [m.register_forward_hook(elementwise_hook) for m in model.modules()
-                    if not list(m.children()) and _layer_type(m) is None
-                    and not isinstance(m, torch.nn.Dropout)]
-        handles += [m.register_forward_hook(call_hook) for m in model.modules() if _layer_type(m) is None]
-        inside = [0]
-        handles += [m.register_forward_pre_hook(lambda *a: inside.__setitem__(0, inside[0] + 1)) for m, _ in mods.values()]
-        handles += [m.register_forward_hook(lambda *a: inside.__setitem__(0, inside[0] - 1)) for m, _ in mods.values()]
-        ops = _OpCounter(inside)
-        batch = loaded.batches[0]
-        for i, b in enumerate(loaded.batches):
-            check_pairs(b, i)
-        try:
-            with torch.inference_mode(), FlopCounterMode(display=False) as counter, ops:
-                run_batch(model, batch)
-            total_flops = int(counter.get_total_flops())
-        except AutocompError:
-            raise
-        except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else ""
-            raise AutocompError(
-                f"calibration batch 0 does not fit model {loaded.spec!r}: {type(e).__name__}: {msg}"
-            ) from None
-        finally:
-            for h in handles:
-                h.remove()
-        bs = max(1, _batch_size(batch))
+    measured = _measure(loaded, mods) if measure else _Measured()
+    flops, positions, bs = measured.flops, measured.positions, measured.bs
 
     seen: set[int] = set()
     layer_param_ids: set[int] = set()
@@ -260,13 +274,14 @@ def introspect(loaded: LoadedModel, measure: bool = True) -> ModelDesc:
                                  if id(p) not in layer_param_ids}
     if measure:
         # matmul FLOPs outside the compressible layers (attention scores, ...) and elementwise traffic
-        info["other_flops_per_sample"] = max(0, total_flops - sum(flops.values())) / bs
-        info["elementwise_bytes_per_sample"] = elementwise[0] / bs
-        info["module_calls"] = calls[0]  # calls of modules other than the compressible layers, per forward
+        ops = measured.ops
+        info["other_flops_per_sample"] = max(0, measured.total_flops - sum(flops.values())) / bs
+        info["elementwise_bytes_per_sample"] = measured.elementwise / bs
+        info["module_calls"] = measured.calls  # calls of modules other than the compressible layers, per forward
         info["other_ops"] = ops.count  # tensor operations outside the compressible layers, per forward
         info["other_op_bytes_per_sample"] = ops.nbytes / bs  # their output bytes (written once, read once)
         info["other_op_elements_per_sample"] = {k: v / bs for k, v in sorted(ops.elements.items())}
-        seq = _seq_len(batch)
+        seq = _seq_len(measured.batch)
         if seq:
             info["seq_len"] = seq
     return ModelDesc(name=loaded.name, spec=loaded.spec, params=sum(p.numel() for p in params),

@@ -335,9 +335,23 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
                         total += act[name]
                 row[o] = total * scale
             table[p] = row
+    keys, measured = _measure_biggest(space, evaluator, table, neutral, measure_share, measure_max)
+    backward = probes * len(evaluator.batches)
+    sens = Sensitivity(table, 0.0, time.perf_counter() - t0, backward + measured)
+    atomic_write_text(path, json.dumps(sens.to_dict()))
+    sens.path = str(path)
+    log(f"fisher sensitivity: {backward} backward passes + {measured} proxy evaluations (the {len(keys)} "
+        f"biggest choices, >= {measure_share:.0%} of the bytes each), {sens.seconds:.1f} s -> {path}")
+    return sens
+
+
+def _measure_biggest(space: SearchSpace, evaluator: Any, table: dict[str, dict[str, float]], neutral: dict[str, str],
+                     share_min: float, most: int) -> tuple[list[str], int]:
+    """Measure (one proxy evaluation per option) the choices of the biggest tie keys, at most ``most`` of
+    those holding ``share_min`` of the model's bytes, into ``table``; -> (their keys, evaluations)."""
     by_name = space.desc.by_name
     share = {key: sum(by_name[n].nbytes for n in names) / space.desc.fp32_bytes for key, names in space.members.items()}
-    keys = sorted((k for k in share if share[k] >= measure_share), key=lambda k: -share[k])[:measure_max]
+    keys = sorted((k for k in share if share[k] >= share_min), key=lambda k: -share[k])[:most]
     big = [p for p in space.params if p.rpartition(":")[0] in keys]
     measured = 0
     if big:
@@ -348,13 +362,7 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
                     value = evaluator(space.decode({**neutral, p: o}))
                     table[p][o] = max(0.0, value - base) if value == value else float("inf")
                     measured += 1
-    backward = probes * len(evaluator.batches)
-    sens = Sensitivity(table, 0.0, time.perf_counter() - t0, backward + measured)
-    atomic_write_text(path, json.dumps(sens.to_dict()))
-    sens.path = str(path)
-    log(f"fisher sensitivity: {backward} backward passes + {measured} proxy evaluations (the {len(keys)} "
-        f"biggest choices, >= {measure_share:.0%} of the bytes each), {sens.seconds:.1f} s -> {path}")
-    return sens
+    return keys, measured
 
 
 def unit_importance(space: SearchSpace, evaluator: Any, cache_dir: Path, key_parts: dict[str, Any], probes: int = 8,
