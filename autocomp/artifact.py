@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -100,16 +98,9 @@ def export(model: Any, plan: Plan, path: str | Path, spec: str | None = None, da
     meta = {"autocomp_format": FORMAT_VERSION, "plan": json.dumps(plan.to_dict(), separators=(",", ":")),
             "model_spec": spec, "data_spec": data_spec or "", "fingerprint": desc.fingerprint,
             "payload_sha256": _checksum(arrays)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(arrays, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from autocomp.files import atomic_write
+
+    path = atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=meta))
     return {"path": str(path), "predicted_bytes": int(predicted), "payload_bytes": payload,
             "file_bytes": path.stat().st_size}
 

@@ -1,7 +1,11 @@
-"""Size budgets: ``200MB`` (10^6), ``1.5GB`` (10^9), ``30MiB`` (2^20), ``25%`` of the fp32 size, or bytes."""
+"""Size budgets: ``200MB`` (10^6), ``1.5GB`` (10^9), ``30MiB`` (2^20), ``25%`` of the fp32 size, or bytes.
+
+One rule for every form: a budget must be a finite, positive size; one above the model's size (``150%``, or
+``2MB`` for a 1 MB model) is accepted, and the search says so (it then trades drift for size below it)."""
 
 from __future__ import annotations
 
+import math
 import re
 
 from autocomp.errors import AutocompError
@@ -27,21 +31,23 @@ def parse_budget(text: str, fp32_bytes: int | None = None) -> int:
             f"budget {text!r} is not a size; use e.g. 200MB, 1.5GB, 30MiB, 25% or a byte count"
         )
     value, unit = float(m.group(1)), m.group(2).upper()
+    if not math.isfinite(value):
+        raise AutocompError(f"budget {text!r} is not a finite size; use e.g. 200MB or 25%")
     if value <= 0:
         raise AutocompError(f"budget {text!r} must be positive; use e.g. 30MB or 25%")
     if unit == "%":
         if fp32_bytes is None:
             raise AutocompError(f"budget {text!r} is a percentage but the model size is unknown")
-        if not 0 < value <= 100:
-            raise AutocompError(f"budget {text!r} must be a percentage in (0, 100]")
-        return int(fp32_bytes * value / 100)
+        return max(1, int(fp32_bytes * value / 100))
     if unit not in _UNITS:
         raise AutocompError(
             f"budget {text!r} has unknown unit {m.group(2)!r}; use B, KB, MB, GB (10^3) or KiB, MiB, GiB (2^10)"
         )
+    if value * _UNITS[unit] >= 2**63:
+        raise AutocompError(f"budget {text!r} is larger than any model (at most 9.2 EB); use e.g. 200MB")
     nbytes = int(value * _UNITS[unit])
     if nbytes <= 0:
-        raise AutocompError(f"budget {text!r} must be positive")
+        raise AutocompError(f"budget {text!r} is less than one byte; use e.g. 30MB or 25%")
     return nbytes
 
 

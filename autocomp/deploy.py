@@ -34,7 +34,18 @@ def make_task(loaded: Any, task: str | None, pairs: int = 500) -> tuple[str, Cal
         from autocomp.models.intake import resolve_callable
 
         fn = resolve_callable(task, what="task")
-        return getattr(fn, "__name__", "task"), lambda m: float(fn(m))
+
+        def score(m: Any) -> float:
+            try:
+                value = fn(m)
+                return float(value)
+            except AutocompError:
+                raise
+            except Exception as e:  # user code: say which function failed and how it is called
+                raise AutocompError(f"task {task!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                                    f"; it is called as fn(model) and must return a number (higher is better)") from None
+
+        return getattr(fn, "__name__", "task"), score
     if loaded.spec == "minilm":
         from autocomp.models.minilm import load_tokenizer
         from autocomp.models.retrieval import RetrievalTask
@@ -66,8 +77,15 @@ def model_for(loaded: Any, plan: Plan | None, desc: Any, weights: Path | None) -
     header = safetensors_metadata(weights)
     if header.get("autocomp_format") == FORMAT_VERSION:
         import copy
+        import json
 
         from autocomp.artifact import load
+
+        recorded = Plan.from_dict(json.loads(header["plan"]), source=f"the plan recorded in {str(weights)!r}")
+        if plan is not None and recorded.key() != plan.key():
+            raise AutocompError(f"{str(weights)!r} was exported from another plan than {plan.model_name or 'the'} "
+                                f"--plan given (it records its own); drop --plan to score it, or pass the plan it "
+                                f"was exported from")
 
         return load(weights, model=copy.deepcopy(loaded.module)), contextlib.nullcontext()
     if plan is None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from autocomp.errors import AutocompError
+from autocomp.files import atomic_write_text
 
 __all__ = ["LayerPlan", "StructuredGroup", "Plan", "PLAN_VERSION", "V1_FIELDS", "atomic_write_text"]
 
@@ -340,25 +340,3 @@ def _check_versions(versions: Any, source: str) -> None:
         if version != have:
             raise AutocompError(f"{source} stores {name} configs of version {version!r}; this autocomp reads version "
                                 f"{have}")
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` so a reader sees the old file or the new one, never half of either."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # like a plain open(): mkstemp's 0600 would hide plans and reports
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

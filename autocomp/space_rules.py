@@ -69,7 +69,10 @@ def load_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise AutocompError(f"search space {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise AutocompError(f"search space {str(path)!r} is not valid YAML{where}: {problem}; fix the file") from None
     except OSError as e:
         raise AutocompError(f"search space {str(path)!r} cannot be read: {e.strerror}") from None
     if not isinstance(data, dict):

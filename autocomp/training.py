@@ -110,23 +110,13 @@ def _capture(blocks: list[Any]) -> tuple[list[Any], list[Any]]:
 
 def save_checkpoint(student: Any, path: Any, meta: dict[str, Any]) -> None:
     """Atomic: a crash or Ctrl-C while saving leaves the previous checkpoint in place."""
-    import os
-    import tempfile
-    from pathlib import Path
 
     from safetensors.torch import save_file
 
+    from autocomp.files import atomic_write
+
     state = {k: v.detach().clone().contiguous() for k, v in student.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={k: str(v) for k, v in meta.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={k: str(v) for k, v in meta.items()}))
 
 
 def load_student(model: Any, plan: Plan, desc: Any, weights: Any, schedule: str = "fixed",

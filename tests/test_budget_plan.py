@@ -10,7 +10,7 @@ from autocomp.plan import atomic_write_text
 
 @pytest.mark.parametrize("text,expected", [
     ("200MB", 200 * 10**6), ("1.5GB", 1_500_000_000), ("30MiB", 30 * 2**20), ("512KiB", 512 * 1024),
-    ("1000", 1000), ("10 mb", 10 * 10**6), ("25%", 250), ("100%", 1000),
+    ("1000", 1000), ("10 mb", 10 * 10**6), ("25%", 250), ("100%", 1000), ("150%", 1500),
 ])
 def test_parse_budget(text, expected):
     assert parse_budget(text, fp32_bytes=1000) == expected
@@ -18,7 +18,8 @@ def test_parse_budget(text, expected):
 
 @pytest.mark.parametrize("text,fragment", [
     ("-5MB", "positive"), ("0MB", "positive"), ("abc", "not a size"), ("12XB", "unknown unit"),
-    ("150%", "(0, 100]"), ("", "not a size"), ("5MB10", "not a size"),
+    ("", "not a size"), ("5MB10", "not a size"), ("1e999MB", "not a finite size"), ("inf", "not a size"),
+    ("nan%", "not a size"), ("1e30GB", "larger than any model"), ("0.1B", "less than one byte"),
 ])
 def test_parse_budget_errors(text, fragment):
     with pytest.raises(AutocompError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

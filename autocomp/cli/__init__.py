@@ -15,6 +15,23 @@ from autocomp.errors import AutocompError
 __all__ = ["cli", "main"]
 
 
+_KEPT = {  # what an interrupted command leaves behind
+    "search": "finished trials are saved; run the same command again to resume",
+    "train": "the last checkpoint (every --checkpoint-every steps) is kept at --out; run the same command again "
+             "to resume",
+    "export": "nothing was written (the file is written whole or not at all)",
+    "plan": "nothing was written",
+    "report": "nothing was written (files are written whole or not at all)",
+    "hardware": "nothing was recorded",
+    None: "nothing was changed",
+}
+
+
+def _command(argv: list[str] | None) -> str | None:
+    args = sys.argv[1:] if argv is None else argv
+    return next((a for a in args if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2; Ctrl-C exits 130 after saving."""
     try:
@@ -23,8 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {e}", err=True)
         return 2
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-        click.echo("interrupted: finished trials are saved; run the same command again to resume", err=True)
+        click.echo(f"interrupted: {_KEPT.get(_command(argv), _KEPT[None])}", err=True)
         return 130
+    except click.UsageError as e:  # bad flags or values: one line, like every other user error
+        cmd = _command(argv)
+        hint = f"; see autocomp {cmd} --help" if cmd and e.ctx is not None and e.ctx.info_name == cmd else \
+            "; see autocomp --help"
+        click.echo(f"error: {e.format_message().rstrip('.')}{hint}", err=True)
+        return 2
     except click.ClickException as e:
         e.show()
         return e.exit_code

@@ -42,8 +42,19 @@ def train(plan_path: Path, model: str | None, data: str | None, steps: int, out:
           temperature: float, amp: str, schedule: str, task_loss: str | None, checkpoint_every: int,
           train_embeddings: bool, clip: str, as_json: bool) -> None:
     """Quantization-aware training with distillation from the original model."""
+    import math
+
+    from autocomp.files import check_output
+
     if steps < 1:
         raise AutocompError(f"--steps must be >= 1, got {steps}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise AutocompError(f"--lr must be a positive number, got {lr}; e.g. --lr 2e-4")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise AutocompError(f"--temperature must be a positive number, got {temperature}; e.g. --temperature 2")
+    if checkpoint_every < 0:
+        raise AutocompError(f"--checkpoint-every must be >= 0 (0: only at the end), got {checkpoint_every}")
+    check_output(out)  # before minutes (or hours) of training
     from autocomp.deploy import load_for_plan
     from autocomp.training import train as run_train
 
@@ -103,9 +114,11 @@ def train(plan_path: Path, model: str | None, data: str | None, steps: int, out:
 def export(plan_path: Path, model: str | None, data: str | None, weights: Path | None, out: Path, study: str | None,
            storage: str | None, clip: str, as_json: bool, studies_dir: Path | None) -> None:
     """Write the packed model (safetensors, docs/FORMAT.md); its payload is exactly the predicted size."""
-    from autocomp.deploy import load_for_plan
     from autocomp.artifact import export as do_export
+    from autocomp.deploy import load_for_plan
+    from autocomp.files import check_output
 
+    check_output(out)
     if weights is not None and clip != "minmax":
         raise AutocompError("--clip applies to plans exported without --weights; a trained checkpoint keeps the "
                             "clipping it was trained with (autocomp train --clip)")
@@ -185,6 +198,15 @@ def evaluate(model: str | None, data: str | None, plan_path: Path | None, weight
         from autocomp.models import load_model
         from autocomp.models.introspect import introspect
 
+        if weights is not None:  # an export names its model and data; a training checkpoint needs its plan
+            from autocomp.artifact import FORMAT_VERSION, safetensors_metadata
+
+            header = safetensors_metadata(weights)
+            if header.get("autocomp_format") != FORMAT_VERSION:
+                raise AutocompError(f"--weights {str(weights)!r} is not an export (a training checkpoint?); pass "
+                                    f"the --plan it was trained with")
+            model = model or header.get("model_spec") or None
+            data = data or header.get("data_spec") or None
         plan_obj, loaded = None, load_model(model or "minilm", data=data)
         desc = introspect(loaded)
     result = evaluate_plan(loaded, plan_obj, desc, weights, task, pairs)

@@ -80,11 +80,15 @@ def search(budget: str, model: str, data: str | None, study: str | None, storage
 class _SearchProgress:
     """Rich progress bar on stderr: trials done and the best feasible proxy so far."""
 
+    PLAIN_EVERY_S = 10.0  # without a terminal (a log file, CI): one plain line at least this often
+
     def __init__(self, console: Any) -> None:
         self.console = console
         self.progress: Any = None
         self.task: Any = None
         self.budget = 0
+        self.plain = not console.is_terminal
+        self.last_line = 0.0
 
     def _best(self, front: list[Any]) -> str:
         from autocomp.budget import format_bytes
@@ -101,6 +105,14 @@ class _SearchProgress:
             self.console.print(f"[dim]{data['message']}…[/dim]")
         elif kind == "warning":
             self.console.print(f"[yellow]warning:[/yellow] {data['message']}")
+        elif kind == "start" and self.plain:
+            self.console.print(
+                f"study {data['study']} ({data['storage']}): budget {format_bytes(data['budget_bytes'])} of "
+                f"{format_bytes(data['fp32_bytes'])} fp32, smallest plan {format_bytes(data['smallest_bytes'])}, "
+                f"{data['params']} choices; {data['done']}/{data['total']} trials done")
+            self._line(data["done"], data["total"], [(e["proxy"], e["size_bytes"]) for e in data["front"]], force=True)
+        elif kind == "trial" and self.plain:
+            self._line(data["done"], data["total"], data["front"], force=data["done"] >= data["total"])
         elif kind == "start":
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -121,6 +133,14 @@ class _SearchProgress:
             self.close()
         elif kind == "done":
             self.close()
+
+    def _line(self, done: int, total: int, front: list[Any], force: bool = False) -> None:
+        import time
+
+        now = time.monotonic()
+        if force or now - self.last_line >= self.PLAIN_EVERY_S:
+            self.last_line = now
+            self.console.print(f"trials {done}/{total}: {self._best(front)}")
 
     def close(self) -> None:
         if self.progress is not None:

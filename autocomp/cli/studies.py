@@ -23,8 +23,8 @@ def pareto(study: str, storage: str | None, by_modality: bool, as_json: bool, st
     """Show the stored Pareto front of a study (runs no trials; loads the model only for --by-modality)."""
     from autocomp.search.study import open_study, plan_of, study_result
 
-    handle = open_study(study, storage, resolve_studies_dir(studies_dir))
-    result = study_result(handle)
+    handle = open_study(study, storage, resolve_studies_dir(studies_dir), read_only=True)
+    result = study_result(handle, write="if-possible")
     if by_modality and result["pareto"]:
         from autocomp.deploy import modality_breakdown
         from autocomp.desc import ModelDesc
@@ -57,10 +57,12 @@ def pareto(study: str, storage: str | None, by_modality: bool, as_json: bool, st
 @STUDIES_DIR
 def plan(study: str, storage: str | None, pick: str, out: Path, studies_dir: Path | None) -> None:
     """Write one plan of the study's Pareto front to --out."""
-    from autocomp.search.study import front_trials, open_study, plan_of
+    from autocomp.files import check_output
     from autocomp.search.pareto import knee_index
+    from autocomp.search.study import front_trials, open_study, plan_of
 
-    handle = open_study(study, storage, resolve_studies_dir(studies_dir))
+    check_output(out)
+    handle = open_study(study, storage, resolve_studies_dir(studies_dir), read_only=True)
     front = front_trials(handle.study, handle.budget_bytes)
     from autocomp.search.study import trial_metric
 
@@ -107,10 +109,13 @@ def report(study: str, storage: str | None, fmt: str, out: Path, studies_dir: Pa
         import plotly  # noqa: F401
     except ImportError:
         raise AutocompError("reports need plotly and matplotlib; pip install 'autocomp[report]'") from None
-    from autocomp.search.study import open_study
+    from autocomp.files import check_output
     from autocomp.report import collect, write_html, write_pngs
+    from autocomp.search.study import open_study
 
-    handle = open_study(study, storage, resolve_studies_dir(studies_dir))
+    if fmt == "html":
+        check_output(out)
+    handle = open_study(study, storage, resolve_studies_dir(studies_dir), read_only=True)
     data = collect(handle)
     if fmt == "html":
         if out.is_dir():
@@ -131,22 +136,28 @@ def studies(as_json: bool, studies_dir: Path | None) -> None:
     """The studies under the studies folder: trials, budget, best plan."""
     import optuna
 
-    from autocomp.search.study import ATTR, front_trials, trial_metric
+    import os
+
+    from autocomp.search.study import ATTR, front_trials, open_storage, trial_metric
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     root = resolve_studies_dir(studies_dir)
+    if root.exists() and not (root.is_dir() and os.access(root, os.R_OK | os.X_OK)):
+        raise AutocompError(f"studies folder {str(root)!r} cannot be read (not a folder, or no permission); pass "
+                            f"--studies-dir")
     rows = []
     for db in sorted(root.glob("*.db")) if root.is_dir() else []:
         url = f"sqlite:///{db.as_posix()}"
-        try:
-            summaries = optuna.get_all_study_summaries(storage=url, include_best_trial=False)
-        except Exception:
+        try:  # read only: a foreign or empty .db file is skipped, never given Optuna's tables
+            storage = open_storage(url, read_only=True)
+            summaries = optuna.get_all_study_summaries(storage=storage, include_best_trial=False)
+        except (AutocompError, Exception):
             continue
         for summ in summaries:
             meta = summ.user_attrs.get(ATTR)
             if not meta:
                 continue
-            st = optuna.load_study(study_name=summ.study_name, storage=url)
+            st = optuna.load_study(study_name=summ.study_name, storage=storage)
             objectives = meta.get("objectives", ["proxy", "size"])
             front = front_trials(st, meta["budget_bytes"], objectives)
             best = min(front, key=lambda t: trial_metric(t, "proxy", objectives)) if front else None

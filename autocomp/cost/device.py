@@ -117,7 +117,10 @@ def _read(path: Path) -> Device:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise AutocompError(f"device file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise AutocompError(f"device file {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}; fix "
+                            f"the file") from None
     return parse_device(data, str(path))
 
 

@@ -105,6 +105,18 @@ def data_fingerprint(batches: list[Any]) -> str:
     return h.hexdigest()[:16]
 
 
+def _non_finite_input(batch: Any) -> str | None:
+    """The name (or position) of a floating-point input tensor holding NaN / inf, or None."""
+    import torch
+
+    items = batch.items() if isinstance(batch, dict) else enumerate(batch) if isinstance(batch, (list, tuple)) \
+        else [("0", batch)]
+    for k, v in items:
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
+            return repr(k) if isinstance(k, str) else f"#{k}"
+    return None
+
+
 def _record_lookups(model: Any, desc: ModelDesc) -> tuple[dict[str, set[int]], list[Any]]:
     """Hooks that collect the rows each Embedding layer looks up (skipped for weights shared with
     another layer, e.g. an output head tied to the embedding, where every row is used)."""
@@ -158,7 +170,12 @@ class ProxyEvaluator:
                 if metric == "auto":
                     metric = auto
                 if not torch.isfinite(tensor).all():
-                    raise AutocompError(f"the original model's output on calibration batch {i} is not finite")
+                    bad = _non_finite_input(batch)
+                    if bad is not None:
+                        raise AutocompError(f"calibration batch {i} holds NaN or inf in its input {bad}; clean the "
+                                            f"calibration data (--data)")
+                    raise AutocompError(f"the original model's output on calibration batch {i} is not finite "
+                                        f"(its inputs are); check the model's weights")
                 self.teacher.append(tensor.detach().clone())
                 self.masks.append(_token_mask(batch, tensor))
         for h in hooks:

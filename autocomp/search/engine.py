@@ -29,7 +29,7 @@ from autocomp.search.config import (METRIC_ATTR, SearchConfig, check_same, parse
                                     parse_time_ms, space_hash, validate)
 from autocomp.search.study import (ATTR, HEARTBEAT_GRACE, HEARTBEAT_INTERVAL, SEEDED_ATTR, Heartbeat, StudyHandle,
                                    check_storage, check_study_name, default_study_name, front_trials, is_finished, mask_url,
-                                   open_storage, progress, recover_stale, sigterm_as_interrupt, single_writer_lock,
+                                   open_storage, progress, recover_stale, requeue, sigterm_as_interrupt, single_writer_lock,
                                    storage_url, study_result, trial_metric, wait_for)
 from autocomp.search.trial import TrialContext, run_trial, stage_front
 
@@ -62,6 +62,7 @@ class _Prepared:
     limits: list[Any]
     cost: Any
     device: Any
+    evaluator: Any  # teacher outputs computed: bad calibration data is refused before the storage is opened
 
 
 @dataclass
@@ -94,6 +95,7 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
         check_storage(cfg.storage)
     prep = _prepare(cfg, req, emit)
     url = storage_url(cfg.storage, cfg.studies_dir, req.name)  # nothing is written before this line
+    check_storage(url)
     shared = not url.startswith("sqlite")  # several workers may share this study
     lock = None if shared else single_writer_lock(url, req.name)
     try:
@@ -165,7 +167,11 @@ def _prepare(cfg: SearchConfig, req: _Request, emit: Any) -> _Prepared:
                                     f"({format_bytes(desc.fp32_bytes)}); searching the proxy/size trade-off under it"})
     limits = [size_limit(space, budget), *_split_limits(space, desc, constraints, budget)]
     cost, device, more = _cost_limits(cfg, req, space, desc)
-    return _Prepared(loaded, space, desc, constraints, budget, smallest, limits + more, cost, device)
+    from autocomp.evaluators.proxy import ProxyEvaluator
+
+    emit("status", {"message": "computing teacher outputs"})
+    evaluator = ProxyEvaluator(loaded, desc)
+    return _Prepared(loaded, space, desc, constraints, budget, smallest, limits + more, cost, device, evaluator)
 
 
 def _split_limits(space: Any, desc: ModelDesc, constraints: Any, budget: int) -> list[Any]:
@@ -228,12 +234,10 @@ class _Search:
         self.out_lock = threading.Lock()  # pareto.json / plan files are written by one thread at a time
 
     def run(self) -> dict[str, Any]:
-        from autocomp.evaluators.proxy import ProxyEvaluator
         from autocomp.search.seeds import sensitivity_database, unit_orders
 
         cfg, prep = self.cfg, self.prep
-        self.emit("status", {"message": "computing teacher outputs"})
-        self.evaluator = ProxyEvaluator(prep.loaded, prep.desc)
+        self.evaluator = prep.evaluator
         if any(g.importance == "fisher" for g in prep.space.groups.values()):
             prep.space.unit_orders = unit_orders(cfg, prep.loaded, prep.desc, prep.space, self.evaluator, self.emit)
         self.sens = (sensitivity_database(cfg, prep.loaded, prep.desc, prep.space, self.evaluator, self.emit)
@@ -319,7 +323,10 @@ class _Search:
         else:
             study.set_user_attr(ATTR, meta)
             study.set_metric_names([METRIC_ATTR.get(o, o) for o in self.req.objectives])
-        if SEEDED_ATTR not in study.user_attrs and not (old and study.get_trials(deepcopy=False)):
+        # not seeded yet, or a kill cut the seeding short (only queued seeds so far: enqueue_seeds adds the missing
+        # ones); a study from before the mark existed has run trials and is left as it is
+        waiting = optuna.trial.TrialState.WAITING
+        if SEEDED_ATTR not in study.user_attrs and all(t.state == waiting for t in study.get_trials(deepcopy=False)):
             enqueue_seeds(study, cfg, prep.space, self.sens, prep.budget, prep.smallest,
                           prep.constraints.budget_split, prep.limits)
             study.set_user_attr(SEEDED_ATTR, True)  # last: other workers start once the seeds are queued
@@ -404,7 +411,7 @@ class _Search:
             trial.set_user_attr("autocomp_stale", True)
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             if trial.params:
-                self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+                requeue(self.study, trial.number, trial.params, trial.user_attrs)
             with self.out_lock:
                 study_result(self.handle)  # the front so far is on disk before we stop
             self.emit("interrupted", {"done": self.counters.done, "total": self.cfg.trials})

@@ -70,13 +70,18 @@ def ilp_seeds(space: Any, sens: Any, budget: int, smallest: int, split: Mapping[
 
 def enqueue_seeds(study: Any, cfg: SearchConfig, space: Any, sens: Any, budget: int, smallest: int,
                   split: Mapping[str, float], limits: Sequence[Any]) -> None:
-    """Queue the seed plans of a new study, labelled (``reference``) so reports can tell them apart."""
+    """Queue the seed plans of a new study, labelled (``reference``) so reports can tell them apart. A seed
+    already in the study (a run killed while seeding queued it) is not queued twice."""
     from autocomp.space import reference_assignments
 
+    seeds = []
     if cfg.seeds == "ilp":  # plans of the additive model for a sweep of budgets up to the user's
         for frac, assignment in ilp_seeds(space, sens, budget, smallest, split, n=min(12, max(5, cfg.trials // 20)),
                                           limits=[lim for lim in limits if lim.name in ("latency", "bitops")]):
-            study.enqueue_trial(assignment, user_attrs={"reference": f"ilp-{frac:.2f}"})
+            seeds.append((f"ilp-{frac:.2f}", assignment))
     # the uniform reference plans (repaired onto the budget when they do not fit)
-    for label, assignment in (reference_assignments(space).items() if cfg.seeds != "none" else ()):
-        study.enqueue_trial(assignment, user_attrs={"reference": label})
+    seeds += list(reference_assignments(space).items()) if cfg.seeds != "none" else []
+    have = {t.user_attrs.get("reference") for t in study.get_trials(deepcopy=False)}
+    for label, assignment in seeds:
+        if label not in have:
+            study.enqueue_trial(assignment, user_attrs={"reference": label})

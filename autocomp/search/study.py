@@ -25,7 +25,7 @@ from autocomp.search.pareto import feasible, pareto_front
 __all__ = ["ATTR", "SEEDED_ATTR", "HEARTBEAT_INTERVAL", "HEARTBEAT_GRACE", "StudyHandle", "open_study", "open_storage",
            "storage_url", "check_storage", "mask_url", "check_study_name", "default_study_name", "check_study_model", "is_finished",
            "trial_metric", "front_trials", "plan_of", "write_front", "study_result", "recover_stale", "progress",
-           "wait_for", "Heartbeat", "single_writer_lock", "sigterm_as_interrupt"]
+           "wait_for", "requeue", "Heartbeat", "single_writer_lock", "sigterm_as_interrupt"]
 
 ATTR = "autocomp"
 _STUDY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -80,12 +80,37 @@ def storage_url(cfg_storage: str | None, studies_dir: Path, study: str, create: 
 def check_storage(url: str) -> None:
     """What can be checked of a storage URL without opening it (a SQLite file's folder must exist)."""
     if url.startswith("sqlite:///"):
-        folder = Path(url[len("sqlite:///"):]).parent
-        if not folder.is_dir():
-            raise AutocompError(f"storage {url!r} cannot be opened: folder {str(folder)!r} does not exist")
+        path = Path(url[len("sqlite:///"):])
+        if not path.parent.is_dir():
+            raise AutocompError(f"storage {url!r} cannot be opened: folder {str(path.parent)!r} does not exist")
+        _check_sqlite_file(path)
 
 
-def open_storage(url: str) -> Any:
+def _sqlite_read_only(path: Path) -> Any:
+    """A SQLite study opened for reading only: nothing is created or changed (a 0-byte or foreign file is
+    refused, not given Optuna's tables), and a study in a read-only folder can be read."""
+    import optuna
+    from urllib.parse import quote
+
+    _check_sqlite_file(path, empty_ok=False)
+    last: Exception | None = None
+    for flags in ("mode=ro", "immutable=1"):  # immutable: a read-only folder, where SQLite cannot lock
+        try:
+            storage = optuna.storages.RDBStorage(f"sqlite:///file:{quote(str(path.resolve()))}?{flags}&uri=true",
+                                                 skip_table_creation=True)
+            storage.get_all_studies()
+            return storage
+        except Exception as e:  # noqa: PERF203 - two tries
+            last = e
+    first = str(last).splitlines()[0] if last else ""
+    if "no such table" in first or "not a database" in first:
+        raise AutocompError(f"{str(path)!r} is not a study database; move it away or pass another --study")
+    raise AutocompError(f"study database {str(path)!r} cannot be read ({first[:200]}); check its permissions")
+
+
+def open_storage(url: str, read_only: bool = False) -> Any:
+    """An Optuna storage for ``url`` (SQLite with WAL, a journal file, or a database server); with
+    ``read_only`` a SQLite file is opened for reading only."""
     import optuna
 
     try:
@@ -93,6 +118,9 @@ def open_storage(url: str) -> Any:
             path = Path(url[len("sqlite:///"):])
             if not path.parent.is_dir():
                 raise AutocompError(f"storage {url!r} cannot be opened: folder {str(path.parent)!r} does not exist")
+            if read_only:
+                return _sqlite_read_only(path)
+            _check_sqlite_file(path)
             storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
             _sqlite_wal(storage.engine)
             return storage
@@ -122,6 +150,21 @@ def open_storage(url: str) -> Any:
             raise AutocompError(f"database {mask_url(url)!r} is unreachable ({first[:200]}); start the server or fix "
                                 f"the host/port in --storage") from None
         raise AutocompError(f"storage {mask_url(url)!r} cannot be opened: {first[:300]}") from None
+
+
+def _check_sqlite_file(path: Path, empty_ok: bool = True) -> None:
+    """An existing file that is not a SQLite database is refused (Optuna would report a SQL error); so is an
+    empty one where a study is to be read (``empty_ok=False``)."""
+    if not path.is_file():
+        return
+    if path.stat().st_size == 0:
+        if empty_ok:
+            return
+        raise AutocompError(f"{str(path)!r} is an empty file, not a study database; move it away or pass another "
+                            f"--study")
+    with open(path, "rb") as f:
+        if f.read(16) != b"SQLite format 3\x00":
+            raise AutocompError(f"{str(path)!r} is not a study database; move it away or pass another --study")
 
 
 def _sqlite_wal(engine: Any) -> None:
@@ -160,16 +203,17 @@ class StudyHandle:
 
 
 def open_study(name: str, storage: str | None = None, studies_dir: Path = Path("studies"),
-               must_exist: bool = True) -> StudyHandle:
-    """Open an existing autocomp study (for ``pareto``, ``plan``); no model is loaded."""
+               must_exist: bool = True, read_only: bool = False) -> StudyHandle:
+    """Open an existing autocomp study (for ``pareto``, ``plan``, ``report``); no model is loaded.
+    ``read_only``: change nothing in the storage (commands that only read)."""
     import optuna
 
     check_study_name(name)
     if storage is None and must_exist and not (studies_dir / f"{name}.db").is_file():
         raise AutocompError(f"study {name!r} not found under {str(studies_dir)!r}; run `autocomp search ... --study {name}` first"
                             " or pass --storage")
-    url = storage_url(storage, studies_dir, name)
-    st = open_storage(url)
+    url = storage_url(storage, studies_dir, name, create=False)
+    st = open_storage(url, read_only=read_only)
     try:
         study = optuna.load_study(study_name=name, storage=st)
     except KeyError:
@@ -245,7 +289,7 @@ def _entry(t: Any, handle: StudyHandle) -> dict[str, Any]:
     return e
 
 
-def write_front(handle: StudyHandle, front: list[Any]) -> list[dict[str, Any]]:
+def write_front(handle: StudyHandle, front: list[Any]) -> list[dict[str, Any]]:  # noqa: D103
     """Write plan files for the front, then pareto.json (atomically): a killed run leaves both valid."""
     entries = []
     for t in front:
@@ -256,7 +300,14 @@ def write_front(handle: StudyHandle, front: list[Any]) -> list[dict[str, Any]]:
     return entries
 
 
-def study_result(handle: StudyHandle, write: bool = True) -> dict[str, Any]:
+def study_result(handle: StudyHandle, write: bool | str = True) -> dict[str, Any]:
+    """The ``--json`` contract of a study; ``write`` also writes the front's plan files and pareto.json
+    (``"if-possible"``: skipped where the folder cannot be written, e.g. a read-only copy of a study)."""
+    if write == "if-possible":
+        try:
+            return study_result(handle, write=True)
+        except AutocompError:
+            return study_result(handle, write=False)
     import optuna
 
     S = optuna.trial.TrialState
@@ -308,9 +359,15 @@ def recover_stale(study: Any, grace: float | None = None) -> int:
         except Exception:  # finished meanwhile by its owner
             continue
         if t.params:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            requeue(study, t.number, t.params, t.user_attrs)
         n += 1
     return n
+
+
+def requeue(study: Any, number: int, params: dict[str, Any], user_attrs: dict[str, Any]) -> None:
+    """Queue a trial that did not finish (killed, interrupted) to run again, keeping its seed label."""
+    keep = {k: user_attrs[k] for k in ("reference",) if k in user_attrs}
+    study.enqueue_trial(params, user_attrs={"retry_of": number, **keep})
 
 
 def progress(study: Any, below: int | None = None) -> tuple[int, int]:
