@@ -72,13 +72,18 @@ def test_search_survives_kill_cycles(tmp_path):
     assert not _temps(studies)
 
 
-def test_training_survives_kill_cycles(tmp_path):
+def _plan(tmp_path: Path) -> None:
+    """A plan of a short tiny-model search at ``tmp_path / "p.json"``."""
     from autocomp.cli import main
 
     studies = tmp_path / "studies"
     assert main(["search", *TINY_ARGS, "--budget", "40%", "--trials", "4", "--seeds", "uniform", "--study", "s",
                  "--studies-dir", str(studies)]) == 0
     assert main(["plan", "--study", "s", "--studies-dir", str(studies), "--out", str(tmp_path / "p.json")]) == 0
+
+
+def test_training_survives_kill_cycles(tmp_path):
+    _plan(tmp_path)
     out = tmp_path / "t.safetensors"
     cmd = [sys.executable, "-m", "autocomp.cli", "train", "--plan", str(tmp_path / "p.json"), "--data",
            f"{TINY}:train_data", "--steps", "40", "--checkpoint-every", "1", "--out", str(out)]
@@ -101,12 +106,7 @@ def test_training_survives_kill_cycles(tmp_path):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_export_is_whole_or_absent_under_kills(tmp_path, seed):
-    from autocomp.cli import main
-
-    studies = tmp_path / "studies"
-    assert main(["search", *TINY_ARGS, "--budget", "40%", "--trials", "4", "--seeds", "uniform", "--study", "s",
-                 "--studies-dir", str(studies)]) == 0
-    assert main(["plan", "--study", "s", "--studies-dir", str(studies), "--out", str(tmp_path / "p.json")]) == 0
+    _plan(tmp_path)
     out = tmp_path / "m.acz.safetensors"
     cmd = [sys.executable, "-m", "autocomp.cli", "export", "--plan", str(tmp_path / "p.json"), "--data",
            f"{TINY}:calib", "--out", str(out)]
