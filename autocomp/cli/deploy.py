@@ -209,6 +209,7 @@ def evaluate(model: str | None, data: str | None, plan_path: Path | None, weight
             data = data or header.get("data_spec") or None
         plan_obj, loaded = None, load_model(model or "minilm", data=data)
         desc = introspect(loaded)
+    console().print(f"scoring the task metric of the original model and of {'the plan' if plan_obj else 'the weights'}…")
     result = evaluate_plan(loaded, plan_obj, desc, weights, task, pairs)
     if by_modality:
         if plan_obj is None:
