@@ -53,22 +53,12 @@ from autocomp.search.samplers import SAMPLERS
 @click.option("--address", default=None, help="An existing Ray cluster: auto or ray://host:port (--backend ray).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @STUDIES_DIR
-def search(budget: str, model: str, data: str | None, study: str | None, storage: str | None, space: str,
-           trials: int, sampler: str, seed: int, metric: str, repair: bool, hardware: str | None,
-           workload: str | None, latency_budget: str | None, bitops_budget: str | None, objectives: str,
-           seeds: str, sensitivity: str, staged: bool, min_bits: str | None, max_sparsity: str | None,
-           budget_split: str | None, backend: str, workers: int, address: str | None, as_json: bool,
-           studies_dir: Path | None) -> None:
+def search(as_json: bool, studies_dir: Path | None, **settings: Any) -> None:
     """Search compression plans under --budget; resumes the study if it exists."""
     from autocomp.search.engine import run_search
 
-    cfg = SearchConfig(budget=budget, model=model, data=data, study=study, storage=storage, space=space,
-                       trials=trials, sampler=sampler, seed=seed, metric=metric, repair=repair,
-                       studies_dir=resolve_studies_dir(studies_dir), hardware=hardware, workload=workload,
-                       latency_budget=latency_budget, bitops_budget=bitops_budget, objectives=objectives,
-                       seeds=seeds, staged=staged, sensitivity=sensitivity, min_bits=min_bits,
-                       max_sparsity=max_sparsity, budget_split=budget_split, backend=backend, workers=workers,
-                       address=address)
+    # every other option is a SearchConfig field of the same name: a new flag is its option and its field
+    cfg = SearchConfig(**settings, studies_dir=resolve_studies_dir(studies_dir))
     progress = _SearchProgress(console())
     try:
         result = run_search(cfg, on_event=progress.event)
