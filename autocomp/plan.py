@@ -41,6 +41,9 @@ class LayerPlan:
     """
 
     __slots__ = ("_configs", "_hash", "_steps")
+    _configs: tuple[tuple[str, Any], ...]
+    _hash: int
+    _steps: tuple[tuple[Any, Any], ...]
 
     def __init__(self, *configs: Any, **v1: Any) -> None:
         from autocomp.compressors.base import TechniqueConfig, registered, technique
@@ -232,7 +235,7 @@ class Plan:
         from autocomp.compressors.base import axes
 
         kept = (n_layers - len(self.layers)) if n_layers else 0
-        parts = []
+        parts: list[str] = []
         for t in axes():
             used = [c for v in self.layers.values() if (c := v.get(t.name)) is not None]
             counts = Counter(t.brief(c) for c in used)
