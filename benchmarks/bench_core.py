@@ -155,11 +155,59 @@ def uniform_drifts() -> dict[str, float]:
     return out
 
 
+def storage_ms(postgres: str | None, n: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Storage work of one MiniLM-sized trial per storage kind, as the engine does it (batched) and one
+    transaction per write (before issue #14); see benchmarks/bench_distributed.storage_overhead."""
+    from bench_distributed import storage_overhead
+
+    tmp = Path(tempfile.mkdtemp(prefix="autocomp-storage-"))
+    stores = {"sqlite": f"sqlite:///{tmp}/s.db", "journal": str(tmp / "s.log")}
+    if postgres:
+        stores["postgresql"] = postgres
+    batched = {k: 1e3 * storage_overhead(u, n, batched=True) for k, u in stores.items()}
+    single = {k: 1e3 * storage_overhead(u, n, batched=False) for k, u in stores.items()}
+    shutil.rmtree(tmp, ignore_errors=True)
+    return batched, single
+
+
+def search_trials_per_second(trials: int = 100) -> float:
+    """`autocomp search --model minilm --budget 15% --trials N` in a fresh process and study: trials per second
+    from the first trial's start to the last trial's end (model loading and profiling excluded)."""
+    import optuna
+
+    tmp = Path(tempfile.mkdtemp(prefix="autocomp-bench-"))
+    try:
+        res = subprocess.run([str(ROOT / ".venv/bin/autocomp"), "search", "--budget", "15%", "--trials", str(trials),
+                              "--studies-dir", str(tmp), "--study", "t", "--json"], capture_output=True, text=True,
+                             cwd=ROOT)
+        if res.returncode != 0:
+            raise SystemExit(res.stderr)
+        done = [t for t in optuna.load_study(study_name="t", storage=f"sqlite:///{tmp}/t.db").trials
+                if t.state == optuna.trial.TrialState.COMPLETE]
+        span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
+        return len(done) / span
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", action="store_true", help="one JSON object on stdout (the issue #14 contract)")
+    ap.add_argument("--postgres", default=None, help="a PostgreSQL URL: also measure its storage work per trial")
     args = ap.parse_args()
     import torch
+
+    if args.json:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        e = evals_per_second(10 if args.quick else 30)
+        batched, single = storage_ms(args.postgres, 10 if args.quick else 30)
+        print(json.dumps({"evals_per_second": e["evals_per_s_local"], "proxy_ms_per_trial": 1e3 / e["evals_per_s_local"],
+                          "storage_ms_per_trial": batched, "storage_ms_per_trial_one_write_per_transaction": single,
+                          "search_trials_per_second": search_trials_per_second(30 if args.quick else 100)}))
+        return
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.machine()}, "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, python {platform.python_version()})")

@@ -31,6 +31,7 @@ from autocomp.search.study import (ATTR, HEARTBEAT_GRACE, HEARTBEAT_INTERVAL, SE
                                    check_storage, check_study_name, default_study_name, front_trials, is_finished, mask_url,
                                    open_storage, progress, recover_stale, requeue, sigterm_as_interrupt, single_writer_lock,
                                    storage_url, study_result, trial_metric, wait_for)
+from autocomp.search.batching import batched
 from autocomp.search.trial import TrialContext, run_trial, stage_front
 
 __all__ = ["run_search", "ENGINE_VERSION"]
@@ -99,7 +100,7 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
     shared = not url.startswith("sqlite")  # several workers may share this study
     lock = None if shared else single_writer_lock(url, req.name)
     try:
-        return _Search(cfg, req, prep, url, open_storage(url), shared, emit).run()
+        return _Search(cfg, req, prep, url, batched(open_storage(url)), shared, emit).run()
     finally:
         if lock is not None:
             lock.close()

@@ -358,8 +358,11 @@ def recover_stale(study: Any, grace: float | None = None) -> int:
             storage.set_trial_state_values(t._trial_id, state=S.FAIL)
         except Exception:  # finished meanwhile by its owner
             continue
-        if t.params:
-            requeue(study, t.number, t.params, t.user_attrs)
+        # a trial killed before its parameters were written (they are written once the plan is decided) is
+        # retried with the parameters it was queued with, if it was queued (a seed)
+        params = t.params or t.system_attrs.get("fixed_params") or {}
+        if params:
+            requeue(study, t.number, params, t.user_attrs)
         n += 1
     return n
 

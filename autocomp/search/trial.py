@@ -122,6 +122,9 @@ def run_trial(trial: Any, ctx: TrialContext, evaluator: Any,
         trial.set_user_attr("duplicate_of", hit[1])
         trial.set_user_attr("evaluated", False)
         return S.COMPLETE, [float({**named, "proxy": hit[0]}[o]) for o in ctx.objectives]
+    flush = getattr(trial.storage, "flush", None)
+    if flush is not None:  # the plan is decided: its parameters and figures reach the storage in one batch
+        flush(trial._trial_id)  # noqa: SLF001 - Optuna's id of the trial
     t0 = time.perf_counter()
     proxy = _evaluate(trial, evaluator, plan, fig["size_bytes"], front)
     trial.set_user_attr("eval_seconds", round(time.perf_counter() - t0, 4))

@@ -1,0 +1,105 @@
+"""A trial's bookkeeping in a few transactions (issue #14): held writes are invisible to other readers of the
+storage until the plan is decided, visible to this worker at once, and a killed worker's trial is still
+retried with its parameters."""
+
+from __future__ import annotations
+
+import os
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+
+from autocomp.search.batching import batched
+from autocomp.search.study import open_storage, recover_stale
+
+PG = os.environ.get("AUTOCOMP_TEST_POSTGRES")
+KINDS = ["sqlite", "journal", pytest.param("postgresql", marks=pytest.mark.skipif(not PG, reason="no PostgreSQL server"))]
+
+
+def _url(kind, tmp_path):
+    return {"sqlite": f"sqlite:///{tmp_path / 's.db'}", "journal": str(tmp_path / "s.log")}.get(kind, PG)
+
+
+def _study(kind, tmp_path, name):
+    url = _url(kind, tmp_path)
+    inner = open_storage(url)
+    try:
+        optuna.delete_study(study_name=name, storage=inner)
+    except KeyError:
+        pass
+    wrapped = batched(inner)
+    return optuna.create_study(study_name=name, storage=wrapped, directions=["minimize", "minimize"]), url
+
+
+def _writes(study, url):
+    """Count write transactions on the inner storage (commits on a database, appends on a journal)."""
+    base = study._storage.inner
+    if type(base).__name__ == "_CachedStorage":  # Optuna's read cache over the database
+        base = base._backend
+    count = [0]
+    if hasattr(base, "engine"):
+        from sqlalchemy import event
+
+        wrote = [False]  # Optuna commits after reads too: count the transactions that wrote
+
+        def statement(conn, cursor, sql, *args):
+            wrote[0] = wrote[0] or sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE"))
+
+        def commit(conn):
+            count[0] += wrote[0]
+            wrote[0] = False
+
+        event.listen(base.engine, "before_cursor_execute", statement)
+        event.listen(base.engine, "commit", commit)
+        event.listen(base.engine, "rollback", lambda conn: wrote.__setitem__(0, False))
+    else:
+        backend = base._backend
+        append = backend.append_logs
+
+        def counted(logs):
+            count[0] += 1
+            return append(logs)
+
+        backend.append_logs = counted
+    return count
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_trial_is_four_writes_and_others_see_it_only_when_flushed(kind, tmp_path):
+    study, url = _study(kind, tmp_path, f"b-{kind}")
+    count = _writes(study, url)
+    trial = study.ask()
+    params = {f"layer{i}:q": trial.suggest_categorical(f"layer{i}:q", ["keep", "8c", "4g128"]) for i in range(60)}
+    for i in range(8):
+        trial.set_user_attr(f"attr{i}", {"i": i})
+    trial.set_constraint("size", -1.0)
+    assert trial.params == params and study._storage.get_trial(trial._trial_id).user_attrs["attr3"] == {"i": 3}
+    other = optuna.load_study(study_name=f"b-{kind}", storage=open_storage(url))  # another worker's view
+    assert other.trials[0].state == optuna.trial.TrialState.RUNNING and other.trials[0].params == {}
+    study._storage.flush(trial._trial_id)
+    other = optuna.load_study(study_name=f"b-{kind}", storage=open_storage(url))
+    assert other.trials[0].params == params and other.trials[0].user_attrs["attr7"] == {"i": 7}
+    trial.set_user_attr("eval_seconds", 0.1)
+    study.tell(trial, [0.5, 100.0])
+    assert count[0] <= 5, f"{count[0]} write transactions for one trial"
+    done = optuna.load_study(study_name=f"b-{kind}", storage=open_storage(url)).trials[0]
+    assert done.values == [0.5, 100.0] and done.user_attrs["eval_seconds"] == 0.1
+    assert done.constraints == {"size": -1.0}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_killed_trial_is_retried_with_its_parameters(kind, tmp_path):
+    study, url = _study(kind, tmp_path, f"k-{kind}")
+    study.enqueue_trial({"x:q": "8c"}, user_attrs={"reference": "uniform-8c"})
+    seed = study.ask()  # killed before its plan was decided: nothing flushed
+    seed.suggest_categorical("x:q", ["keep", "8c"])
+    fresh = study.ask()  # killed while evaluating: parameters flushed
+    fresh.suggest_categorical("x:q", ["keep", "8c"])
+    study._storage.flush(fresh._trial_id)
+    reader = optuna.load_study(study_name=f"k-{kind}", storage=open_storage(url))
+    assert recover_stale(reader) == 2
+    queued = {t.user_attrs["retry_of"]: t for t in reader.get_trials(states=[optuna.trial.TrialState.WAITING])}
+    assert queued[seed.number].system_attrs["fixed_params"] == {"x:q": "8c"}
+    assert queued[seed.number].user_attrs["reference"] == "uniform-8c"
+    assert queued[fresh.number].system_attrs["fixed_params"] == {"x:q": fresh.params["x:q"]}
