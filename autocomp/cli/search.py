@@ -50,6 +50,9 @@ from autocomp.search.samplers import SAMPLERS
 @click.option("--backend", default="local", show_default=True, type=click.Choice(BACKENDS),
               help="Where proxy evaluations run: this process, or Ray actors (each loads the model once).")
 @click.option("--workers", default=2, show_default=True, type=int, help="Ray actors (--backend ray).")
+@click.option("--threads", default=None, type=int,
+              help="Torch threads for this worker (default: every core). Several workers on one machine: give "
+                   "each cores / workers, or they slow each other down several times.")
 @click.option("--address", default=None, help="An existing Ray cluster: auto or ray://host:port (--backend ray).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @STUDIES_DIR

@@ -50,6 +50,7 @@ class SearchConfig:
     workers: int = 2  # Ray actors (one CPU each)
     address: str | None = None  # an existing Ray cluster ("auto", "ray://host:10001"); default: start one here
     sensitivity: str = "fisher"  # "measured" (one proxy evaluation per option) | "fisher" (squared gradients)
+    threads: int | None = None  # torch threads of this worker (default: torch's, every core)
 
 
 OBJECTIVES = ("proxy", "size", "latency", "bitops", "energy")
@@ -107,6 +108,7 @@ def _metrics() -> tuple[str, ...]:
 SETTINGS: tuple[Setting, ...] = (
     Setting("trials", "--trials", minimum=1),
     Setting("workers", "--workers", minimum=1),
+    Setting("threads", "--threads", minimum=1),
     Setting("sampler", "--sampler", choices=SAMPLERS),
     Setting("seeds", "--seeds", choices=SEEDS),
     Setting("sensitivity", "--sensitivity", choices=SENSITIVITIES),
@@ -136,6 +138,8 @@ def validate(cfg: SearchConfig) -> None:
         if s.field is None:
             continue
         value = getattr(cfg, s.field)
+        if value is None:  # an optional setting left unset
+            continue
         if s.choices is not None and value not in s.choices:
             raise AutocompError(f"{s.flag} {value!r} is not one of {', '.join(s.choices)}")
         if s.minimum is not None and not (isinstance(value, int) and value >= s.minimum):

@@ -149,6 +149,10 @@ def _prepare(cfg: SearchConfig, req: _Request, emit: Any) -> _Prepared:
     from autocomp.search.repair import size_limit
     from autocomp.space import SearchSpace
 
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     emit("status", {"message": f"loading model {cfg.model}"})
     loaded = load_model(cfg.model, data=cfg.data, metric=cfg.metric)
     space = SearchSpace.from_yaml(req.space_path, introspect(loaded))

@@ -28,14 +28,16 @@ class FrontRefiner(BaseSampler):
         self._rng = np.random.RandomState(seed)
         self._fallback = RandomSampler(seed=seed)
         self._max_switches = max_switches
+        # incremental: recomputing the intersection over every finished trial cost 70 ms a trial at 100
+        # MiniLM trials, and grew with the study
+        self._space = optuna.search_space.IntersectionSearchSpace()
 
     def reseed_rng(self) -> None:
         self._rng.seed()
         self._fallback.reseed_rng()
 
     def infer_relative_search_space(self, study: Any, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return optuna.search_space.intersection_search_space(
-            study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        return self._space.calculate(study)
 
     def sample_relative(self, study: Any, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         names = [n for n, d in search_space.items() if isinstance(d, CategoricalDistribution) and len(d.choices) > 1]
