@@ -225,17 +225,20 @@ def _write(storage: BaseStorage, trial_id: int, held: _Held) -> None:
     from optuna.storages.journal import JournalStorage
 
     base = storage._backend if isinstance(storage, _CachedStorage) else storage  # noqa: SLF001 - Optuna's cache
-    if isinstance(base, RDBStorage):
-        _write_rdb(base, trial_id, held)
-    elif isinstance(base, JournalStorage):
-        _write_journal(base, trial_id, held)
-    else:
-        for name, (value, dist) in held.params.items():
-            storage.set_trial_param(trial_id, name, value, dist)
-        for key, value in held.user.items():
-            storage.set_trial_user_attr(trial_id, key, value)
-        for key, value in held.system.items():
-            storage.set_trial_system_attr(trial_id, key, value)
+    try:  # the batched paths use Optuna 5's storage internals; another Optuna gets the writes one by one
+        if isinstance(base, RDBStorage):
+            return _write_rdb(base, trial_id, held)
+        if isinstance(base, JournalStorage):
+            return _write_journal(base, trial_id, held)
+    except (ImportError, AttributeError):  # raised before anything is written (a database rolls back)
+        pass
+    for name, (value, dist) in held.params.items():
+        storage.set_trial_param(trial_id, name, value, dist)
+    for key, value in held.user.items():
+        storage.set_trial_user_attr(trial_id, key, value)
+    for key, value in held.system.items():
+        storage.set_trial_system_attr(trial_id, key, value)
+    return None
 
 
 def _write_rdb(storage: Any, trial_id: int, held: _Held) -> None:
@@ -272,6 +275,7 @@ def _write_journal(storage: Any, trial_id: int, held: _Held) -> None:
     from optuna.storages.journal._storage import JournalOperation
 
     worker = storage._replay_result.worker_id  # noqa: SLF001
+    lock, append, sync = storage._thread_lock, storage._backend.append_logs, storage._sync_with_backend  # noqa: SLF001
     logs = [{"op_code": JournalOperation.SET_TRIAL_PARAM, "worker_id": worker, "trial_id": trial_id,
              "param_name": name, "param_value_internal": value, "distribution": distribution_to_json(dist)}
             for name, (value, dist) in held.params.items()]
@@ -279,6 +283,6 @@ def _write_journal(storage: Any, trial_id: int, held: _Held) -> None:
               "user_attr": {key: value}} for key, value in held.user.items()]
     logs += [{"op_code": JournalOperation.SET_TRIAL_SYSTEM_ATTR, "worker_id": worker, "trial_id": trial_id,
               "system_attr": {key: value}} for key, value in held.system.items()]
-    with storage._thread_lock:  # noqa: SLF001
-        storage._backend.append_logs(logs)  # noqa: SLF001
-        storage._sync_with_backend()  # noqa: SLF001
+    with lock:
+        append(logs)
+        sync()
