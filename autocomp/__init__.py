@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutocompError", "PlanMismatchError", "LayerPlan", "Plan", "StructuredGroup", "parse_budget",
-    "apply_plan", "plan_bytes", "prepare_for_training", "distillation_loss", "finalize", "export", "load",
+    "apply_plan", "calibrate", "plan_bytes", "prepare_for_training", "distillation_loss", "finalize", "export", "load",
     "__version__",
 ]
 
@@ -44,6 +44,23 @@ def apply_plan(model: Any, plan: Plan, desc: Any = None) -> Any:
 
     desc = desc or describe_static(LoadedModel(module=model, name=plan.model_name, spec=plan.model_spec, batches=[]))
     return PlanApplier(model, desc).applied(plan)
+
+
+def calibrate(model: Any, batches: list[Any], desc: Any = None, cache_dir: Any = None) -> Any:
+    """Gather (or load from ``cache_dir``) the calibration statistics that compensated options (GPTQ,
+    SparseGPT, activation-aware low rank: ``4g128/gptq``, ``u50/sparsegpt``, ``r0.5/aa``) compute with, and
+    attach them to ``model``: every plan applied to it afterwards (:func:`apply_plan`, training, export) uses
+    them. ``batches``: calibration inputs as the model's forward takes them. -> the statistics."""
+    from pathlib import Path
+
+    from autocomp.compressors.calibration import attach, load_or_gather
+    from autocomp.models.base import LoadedModel
+    from autocomp.models.introspect import describe_static
+
+    desc = desc or describe_static(LoadedModel(module=model, name="", spec="", batches=[]))
+    stats = load_or_gather(model, desc, list(batches), None if cache_dir is None else Path(cache_dir))
+    attach(model, stats)
+    return stats
 
 
 def prepare_for_training(model: Any, plan: Plan, desc: Any = None, schedule: str = "fixed",

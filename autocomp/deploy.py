@@ -12,9 +12,14 @@ from autocomp.plan import Plan
 __all__ = ["load_for_plan", "make_task", "model_for", "evaluate_plan", "proxy_fidelity"]
 
 
-def load_for_plan(plan_path: Path, model: str | None, data: str | None) -> tuple[Plan, Any, Any]:
-    """(plan, loaded model, desc); the plan is checked against the model (one-line error if it does not fit)."""
+def load_for_plan(plan_path: Path, model: str | None, data: str | None,
+                  studies_dir: Path = Path("studies")) -> tuple[Plan, Any, Any]:
+    """(plan, loaded model, desc); the plan is checked against the model (one-line error if it does not fit).
+    A plan with compensated options gets the calibration statistics of ``data`` attached to the model (from
+    ``<studies_dir>/calibration`` when the search left them there), and is refused if it was scored on other
+    data."""
     from autocomp.compressors.apply import check_plan
+    from autocomp.compressors.calibration import ensure
     from autocomp.models import load_model
     from autocomp.models.introspect import introspect
 
@@ -25,6 +30,7 @@ def load_for_plan(plan_path: Path, model: str | None, data: str | None) -> tuple
     loaded = load_model(spec, data=data)
     desc = introspect(loaded)
     check_plan(plan, desc)
+    ensure(loaded, desc, Path(studies_dir) / "calibration", plan)
     return plan, loaded, desc
 
 

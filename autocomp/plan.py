@@ -298,11 +298,12 @@ class Plan:
             raise AutocompError(f"{source} is malformed: {e}") from None
 
     def techniques(self) -> dict[str, int]:
-        """The techniques this plan uses, with their config versions."""
-        from autocomp.compressors.base import technique
-
-        names = sorted({n for v in self.layers.values() for n, _ in v.items()})
-        return {n: technique(n).config.VERSION for n in names}
+        """The techniques this plan uses, with the lowest config version that holds its configs."""
+        out: dict[str, int] = {}
+        for v in self.layers.values():
+            for n, c in v.items():
+                out[n] = max(out.get(n, 1), c.version())
+        return dict(sorted(out.items()))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         path = Path(path)
@@ -340,6 +341,6 @@ def _check_versions(versions: Any, source: str) -> None:
         raise AutocompError(f"{source} is malformed: 'techniques' must map technique names to config versions")
     for name, version in versions.items():
         have = technique(str(name)).config.VERSION
-        if version != have:
+        if not isinstance(version, int) or not 1 <= version <= have:
             raise AutocompError(f"{source} stores {name} configs of version {version!r}; this autocomp reads version "
                                 f"{have}")

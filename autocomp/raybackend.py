@@ -33,7 +33,7 @@ __all__ = ["RayPool"]
 class _Worker:
     """One Ray actor: the model and its proxy evaluator, built once."""
 
-    def __init__(self, model: str, data: str | None, metric: str, threads: int) -> None:
+    def __init__(self, model: str, data: str | None, metric: str, threads: int, calibration_dir: str | None = None) -> None:
         import torch
 
         torch.set_num_threads(threads)
@@ -42,7 +42,12 @@ class _Worker:
         from autocomp.models.introspect import introspect
 
         loaded = load_model(model, data=data, metric=metric)
-        self.evaluator = ProxyEvaluator(loaded, introspect(loaded))
+        desc = introspect(loaded)
+        if calibration_dir is not None:  # compensated options: the driver's statistics (its cache file)
+            from autocomp.compressors.calibration import ensure
+
+            ensure(loaded, desc, Path(calibration_dir))
+        self.evaluator = ProxyEvaluator(loaded, desc)
 
     def ready(self) -> dict[str, Any]:
         import resource
@@ -94,7 +99,9 @@ def reachable(address: str, timeout: float = 5.0) -> None:
 
 
 class RayPool:
-    def __init__(self, cfg: Any, metric: str, study: str, emit: Any) -> None:
+    def __init__(self, cfg: Any, metric: str, study: str, emit: Any, calibration: bool = False) -> None:
+        """``calibration``: the space has compensated options; the actors read the driver's statistics."""
+        calibration_dir = str((Path(cfg.studies_dir) / "calibration").resolve()) if calibration else None
         try:
             import ray
         except ImportError:
@@ -135,7 +142,7 @@ class RayPool:
         try:
             actor = ray.remote(num_cpus=1)(_Worker)
             threads = max(1, (os.cpu_count() or 1) // cfg.workers)
-            self.actors = [actor.remote(_absolute(cfg.model), _absolute(cfg.data), metric, threads)
+            self.actors = [actor.remote(_absolute(cfg.model), _absolute(cfg.data), metric, threads, calibration_dir)
                            for _ in range(cfg.workers)]
             self.info = ray.get([a.ready.remote() for a in self.actors])
         except Exception as e:

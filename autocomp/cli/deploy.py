@@ -122,7 +122,7 @@ def export(plan_path: Path, model: str | None, data: str | None, weights: Path |
     if weights is not None and clip != "minmax":
         raise AutocompError("--clip applies to plans exported without --weights; a trained checkpoint keeps the "
                             "clipping it was trained with (autocomp train --clip)")
-    plan_obj, loaded, desc = load_for_plan(plan_path, model, data)
+    plan_obj, loaded, desc = load_for_plan(plan_path, model, data, resolve_studies_dir(studies_dir))
     handle = fidelity_study(study, storage, studies_dir, plan_obj.meta.get("study"), desc)
     if weights is not None:
         from autocomp.training import load_student
@@ -193,7 +193,7 @@ def evaluate(model: str | None, data: str | None, plan_path: Path | None, weight
                        if "spearman_tower_drift_vs_metric" in result else ""))
         return
     if plan_path is not None:
-        plan_obj, loaded, desc = load_for_plan(plan_path, model, data)
+        plan_obj, loaded, desc = load_for_plan(plan_path, model, data, resolve_studies_dir(studies_dir))
     else:
         from autocomp.models import load_model
         from autocomp.models.introspect import introspect

@@ -117,7 +117,13 @@ class PlanApplier:
             if choice.is_identity:
                 return [Part(values=m)], rows, cols
             subset = self.row_subsets.get(name) if rows is None and cols is None else None
-            return run_pipeline(m, choice, LayerContext(name, skey, self.cache), row_subset=subset), rows, cols
+            return run_pipeline(m, choice, self.context(name, skey, cols), row_subset=subset), rows, cols
+
+    def context(self, name: str, skey: tuple[int, ...], cols: Any) -> LayerContext:
+        """Where a layer's techniques run: this applier's cache and the model's calibration statistics."""
+        from autocomp.compressors.calibration import attached
+
+        return LayerContext(name, skey, self.cache, stats=attached(self.model), cols=cols)
 
     def compressed(self, plan: Plan, name: str) -> tuple[Any, Any]:
         """(weight, bias) in the module's own shapes and dtypes, or (None, None) if unchanged."""

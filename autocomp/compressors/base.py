@@ -43,7 +43,7 @@ from typing import Any, ClassVar, Mapping
 from autocomp.errors import AutocompError
 
 __all__ = ["Part", "Stored", "Execution", "LayerContext", "TechniqueConfig", "Technique", "register", "registered",
-           "technique", "axes", "by_dim", "ceil8", "unregister", "STAGES"]
+           "technique", "axes", "by_dim", "ceil8", "has_statistics", "unregister", "STAGES"]
 
 STAGES = ("factor", "sparsify", "encode")
 
@@ -104,6 +104,21 @@ class LayerContext:
     structured_key: tuple[int, ...] = ()
     cache: dict[Any, Any] = field(default_factory=dict)
     upstream: tuple[Any, ...] = ()  # the configs already applied to this layer (lower order)
+    stats: Any = None  # CalibrationStats (compensated options read the layer's input second moment), or None
+    cols: Any = None  # the kept input columns of a structurally cut layer (indexes the statistics), or None
+    holder: Any = None  # a trained layer's parametrization (compensated options keep their fixed grid / mask)
+    index: int = 0  # the position of ``parts[0]`` among the layer's stored matrices (with ``holder``)
+
+    def hessian(self) -> Any:
+        """The input second moment of this layer (float64, cut to the kept columns); a clear error if the
+        model has no calibration statistics attached."""
+        from autocomp.errors import AutocompError
+
+        if self.stats is None:
+            raise AutocompError(f"layer {self.name}: compensated options (GPTQ / SparseGPT / activation-aware low rank) "
+                                f"need calibration statistics: search, train, export and evaluate gather them "
+                                f"from --data; in Python call autocomp.calibrate(model, batches) first")
+        return self.stats.hessian(self.name, self.cols)
 
 
 @dataclass(frozen=True)
@@ -113,9 +128,24 @@ class TechniqueConfig:
 
     technique: ClassVar[str] = ""
     VERSION: ClassVar[int] = 1
+    ADDED: ClassVar[dict[str, tuple[Any, int]]] = {}  # field -> (its default, the version that added it)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Its fields; a field left at a default that a later version added is not written, so plans that
+        do not use it stay readable by the autocomp that wrote version 1."""
+        d = asdict(self)
+        for name, (default, _) in self.ADDED.items():
+            if d.get(name) == default:
+                d.pop(name, None)
+        return d
+
+    def version(self) -> int:
+        """The lowest config version that can hold this config (see :attr:`ADDED`)."""
+        v = 1
+        for name, (default, since) in self.ADDED.items():
+            if getattr(self, name) != default:
+                v = max(v, since)
+        return v
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "") -> "TechniqueConfig":
@@ -179,6 +209,14 @@ class Technique(ABC):
     def to_v1(self, config: Any) -> dict[str, Any] | None:
         """Built-in techniques: the version-1 fields for ``config`` (plan keys stay those of v1)."""
         return None
+
+    def calibrated(self, config: Any) -> bool:
+        """Whether ``config`` needs the layer's calibration statistics (an error-compensating method)."""
+        return False
+
+    def calibrated_option(self, option: Any) -> bool:
+        """The same for a parsed option (before it is bound to a layer)."""
+        return False
 
     def check(self, config: Any, layer: Any, shapes: list[tuple[int, int]]) -> None:
         """Raise :class:`AutocompError` if ``config`` cannot be stored for this layer (a hand-edited plan)."""
@@ -344,6 +382,12 @@ def technique(name: str) -> Technique:
 def by_dim(dim: str) -> Technique | None:
     _load_builtins()
     return next((t for t in _REGISTRY.values() if t.dim == dim), None)
+
+
+def has_statistics(layer: Any) -> bool:
+    """Whether calibration statistics exist for a layer (:mod:`~.calibration`): not for an embedding table
+    (a lookup) or a grouped convolution (not one matrix)."""
+    return layer.type != "Embedding" and getattr(layer, "groups", 1) == 1
 
 
 def ceil8(bits: int) -> int:

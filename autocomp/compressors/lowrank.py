@@ -3,7 +3,9 @@
 Splitting the singular values evenly keeps both factors on the same scale, which quantizes better. The
 SVD is computed once per (layer, structured shape) and reused for every rank. Options in search spaces:
 ``full`` or ``rF``, a fraction ``0 < F < 1`` of ``min(rows, cols)`` rounded down to a multiple of 4
-(dropped where the two factors would not be smaller than the matrix). The plan stores the absolute rank.
+(dropped where the two factors would not be smaller than the matrix), optionally with ``/aa``
+(activation-aware: the truncated SVD of ``W L``, ``H = L L^T`` the layer's input second moment, so the rank
+keeps what the inputs excite; :mod:`~.compensate`). The plan stores the absolute rank.
 Training holds ``B`` and ``A`` as trainable parameters; the runtime runs two smaller matmuls.
 """
 
@@ -14,24 +16,32 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from autocomp.compressors.base import Execution, LayerContext, Part, Stored, Technique, TechniqueConfig, register
+from autocomp.compressors.base import (Execution, LayerContext, Part, Stored, Technique, TechniqueConfig,
+                                       has_statistics, register)
 from autocomp.errors import AutocompError
 
 __all__ = ["LowRankConfig", "LowRank", "rank_for"]
 
-_LABEL = re.compile(r"^(?:full|r(0?\.\d+|1(?:\.0*)?))$")
+_LABEL = re.compile(r"^(?:full|r(0?\.\d+|1(?:\.0*)?))(/aa)?$")
+METHODS = ("svd", "aa")
 
 
 @dataclass(frozen=True)
 class LowRankConfig(TechniqueConfig):
-    """rank: the absolute rank of the (structurally cut) matrix."""
+    """rank: the absolute rank of the (structurally cut) matrix; method: ``svd`` (of W) or ``aa``
+    (activation-aware: of W whitened by the calibration inputs)."""
 
     technique = "lowrank"
+    VERSION = 2
+    ADDED = {"method": ("svd", 2)}
     rank: int = 1
+    method: str = "svd"
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"low-rank method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
 
 def rank_for(fraction: float, rows: int, cols: int) -> int | None:
@@ -44,16 +54,19 @@ def rank_for(fraction: float, rows: int, cols: int) -> int | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _parse(label: str) -> float | None:
+def _parse(label: str) -> tuple[float, str] | None:
     m = _LABEL.match(str(label))
     if not m:
-        raise ValueError(f"rank option {label!r} is not full or rF with 0 < F < 1 (e.g. r0.25)")
+        raise ValueError(f"rank option {label!r} is not full or rF with 0 < F < 1, optionally with /aa "
+                         f"(e.g. r0.25, r0.5/aa)")
     if label == "full":
         return None
+    if label == "full/aa":
+        raise ValueError("rank option 'full/aa': full keeps the matrix; drop /aa")
     f = float(m.group(1))
     if not 0 < f < 1:
         raise ValueError(f"rank option {label!r}: fraction must be in (0, 1)")
-    return f
+    return f, "aa" if m.group(2) else "svd"
 
 
 @register
@@ -68,12 +81,21 @@ class LowRank(Technique):
     def parse(self, label: str) -> Any:
         return _parse(label)
 
-    def bind(self, fraction: float, layer: Any, shapes: list[tuple[int, int]]) -> LowRankConfig | None:
+    def bind(self, option: tuple[float, str], layer: Any, shapes: list[tuple[int, int]]) -> LowRankConfig | None:
+        fraction, method = option
         if layer.groups != 1:
             return None  # a grouped conv is not one matrix
+        if method != "svd" and not has_statistics(layer):
+            return None  # no input statistics: an embedding table
         (rows, cols), = shapes
         r = rank_for(fraction, rows, cols)
-        return None if r is None else LowRankConfig(r)
+        return None if r is None else LowRankConfig(r, method)
+
+    def calibrated(self, c: LowRankConfig) -> bool:
+        return c.method != "svd"
+
+    def calibrated_option(self, option: Any) -> bool:
+        return option[1] != "svd"
 
     def check(self, c: LowRankConfig, layer: Any, shapes: list[tuple[int, int]]) -> None:
         (rows, cols), = shapes
@@ -81,7 +103,7 @@ class LowRank(Technique):
             raise AutocompError(f"layer {layer.name}: rank {c.rank} exceeds min{(rows, cols)}")
 
     def label(self, c: LowRankConfig) -> str:
-        return f"r{c.rank}"
+        return f"r{c.rank}" + ("" if c.method == "svd" else f"/{c.method}")
 
     def brief(self, c: LowRankConfig) -> str:
         return ""
@@ -92,8 +114,8 @@ class LowRank(Technique):
     def from_v1(self, f: Mapping[str, Any]) -> LowRankConfig | None:
         return None if f.get("rank") is None else LowRankConfig(f["rank"])
 
-    def to_v1(self, c: LowRankConfig) -> dict[str, Any]:
-        return {"rank": c.rank}
+    def to_v1(self, c: LowRankConfig) -> dict[str, Any] | None:
+        return {"rank": c.rank} if c.method == "svd" else None
 
     def part_names(self, c: LowRankConfig) -> list[str]:
         return ["B", "A"]
@@ -111,6 +133,8 @@ class LowRank(Technique):
         w = part.values
         if c.rank > min(w.shape):
             raise AutocompError(f"layer {ctx.name}: rank {c.rank} exceeds min{tuple(w.shape)}")
+        if c.method == "aa":
+            return self._apply_aa(w, c, ctx)
         key = ("svd", ctx.name, ctx.structured_key)
         svd = ctx.cache.get(key)
         if svd is None:
@@ -119,6 +143,21 @@ class LowRank(Technique):
         u, s, vh = svd
         root = s[: c.rank].sqrt()
         return [Part(values=(u[:, : c.rank] * root).contiguous()), Part(values=(root[:, None] * vh[: c.rank]).contiguous())]
+
+    def _apply_aa(self, w: Any, c: LowRankConfig, ctx: LayerContext) -> list[Part]:
+        """``W L = U S V^T`` (``H = L L^T``): ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T L^-1``."""
+        import torch
+
+        from autocomp.compressors.compensate import whitened_svd
+
+        key = ("wsvd", ctx.name, ctx.structured_key)
+        svd = ctx.cache.get(key)
+        if svd is None:
+            svd = ctx.cache[key] = whitened_svd(w, ctx.hessian())
+        u, s, vh, lo = svd
+        root = s[: c.rank].sqrt()
+        a = torch.linalg.solve_triangular(lo, root[:, None] * vh[: c.rank], upper=False, left=False)
+        return [Part(values=(u[:, : c.rank] * root).float().contiguous()), Part(values=a.float().contiguous())]
 
     # -- training -----------------------------------------------------------------------------------------
     def train_latent(self, c: LowRankConfig, sub: Any) -> list[Any]:

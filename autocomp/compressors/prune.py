@@ -3,8 +3,10 @@
 Unstructured removes exactly ``n_pruned(numel, sparsity)`` entries, the smallest in magnitude (ties
 broken by position, so the mask is deterministic), and stores a 1-bit-per-position mask; 2:4 keeps the
 two largest of each group of four along the input dimension and stores a 2-bit position per kept value.
-Options in search spaces: ``none``, ``uNN`` (NN% magnitude sparsity), ``2:4``. Structured pruning (whole
-neurons / heads / channels) is a plan-level cut, see ``structured.py``.
+Options in search spaces: ``none``, ``uNN`` (NN% magnitude sparsity), ``2:4``, each pruning option with an
+optional ``/sparsegpt`` suffix (``u50/sparsegpt``, ``2:4/sparsegpt``): the mask chosen and the kept weights
+updated by SparseGPT from the layer's calibration inputs (:mod:`~.compensate`), in the same stored format
+and bytes. Structured pruning (whole neurons / heads / channels) is a plan-level cut, see ``structured.py``.
 
 Training: the mask is fixed from the original weights, or (``schedule="progressive"``) ramped from 0 to
 the plan's sparsity by current magnitude over the first part of training.
@@ -19,29 +21,36 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from autocomp.compressors.base import (Execution, LayerContext, Part, Stored, Technique, TechniqueConfig, ceil8,
-                                       register)
+                                       has_statistics, register)
 from autocomp.errors import AutocompError
 
 __all__ = ["PruneConfig", "Prune", "magnitude_mask", "nm_mask", "n_pruned"]
 
 NM_INDEX_BITS = 2  # 2:4 sparsity: a 2-bit position (0..3) per kept value
-_LABEL = re.compile(r"^(?:none|u(\d{1,2})|2:4)$")
+_LABEL = re.compile(r"^(?:none|u(\d{1,2})|2:4)(/sparsegpt)?$")
 KINDS = ("unstructured", "2:4")
+METHODS = ("magnitude", "sparsegpt")
 
 
 @dataclass(frozen=True)
 class PruneConfig(TechniqueConfig):
-    """kind: ``unstructured`` (``sparsity`` of the entries removed, by magnitude) or ``2:4``."""
+    """kind: ``unstructured`` (``sparsity`` of the entries removed) or ``2:4``; method: ``magnitude`` or
+    ``sparsegpt`` (mask and kept weights from the calibration inputs)."""
 
     technique = "prune"
+    VERSION = 2
+    ADDED = {"method": ("magnitude", 2)}
     kind: str = "unstructured"
     sparsity: float = 0.5
+    method: str = "magnitude"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"prune must be one of {('none', *KINDS)}, got {self.kind!r}")
         if self.kind == "unstructured" and not (isinstance(self.sparsity, (int, float)) and 0.0 < self.sparsity < 1.0):
             raise ValueError(f"unstructured sparsity must be in (0, 1), got {self.sparsity!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"prune method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.kind == "2:4" and self.sparsity != 0.0:
             object.__setattr__(self, "sparsity", 0.0)  # the pattern fixes it (plans store 0)
 
@@ -83,15 +92,19 @@ def nm_mask(values, n: int = 2, m: int = 4):  # type: ignore[no-untyped-def]
 def _parse(label: str) -> PruneConfig | None:
     m = _LABEL.match(str(label))
     if not m:
-        raise ValueError(f"prune option {label!r} is not none, uNN (NN% magnitude) or 2:4")
+        raise ValueError(f"prune option {label!r} is not none, uNN (NN% magnitude) or 2:4, optionally with "
+                         f"/sparsegpt (e.g. u50/sparsegpt)")
+    method = "sparsegpt" if m.group(2) else "magnitude"
     if label == "none":
         return None
-    if label == "2:4":
-        return PruneConfig("2:4", 0.0)
+    if label == "none/sparsegpt":
+        raise ValueError("prune option 'none/sparsegpt': none prunes nothing; drop /sparsegpt")
+    if label.startswith("2:4"):
+        return PruneConfig("2:4", 0.0, method)
     pct = int(m.group(1))
     if not 0 < pct < 100:
         raise ValueError(f"prune option {label!r}: percentage must be 1..99")
-    return PruneConfig("unstructured", pct / 100)
+    return PruneConfig("unstructured", pct / 100, method)
 
 
 @register
@@ -109,7 +122,15 @@ class Prune(Technique):
     def bind(self, option: PruneConfig, layer: Any, shapes: list[tuple[int, int]]) -> PruneConfig | None:
         if option.kind == "2:4" and any(cols % 4 for _, cols in shapes):
             return None  # the packed 2:4 format needs whole groups of 4 inputs
+        if option.method != "magnitude" and not has_statistics(layer):
+            return None  # no input statistics: an embedding table, a grouped convolution
         return option
+
+    def calibrated(self, c: PruneConfig) -> bool:
+        return c.method != "magnitude"
+
+    def calibrated_option(self, option: Any) -> bool:
+        return option.method != "magnitude"
 
     def check(self, c: PruneConfig, layer: Any, shapes: list[tuple[int, int]]) -> None:
         if c.kind == "2:4" and any(cols % 4 for _, cols in shapes):
@@ -117,7 +138,8 @@ class Prune(Technique):
                                 f"by 4, got {[cols for _, cols in shapes]}")
 
     def label(self, c: PruneConfig) -> str:
-        return "2:4" if c.kind == "2:4" else f"u{round(c.sparsity * 100)}"
+        tail = "" if c.method == "magnitude" else f"/{c.method}"
+        return ("2:4" if c.kind == "2:4" else f"u{round(c.sparsity * 100)}") + tail
 
     def summary(self, c: PruneConfig) -> dict[str, float]:
         return {"sparsity": c.fraction}
@@ -128,7 +150,9 @@ class Prune(Technique):
             return None
         return PruneConfig(kind, f.get("sparsity", 0.0) if kind == "unstructured" else 0.0)
 
-    def to_v1(self, c: PruneConfig) -> dict[str, Any]:
+    def to_v1(self, c: PruneConfig) -> dict[str, Any] | None:
+        if c.method != "magnitude":
+            return None
         return {"prune": c.kind, "sparsity": c.sparsity if c.kind == "unstructured" else 0.0}
 
     # -- bytes --------------------------------------------------------------------------------------------
@@ -147,6 +171,8 @@ class Prune(Technique):
     def apply(self, parts: list[Part], c: PruneConfig, ctx: LayerContext) -> list[Part]:
         import torch
 
+        if c.method == "sparsegpt":
+            return self._apply_sparsegpt(parts, c, ctx)
         out = []
         for i, part in enumerate(parts):
             if c.kind == "2:4":
@@ -164,12 +190,34 @@ class Prune(Technique):
             out.append(part.evolve(mask=magnitude_mask(part.values, c.sparsity, order)))
         return out
 
+    def _apply_sparsegpt(self, parts: list[Part], c: PruneConfig, ctx: LayerContext) -> list[Part]:
+        """SparseGPT on each stored matrix, factors from the last to the first (the input of ``B`` is ``A x``:
+        statistics ``A' H A'^T`` with the pruned ``A'``). A trained layer keeps the mask it trained with."""
+        from autocomp.compressors.compensate import sparsegpt
+
+        out: list[Part] = list(parts)
+        if ctx.holder is not None:
+            for i, part in enumerate(parts):
+                out[i] = part.evolve(mask=getattr(ctx.holder, f"mask{ctx.index + i}").clone(), nm=c.kind == "2:4")
+            return out
+        h = ctx.hessian()
+        for i in reversed(range(len(parts))):
+            values, mask = sparsegpt(parts[i].values, h, c.kind, c.sparsity)
+            out[i] = parts[i].evolve(values=values, mask=mask, nm=c.kind == "2:4")
+            if i:
+                h = values.double() @ h @ values.double().T
+        return out
+
     # -- training -----------------------------------------------------------------------------------------
     def train_setup(self, c: PruneConfig, holder: Any, latents: list[Any], options: Mapping[str, Any]) -> None:
         import torch
 
-        progressive = bool(options.get("progressive")) and c.kind == "unstructured"
+        progressive = bool(options.get("progressive")) and c.kind == "unstructured" and "parts" not in options
         holder.progressive = progressive
+        if "parts" in options:  # a compensated layer: the masks the proxy chose (the weights start compensated)
+            for i, p in enumerate(options["parts"]):
+                holder.register_buffer(f"mask{i}", p.mask.clone())
+            return
         parts = self.apply([Part(values=v.detach()) for v in latents], c, LayerContext(f"train.{self.name}"))
         for i, p in enumerate(parts):
             mask = torch.ones_like(p.values, dtype=torch.bool) if progressive else p.mask

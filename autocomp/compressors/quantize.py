@@ -11,12 +11,17 @@ codes reproduces exactly the weights the proxy evaluated.
   ``q = clamp(round(w / s) + z, 0, 2^b - 1)``; ``w ~ (q - z) s``.
 
 Pruned entries are zero before quantization and stay zero after (the mask is reapplied). Options in
-search spaces: ``keep``, ``int8``, or ``<bits><c|gN>[a]`` (``8c``, ``4g128``, ``3g32a``).
+search spaces: ``keep``, ``int8``, or ``<bits><c|gN>[a]`` (``8c``, ``4g128``, ``3g32a``), each with an optional
+``/gptq`` suffix (``4g128/gptq``, ``int8/gptq``): the same stored format with the codes chosen by GPTQ's
+error compensation on the layer's calibration inputs (:mod:`~.compensate`; Linear, HF Conv1D and ungrouped
+Conv1d / Conv2d layers -- an embedding table has no input statistics and keeps round-to-nearest).
 
 Training: fake quantization with a straight-through estimator; ``clip`` ``mse`` starts each group from the
 clipping ratio (of :data:`CLIP_GRID`) with the least round-to-nearest error, ``learned`` also trains one
 ratio per group (PACT-style, :data:`CLIP_LR_MULT` x the weights' learning rate). The clipping is held in
 the weights, so the plan's min/max quantizer lands on the clipped range and the packed format is unchanged.
+A GPTQ layer trains from GPTQ's weights on GPTQ's grid: its scales (and zero points) stay fixed, the
+weights move (straight-through), and the export quantizes them on that grid (``clip`` does not apply).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from autocomp.compressors.base import (Execution, LayerContext, Part, Stored, Technique, TechniqueConfig, ceil8,
-                                       register)
+                                       has_statistics, register)
 
 __all__ = ["QuantConfig", "Quantize", "quantize_matrix", "fake_quant_input", "mse_clip", "CLIP_GRID", "CLIPS",
            "CLIP_LR_MULT"]
@@ -35,7 +40,8 @@ __all__ = ["QuantConfig", "Quantize", "quantize_matrix", "fake_quant_input", "ms
 _MIN_SCALE = 2.0**-24  # smallest positive float16
 _MAX_SCALE = 65504.0
 SCALE_BYTES = 2  # scales are stored as float16
-_LABEL = re.compile(r"^(?:keep|int8|(\d+)(c|g(\d+))(a?))$")
+_LABEL = re.compile(r"^(?:keep|int8|(\d+)(c|g(\d+))(a?))(/gptq)?$")
+METHODS = ("rtn", "gptq")
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # clip ratios tried per group: 1.0, 0.95, ..., 0.5
 CLIPS = ("learned", "mse", "minmax")  # train's quantization ranges (learned = the mse start, then trainable ratios)
 CLIP_LR_MULT = 10.0  # the clipping ratios' learning rate, as a multiple of the weights'
@@ -44,13 +50,17 @@ CLIP_LR_MULT = 10.0  # the clipping ratios' learning rate, as a multiple of the 
 @dataclass(frozen=True)
 class QuantConfig(TechniqueConfig):
     """bits: 2..16 weight bits; group_size: inputs per scale (0 = one group per output row);
-    symmetric: no zero point; act_bits: 8 for W8A8 (8-bit per-channel symmetric weights only)."""
+    symmetric: no zero point; act_bits: 8 for W8A8 (8-bit per-channel symmetric weights only); method:
+    ``rtn`` (round to nearest) or ``gptq`` (error-compensated codes, the same stored format)."""
 
     technique = "quantize"
+    VERSION = 2
+    ADDED = {"method": ("rtn", 2)}
     bits: int = 8
     group_size: int = 0
     symmetric: bool = True
     act_bits: int | None = None
+    method: str = "rtn"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
@@ -61,6 +71,8 @@ class QuantConfig(TechniqueConfig):
             raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")
         if self.act_bits is not None and (self.act_bits != 8 or self.bits != 8 or self.group_size or not self.symmetric):
             raise ValueError("act_bits 8 (W8A8) needs bits 8, group_size 0 (per channel) and symmetric weights")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
 
 def quantize_matrix(w: Any, bits: int, group_size: int, symmetric: bool) -> tuple[Any, Any, Any, Any]:
@@ -97,6 +109,46 @@ def quantize_matrix(w: Any, bits: int, group_size: int, symmetric: bool) -> tupl
     return deq.contiguous(), codes.contiguous(), scale, zp
 
 
+def group_params(x: Any, bits: int, symmetric: bool) -> tuple[Any, Any]:
+    """The scale (float16 ``[rows]``) and zero point (int32 ``[rows]`` or None) :func:`quantize_matrix` gives
+    one group ``x`` ``[rows, n]`` (same formulas): the compensated quantizers fix a group's scale this way."""
+    import torch
+
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        return (x.abs().amax(dim=-1) / max(qmax, 1)).clamp(_MIN_SCALE, _MAX_SCALE).half(), None
+    qmax = 2**bits - 1
+    lo = x.amin(dim=-1).clamp(max=0.0)
+    hi = x.amax(dim=-1).clamp(min=0.0)
+    scale = ((hi - lo) / qmax).clamp(_MIN_SCALE, _MAX_SCALE).half()
+    return scale, torch.clamp(torch.round(-lo / scale.float()), 0, qmax).to(torch.int32)
+
+
+def quantize_column(c: Any, scale: Any, zp: Any, bits: int, symmetric: bool) -> tuple[Any, Any]:
+    """One column ``c`` (float32 ``[rows]``) on fixed per-row scales -> (dequantized float32, codes int32),
+    exactly as :func:`quantize_matrix` computes them."""
+    import torch
+
+    s = scale.float()
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        q = torch.clamp(torch.round(c / s), -qmax, qmax)
+        return q * s, (q + 2 ** (bits - 1)).to(torch.int32)
+    qmax = 2**bits - 1
+    q = torch.clamp(torch.round(c / s) + zp, 0, qmax)
+    return (q - zp) * s, q.to(torch.int32)
+
+
+def quantize_fixed(w: Any, scale: Any, zp: Any, bits: int, group_size: int, symmetric: bool) -> tuple[Any, Any]:
+    """``w`` ``[rows, cols]`` on fixed group scales (``[rows, groups]``) -> (dequantized float32, codes int32):
+    what training and the export of a trained checkpoint compute for a compensated (GPTQ) layer."""
+    rows, cols = w.shape
+    g = group_size or cols
+    s = scale.repeat_interleave(g, dim=1)[:, :cols]
+    z = None if zp is None else zp.repeat_interleave(g, dim=1)[:, :cols]
+    return quantize_column(w, s, z, bits, symmetric)
+
+
 def fake_quant_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Dynamic per-tensor asymmetric activation quantization, 7-bit (fbgemm's reduce_range=True): what
     torch's dynamic int8 Linear does to its inputs on x86. A ``forward_pre_hook``."""
@@ -112,21 +164,25 @@ def fake_quant_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _parse(label: str) -> tuple[int, int, bool, int | None] | None:
+def _parse(label: str) -> tuple[int, int, bool, int | None, str] | None:
     m = _LABEL.match(str(label))
     if not m:
-        raise ValueError(f"quant option {label!r} is not keep, int8 or <bits><c|gN>[a] (e.g. 8c, 4g128, 3g32a)")
+        raise ValueError(f"quant option {label!r} is not keep, int8 or <bits><c|gN>[a], optionally with /gptq "
+                         f"(e.g. 8c, 4g128, 3g32a, 4g128/gptq)")
+    method = "gptq" if m.group(5) else "rtn"
     if label == "keep":
         return None
-    if label == "int8":
-        return 8, 0, True, 8
+    if label == "keep/gptq":
+        raise ValueError("quant option 'keep/gptq': keep stores the weights as they are; drop /gptq")
+    if label.startswith("int8"):
+        return 8, 0, True, 8, method
     bits = int(m.group(1))
     if not 2 <= bits <= 8:
         raise ValueError(f"quant option {label!r}: bits must be 2..8")
     group = int(m.group(3)) if m.group(3) else 0
     if m.group(3) and group < 1:
         raise ValueError(f"quant option {label!r}: group size must be >= 1")
-    return bits, group, m.group(4) != "a", None
+    return bits, group, m.group(4) != "a", None, method
 
 
 @register
@@ -143,20 +199,30 @@ class Quantize(Technique):
         return _parse(label)
 
     def bind(self, option: Any, layer: Any, shapes: list[tuple[int, int]]) -> QuantConfig | None:
-        bits, group, sym, act = option
+        bits, group, sym, act, method = option
         if act and layer.type != "Linear":
             return None  # W8A8 kernels exist for Linear layers
+        if method != "rtn" and not has_statistics(layer):
+            return None  # no input statistics: an embedding table, a grouped convolution
         if group >= shapes[0][1]:
             group = 0  # a group spanning the whole row is per-channel
-        return QuantConfig(bits, group, sym, act)
+        return QuantConfig(bits, group, sym, act, method)
+
+    def calibrated(self, c: QuantConfig) -> bool:
+        return c.method != "rtn"
+
+    def calibrated_option(self, option: Any) -> bool:
+        return option[4] != "rtn"
 
     def label(self, c: QuantConfig) -> str:
+        tail = "" if c.method == "rtn" else f"/{c.method}"
         if c.act_bits == 8:
-            return "int8"
-        return f"{c.bits}{'c' if c.group_size == 0 else f'g{c.group_size}'}{'' if c.symmetric else 'a'}"
+            return "int8" + tail
+        return f"{c.bits}{'c' if c.group_size == 0 else f'g{c.group_size}'}{'' if c.symmetric else 'a'}{tail}"
 
     def brief(self, c: QuantConfig) -> str:
-        return f"{'int8' if c.act_bits == 8 else f'{c.bits}b'}{'' if c.group_size == 0 else f'g{c.group_size}'}"
+        tail = "" if c.method == "rtn" else f"/{c.method}"
+        return f"{'int8' if c.act_bits == 8 else f'{c.bits}b'}{'' if c.group_size == 0 else f'g{c.group_size}'}{tail}"
 
     def summary(self, c: QuantConfig) -> dict[str, float]:
         return {"bits": c.bits}
@@ -166,7 +232,9 @@ class Quantize(Technique):
             return None
         return QuantConfig(f["bits"], f.get("group_size", 0), f.get("symmetric", True), f.get("act_bits"))
 
-    def to_v1(self, c: QuantConfig) -> dict[str, Any]:
+    def to_v1(self, c: QuantConfig) -> dict[str, Any] | None:
+        if c.method != "rtn":
+            return None
         return {"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric, "act_bits": c.act_bits}
 
     # -- bytes --------------------------------------------------------------------------------------------
@@ -180,11 +248,37 @@ class Quantize(Technique):
 
     # -- proxy --------------------------------------------------------------------------------------------
     def apply(self, parts: list[Part], c: QuantConfig, ctx: LayerContext) -> list[Part]:
+        if c.method == "gptq":
+            return self._apply_gptq(parts, c, ctx)
         out = []
         for part in parts:
             w = part.values if part.mask is None else part.values * part.mask
             deq, codes, scale, zp = quantize_matrix(w, c.bits, c.group_size, c.symmetric)
             out.append(part.evolve(values=deq, codes=codes, scale=scale, zero_point=zp))
+        return out
+
+    def _apply_gptq(self, parts: list[Part], c: QuantConfig, ctx: LayerContext) -> list[Part]:
+        """GPTQ on each stored matrix. Factors (``B @ A``) go from the last to the first: the input of ``B`` is
+        ``A x``, so its statistics are ``A' H A'^T`` with the already quantized ``A'``. A trained layer
+        (``ctx.holder``) is quantized on the grid it trained on."""
+        from autocomp.compressors.compensate import gptq
+
+        out: list[Part] = list(parts)
+        if ctx.holder is not None:
+            for i, part in enumerate(parts):
+                w = part.values if part.mask is None else part.values * part.mask
+                scale = getattr(ctx.holder, f"qscale{ctx.index + i}")
+                zp = getattr(ctx.holder, f"qzp{ctx.index + i}", None)
+                deq, codes = quantize_fixed(w, scale, zp, c.bits, c.group_size, c.symmetric)
+                out[i] = part.evolve(values=deq, codes=codes, scale=scale.clone(), zero_point=None if zp is None else zp.clone())
+            return out
+        h = ctx.hessian()
+        for i in reversed(range(len(parts))):
+            part = parts[i]
+            deq, codes, scale, zp = gptq(part.values, h, c.bits, c.group_size, c.symmetric, part.mask)
+            out[i] = part.evolve(values=deq, codes=codes, scale=scale, zero_point=zp)
+            if i:
+                h = deq.double() @ h @ deq.double().T
         return out
 
     def input_hook(self, c: QuantConfig) -> Any:
@@ -194,6 +288,12 @@ class Quantize(Technique):
     def train_setup(self, c: QuantConfig, holder: Any, latents: list[Any], options: Mapping[str, Any]) -> None:
         import torch
 
+        if c.method != "rtn":  # GPTQ's grid stays: its scales become buffers
+            for i, part in enumerate(options["parts"]):
+                holder.register_buffer(f"qscale{i}", part.scale.clone())
+                if part.zero_point is not None:
+                    holder.register_buffer(f"qzp{i}", part.zero_point.clone())
+            return
         if options.get("clip") != "learned" or not options.get("trainable", True):
             return
         for i, v in enumerate(latents):
@@ -209,12 +309,16 @@ class Quantize(Technique):
 
     def train_transform(self, c: QuantConfig, holder: Any, i: int, v: Any, mask: Any = None) -> Any:
         v = self.train_prepare(c, holder, i, v)
-        deq = quantize_matrix(v.detach(), c.bits, c.group_size, c.symmetric)[0]
+        if c.method != "rtn":
+            deq = quantize_fixed(v.detach(), getattr(holder, f"qscale{i}"), getattr(holder, f"qzp{i}", None), c.bits,
+                                 c.group_size, c.symmetric)[0]
+        else:
+            deq = quantize_matrix(v.detach(), c.bits, c.group_size, c.symmetric)[0]
         return v + (deq - v).detach()
 
     def train_start(self, c: QuantConfig, holder: Any, latents: list[Any], masks: list[Any],
                     options: Mapping[str, Any]) -> list[Any] | None:
-        if options.get("clip", "minmax") == "minmax":
+        if options.get("clip", "minmax") == "minmax" or c.method != "rtn":
             return None
         return [mse_clip(v, c.bits, c.group_size, c.symmetric, m) for v, m in zip(latents, masks)]
 

@@ -61,7 +61,7 @@ class CompressedWeight(_module()):  # type: ignore[misc]
         self.factor = None
         latents = [sub]
         for tech, config in self.steps:
-            init = tech.train_latent(config, sub)
+            init = options["latents"] if "latents" in options and tech.stage == "factor" else tech.train_latent(config, sub)
             if init is not None:
                 self.factor = tech
                 self.factor_names = [f"{n}" for n in tech.part_names(config)]
@@ -208,6 +208,8 @@ def prepare_for_training(model: Any, plan: Plan, desc: Any = None, schedule: str
                 mod.weight.requires_grad_(False)
             continue
         options = {"progressive": schedule == "progressive", "clip": clip, "trainable": not frozen}
+        if any(t.calibrated(c) for t, c in choice.steps()):
+            options.update(_compensated_start(applier, plan, layer.name, mod, kind, rows, cols))
         param = CompressedWeight(kind, mod.weight, choice, rows, cols, options)
         parametrize.register_parametrization(mod, "weight", param, unsafe=True)
         if param.factor is not None or frozen:
@@ -223,6 +225,40 @@ def prepare_for_training(model: Any, plan: Plan, desc: Any = None, schedule: str
     student._autocomp_plan = plan  # noqa: SLF001 - read by finalize/export
     student._autocomp_desc = desc
     return student
+
+
+def _compensated_start(applier: Any, plan: Plan, name: str, mod: Any, kind: str, rows: Any, cols: Any) -> dict[str, Any]:
+    """A layer with a compensated option starts from the proxy's compensated weights: ``parts`` (the proxy's
+    stored matrices: masks, GPTQ grids) and ``latents`` (the trainable matrices: GPTQ's dequantized values
+    when the encoding is compensated, else the matrices before encoding). A plain layer's latent is its
+    weight, written here (the student is a copy)."""
+    import torch
+
+    from autocomp.compressors.pipeline import run_pipeline
+    from autocomp.models.introspect import weight_matrix_view
+
+    choice = plan.layer(name)
+    parts, _, _ = applier.layer_parts(plan, name)
+    encode = next(((t, c) for t, c in choice.steps() if t.stage == "encode"), None)
+    if encode is not None and not encode[0].calibrated(encode[1]):
+        _, _, skey = applier.kept_indices(plan, name)
+        m = applier._matrix(name).float()  # noqa: SLF001 - the applier's own view of the layer
+        if rows is not None:
+            m = m.index_select(0, rows)
+        if cols is not None:
+            m = m.index_select(1, cols)
+        latents = [p.values for p in run_pipeline(m, choice.without("encode"), applier.context(name, skey, cols))]
+    else:
+        latents = [p.values for p in parts]
+    if not any(t.stage == "factor" for t, _ in choice.steps()):
+        with torch.no_grad():
+            w = weight_matrix_view(kind, mod.weight.data)
+            r = rows if rows is not None else torch.arange(w.shape[0])
+            k = cols if cols is not None else torch.arange(w.shape[1])
+            w.index_put_((r[:, None], k[None, :]), latents[0].to(w.dtype))
+            if w.untyped_storage().data_ptr() != mod.weight.data.untyped_storage().data_ptr():
+                mod.weight.data.copy_(w.t().reshape(mod.weight.shape) if kind == "Conv1D" else w.reshape(mod.weight.shape))
+    return {"parts": parts, "latents": [v.detach().clone() for v in latents]}
 
 
 def compressed_layers(student: Any) -> dict[str, tuple[Any, CompressedWeight]]:
@@ -313,8 +349,8 @@ def compressed_parts(student: Any) -> dict[str, tuple[list[Any], Any, Any]]:
         for name, (mod, p) in compressed_layers(student).items():
             per = p.choice.without("factor")
             parts = []
-            for v in p.prepared(mod.parametrizations.weight.original):
-                parts += run_pipeline(v.detach().float(), per, LayerContext(name))
+            for i, v in enumerate(p.prepared(mod.parametrizations.weight.original)):
+                parts += run_pipeline(v.detach().float(), per, LayerContext(name, holder=p, index=i))
             out[name] = (parts, p.rows if p.rows.numel() else None, p.cols if p.cols.numel() else None)
     return out
 

@@ -64,6 +64,7 @@ class _Prepared:
     cost: Any
     device: Any
     evaluator: Any  # teacher outputs computed: bad calibration data is refused before the storage is opened
+    calibration: str | None = None  # the key of the calibration statistics compensated options use
 
 
 @dataclass
@@ -172,11 +173,17 @@ def _prepare(cfg: SearchConfig, req: _Request, emit: Any) -> _Prepared:
                                     f"({format_bytes(desc.fp32_bytes)}); searching the proxy/size trade-off under it"})
     limits = [size_limit(space, budget), *_split_limits(space, desc, constraints, budget)]
     cost, device, more = _cost_limits(cfg, req, space, desc)
+    from autocomp.compressors.calibration import ensure, space_needs
     from autocomp.evaluators.proxy import ProxyEvaluator
 
     emit("status", {"message": "computing teacher outputs"})
     evaluator = ProxyEvaluator(loaded, desc)
-    return _Prepared(loaded, space, desc, constraints, budget, smallest, limits + more, cost, device, evaluator)
+    stats = None
+    if space_needs(space):  # GPTQ / SparseGPT / activation-aware options: each layer's input second moment
+        emit("status", {"message": "calibration statistics (cached after the first run)"})
+        stats = ensure(loaded, desc, cfg.studies_dir / "calibration", log=lambda m: emit("status", {"message": m}))
+    return _Prepared(loaded, space, desc, constraints, budget, smallest, limits + more, cost, device, evaluator,
+                     None if stats is None else stats.key)
 
 
 def _split_limits(space: Any, desc: ModelDesc, constraints: Any, budget: int) -> list[Any]:
@@ -252,7 +259,8 @@ class _Search:
         # trials whose heartbeat stopped
         recover_stale(self.study, grace=HEARTBEAT_GRACE if self.shared else None)
         self.ctx = TrialContext(prep.space, prep.desc, prep.limits, prep.cost, self.req.objectives, self._known(),
-                                cfg.repair, self.sens.table if self.sens is not None else None)
+                                cfg.repair, self.sens.table if self.sens is not None else None,
+                                calibration=prep.calibration)
         done = sum(is_finished(t) for t in self.study.get_trials(deepcopy=False))
         result = study_result(self.handle)
         self.emit("start", {"study": self.req.name, "storage": mask_url(self.url), "done": done, "total": cfg.trials,
@@ -263,7 +271,7 @@ class _Search:
         if cfg.backend == "ray":
             from autocomp.raybackend import RayPool
 
-            pool = RayPool(cfg, self.evaluator.metric, self.req.name, self.emit)
+            pool = RayPool(cfg, self.evaluator.metric, self.req.name, self.emit, calibration=prep.calibration is not None)
             self.shared = True  # several evaluations in flight: count the total from the study, like shared workers
         with sigterm_as_interrupt():
             if pool is None:

@@ -20,10 +20,17 @@ def sensitivity_database(cfg: SearchConfig, loaded: Any, desc: ModelDesc, space:
     from autocomp.evaluators.proxy import ProxyEvaluator, data_fingerprint
     from autocomp.search.sensitivity import fisher_profile, profile, weights_hash
 
+    from autocomp.compressors.calibration import attached
+
     sliced = dataclasses.replace(loaded, batches=loaded.batches[:1], metric=evaluator.metric)
-    fast = ProxyEvaluator(sliced, desc)
+    stats = attached(loaded.module)
+    # with compensated options, the profile shares the search's compressed weights (computed once per layer
+    # and option; the search's embedding rows are a superset of the first batch's, so the values agree)
+    fast = ProxyEvaluator(sliced, desc, applier=evaluator.applier if stats is not None else None)
     parts = {"weights": weights_hash(loaded.module), "data": data_fingerprint(sliced.batches),
              "metric": evaluator.metric, "evaluator": "proxy-v1"}
+    if stats is not None:
+        parts["calibration"] = stats.key
     emit("status", {"message": f"{cfg.sensitivity} sensitivity database (cached after the first run)"})
     log = lambda m: emit("status", {"message": m})  # noqa: E731
     if cfg.sensitivity == "fisher":

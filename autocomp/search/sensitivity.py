@@ -288,7 +288,9 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
     ``d`` is each option's real weight error (the compressor's own output); W8A8 options add the
     activation-rounding noise (step^2 / 12 per input element) weighted by the squared input gradients.
     Diagonal and additive: it ignores interactions the measured database also ignores, plus those within
-    a layer.
+    a layer. When the model carries calibration statistics (a space with compensated options), layers that
+    have them use the Kronecker-factored form ``sum_i g_i (D H D^T)_ii`` instead (:func:`_kfac_term`), for
+    every option of the space alike, so that GPTQ's and SparseGPT's correlated errors are not overcharged.
 
     The biggest choices (at most ``measure_max`` tie keys, each holding at least ``measure_share`` of the
     model's bytes: an embedding table, an LM head) are measured instead, one proxy evaluation per option: a
@@ -296,6 +298,8 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
     (MiniLM's word embeddings at 70% sparsity: 0.019 estimated, 0.039 measured). The cost stays a few dozen
     evaluations whatever the model."""
     import torch
+
+    from autocomp.compressors.calibration import attached
 
     path, hit = _cached(cache_dir, {**key_parts, "params": space.params, "probes": probes, "seed": seed,
                                     "kind": "fisher-v2", "measure_share": measure_share, "measure_max": measure_max},
@@ -306,6 +310,8 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
     applier, metric = evaluator.applier, evaluator.metric
     mods = {name: applier.modules[name][0] for name in applier.modules}
     fw, fb, act, den = _fisher_diag(evaluator, probes, seed)
+    stats = attached(evaluator.model)
+    rowf = _row_fisher(fw, stats, applier) if stats is not None else {}
     k = 1.0 if metric == "mse" else 0.5
     scale = k / (probes * max(den, 1e-30))
     neutral = neutral_assignment(space)
@@ -323,7 +329,9 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
                     if name not in mods:
                         continue
                     wq, bq = applier.compressed(plan, name)
-                    if wq is not None:
+                    if wq is not None and name in rowf:
+                        total += _kfac_term(rowf[name], stats.hessians[name], applier.modules[name][1], wq, mods[name].weight)
+                    elif wq is not None:
                         f, w = fw[name], mods[name].weight
                         rows = applier.row_subsets.get(name)
                         if rows is not None:  # an embedding table: rows never looked up have zero Fisher
@@ -343,6 +351,33 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
     log(f"fisher sensitivity: {backward} backward passes + {measured} proxy evaluations (the {len(keys)} "
         f"biggest choices, >= {measure_share:.0%} of the bytes each), {sens.seconds:.1f} s -> {path}")
     return sens
+
+
+def _row_fisher(fw: dict[str, Any], stats: Any, applier: Any) -> dict[str, Any]:
+    """Per layer with calibration statistics, the Fisher's output-row factor ``g`` of a Kronecker
+    approximation ``F_ij ~ g_i H_jj`` (``g_i = sum_j F_ij / sum_j H_jj``)."""
+    from autocomp.models.introspect import weight_matrix_view
+
+    out = {}
+    for name, f in fw.items():
+        h = stats.hessians.get(name)
+        if h is None:
+            continue
+        m = weight_matrix_view(applier.modules[name][1], f).float()
+        if m.shape[1] != h.shape[0]:
+            continue
+        out[name] = m.sum(1) / max(float(h.diagonal().sum()), 1e-30)
+    return out
+
+
+def _kfac_term(g: Any, h: Any, kind: str, wq: Any, w: Any) -> float:
+    """``sum_i g_i (D H D^T)_ii`` for the weight change ``D``: the Kronecker-factored second-order term. Unlike
+    the diagonal ``sum F D^2`` it sees correlated errors cancel on the inputs, which is what error-compensating
+    methods (GPTQ, SparseGPT) trade on: their per-weight errors are larger, their output errors smaller."""
+    from autocomp.models.introspect import weight_matrix_view
+
+    d = weight_matrix_view(kind, wq.float() - w.float())
+    return float((g * ((d @ h.float()) * d).sum(1)).sum())
 
 
 def _measure_biggest(space: SearchSpace, evaluator: Any, table: dict[str, dict[str, float]], neutral: dict[str, str],

@@ -8,12 +8,14 @@ Everything a trial records lives in the trial's user attributes (plan, summary, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from autocomp.compressors.calibration import plan_needs
 from autocomp.desc import ModelDesc
 from autocomp.search.study import front_trials, trial_metric
 
@@ -35,6 +37,7 @@ class TrialContext:
     repair: bool = True
     sensitivity: Any = None  # param -> option -> proxy increase (repair's guide), or None
     lock: Any = field(default_factory=threading.Lock)  # guards ``known`` (Ray driver threads share it)
+    calibration: str | None = None  # key of the calibration statistics (recorded in plans that use them)
 
 
 def stage_front(study: Any, objectives: list[str]) -> list[tuple[float, float]]:
@@ -109,6 +112,8 @@ def run_trial(trial: Any, ctx: TrialContext, evaluator: Any,
         trial.set_user_attr("skipped", "over budget: " + ", ".join(k for k, v in excess.items() if v > 0))
         return S.PRUNED, None
     key = plan.digest()
+    if ctx.calibration and plan_needs(plan):  # export / train / evaluate refuse other calibration data
+        plan = dataclasses.replace(plan, meta={**plan.meta, "calibration": ctx.calibration})
     body = plan.to_dict()
     body.pop("metrics", None)
     trial.set_user_attr("plan_key", key)

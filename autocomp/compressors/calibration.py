@@ -1,0 +1,261 @@
+"""Calibration statistics for the error-compensating compressors: per layer, the second moment of its inputs.
+
+``H = (1/N) sum_x x x^T`` over every input row a layer sees on the calibration batches (tokens masked out by
+an ``attention_mask`` are left out), in the column order of the layer's weight matrix: a Linear's or HF
+Conv1D's input features; a Conv1d's / Conv2d's unfolded patches (``in_channels x kernel``, the order of
+``weight.reshape(out, -1)``), so a convolution is the matmul it computes. Embedding tables (a lookup: their
+"input" is one-hot) and grouped convolutions get none and keep round-to-nearest / magnitude / SVD options.
+
+One forward pass over the *original* model gathers every layer's statistics. We chose this over the
+sequential variant (each layer's inputs taken from already-compressed earlier layers, as GPTQ runs on a
+whole model with one fixed setting) because a search scores many combinations: with sequential statistics a
+layer's compensated weights would depend on every earlier layer's option, and could not be computed once per
+(layer, option) and reused across trials. Layers that read the same tensor (a transformer's q/k/v) share one
+matrix. Accumulated in float64, stored as float32.
+
+The statistics are cached on disk (``<studies>/calibration/<key>.safetensors``, written atomically) under a
+key of the model's weights and the calibration data, and attached to the model object
+(:func:`attach` / :func:`attached`) so that every path applying a plan -- the proxy, ``train``, ``export``,
+``evaluate`` -- computes the same compensated weights. Plans scored with them record the key
+(``meta.calibration``); a run on other data is refused instead of silently computing other weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from autocomp.errors import AutocompError
+
+__all__ = ["CalibrationStats", "gather", "calibration_key", "load_or_gather", "attach", "attached", "plan_needs",
+           "space_needs", "ensure"]
+
+FORMAT = "autocomp.calibration/1"
+_ATTR = "_autocomp_calibration"
+
+
+class CalibrationStats:
+    """name -> H (float32 ``[cols, cols]``, shared between layers reading the same input)."""
+
+    def __init__(self, hessians: Mapping[str, Any], key: str, rows: Mapping[str, int], seconds: float = 0.0) -> None:
+        self.hessians = dict(hessians)
+        self.key = key
+        self.rows = dict(rows)  # input rows (tokens, patches) each statistic averages
+        self.seconds = seconds
+        self.path: str | None = None
+
+    def __deepcopy__(self, memo: Any) -> "CalibrationStats":  # read-only: a model copy (the student) shares it
+        return self
+
+    def has(self, name: str) -> bool:
+        return name in self.hessians
+
+    def hessian(self, name: str, cols: Any = None) -> Any:
+        """H of layer ``name`` (float64), restricted to the kept input columns ``cols`` (structured cuts)."""
+        h = self.hessians.get(name)
+        if h is None:
+            raise AutocompError(f"layer {name} has no calibration statistics (an embedding table or a grouped "
+                                f"convolution): use a round-to-nearest / magnitude / plain SVD option for it")
+        h = h.double()
+        if cols is not None:
+            h = h.index_select(0, cols).index_select(1, cols)
+        return h
+
+    def nbytes(self) -> int:
+        seen = {id(h): h.numel() * h.element_size() for h in self.hessians.values()}
+        return sum(seen.values())
+
+    # -- disk -----------------------------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        from autocomp.files import atomic_write
+
+        unique: dict[int, str] = {}
+        alias: dict[str, str] = {}
+        tensors = {}
+        for name, h in sorted(self.hessians.items()):
+            first = unique.setdefault(id(h), name)
+            alias[name] = first
+            if first == name:
+                tensors[name] = h.contiguous()
+        meta = {"format": FORMAT, "key": self.key, "alias": json.dumps(alias), "rows": json.dumps(self.rows),
+                "seconds": f"{self.seconds:.3f}"}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        self.path = str(path)
+
+    @classmethod
+    def load(cls, path: Path, key: str) -> "CalibrationStats | None":
+        """The cached statistics, or None if the file is missing, damaged or for another key."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT or meta.get("key") != key:
+                    return None
+                alias = json.loads(meta["alias"])
+                tensors = {n: f.get_tensor(n) for n in set(alias.values())}
+            out = cls({n: tensors[a] for n, a in alias.items()}, key, json.loads(meta["rows"]), float(meta["seconds"]))
+        except (OSError, ValueError, KeyError, RuntimeError):
+            return None
+        out.path = str(path)
+        return out
+
+
+def _rows_of(kind: str, mod: Any, x: Any, token_mask: Any) -> Any:
+    """The layer's input as ``[N, cols]`` rows of its weight matrix's column space, or None (no statistics)."""
+    import torch
+
+    if kind in ("Linear", "Conv1D"):
+        if token_mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(token_mask.shape):
+            x = x[token_mask.bool()]
+        return x.reshape(-1, x.shape[-1])
+    if kind in ("Conv2d", "Conv1d"):
+        if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+            return None
+        if kind == "Conv1d":
+            x = x.unsqueeze(2)
+            k, d, p, s = (1, mod.kernel_size[0]), (1, mod.dilation[0]), (0, mod.padding[0]), (1, mod.stride[0])
+        else:
+            k, d, p, s = mod.kernel_size, mod.dilation, mod.padding, mod.stride
+        if x.dim() == 3:  # unbatched
+            x = x.unsqueeze(0)
+        cols = torch.nn.functional.unfold(x, k, dilation=d, padding=p, stride=s)  # [B, C*k, L]
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return None
+
+
+def gather(model: Any, desc: Any, batches: list[Any], key: str = "") -> CalibrationStats:
+    """One pass over ``batches`` with hooks: H for every compressible layer that has one."""
+    import torch
+
+    from autocomp.models.base import run_batch
+    from autocomp.models.introspect import compressible_modules
+
+    t0 = time.perf_counter()
+    mods = compressible_modules(model)
+    sums: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    alias: dict[str, str] = {}
+    state: dict[str, Any] = {"mask": None, "seen": {}, "first": True}
+    hooks = []
+
+    def hook_for(name: str, kind: str) -> Any:
+        def hook(mod: Any, args: tuple[Any, ...]) -> None:
+            if not args or not torch.is_tensor(args[0]) or not torch.is_floating_point(args[0]):
+                return
+            x = args[0].detach()
+            if state["first"]:  # layers reading the very same tensor object share one statistic; the tensor is
+                # held until the batch ends, so its id cannot be reused by another tensor in the meantime
+                owner, _ = state["seen"].setdefault((id(args[0]), kind), (name, args[0]))
+                if owner != name:
+                    alias[name] = owner
+                    return
+            elif name in alias:
+                return
+            rows = _rows_of(kind, mod, x, state["mask"])
+            if rows is None:
+                return
+            r = rows.double()
+            sums[name] = sums[name] + r.T @ r if name in sums else r.T @ r
+            counts[name] = counts.get(name, 0) + r.shape[0]
+        return hook
+
+    for layer in desc.layers:
+        mod, kind = mods[layer.name]
+        if kind != "Embedding":
+            hooks.append(mod.register_forward_pre_hook(hook_for(layer.name, kind)))
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+                state["mask"], state["seen"] = mask, {}
+                run_batch(model, batch)
+                state["first"] = False
+    finally:
+        for h in hooks:
+            h.remove()
+    hess = {n: (s / max(counts[n], 1)).float() for n, s in sums.items()}
+    for n, owner in alias.items():
+        if owner in hess:
+            hess[n] = hess[owner]
+            counts[n] = counts[owner]
+    return CalibrationStats(hess, key, counts, time.perf_counter() - t0)
+
+
+def calibration_key(model: Any, batches: list[Any]) -> str:
+    """20 hex digits naming (weights, calibration data, statistics format)."""
+    from autocomp.evaluators.proxy import data_fingerprint
+    from autocomp.search.sensitivity import weights_hash
+
+    body = {"weights": weights_hash(model), "data": data_fingerprint(batches), "format": FORMAT}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def load_or_gather(model: Any, desc: Any, batches: list[Any], cache_dir: Path | None,
+                   log: Any = lambda s: None) -> CalibrationStats:
+    key = calibration_key(model, batches)
+    path = Path(cache_dir) / f"{key}.safetensors" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        hit = CalibrationStats.load(path, key)
+        if hit is not None:
+            log(f"calibration statistics: cached ({path})")
+            return hit
+    stats = gather(model, desc, batches, key)
+    if path is not None:
+        stats.save(path)
+    log(f"calibration statistics: {len(stats.hessians)} layers, {stats.nbytes() / 2**20:.1f} MiB, "
+        f"{stats.seconds:.1f} s" + (f" -> {path}" if path is not None else ""))
+    return stats
+
+
+def attach(model: Any, stats: CalibrationStats | None) -> None:
+    """Make ``stats`` the statistics every plan applied to ``model`` uses (None: detach)."""
+    object.__setattr__(model, _ATTR, stats)
+
+
+def attached(model: Any) -> CalibrationStats | None:
+    return getattr(model, _ATTR, None)
+
+
+def plan_needs(plan: Any) -> bool:
+    """Whether any layer of ``plan`` uses an option that needs calibration statistics."""
+    return any(t.calibrated(c) for choice in plan.layers.values() for t, c in choice.steps())
+
+
+def space_needs(space: Any) -> bool:
+    """Whether any option of a bound search space needs calibration statistics."""
+    from autocomp.compressors.base import by_dim
+
+    for param, opts in space.params.items():
+        t = by_dim(param.rpartition(":")[2])
+        if t is None:
+            continue
+        for label in opts:
+            option = t.parse(label)
+            if option is not None and t.calibrated_option(option):
+                return True
+    return False
+
+
+def ensure(loaded: Any, desc: Any, cache_dir: Path | None, plan: Any = None, log: Any = lambda s: None) -> Any:
+    """Attach the statistics of ``loaded``'s calibration data to its model (computed or from the cache) when
+    ``plan`` (or, with ``plan`` None, any plan) needs them; refuse a plan recorded on other data."""
+    if plan is not None and not plan_needs(plan):
+        return None
+    if not loaded.batches:
+        raise AutocompError("this plan uses compensated options (GPTQ / SparseGPT / activation-aware low rank), "
+                            "which need calibration data; pass --data")
+    stats = attached(loaded.module)
+    if stats is None:
+        stats = load_or_gather(loaded.module, desc, loaded.batches, cache_dir, log)
+        attach(loaded.module, stats)
+    recorded = (plan.meta or {}).get("calibration") if plan is not None else None
+    if recorded and recorded != stats.key:
+        raise AutocompError(f"this plan's compensated weights were computed on other calibration data (statistics "
+                            f"{recorded}, these data give {stats.key}); pass the --data the search used")
+    return stats

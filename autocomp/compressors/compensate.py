@@ -1,0 +1,207 @@
+"""Error-compensating compressors: each layer's error is measured on its calibration inputs, not on the weights.
+
+For a layer ``y = W x`` with inputs of second moment ``H = E[x x^T]`` (:mod:`~.calibration`), the output
+error of a weight change ``D`` is ``tr(D H D^T)``: what matters is the error along the directions the
+inputs excite. Written from the papers (no code copied):
+
+* **GPTQ** (Frantar et al., 2023, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+  Transformers"), after Optimal Brain Surgeon: columns are quantized left to right; the error of column
+  ``j`` is spread over the columns not yet quantized by the OBS update ``W[:, j+1:] -= e_j U[j, j+1:] /
+  U[j, j]``, where ``U`` is the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), so each row solves
+  its own least-squares problem. ``H`` is dampened (``+ DAMP * mean(diag H) * I``, see :data:`DAMP`), updates are applied
+  lazily per block of :data:`BLOCK` columns (one matrix product per block), and a group's scale (and zero
+  point) is fixed from the updated weights when its first column is reached -- the stored format (codes,
+  float16 scales, zero points) is exactly round-to-nearest's, so the size model does not change. No act
+  order: a permuted column order would need a stored group index per column (not in the packed format).
+* **SparseGPT** (Frantar & Alistarh, 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
+  One-Shot"): the same sweep with "quantize" replaced by "drop": the mask of each block of columns is chosen
+  by the OBS saliency ``w^2 / U[j, j]^2`` (adaptive mask selection), 2:4 picks two of every four columns
+  when the first of them is reached, and the dropped weights' error is compensated as above. Unstructured
+  pruning removes exactly ``n_pruned(numel, sparsity)`` entries (the count is spread over the blocks), so
+  the bytes are those of magnitude pruning. With a mask given, the GPTQ sweep also drives the masked entries
+  to zero: joint pruning and quantization in one pass, as SparseGPT describes.
+* **Activation-aware low rank** (as in SVD-LLM, Wang et al., 2024, and ASVD): with ``H = L L^T``, the
+  truncated SVD of ``W L`` gives the rank-``r`` ``W'`` minimizing ``||(W - W') X||``; the factors are
+  ``B = U_r sqrt(S_r)`` and ``A = sqrt(S_r) V_r^T L^-1``.
+
+Everything runs in float64 on the CPU and is deterministic; the results are cached per (layer, option) by
+the callers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+__all__ = ["DAMP", "BLOCK", "dampened", "inverse_cholesky", "gptq", "sparsegpt", "whitened_svd", "output_error"]
+
+# Fraction of the mean diagonal added to H. The GPTQ paper uses 0.01; on MiniLM's 548 calibration token rows
+# (fewer than the FFN's 1,536 inputs) that fits the calibration text and generalizes worse: uniform 4g128
+# held-out drift 0.0303 at 0.01, 0.0244 at 0.1, 0.0284 at 1.0 (round-to-nearest: 0.0570); u50 SparseGPT
+# 0.109 / 0.088 / 0.101 (magnitude: 0.280). Adding d*I to H is also what isotropic noise of variance d on the
+# inputs adds to their second moment, i.e. the upstream layers' compression error (docs/BENCHMARKS.md).
+DAMP = 0.1
+BLOCK = 128  # columns per lazy update block
+
+
+def dampened(h: Any) -> Any:
+    """``H + DAMP * mean(diag H) * I`` in float64 (a layer whose inputs were all zero gets the identity)."""
+    import torch
+
+    h = h.double()
+    mean = float(torch.diagonal(h).mean())
+    if not mean > 0:
+        return torch.eye(h.shape[0], dtype=torch.float64)
+    return h + DAMP * mean * torch.eye(h.shape[0], dtype=torch.float64)
+
+
+def inverse_cholesky(h: Any) -> Any:
+    """Upper ``U`` with ``U^T U = (dampened H)^-1``; more damping if H is numerically singular."""
+    import torch
+
+    hd = dampened(h)
+    extra = 0.0
+    for _ in range(6):
+        try:
+            m = hd if not extra else hd + extra * float(torch.diagonal(hd).mean()) * torch.eye(hd.shape[0], dtype=torch.float64)
+            inv = torch.cholesky_inverse(torch.linalg.cholesky(m))
+            return torch.linalg.cholesky(inv, upper=True)
+        except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+            extra = 0.1 if not extra else extra * 10
+    raise RuntimeError("input second moment is not positive definite even after damping")
+
+
+def output_error(w: Any, w_new: Any, h: Any) -> float:
+    """``tr((W' - W) H (W' - W)^T)``: the summed squared output error on the calibration inputs."""
+    d = (w_new.double() - w.double())
+    return float(((d @ h.double()) * d).sum())
+
+
+def _sweep(w: Any, u: Any, target: Callable[[int, Any, Any], Any], block_start: Callable[[int, int, Any, Any], None],
+           block: int = BLOCK) -> Any:
+    """The OBS column sweep: ``target(j, column, u_jj)`` returns the new value of column ``j`` (float64);
+    ``block_start(b0, b1, W, U)`` is called when a block begins (mask selection). -> the new W (float64)."""
+    import torch
+
+    w = w.double().clone()
+    cols = w.shape[1]
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        block_start(b0, b1, w, u)
+        err = torch.zeros(w.shape[0], b1 - b0, dtype=torch.float64)
+        for j in range(b0, b1):
+            col = w[:, j]
+            d = u[j, j]
+            new = target(j, col, d)
+            e = (col - new) / d
+            w[:, j] = new
+            if j + 1 < b1:
+                w[:, j + 1:b1] -= e[:, None] * u[j, j + 1:b1][None, :]
+            err[:, j - b0] = e
+        if b1 < cols:
+            w[:, b1:] -= err @ u[b0:b1, b1:]
+    return w
+
+
+def gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, mask: Any = None) -> tuple[Any, Any, Any, Any]:
+    """GPTQ quantization of ``w`` (float32 ``[rows, cols]``) with input second moment ``h`` ``[cols, cols]``;
+    masked-out entries (``mask`` False) are driven to zero. -> (dequantized float32, codes int32, scale
+    float16 ``[rows, groups]``, zero point int32 or None): the format of :func:`~.quantize.quantize_matrix`."""
+    import torch
+
+    from autocomp.compressors.quantize import group_params, quantize_column
+
+    rows, cols = w.shape
+    g = group_size or cols
+    n_groups = -(-cols // g)
+    u = inverse_cholesky(h)
+    keep = None if mask is None else mask.to(torch.float64)
+    scales = torch.zeros(rows, n_groups, dtype=torch.float16)
+    zps = torch.zeros(rows, n_groups, dtype=torch.int32) if not symmetric else None
+    codes = torch.zeros(rows, cols, dtype=torch.int32)
+    deq = torch.zeros(rows, cols, dtype=torch.float32)
+    cur: dict[str, Any] = {}
+    w0 = w.float() if keep is None else w.float() * mask
+
+    def start_group(j: int, current: Any) -> None:
+        gi = j // g
+        x = current[:, j:min(j + g, cols)].float()
+        if keep is not None:
+            x = x * mask[:, j:min(j + g, cols)]
+        s, z = group_params(x, bits, symmetric)
+        scales[:, gi] = s
+        if zps is not None:
+            zps[:, gi] = z
+        cur["s"], cur["z"] = s, z
+
+    if group_size == 0:
+        start_group(0, w0)
+
+    state: dict[str, Any] = {}
+
+    def block_start(b0: int, b1: int, wcur: Any, _u: Any) -> None:
+        state["w"] = wcur
+
+    def target(j: int, col: Any, d: Any) -> Any:
+        if group_size and j % g == 0:
+            start_group(j, state["w"])
+        c = col.float() if keep is None else col.float() * mask[:, j]
+        q, code = quantize_column(c, cur["s"], cur["z"], bits, symmetric)
+        deq[:, j], codes[:, j] = q, code
+        return q.double()
+
+    # a group must lie inside one block, so that its columns have every earlier update when its scale is set
+    block = g * max(1, BLOCK // g) if group_size else BLOCK
+    _sweep(w, u, target, block_start, block)
+    return deq, codes, scales, zps
+
+
+def sparsegpt(w: Any, h: Any, kind: str, sparsity: float) -> tuple[Any, Any]:
+    """SparseGPT pruning: -> (updated float32 weights, bool keep-mask); the pruned entries are zero."""
+    import torch
+
+    from autocomp.compressors.prune import n_pruned
+
+    rows, cols = w.shape
+    u = inverse_cholesky(h)
+    mask = torch.ones(rows, cols, dtype=torch.bool)
+    total = rows * cols
+
+    def block_start(b0: int, b1: int, wcur: Any, uu: Any) -> None:
+        if kind != "unstructured":
+            return
+        # this block's share of the exact total, so the blocks add up to n_pruned(numel, sparsity)
+        n = n_pruned(rows * b1, sparsity) - n_pruned(rows * b0, sparsity) if total else 0
+        if n <= 0:
+            return
+        score = (wcur[:, b0:b1] / torch.diagonal(uu)[b0:b1][None, :]).pow(2).reshape(-1)
+        drop = torch.sort(score, stable=True).indices[:n]
+        m = torch.ones(score.numel(), dtype=torch.bool)
+        m[drop] = False
+        mask[:, b0:b1] = m.reshape(rows, b1 - b0)
+
+    state: dict[str, Any] = {}
+
+    def block_start_all(b0: int, b1: int, wcur: Any, uu: Any) -> None:
+        state["w"], state["u"] = wcur, uu
+        block_start(b0, b1, wcur, uu)
+
+    def target(j: int, col: Any, d: Any) -> Any:
+        if kind == "2:4" and j % 4 == 0:
+            wc, uu = state["w"], state["u"]
+            score = (wc[:, j:j + 4] / torch.diagonal(uu)[j:j + 4][None, :]).pow(2)
+            keep = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :2]
+            m = torch.zeros(rows, 4, dtype=torch.bool).scatter_(1, keep, True)
+            mask[:, j:j + 4] = m
+        return torch.where(mask[:, j], col, torch.zeros_like(col))
+
+    out = _sweep(w, u, target, block_start_all).float()
+    return out * mask, mask
+
+
+def whitened_svd(w: Any, h: Any) -> tuple[Any, Any, Any, Any]:
+    """(U, S, V^T, L) with ``W L = U diag(S) V^T`` and ``L`` the Cholesky factor of the dampened H (float64)."""
+    import torch
+
+    lo = torch.linalg.cholesky(dampened(h))
+    u, s, vh = torch.linalg.svd(w.double() @ lo, full_matrices=False)
+    return u, s, vh, lo
