@@ -13,7 +13,7 @@ __all__ = ["load_for_plan", "make_task", "model_for", "evaluate_plan", "proxy_fi
 
 
 def load_for_plan(plan_path: Path, model: str | None, data: str | None,
-                  studies_dir: Path = Path("studies")) -> tuple[Plan, Any, Any]:
+                  studies_dir: Path | None = None) -> tuple[Plan, Any, Any]:
     """(plan, loaded model, desc); the plan is checked against the model (one-line error if it does not fit).
     A plan with compensated options gets the calibration statistics of ``data`` attached to the model (from
     ``<studies_dir>/calibration`` when the search left them there), and is refused if it was scored on other
@@ -30,7 +30,10 @@ def load_for_plan(plan_path: Path, model: str | None, data: str | None,
     loaded = load_model(spec, data=data)
     desc = introspect(loaded)
     check_plan(plan, desc)
-    ensure(loaded, desc, Path(studies_dir) / "calibration", plan)
+    import os
+
+    studies = Path(studies_dir or os.environ.get("AUTOCOMP_STUDIES", "studies"))
+    ensure(loaded, desc, studies / "calibration", plan)
     return plan, loaded, desc
 
 

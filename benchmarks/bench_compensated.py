@@ -9,11 +9,13 @@ Prints one JSON object (asserts nothing):
 * ``uniform``: each option applied to every Linear layer alone (the embedding table kept), round-to-nearest
   (magnitude, plain SVD) vs compensated: drift on the calibration data (what the search scores) and on
   held-out text (256 sentences of the training split, never used for calibration), and the bytes;
-* ``search``: one search per space (``default``: round-to-nearest options only; ``compensated``), the same
-  trials, seed and 15% budget, in this process: the best calibration proxy under 10 / 12 / 15% of fp32 and
-  its held-out drift, the seconds to the first front, the cold profile; beside them the bits-only
-  round-to-nearest additive ILP (the HAWQ-style baseline) and the compensated space's own additive ILP plan
-  (what its seeds start from) at each budget;
+* ``search``: per budget (10 / 12 / 15% of fp32) one search per space (``default``: round-to-nearest options
+  only; ``compensated``), the same trials and seed, in this process: the best calibration proxy within the
+  budget and its held-out drift, the study's first (ILP) seed, seconds to the first front; beside them the
+  bits-only round-to-nearest additive ILP over measured sensitivities (the HAWQ-style baseline) and the
+  compensated space's additive ILP plan;
+* ``others``: the digits model (Conv2d + Linear; zero-shot accuracy on its held-out digits) and a GPT-2-shaped
+  causal LM with random weights (HF Conv1D; KL proxy), uniform options, round to nearest vs compensated;
 * ``speed``: warm proxy evaluations per second of a round-to-nearest and a compensated plan of the same
   bytes, interleaved (a trial still costs one forward pass).
 """
@@ -44,14 +46,14 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def linear_plan(desc, label: str):
-    """``label`` (``4g128/gptq``, ``u50``, ``u50/sparsegpt+4g128/gptq``) on every Linear layer."""
+def linear_plan(desc, label: str, types=("Linear",)):
+    """``label`` (``4g128/gptq``, ``u50``, ``u50/sparsegpt+4g128/gptq``) on every layer of ``types``."""
     from autocomp.compressors.base import technique
     from autocomp.plan import LayerPlan, Plan
 
     layers = {}
     for layer in desc.layers:
-        if layer.type != "Linear":
+        if layer.type not in types:
             continue
         configs = []
         for part in label.split("+"):
@@ -77,8 +79,9 @@ def part_costs(loaded, desc, out):
     from autocomp.compressors.calibration import gather
     from autocomp.compressors.apply import PlanApplier
 
+    data = loaded.stats_batches() if loaded.stats_batches is not None else loaded.batches
     t0 = time.perf_counter()
-    stats = gather(loaded.module, desc, loaded.batches)
+    stats = gather(loaded.module, desc, data)
     out["costs"] = {"statistics_seconds": round(time.perf_counter() - t0, 2), "statistics_mib": round(stats.nbytes() / 2**20, 1),
                     "statistics_layers": len(stats.hessians), "input_rows": max(stats.rows.values())}
     from autocomp.compressors.calibration import attach
@@ -123,7 +126,7 @@ def part_uniform(loaded, desc, out):
 def part_search(loaded, desc, out, trials: int, seed: int, studies: Path):
     import optuna
 
-    from autocomp.compressors.calibration import attach
+    from autocomp.compressors.calibration import attach, ensure
     from autocomp.evaluators.proxy import ProxyEvaluator
     from autocomp.plan import Plan
     from autocomp.search.config import SearchConfig
@@ -133,42 +136,40 @@ def part_search(loaded, desc, out, trials: int, seed: int, studies: Path):
     from autocomp.space import SearchSpace, neutral_assignment
 
     fp32 = desc.fp32_bytes
-    budget = str(int(fp32 * max(BUDGETS)))
     ho = ProxyEvaluator(held_out(loaded), desc)
-    res: dict[str, dict] = {}
-    for space in ("default", "compensated"):
-        first: dict[str, float] = {}
-        t0 = time.perf_counter()
+    res: dict[str, dict] = {"default": {}, "compensated": {}}
+    for frac in BUDGETS:  # one search per budget, as a user runs it: `autocomp search --budget X% --trials N`
+        for space in ("default", "compensated"):
+            marks: dict[str, float] = {}
+            t0 = time.perf_counter()
 
-        def on_event(kind, data, first=first, t0=t0):
-            if kind == "status" and "sensitivity" in data.get("message", "") and "profile_start" not in first:
-                first["profile_start"] = time.perf_counter() - t0
-            if kind == "start":
-                first["profile_end"] = time.perf_counter() - t0
-            if kind == "trial":
-                first.setdefault("first_trial", time.perf_counter() - t0)
-                first[f"trial{data['number']}"] = time.perf_counter() - t0
+            def on_event(kind, data, marks=marks, t0=t0):
+                if kind == "start":
+                    marks["start"] = time.perf_counter() - t0
+                if kind == "trial":
+                    marks[f"trial{data['number']}"] = time.perf_counter() - t0
 
-        name = f"{space}-{seed}"
-        run_search(SearchConfig(budget=budget, model="minilm", trials=trials, seed=seed, study=name, space=space,
-                                studies_dir=studies), on_event=on_event)
-        study = optuna.load_study(study_name=name, storage=f"sqlite:///{studies}/{name}.db")
-        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        seeded = [t.number for t in done if t.user_attrs.get("reference")]
-        pts = [(t.values[1] / fp32, t.values[0]) for t in done]
-        entry = {"seconds": round(time.perf_counter() - t0, 1), "hypervolume": hypervolume(pts, (max(BUDGETS), 1.0)),
-                 "seconds_to_first_front": round(first.get(f"trial{max(seeded)}", float("nan")), 1) if seeded else None,
-                 "profile_seconds": round(first.get("profile_end", 0) - first.get("profile_start", 0), 1)}
-        for frac in BUDGETS:
-            fit = [t for t in done if t.values[1] <= fp32 * frac]
-            best = min(fit, key=lambda t: t.values[0]) if fit else None
-            if best is None:
-                continue
+            name = f"{space}-{round(frac * 100)}-{seed}"
+            run_search(SearchConfig(budget=str(int(fp32 * frac)), model="minilm", trials=trials, seed=seed, study=name,
+                                    space=space, studies_dir=studies), on_event=on_event)
+            study = optuna.load_study(study_name=name, storage=f"sqlite:///{studies}/{name}.db")
+            attach(loaded.module, None)
+            if space == "compensated":  # the search's statistics, for scoring its plans on held-out text here
+                ensure(loaded, desc, studies / "calibration")
+            done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+            seeded = [t.number for t in done if t.user_attrs.get("reference")]
+            best = min((t for t in done if t.values[1] <= fp32 * frac), key=lambda t: t.values[0])
+            first_seed = next(t for t in done if t.user_attrs.get("reference") == "ilp-1.00")  # ILP at the budget
             plan = Plan.from_dict(best.user_attrs["plan"])
-            entry[f"{frac:.2f}"] = {"proxy": round(best.values[0], 5), "heldout": round(ho(plan), 5),
-                                     "summary": best.user_attrs.get("plan_summary")}
-        res[space] = entry
-        log(f"search {space}: {json.dumps(entry)}")
+            pts = [(t.values[1] / fp32, t.values[0]) for t in done]
+            res[space][f"{frac:.2f}"] = {
+                "proxy": round(best.values[0], 5), "heldout": round(ho(plan), 5), "trial": best.number,
+                "own_first_ilp_seed_proxy": round(first_seed.values[0], 5),
+                "hypervolume": round(hypervolume(pts, (frac, 1.0)), 5), "seconds": round(time.perf_counter() - t0, 1),
+                "seconds_to_first_front": round(marks.get(f"trial{max(seeded)}", float("nan")), 1) if seeded else None,
+                "seconds_before_first_trial": round(marks.get("start", float("nan")), 1),
+                "summary": best.user_attrs.get("plan_summary")}
+            log(f"search {space} {frac:.0%}: {json.dumps(res[space][f'{frac:.2f}'])}")
     # baselines in the same process: bits-only round-to-nearest ILP over measured sensitivities, and the
     # compensated space's own additive ILP (Fisher, as its seeds)
     attach(loaded.module, None)
@@ -179,8 +180,6 @@ def part_search(loaded, desc, out, trials: int, seed: int, studies: Path):
     neutral = neutral_assignment(space)
     bits = Sensitivity({p: {o: (v if p.endswith(":q") or o == neutral[p] else float("inf")) for o, v in row.items()}
                         for p, row in sens.table.items()}, sens.base, sens.seconds, sens.evals)
-    from autocomp.compressors.calibration import ensure
-
     cspace = SearchSpace.from_yaml("compensated", desc)
     ilp = {}
     for frac in BUDGETS:
@@ -219,6 +218,67 @@ def part_speed(loaded, desc, out, rounds: int = 5):
     out["speed"]["ratio"] = round(out["speed"]["compensated_evals_per_second"] / out["speed"]["rtn_evals_per_second"], 3)
 
 
+def gpt2_dir(path: Path) -> str:
+    """A GPT-2-shaped causal LM (4 layers, d=256, MiniLM's tokenizer and vocabulary) with seeded random
+    weights, saved as a local transformers directory: no causal LM's weights exist offline here."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from autocomp.models.minilm import load_tokenizer
+
+    tok = load_tokenizer()
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=256, n_layer=4, n_head=4)
+    GPT2LMHeadModel(cfg).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return f"hf:{path}"
+
+
+def part_others(out, studies: Path):
+    """The digits CNN/ViT (Conv2d statistics from unfolded patches; zero-shot accuracy on 497 held-out
+    digits) and a causal LM (HF Conv1D; KL proxy): round to nearest vs compensated, uniform options."""
+    from autocomp.compressors.calibration import attach, ensure
+    from autocomp.deploy import make_task
+    from autocomp.evaluators.proxy import ProxyEvaluator
+    from autocomp.models import load_model
+    from autocomp.models.introspect import introspect
+
+    res = {}
+    for spec in ("clip-digits", gpt2_dir(studies / "gpt2-tiny")):
+        loaded = load_model(spec)
+        desc = introspect(loaded)
+        ensure(loaded, desc, studies / "calibration")
+        ev = ProxyEvaluator(loaded, desc)
+        types = ("Linear", "Conv2d", "Conv1D")
+        task = make_task(loaded, None)[1] if spec == "clip-digits" else None
+        rows = []
+        for rtn, comp in (("3g32", "3g32/gptq"), ("4g32", "4g32/gptq"), ("4c", "4c/gptq"), ("u50", "u50/sparsegpt"),
+                          ("2:4", "2:4/sparsegpt"), ("r0.5", "r0.5/aa")):
+            row = {"option": rtn}
+            for key, label in (("rtn", rtn), ("comp", comp)):
+                plan = linear_plan(desc, label, types)
+                row[f"{key}_proxy"] = round(ev(plan), 5)
+                if task is not None:
+                    import torch
+
+                    from autocomp.compressors.apply import PlanApplier
+
+                    with torch.inference_mode(), PlanApplier(loaded.module, desc).applied(plan):
+                        row[f"{key}_accuracy"] = round(float(task(loaded.module)), 4)
+            rows.append(row)
+            log(f"{spec} {rtn}: {row}")
+        name = "clip-digits" if spec == "clip-digits" else "gpt2-shaped (random weights)"
+        res[name] = {"metric": ev.metric, "layers_with_statistics": sum(1 for l in desc.layers if l.type in types),
+                     "rows": rows}
+        if task is not None:
+            import torch
+
+            with torch.inference_mode():
+                res[name]["fp32_accuracy"] = round(float(task(loaded.module)), 4)
+        attach(loaded.module, None)
+    out["others"] = res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=100)
@@ -247,6 +307,8 @@ def main() -> None:
     if "speed" in parts:
         attach(loaded.module, None)
         part_speed(loaded, desc, out)
+    if "others" in parts:
+        part_others(out, studies)
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
 
 

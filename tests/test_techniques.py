@@ -21,6 +21,7 @@ import torch
 
 import autocomp
 from autocomp.compressors.apply import PlanApplier
+from autocomp.compressors.calibration import CalibrationStats, plan_needs
 from autocomp.compressors.lowrank import LowRankConfig
 from autocomp.compressors.prune import PruneConfig
 from autocomp.compressors.quantize import QuantConfig
@@ -130,10 +131,18 @@ def cluster_registered():
 
 # -- examples of every technique, alone and composed ------------------------------------------------------------
 EXAMPLES = {  # built when a test runs (the plug-in registers for this module only)
-    "lowrank": [lambda: LayerPlan(rank=8), lambda: LayerPlan(rank=8, bits=4, group_size=16)],
-    "prune": [lambda: LayerPlan(prune="unstructured", sparsity=0.5), lambda: LayerPlan(prune="2:4", bits=5, symmetric=False)],
+    "lowrank": [lambda: LayerPlan(rank=8), lambda: LayerPlan(rank=8, bits=4, group_size=16),
+                lambda: LayerPlan(LowRankConfig(8, "aa")),
+                lambda: LayerPlan(LowRankConfig(8, "aa"), QuantConfig(4, 16, method="gptq"))],
+    "prune": [lambda: LayerPlan(prune="unstructured", sparsity=0.5), lambda: LayerPlan(prune="2:4", bits=5, symmetric=False),
+              lambda: LayerPlan(PruneConfig("unstructured", 0.5, "sparsegpt")),
+              lambda: LayerPlan(PruneConfig("2:4", method="sparsegpt"), QuantConfig(3, 16, False, method="gptq")),
+              lambda: LayerPlan(PruneConfig("unstructured", 0.3, "sparsegpt"), LowRankConfig(8))],
     "quantize": [lambda: LayerPlan(bits=3, group_size=16, symmetric=False), lambda: LayerPlan(bits=8, act_bits=8),
-                 lambda: LayerPlan(bits=2, rank=8, prune="unstructured", sparsity=0.3)],
+                 lambda: LayerPlan(bits=2, rank=8, prune="unstructured", sparsity=0.3),
+                 lambda: LayerPlan(QuantConfig(3, 0, method="gptq")),
+                 lambda: LayerPlan(QuantConfig(4, 16, False, method="gptq"), PruneConfig("unstructured", 0.4)),
+                 lambda: LayerPlan(QuantConfig(8, 0, True, 8, method="gptq"))],
     "cluster": [lambda: LayerPlan(ClusterConfig(16)),
                 lambda: LayerPlan(ClusterConfig(4), PruneConfig("unstructured", 0.4), LowRankConfig(8))],
 }
@@ -164,11 +173,20 @@ def test_predicted_bytes_equal_packed_bytes_and_decode_exactly(case, shape):
         pytest.skip("2:4 needs inputs divisible by 4")
     g = torch.Generator().manual_seed(rows * cols)
     w, bias = torch.randn(rows, cols, generator=g), torch.randn(rows, generator=g)
-    parts = run_pipeline(w, choice, LayerContext("x"))
+    x = torch.randn(200, cols, generator=g) @ torch.randn(cols, cols, generator=g)  # correlated inputs
+    stats = CalibrationStats({"x": (x.T @ x / 200).float()}, "k", {"x": 200})
+    parts = run_pipeline(w, choice, LayerContext("x", stats=stats))
     arrays = pack_layer("x", parts, choice, bias=bias)
     desc = LayerDesc(name="x", type="Linear", rows=rows, cols=cols, bias=rows)
     assert sum(a.nbytes for a in arrays.values()) == layer_bytes(desc, choice)
     assert np.array_equal(unpack_layer(arrays, "x", choice, rows, cols), reconstruct(parts).numpy())
+
+
+def _calibrated(loaded, plan):
+    """Compensated examples need the model's calibration statistics attached."""
+    if plan_needs(plan):
+        autocomp.calibrate(loaded.module, loaded.batches)
+    return loaded
 
 
 def _plan(desc, choice):
@@ -180,6 +198,7 @@ def _plan(desc, choice):
 def test_apply_then_undo_is_bit_exact(case):
     loaded = tiny_loaded()
     desc = introspect(loaded)
+    _calibrated(loaded, _plan(desc, example(case)))
     before = {n: (p.detach().clone(), p.data_ptr()) for n, p in loaded.module.named_parameters()}
     b = loaded.batches[0]
     with torch.no_grad():
@@ -196,6 +215,7 @@ def test_trainable_form_equals_proxy_at_step_0_and_export_round_trips(case, tmp_
     loaded = tiny_loaded()
     desc = introspect(loaded)
     plan = _plan(desc, example(case))
+    _calibrated(loaded, plan)
     b = loaded.batches[0]
     student = prepare_for_training(loaded.module, plan, desc)
     with torch.no_grad():
@@ -220,6 +240,7 @@ def test_runtime_lowering_matches_the_simulation(case):
     loaded = tiny_loaded()
     desc = introspect(loaded)
     plan = _plan(desc, example(case))
+    _calibrated(loaded, plan)
     applier = PlanApplier(loaded.module, desc)
     rt = build_runtime_model(loaded.module, desc, plan, applier)
     b = loaded.batches[0]

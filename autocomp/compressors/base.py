@@ -120,6 +120,17 @@ class LayerContext:
                                 f"from --data; in Python call autocomp.calibrate(model, batches) first")
         return self.stats.hessian(self.name, self.cols)
 
+    def inverse_cholesky(self) -> Any:
+        """The upper Cholesky factor of this layer's dampened inverse second moment, computed once per layer
+        and structured cut (every GPTQ / SparseGPT option of the layer shares it)."""
+        from autocomp.compressors.compensate import inverse_cholesky
+
+        key = ("hinv", self.name, self.structured_key)
+        u = self.cache.get(key)
+        if u is None:
+            u = self.cache[key] = inverse_cholesky(self.hessian())
+        return u
+
 
 @dataclass(frozen=True)
 class TechniqueConfig:

@@ -6,6 +6,13 @@ Conv1D's input features; a Conv1d's / Conv2d's unfolded patches (``in_channels x
 ``weight.reshape(out, -1)``), so a convolution is the matmul it computes. Embedding tables (a lookup: their
 "input" is one-hot) and grouped convolutions get none and keep round-to-nearest / magnitude / SVD options.
 
+The data: a model's ``stats_batches`` where it brings them (the built-in MiniLM: the 480 sentences of its
+512-sentence calibration pool that the proxy never scores, 9k token rows), else its calibration batches. With
+statistics from the very rows the proxy scores, a compensated option fits them: MiniLM's 548 calibration
+token rows are fewer than its FFN's 1,536 inputs, and the search then preferred options whose calibration
+drift was several times their held-out drift (docs/BENCHMARKS.md). A user's ``--data`` serves both unless
+the model provides more; give it several times more token rows than the widest layer has inputs.
+
 One forward pass over the *original* model gathers every layer's statistics. We chose this over the
 sequential variant (each layer's inputs taken from already-compressed earlier layers, as GPTQ runs on a
 whole model with one fixed setting) because a search scores many combinations: with sequential statistics a
@@ -17,7 +24,9 @@ The statistics are cached on disk (``<studies>/calibration/<key>.safetensors``, 
 key of the model's weights and the calibration data, and attached to the model object
 (:func:`attach` / :func:`attached`) so that every path applying a plan -- the proxy, ``train``, ``export``,
 ``evaluate`` -- computes the same compensated weights. Plans scored with them record the key
-(``meta.calibration``); a run on other data is refused instead of silently computing other weights.
+(``meta.calibration``): ``train`` / ``export`` / ``evaluate`` read that file back by its key (and check the
+weights); without it they recompute from their ``--data``, and refuse data that give another key instead of
+silently computing other weights.
 """
 
 from __future__ import annotations
@@ -40,9 +49,11 @@ _ATTR = "_autocomp_calibration"
 class CalibrationStats:
     """name -> H (float32 ``[cols, cols]``, shared between layers reading the same input)."""
 
-    def __init__(self, hessians: Mapping[str, Any], key: str, rows: Mapping[str, int], seconds: float = 0.0) -> None:
+    def __init__(self, hessians: Mapping[str, Any], key: str, rows: Mapping[str, int], seconds: float = 0.0,
+                 weights: str = "") -> None:
         self.hessians = dict(hessians)
         self.key = key
+        self.weights = weights  # weights_hash of the model they were gathered on
         self.rows = dict(rows)  # input rows (tokens, patches) each statistic averages
         self.seconds = seconds
         self.path: str | None = None
@@ -83,7 +94,7 @@ class CalibrationStats:
             if first == name:
                 tensors[name] = h.contiguous()
         meta = {"format": FORMAT, "key": self.key, "alias": json.dumps(alias), "rows": json.dumps(self.rows),
-                "seconds": f"{self.seconds:.3f}"}
+                "seconds": f"{self.seconds:.3f}", "weights": self.weights}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         self.path = str(path)
 
@@ -99,8 +110,9 @@ class CalibrationStats:
                     return None
                 alias = json.loads(meta["alias"])
                 tensors = {n: f.get_tensor(n) for n in set(alias.values())}
-            out = cls({n: tensors[a] for n, a in alias.items()}, key, json.loads(meta["rows"]), float(meta["seconds"]))
-        except (OSError, ValueError, KeyError, RuntimeError):
+            out = cls({n: tensors[a] for n, a in alias.items()}, key, json.loads(meta["rows"]), float(meta["seconds"]),
+                      meta.get("weights", ""))
+        except Exception:  # noqa: BLE001 - a damaged cache file (safetensors raises its own error types) is a miss
             return None
         out.path = str(path)
         return out
@@ -187,18 +199,21 @@ def gather(model: Any, desc: Any, batches: list[Any], key: str = "") -> Calibrat
     return CalibrationStats(hess, key, counts, time.perf_counter() - t0)
 
 
-def calibration_key(model: Any, batches: list[Any]) -> str:
+def calibration_key(model: Any, batches: list[Any], weights: str | None = None) -> str:
     """20 hex digits naming (weights, calibration data, statistics format)."""
     from autocomp.evaluators.proxy import data_fingerprint
     from autocomp.search.sensitivity import weights_hash
 
-    body = {"weights": weights_hash(model), "data": data_fingerprint(batches), "format": FORMAT}
+    body = {"weights": weights or weights_hash(model), "data": data_fingerprint(batches), "format": FORMAT}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def load_or_gather(model: Any, desc: Any, batches: list[Any], cache_dir: Path | None,
                    log: Any = lambda s: None) -> CalibrationStats:
-    key = calibration_key(model, batches)
+    from autocomp.search.sensitivity import weights_hash
+
+    wh = weights_hash(model)
+    key = calibration_key(model, batches, wh)
     path = Path(cache_dir) / f"{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
         hit = CalibrationStats.load(path, key)
@@ -206,6 +221,7 @@ def load_or_gather(model: Any, desc: Any, batches: list[Any], cache_dir: Path | 
             log(f"calibration statistics: cached ({path})")
             return hit
     stats = gather(model, desc, batches, key)
+    stats.weights = wh
     if path is not None:
         stats.save(path)
     log(f"calibration statistics: {len(stats.hessians)} layers, {stats.nbytes() / 2**20:.1f} MiB, "
@@ -247,14 +263,24 @@ def ensure(loaded: Any, desc: Any, cache_dir: Path | None, plan: Any = None, log
     ``plan`` (or, with ``plan`` None, any plan) needs them; refuse a plan recorded on other data."""
     if plan is not None and not plan_needs(plan):
         return None
-    if not loaded.batches:
+    recorded = (plan.meta or {}).get("calibration") if plan is not None else None
+    if recorded and attached(loaded.module) is None and cache_dir is not None:
+        # the statistics the search used, whatever data this command was given (train's --data is training data)
+        from autocomp.search.sensitivity import weights_hash
+
+        hit = CalibrationStats.load(Path(cache_dir) / f"{recorded}.safetensors", str(recorded))
+        if hit is not None and hit.weights == weights_hash(loaded.module):
+            log(f"calibration statistics: the search's ({hit.path})")
+            attach(loaded.module, hit)
+            return hit
+    data = loaded.stats_batches() if loaded.stats_batches is not None else loaded.batches
+    if not data:
         raise AutocompError("this plan uses compensated options (GPTQ / SparseGPT / activation-aware low rank), "
                             "which need calibration data; pass --data")
     stats = attached(loaded.module)
     if stats is None:
-        stats = load_or_gather(loaded.module, desc, loaded.batches, cache_dir, log)
+        stats = load_or_gather(loaded.module, desc, data, cache_dir, log)
         attach(loaded.module, stats)
-    recorded = (plan.meta or {}).get("calibration") if plan is not None else None
     if recorded and recorded != stats.key:
         raise AutocompError(f"this plan's compensated weights were computed on other calibration data (statistics "
                             f"{recorded}, these data give {stats.key}); pass the --data the search used")

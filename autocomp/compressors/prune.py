@@ -202,7 +202,8 @@ class Prune(Technique):
             return out
         h = ctx.hessian()
         for i in reversed(range(len(parts))):
-            values, mask = sparsegpt(parts[i].values, h, c.kind, c.sparsity)
+            u = ctx.inverse_cholesky() if i == len(parts) - 1 else None  # the layer's own inputs: shared
+            values, mask = sparsegpt(parts[i].values, h, c.kind, c.sparsity, u)
             out[i] = parts[i].evolve(values=values, mask=mask, nm=c.kind == "2:4")
             if i:
                 h = values.double() @ h @ values.double().T

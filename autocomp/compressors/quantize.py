@@ -275,7 +275,8 @@ class Quantize(Technique):
         h = ctx.hessian()
         for i in reversed(range(len(parts))):
             part = parts[i]
-            deq, codes, scale, zp = gptq(part.values, h, c.bits, c.group_size, c.symmetric, part.mask)
+            u = ctx.inverse_cholesky() if i == len(parts) - 1 else None  # the layer's own inputs: shared
+            deq, codes, scale, zp = gptq(part.values, h, c.bits, c.group_size, c.symmetric, part.mask, u)
             out[i] = part.evolve(values=deq, codes=codes, scale=scale, zero_point=zp)
             if i:
                 h = deq.double() @ h @ deq.double().T

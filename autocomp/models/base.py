@@ -29,6 +29,9 @@ class LoadedModel:
     data_spec: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     train_batches: Callable[[], list[Any]] | None = None
+    # inputs for the compensated options' statistics (autocomp.compressors.calibration), disjoint from
+    # ``batches`` where the model brings more calibration text; None: ``batches``
+    stats_batches: Callable[[], list[Any]] | None = None
 
 
 # name -> "module:function" returning a LoadedModel; resolved lazily so importing is cheap

@@ -73,6 +73,9 @@ def load_minilm(n_calibration: int = 32) -> LoadedModel:
     tokenizer = load_tokenizer()
     batches = tokenize_batches(tokenizer, calibration_sentences(n_calibration), max_length=32)
 
+    def stats_batches() -> list[Any]:  # the rest of the 512-sentence calibration pool: never scored by the proxy
+        return tokenize_batches(tokenizer, calibration_sentences(512)[n_calibration:], max_length=32, batch_size=32)
+
     def train_batches() -> list[Any]:
         return tokenize_batches(tokenizer, calibration_sentences(split="train"), max_length=64, batch_size=32)
 
@@ -80,4 +83,4 @@ def load_minilm(n_calibration: int = 32) -> LoadedModel:
                        metric="cosine", modality="text", data_spec="builtin:stdlib-docstrings",
                        info={"num_attention_heads": bert.config.num_attention_heads,
                                              "max_positions": bert.config.max_position_embeddings},
-                       train_batches=train_batches)
+                       train_batches=train_batches, stats_batches=stats_batches)

@@ -1,0 +1,310 @@
+"""Error-compensating options (issue #10): calibration statistics, GPTQ, SparseGPT, activation-aware low rank, and
+the search / train / export / evaluate paths with them. The conformance suite (bytes, decode, undo, step-0
+student, export round trip) runs over compensated examples in tests/test_techniques.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import autocomp
+from autocomp.compressors.calibration import CalibrationStats, calibration_key, gather, plan_needs
+from autocomp.compressors.compensate import gptq, output_error, sparsegpt, whitened_svd
+from autocomp.compressors.lowrank import LowRankConfig
+from autocomp.compressors.prune import PruneConfig, n_pruned
+from autocomp.compressors.quantize import QuantConfig, quantize_matrix
+from autocomp.errors import AutocompError
+from autocomp.models.base import LoadedModel
+from autocomp.models.introspect import introspect
+from autocomp.plan import LayerPlan, Plan
+from conftest import TINY, run_cli, tiny_loaded
+
+
+def _correlated(rows: int, cols: int, n: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight and the second moment of inputs with strongly correlated features (as real activations)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    # features driven by a few latent factors (strongly correlated, as activations are) plus some noise
+    x = torch.randn(n, cols // 4, generator=g) @ torch.randn(cols // 4, cols, generator=g)
+    x = (x + 0.3 * torch.randn(n, cols, generator=g)) * torch.exp(0.5 * torch.randn(cols, generator=g))
+    return w, (x.T @ x / n).float()
+
+
+# -- statistics ------------------------------------------------------------------------------------------------------
+class Fan(nn.Module):
+    """a and b read the same tensor; c and d read different tensors of the same shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.c, self.d = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.a(x))) + self.d(torch.tanh(self.b(x)))
+
+
+def test_statistics_equal_a_hand_computation_and_share_only_the_same_input():
+    torch.manual_seed(0)
+    m = Fan().eval()
+    batches = [torch.randn(5, 8) for _ in range(3)]
+    loaded = LoadedModel(module=m, name="fan", spec="x", batches=batches)
+    st = gather(m, introspect(loaded, measure=False), batches)
+    x = torch.cat(batches).double()
+    want = {"a": x, "b": x, "c": torch.relu(m.a(x.float())).double(), "d": torch.tanh(m.b(x.float())).double()}
+    for name, rows in want.items():
+        assert torch.allclose(st.hessian(name), rows.T @ rows / rows.shape[0], rtol=1e-5, atol=1e-6), name
+    assert st.hessians["a"] is st.hessians["b"]  # q/k/v-style sharing
+    assert st.hessians["c"] is not st.hessians["d"] and not torch.equal(st.hessians["c"], st.hessians["d"])
+    assert st.rows == {"a": 15, "b": 15, "c": 15, "d": 15}
+
+
+def test_conv_statistics_are_the_unfolded_patches():
+    from conftest import tiny_loaded as tl
+
+    loaded = tl("tiny_conv", "conv_calib")
+    desc = introspect(loaded)
+    st = gather(loaded.module, desc, loaded.batches)
+    conv = loaded.module.conv2
+    ins = []
+    h = conv.register_forward_pre_hook(lambda mod, a: ins.append(a[0]))
+    with torch.no_grad():
+        for b in loaded.batches:
+            loaded.module(b)
+    h.remove()
+    cols = torch.cat([torch.nn.functional.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 16 * 9)
+                      for x in ins]).double()
+    assert st.hessian("conv2").shape == (144, 144)
+    assert torch.allclose(st.hessian("conv2"), cols.T @ cols / cols.shape[0], rtol=1e-5, atol=1e-7)
+    assert "fc" in st.hessians  # the Linear head too
+
+
+def test_statistics_cache_round_trips_and_a_damaged_file_is_a_miss(tmp_path):
+    from autocomp.compressors.calibration import load_or_gather
+
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    st = load_or_gather(loaded.module, desc, loaded.batches, tmp_path)
+    (path,) = tmp_path.glob("*.safetensors")
+    again = CalibrationStats.load(path, st.key)
+    assert again is not None and set(again.hessians) == set(st.hessians)
+    assert all(torch.equal(again.hessians[n], st.hessians[n]) for n in st.hessians)
+    assert CalibrationStats.load(path, "another-key") is None
+    path.write_bytes(b"garbage")
+    fresh = load_or_gather(loaded.module, desc, loaded.batches, tmp_path)  # recomputed, file replaced
+    assert torch.equal(fresh.hessians["fc2"], st.hessians["fc2"]) and CalibrationStats.load(path, st.key) is not None
+    other = [b[:, :3] for b in loaded.batches]
+    assert calibration_key(loaded.module, other) != st.key
+
+
+# -- the methods -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits,group,sym", [(3, 0, True), (4, 16, False), (2, 32, True)])
+def test_gptq_with_identity_statistics_is_round_to_nearest(bits, group, sym):
+    w, _ = _correlated(12, 64)
+    deq, codes, scale, zp = gptq(w, torch.eye(64), bits, group, sym)
+    r_deq, r_codes, r_scale, r_zp = quantize_matrix(w, bits, group, sym)
+    assert torch.equal(deq, r_deq) and torch.equal(codes, r_codes) and torch.equal(scale, r_scale)
+    assert (zp is None) == (r_zp is None) and (zp is None or torch.equal(zp, r_zp))
+
+
+@pytest.mark.parametrize("bits,group,sym", [(3, 0, True), (4, 16, False), (3, 32, True), (4, 48, True)])
+def test_gptq_lowers_the_output_error_in_the_same_format(bits, group, sym):
+    w, h = _correlated(16, 96)
+    deq, codes, scale, zp = gptq(w, h, bits, group, sym)
+    rtn = quantize_matrix(w, bits, group, sym)[0]
+    assert output_error(w, deq, h) < 0.6 * output_error(w, rtn, h)
+    g = group or 96
+    s = scale.float().repeat_interleave(g, 1)[:, :96]
+    q = codes - (2 ** (bits - 1) if sym else zp.repeat_interleave(g, 1)[:, :96])
+    assert torch.equal(q * s, deq)  # the stored codes and scales decode to exactly the evaluated weights
+    assert int(codes.min()) >= 0 and int(codes.max()) < 2**bits
+
+
+def test_gptq_drives_masked_entries_to_zero():
+    w, h = _correlated(8, 64)
+    mask = torch.rand(8, 64, generator=torch.Generator().manual_seed(3)) > 0.5
+    deq = gptq(w, h, 4, 16, False, mask)[0]
+    assert torch.all(deq[~mask] == 0)
+    plain = quantize_matrix(w * mask, 4, 16, False)[0]  # pruned, then rounded: no compensation of either
+    assert output_error(w, deq, h) < 0.8 * output_error(w, plain, h)
+
+
+@pytest.mark.parametrize("kind,sparsity", [("unstructured", 0.5), ("unstructured", 0.37), ("2:4", 0.0)])
+def test_sparsegpt_counts_exactly_and_beats_magnitude(kind, sparsity):
+    from autocomp.compressors.prune import magnitude_mask, nm_mask
+
+    w, h = _correlated(10, 300)
+    values, mask = sparsegpt(w, h, kind, sparsity)
+    assert torch.all(values[~mask] == 0)
+    if kind == "2:4":
+        assert torch.all(mask.reshape(10, -1, 4).sum(-1) == 2)
+        ref = w * nm_mask(w)
+    else:
+        assert int((~mask).sum()) == n_pruned(w.numel(), sparsity)  # the size model's count, exactly
+        ref = w * magnitude_mask(w, sparsity)
+    assert output_error(w, values, h) < 0.7 * output_error(w, ref, h)
+
+
+def test_activation_aware_low_rank_beats_plain_svd_on_the_inputs():
+    from autocomp.compressors.base import LayerContext, Part
+    from autocomp.compressors.lowrank import LowRank
+
+    w, h = _correlated(40, 48)
+    stats = CalibrationStats({"x": h}, "k", {"x": 400})
+    ctx = LayerContext("x", stats=stats)
+    aa = LowRank().apply([Part(values=w)], LowRankConfig(8, "aa"), ctx)
+    svd = LowRank().apply([Part(values=w)], LowRankConfig(8), LayerContext("y"))
+    err_aa = output_error(w, aa[0].values @ aa[1].values, h)
+    assert err_aa < 0.5 * output_error(w, svd[0].values @ svd[1].values, h)
+    u, s, vh, lo = whitened_svd(w, h)
+    assert torch.allclose(u @ torch.diag(s) @ vh, w.double() @ lo, atol=1e-8)
+
+
+def test_a_compensated_option_without_statistics_is_one_clear_error():
+    from autocomp.compressors.apply import PlanApplier
+
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    plan = Plan(layers={"fc1": LayerPlan(QuantConfig(4, method="gptq"))}, fingerprint=desc.fingerprint)
+    with pytest.raises(AutocompError, match="need calibration statistics.*autocomp.calibrate"):
+        with PlanApplier(loaded.module, desc).applied(plan):
+            pass
+
+
+def test_embeddings_get_no_compensated_options():
+    from autocomp.compressors.base import technique
+
+    desc = introspect(tiny_loaded())
+    emb = desc.by_name["emb"]
+    for name, label in (("quantize", "4g16/gptq"), ("prune", "u50/sparsegpt"), ("lowrank", "r0.5/aa")):
+        t = technique(name)
+        assert t.bind(t.parse(label), emb, [(emb.rows, emb.cols)]) is None
+        fc = desc.by_name["fc2"]
+        assert t.bind(t.parse(label), fc, [(fc.rows, fc.cols)]) is not None
+
+
+@pytest.mark.parametrize("label", ["keep/gptq", "none/sparsegpt", "full/aa", "4g128/awq", "u50/gptq"])
+def test_bad_method_labels_are_refused(label):
+    from autocomp.compressors.base import technique
+
+    name = {"kee": "quantize", "4g1": "quantize", "non": "prune", "u50": "prune", "ful": "lowrank"}[label[:3]]
+    with pytest.raises(ValueError):
+        technique(name).parse(label)
+
+
+# -- plans -----------------------------------------------------------------------------------------------------------
+def test_plans_without_compensated_options_are_written_as_before():
+    plan = Plan(layers={"fc1": LayerPlan(bits=4, group_size=16, prune="unstructured", sparsity=0.5, rank=8)})
+    d = plan.to_dict()
+    assert d["techniques"] == {"lowrank": 1, "prune": 1, "quantize": 1}
+    assert all("method" not in c for c in d["layers"]["fc1"].values())
+    comp = Plan(layers={"fc1": LayerPlan(QuantConfig(4, 16, method="gptq"), PruneConfig("2:4", method="sparsegpt"))})
+    cd = comp.to_dict()
+    assert cd["techniques"] == {"prune": 2, "quantize": 2}
+    back = Plan.from_dict(json.loads(json.dumps(cd)))
+    assert back.key() == comp.key() and back.layer("fc1").label() == "2:4/sparsegpt+4g16/gptq"
+    assert comp.key() != Plan(layers={"fc1": LayerPlan(QuantConfig(4, 16), PruneConfig("2:4"))}).key()
+    cd["techniques"]["quantize"] = 3
+    with pytest.raises(AutocompError, match="stores quantize configs of version 3"):
+        Plan.from_dict(cd)
+
+
+# -- search, train, export, evaluate ---------------------------------------------------------------------------------
+SPACE = ("version: 1\nlayers:\n  - types: [Embedding]\n    quant: [keep, 4g16]\n"
+         "  - types: [Linear]\n    quant: [keep, 4g16, 3g16/gptq, 4g16/gptq]\n"
+         "    prune: [none, u50/sparsegpt, '2:4/sparsegpt']\n    rank: [full, r0.5/aa]\n")
+
+
+def test_search_train_export_evaluate_with_compensated_options(tmp_path, capsys, monkeypatch):
+    space = tmp_path / "comp.yaml"
+    space.write_text(SPACE)
+    studies = tmp_path / "studies"
+    code, out, err = run_cli(["search", "--model", f"{TINY}:tiny", "--data", f"{TINY}:calib", "--budget", "45%",
+                              "--space", str(space), "--trials", "16", "--studies-dir", str(studies), "--study", "c",
+                              "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    (cache,) = (studies / "calibration").glob("*.safetensors")
+    plans = [Plan.load(e["plan_path"]) for e in res["pareto"]]
+    comp = [p for p in plans if plan_needs(p)]
+    assert comp, "no front plan uses a compensated option"
+    plan_path = next(e["plan_path"] for e in res["pareto"] if plan_needs(Plan.load(e["plan_path"])))
+    plan = Plan.load(plan_path)
+    assert plan.meta["calibration"] == cache.stem
+    # export: exactly the predicted bytes; the file decodes to what the search scored
+    out_file = tmp_path / "m.acz.safetensors"
+    code, out, err = run_cli(["export", "--plan", plan_path, "--data", f"{TINY}:calib", "--out", str(out_file),
+                              "--studies-dir", str(studies), "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["payload_bytes"] == r["predicted_bytes"] == plan.metrics["size_bytes"]
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    autocomp.calibrate(loaded.module, loaded.batches, desc)
+    with torch.no_grad(), autocomp.apply_plan(loaded.module, plan, desc):
+        sim = torch.cat([loaded.module(b) for b in loaded.batches])
+    with torch.no_grad():
+        back = torch.cat([autocomp.load(out_file)(b) for b in loaded.batches])
+    assert torch.equal(back, sim)
+    # train 2 steps from the compensated weights, export the trained student at the same bytes
+    ck = tmp_path / "t.safetensors"
+    monkeypatch.setenv("AUTOCOMP_STUDIES", str(studies))  # train reads the search's statistics by their key
+    code, out, err = run_cli(["train", "--plan", plan_path, "--data", f"{TINY}:train_data", "--steps", "2", "--out",
+                              str(ck), "--json"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["export", "--plan", plan_path, "--weights", str(ck), "--data", f"{TINY}:calib",
+                              "--out", str(tmp_path / "t.acz.safetensors"), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["payload_bytes"] == plan.metrics["size_bytes"]
+    # the statistics are not where the search left them and the data differ: refused, nothing written
+    bad = tmp_path / "bad.acz.safetensors"
+    code, out, err = run_cli(["export", "--plan", plan_path, "--data", f"{TINY}:train_data", "--out", str(bad),
+                              "--studies-dir", str(tmp_path / "elsewhere")], capsys)
+    assert code == 2 and "computed on other calibration data" in err and "--data the search used" in err
+    assert not bad.exists()
+
+
+def test_untrained_student_equals_the_proxy_bit_for_bit_with_compensated_options():
+    from autocomp.compressors.apply import PlanApplier
+    from autocomp.compressors.student import prepare_for_training
+
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    autocomp.calibrate(loaded.module, loaded.batches, desc)
+    choice = LayerPlan(LowRankConfig(8, "aa"), PruneConfig("unstructured", 0.3, "sparsegpt"), QuantConfig(4, 16, method="gptq"))
+    plan = Plan(layers={"fc1": choice, "fc2": LayerPlan(PruneConfig("2:4", method="sparsegpt"), QuantConfig(3, 8)),
+                        "head": LayerPlan(QuantConfig(3, 0, False, method="gptq"))}, fingerprint=desc.fingerprint)
+    student = prepare_for_training(loaded.module, plan, desc)
+    b = loaded.batches[0]
+    with torch.no_grad():
+        with PlanApplier(loaded.module, desc).applied(plan):
+            proxy = loaded.module(b)
+        assert torch.equal(student(b), proxy)
+
+
+def test_fisher_estimate_credits_compensation():
+    """With statistics the Fisher profile uses its Kronecker form: a GPTQ option's estimate is below the
+    round-to-nearest one at the same bits, as its measured drift is."""
+    import dataclasses
+
+    from autocomp.evaluators.proxy import ProxyEvaluator
+    from autocomp.search.sensitivity import fisher_profile
+    from autocomp.space import SearchSpace
+
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    autocomp.calibrate(loaded.module, loaded.batches, desc)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        space_file = Path(d) / "s.yaml"
+        space_file.write_text("version: 1\nlayers:\n  - types: [Linear]\n    quant: [keep, 3g16, 3g16/gptq]\n")
+        space = SearchSpace.from_yaml(space_file, desc)
+        ev = ProxyEvaluator(dataclasses.replace(loaded, metric="mse"), desc)
+        sens = fisher_profile(space, ev, Path(d), {"t": 1}, measure_max=0)
+    for name in ("fc1", "fc2"):
+        row = sens.table[f"{name}:q"]
+        assert row["3g16/gptq"] < row["3g16"], (name, row)
