@@ -78,30 +78,33 @@ def output_error(w: Any, w_new: Any, h: Any) -> float:
     return float(((d @ h.double()) * d).sum())
 
 
-def _sweep(w: Any, u: Any, target: Callable[[int, Any, Any], Any], block_start: Callable[[int, int, Any, Any], None],
+def _sweep(w: Any, u: Any, target: Callable[[int, Any], Any], block_start: Callable[[int, int, Any, Any], None],
            block: int = BLOCK) -> Any:
-    """The OBS column sweep: ``target(j, column, u_jj)`` returns the new value of column ``j`` (float64);
-    ``block_start(b0, b1, W, U)`` is called when a block begins (mask selection). -> the new W (float64)."""
+    """The OBS column sweep: ``target(j, column)`` returns the new value of column ``j`` (float64);
+    ``block_start(b0, b1, W, U)`` is called when a block begins (mask selection). -> the new W (float64).
+    Columns are rows of the transposed copy here (contiguous), and the per-column work is a handful of
+    vector operations: the sweep is sequential by nature, so its cost is the number of torch calls."""
     import torch
 
-    w = w.double().clone()
-    cols = w.shape[1]
+    wt = w.double().t().contiguous()  # [cols, rows]
+    cols = wt.shape[0]
+    inv_d = (1.0 / torch.diagonal(u)).tolist()
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
-        block_start(b0, b1, w, u)
-        err = torch.zeros(w.shape[0], b1 - b0, dtype=torch.float64)
+        block_start(b0, b1, wt, u)
+        err = torch.empty(b1 - b0, wt.shape[1], dtype=torch.float64)
         for j in range(b0, b1):
-            col = w[:, j]
-            d = u[j, j]
-            new = target(j, col, d)
-            e = (col - new) / d
-            w[:, j] = new
-            if j + 1 < b1:
-                w[:, j + 1:b1] -= e[:, None] * u[j, j + 1:b1][None, :]
-            err[:, j - b0] = e
+            col = wt[j]
+            new = target(j, col)
+            e = err[j - b0]
+            torch.sub(col, new, out=e)
+            e.mul_(inv_d[j])
+            col.copy_(new)
+            if j + 1 < b1:  # W[:, j+1:b1] -= e u[j, j+1:b1] (rank one, in place)
+                wt[j + 1:b1].addr_(u[j, j + 1:b1], e, alpha=-1.0)
         if b1 < cols:
-            w[:, b1:] -= err @ u[b0:b1, b1:]
-    return w
+            wt[b1:].addmm_(u[b0:b1, b1:].t(), err, alpha=-1.0)
+    return wt.t()
 
 
 def gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, mask: Any = None,
@@ -118,45 +121,52 @@ def gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, mask: Any 
     g = group_size or cols
     n_groups = -(-cols // g)
     u = inverse_cholesky(h) if u is None else u
-    keep = None if mask is None else mask.to(torch.float64)
-    scales = torch.zeros(rows, n_groups, dtype=torch.float16)
-    zps = torch.zeros(rows, n_groups, dtype=torch.int32) if not symmetric else None
-    codes = torch.zeros(rows, cols, dtype=torch.int32)
-    deq = torch.zeros(rows, cols, dtype=torch.float32)
+    maskt = None if mask is None else mask.t().contiguous()
+    scales = torch.zeros(n_groups, rows, dtype=torch.float16)
+    zps = torch.zeros(n_groups, rows, dtype=torch.int32) if not symmetric else None
+    deq = torch.zeros(cols, rows, dtype=torch.float32)  # transposed while the sweep runs
     cur: dict[str, Any] = {}
-    w0 = w.float() if keep is None else w.float() * mask
+    qmax = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
 
-    def start_group(j: int, current: Any) -> None:
-        gi = j // g
-        x = current[:, j:min(j + g, cols)].float()
-        if keep is not None:
-            x = x * mask[:, j:min(j + g, cols)]
-        s, z = group_params(x, bits, symmetric)
-        scales[:, gi] = s
+    def start_group(gi: int, x: Any) -> None:
+        """``x``: the group's current weights ``[rows, n]`` (masked)."""
+        sc, z = group_params(x, bits, symmetric)
+        scales[gi] = sc
         if zps is not None:
-            zps[:, gi] = z
-        cur["s"], cur["z"] = s, z
+            zps[gi] = z
+        cur["s"], cur["z"] = sc.float(), (None if z is None else z.float())
 
     if group_size == 0:
-        start_group(0, w0)
-
+        start_group(0, w.float() if mask is None else w.float() * mask)
     state: dict[str, Any] = {}
 
-    def block_start(b0: int, b1: int, wcur: Any, _u: Any) -> None:
-        state["w"] = wcur
+    def block_start(b0: int, b1: int, wt: Any, _u: Any) -> None:
+        state["wt"] = wt
 
-    def target(j: int, col: Any, d: Any) -> Any:
+    def target(j: int, col: Any) -> Any:
         if group_size and j % g == 0:
-            start_group(j, state["w"])
-        c = col.float() if keep is None else col.float() * mask[:, j]
-        q, code = quantize_column(c, cur["s"], cur["z"], bits, symmetric)
-        deq[:, j], codes[:, j] = q, code
-        return q.double()
+            x = state["wt"][j:min(j + g, cols)].t().float()
+            start_group(j // g, x if maskt is None else x * maskt[j:min(j + g, cols)].t())
+        c = col.float() if maskt is None else col.float() * maskt[j]
+        s = cur["s"]
+        # quantize_column's arithmetic, inline (the codes are recovered from the values after the sweep)
+        if symmetric:
+            q = torch.round(c / s).clamp_(-qmax, qmax).mul_(s)
+        else:
+            z = cur["z"]
+            q = torch.round(c / s).add_(z).clamp_(0, qmax).sub_(z).mul_(s)
+        deq[j] = q
+        return q
 
     # a group must lie inside one block, so that its columns have every earlier update when its scale is set
     block = g * max(1, BLOCK // g) if group_size else BLOCK
     _sweep(w, u, target, block_start, block)
-    return deq, codes, scales, zps
+    deq = deq.t().contiguous()
+    scale = scales.t().contiguous()
+    zp = None if zps is None else zps.t().contiguous()
+    z_full = None if zp is None else zp.repeat_interleave(g, dim=1)[:, :cols]
+    _, codes = quantize_column(deq, scale.repeat_interleave(g, dim=1)[:, :cols], z_full, bits, symmetric)
+    return deq, codes.contiguous(), scale, zp
 
 
 def sparsegpt(w: Any, h: Any, kind: str, sparsity: float, u: Any = None) -> tuple[Any, Any]:
@@ -167,38 +177,37 @@ def sparsegpt(w: Any, h: Any, kind: str, sparsity: float, u: Any = None) -> tupl
 
     rows, cols = w.shape
     u = inverse_cholesky(h) if u is None else u
-    mask = torch.ones(rows, cols, dtype=torch.bool)
-    total = rows * cols
+    keep = torch.ones(cols, rows, dtype=torch.bool)  # transposed, as the sweep works
+    diag = torch.diagonal(u)
 
-    def block_start(b0: int, b1: int, wcur: Any, uu: Any) -> None:
+    def block_start(b0: int, b1: int, wt: Any, uu: Any) -> None:
         if kind != "unstructured":
             return
         # this block's share of the exact total, so the blocks add up to n_pruned(numel, sparsity)
-        n = n_pruned(rows * b1, sparsity) - n_pruned(rows * b0, sparsity) if total else 0
+        n = n_pruned(rows * b1, sparsity) - n_pruned(rows * b0, sparsity)
         if n <= 0:
             return
-        score = (wcur[:, b0:b1] / torch.diagonal(uu)[b0:b1][None, :]).pow(2).reshape(-1)
+        score = (wt[b0:b1] / diag[b0:b1, None]).pow(2).t().reshape(-1)  # row-major over [rows, block]
         drop = torch.sort(score, stable=True).indices[:n]
         m = torch.ones(score.numel(), dtype=torch.bool)
         m[drop] = False
-        mask[:, b0:b1] = m.reshape(rows, b1 - b0)
+        keep[b0:b1] = m.reshape(rows, b1 - b0).t()
 
     state: dict[str, Any] = {}
 
-    def block_start_all(b0: int, b1: int, wcur: Any, uu: Any) -> None:
-        state["w"], state["u"] = wcur, uu
-        block_start(b0, b1, wcur, uu)
+    def block_start_all(b0: int, b1: int, wt: Any, uu: Any) -> None:
+        state["wt"] = wt
+        block_start(b0, b1, wt, uu)
 
-    def target(j: int, col: Any, d: Any) -> Any:
+    def target(j: int, col: Any) -> Any:
         if kind == "2:4" and j % 4 == 0:
-            wc, uu = state["w"], state["u"]
-            score = (wc[:, j:j + 4] / torch.diagonal(uu)[j:j + 4][None, :]).pow(2)
-            keep = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :2]
-            m = torch.zeros(rows, 4, dtype=torch.bool).scatter_(1, keep, True)
-            mask[:, j:j + 4] = m
-        return torch.where(mask[:, j], col, torch.zeros_like(col))
+            score = (state["wt"][j:j + 4] / diag[j:j + 4, None]).pow(2).t()  # [rows, 4]
+            top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :2]
+            keep[j:j + 4] = torch.zeros(rows, 4, dtype=torch.bool).scatter_(1, top, True).t()
+        return col * keep[j]
 
     out = _sweep(w, u, target, block_start_all).float()
+    mask = keep.t().contiguous()
     return out * mask, mask
 
 
