@@ -123,7 +123,8 @@ def part_uniform(loaded, desc, out):
     out["uniform"] = rows
 
 
-def part_search(loaded, desc, out, trials: int, seed: int, studies: Path):
+def part_search(loaded, desc, out, trials: int, seed: int, studies: Path, budgets=BUDGETS,
+                spaces=("default", "compensated"), baselines: bool = True):
     import optuna
 
     from autocomp.compressors.calibration import attach, ensure
@@ -137,9 +138,9 @@ def part_search(loaded, desc, out, trials: int, seed: int, studies: Path):
 
     fp32 = desc.fp32_bytes
     ho = ProxyEvaluator(held_out(loaded), desc)
-    res: dict[str, dict] = {"default": {}, "compensated": {}}
-    for frac in BUDGETS:  # one search per budget, as a user runs it: `autocomp search --budget X% --trials N`
-        for space in ("default", "compensated"):
+    res: dict[str, dict] = {s: {} for s in spaces}
+    for frac in budgets:  # one search per budget, as a user runs it: `autocomp search --budget X% --trials N`
+        for space in spaces:
             marks: dict[str, float] = {}
             t0 = time.perf_counter()
 
@@ -170,6 +171,9 @@ def part_search(loaded, desc, out, trials: int, seed: int, studies: Path):
                 "seconds_before_first_trial": round(marks.get("start", float("nan")), 1),
                 "summary": best.user_attrs.get("plan_summary")}
             log(f"search {space} {frac:.0%}: {json.dumps(res[space][f'{frac:.2f}'])}")
+    out["search"] = res
+    if not baselines:
+        return
     # baselines in the same process: bits-only round-to-nearest ILP over measured sensitivities, and the
     # compensated space's own additive ILP (Fisher, as its seeds)
     attach(loaded.module, None)
@@ -285,6 +289,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parts", default="costs,uniform,search,speed")
     ap.add_argument("--studies-dir", default=None)
+    ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    ap.add_argument("--spaces", nargs="+", default=["default", "compensated"])
+    ap.add_argument("--no-baselines", action="store_true", help="skip the ILP baselines of the search part")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -303,7 +310,8 @@ def main() -> None:
         part_uniform(loaded, desc, out)
     attach(loaded.module, None)
     if "search" in parts:
-        part_search(loaded, desc, out, args.trials, args.seed, studies)
+        part_search(loaded, desc, out, args.trials, args.seed, studies, tuple(args.budgets), tuple(args.spaces),
+                    not args.no_baselines)
     if "speed" in parts:
         attach(loaded.module, None)
         part_speed(loaded, desc, out)
