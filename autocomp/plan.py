@@ -169,7 +169,9 @@ class StructuredGroup:
     ``units`` units of ``unit_size`` rows each exist in every producer (rows of the output) and as many
     columns in every consumer (inputs); ``keep`` of them stay. Which ones stay is decided from the weights
     (largest joint L2 norm), so the plan names only the count, unless ``order`` ranks the units by an
-    importance measured on data (gradient-based, see ``importance: fisher`` in search spaces).
+    importance measured on data (gradient-based, see ``importance: fisher`` in search spaces). With
+    ``refit`` the consumers' remaining columns are refit to the removed units' contribution (least squares
+    on the calibration inputs: ``W_k' = W H[:, k] H[k, k]^-1``); same shapes and bytes.
     """
 
     kind: str  # "neurons" | "heads" | "channels"
@@ -179,6 +181,7 @@ class StructuredGroup:
     producers: tuple[str, ...]
     consumers: tuple[str, ...]
     order: tuple[int, ...] = ()  # units from most to least important when scored from data; () = by weight norm
+    refit: bool = False  # consumers' kept columns refit by least squares on the calibration inputs (issue #10)
 
     def __post_init__(self) -> None:
         if not 1 <= self.keep <= self.units:
@@ -190,6 +193,8 @@ class StructuredGroup:
         d = asdict(self)
         if not self.order:
             del d["order"]
+        if not self.refit:
+            del d["refit"]  # plans without it are written as before
         return d
 
 

@@ -22,6 +22,8 @@ does not name stays at that technique's neutral option.
         heads: auto                         # heads only: a count, or auto (from the model config,
                                             #   per modality for dual encoders)
         importance: weight                  # rank units by weight norm, or fisher (gradients on data)
+        refit: false                        # true: refit the consumers' kept columns by least squares on
+                                            #   the calibration inputs (needs calibration statistics)
     modalities:                             # optional: tag layers whose names the built-in
       vision: ['img_enc\..*']              #   text/vision/audio/fusion patterns miss (regex search)
 
@@ -65,6 +67,7 @@ class _Group:
     consumers: tuple[str, ...]
     keeps: dict[str, int]  # label -> kept units
     importance: str = "weight"  # how units are ranked: weight norms, or Fisher (gradient-based, from data)
+    refit: bool = False  # consumers refit by least squares on the calibration inputs
 
 
 class SearchSpace:
@@ -199,7 +202,7 @@ class SearchSpace:
                         keeps[f"k{f:g}"] = k
                 key = f"{rule.kind}@{layer.name}"
                 self.groups[key] = _Group(key, rule.kind, units, layer.rows // units, prods, cons, keeps,
-                                          rule.importance)
+                                          rule.importance, rule.refit)
                 claimed.update(prods)
 
     # -- public ----------------------------------------------------------------------------------------
@@ -229,7 +232,7 @@ class SearchSpace:
         for key, g in self.groups.items():
             keep = g.keeps[self.choice(f"{key}:keep", assignment)]
             out[key] = StructuredGroup(g.kind, g.units, g.unit_size, keep, g.producers, g.consumers,
-                                       self.unit_orders.get(key, ()))
+                                       self.unit_orders.get(key, ()), g.refit and keep < g.units)
         return out
 
     def layer_choice(self, layer: LayerDesc, key: str, assignment: Mapping[str, str], rows: int, cols: int) -> LayerPlan:

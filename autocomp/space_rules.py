@@ -53,6 +53,7 @@ class StructRule:
     keep: tuple[float, ...]
     heads: Any
     importance: str = "weight"
+    refit: bool = False
 
 
 def as_list(value: Any, where: str) -> list[Any]:
@@ -158,10 +159,13 @@ def _layer_rule(r: Any, where: str) -> Rule:
 def _struct_rule(s: Any, where: str) -> StructRule:
     if not isinstance(s, dict):
         raise AutocompError(f"{where} must be a mapping")
-    bad = set(s) - {"kind", "producers", "consumers", "keep", "heads", "importance"}
+    bad = set(s) - {"kind", "producers", "consumers", "keep", "heads", "importance", "refit"}
     if bad:
         raise AutocompError(f"{where}: unknown key {sorted(bad)[0]!r}; allowed: kind, producers, consumers, keep, "
-                            f"heads, importance")
+                            f"heads, importance, refit")
+    refit = s.get("refit", False)
+    if not isinstance(refit, bool):
+        raise AutocompError(f"{where}.refit: true or false, got {refit!r}")
     importance = s.get("importance", "weight")
     if importance not in ("weight", "fisher"):
         raise AutocompError(f"{where}.importance: {importance!r} is not weight or fisher")
@@ -186,4 +190,4 @@ def _struct_rule(s: Any, where: str) -> StructRule:
     heads = s.get("heads", "auto" if kind == "heads" else None)
     if kind == "heads" and not (heads == "auto" or (isinstance(heads, int) and heads > 0)):
         raise AutocompError(f"{where}.heads: a positive count or 'auto', got {heads!r}")
-    return StructRule(kind, tuple(prods), tuple(cons), keep_f, heads, importance)
+    return StructRule(kind, tuple(prods), tuple(cons), keep_f, heads, importance, refit)

@@ -222,6 +222,58 @@ def part_speed(loaded, desc, out, rounds: int = 5):
     out["speed"]["ratio"] = round(out["speed"]["compensated_evals_per_second"] / out["speed"]["rtn_evals_per_second"], 3)
 
 
+STRUCT_SPACE = """version: 1
+layers:
+  - types: [Embedding]
+    quant: [keep, 8c]
+structured:
+  - kind: neurons
+    producers: ['(?P<p>.+)\\.intermediate\\.dense']
+    consumers: ['{p}.output.dense']
+    keep: [1.0, 0.75, 0.5]
+    importance: IMPORTANCE
+    refit: REFIT
+  - kind: heads
+    producers: ['(?P<p>.+\\.attention)\\.self\\.query', '{p}.self.key', '{p}.self.value']
+    consumers: ['{p}.output.dense']
+    keep: [1.0, 0.75, 0.5]
+    importance: IMPORTANCE
+    refit: REFIT
+"""
+
+
+def part_structured(loaded, desc, out, studies: Path):
+    """Structured FFN-neuron and head pruning on every block (keep 3/4 and 1/2), units ranked by weight norm or
+    Fisher, with and without the least-squares refit of the consumers: calibration and held-out drift."""
+    from autocomp.compressors.calibration import ensure
+    from autocomp.evaluators.proxy import ProxyEvaluator
+    from autocomp.search.seeds import unit_orders
+    from autocomp.search.config import SearchConfig
+    from autocomp.space import SearchSpace
+
+    ensure(loaded, desc, studies / "calibration")
+    ev = ProxyEvaluator(loaded, desc)
+    ho = ProxyEvaluator(held_out(loaded), desc)
+    rows = []
+    for importance in ("weight", "fisher"):
+        for refit in ("false", "true"):
+            path = studies / f"struct-{importance}-{refit}.yaml"
+            path.write_text(STRUCT_SPACE.replace("IMPORTANCE", importance).replace("REFIT", refit))
+            space = SearchSpace.from_yaml(path, desc)
+            if importance == "fisher":
+                space.unit_orders = unit_orders(SearchConfig(budget="1", studies_dir=studies), loaded, desc, space, ev,
+                                                lambda *a: None)
+            for kind in ("neurons", "heads"):
+                for label in ("k0.75", "k0.5"):
+                    a = {p: (label if p.startswith(kind) and label in opts else opts[0])
+                         for p, opts in space.params.items()}
+                    plan = space.decode(a)
+                    rows.append({"kind": kind, "keep": label[1:], "importance": importance, "refit": refit == "true",
+                                 "calib": round(ev(plan), 5), "heldout": round(ho(plan), 5)})
+                    log(f"structured {rows[-1]}")
+    out["structured"] = rows
+
+
 def gpt2_dir(path: Path) -> str:
     """A GPT-2-shaped causal LM (4 layers, d=256, MiniLM's tokenizer and vocabulary) with seeded random
     weights, saved as a local transformers directory: no causal LM's weights exist offline here."""
@@ -317,6 +369,8 @@ def main() -> None:
         part_speed(loaded, desc, out)
     if "others" in parts:
         part_others(out, studies)
+    if "structured" in parts:
+        part_structured(loaded, desc, out, studies)
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
 
 

@@ -308,3 +308,72 @@ def test_fisher_estimate_credits_compensation():
     for name in ("fc1", "fc2"):
         row = sens.table[f"{name}:q"]
         assert row["3g16/gptq"] < row["3g16"], (name, row)
+
+
+# -- structured cuts with a least-squares refit of the consumer ---------------------------------------------------
+def _refit_plan(desc, refit: bool, choice: LayerPlan | None = None) -> Plan:
+    from autocomp.plan import StructuredGroup
+
+    layers = {"fc2": choice} if choice is not None else {}
+    return Plan(layers=layers, structured={"g": StructuredGroup("neurons", 64, 1, 32, ("fc1",), ("fc2",), refit=refit)},
+                fingerprint=desc.fingerprint, model_spec=f"{TINY}:tiny", model_name="tiny")
+
+
+def test_structured_refit_lowers_the_consumers_error_and_keeps_shapes_and_bytes(tmp_path):
+    from autocomp.compressors.apply import PlanApplier
+    from autocomp.compressors.student import prepare_for_training
+    from autocomp.cost.size import plan_bytes
+
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    stats = autocomp.calibrate(loaded.module, loaded.batches, desc)
+    plain, fit = _refit_plan(desc, False), _refit_plan(desc, True)
+    assert plan_needs(fit) and not plan_needs(plain)
+    assert plan_bytes(desc, fit) == plan_bytes(desc, plain)
+    assert fit.key() != plain.key() and Plan.from_dict(json.loads(json.dumps(fit.to_dict()))).key() == fit.key()
+    assert "refit" not in plain.to_dict()["structured"]["g"]
+    applier = PlanApplier(loaded.module, desc)
+    w = loaded.module.fc2.weight.detach()
+    h = stats.hessian("fc2")
+    errs = {}
+    for name, plan in (("plain", plain), ("fit", fit)):
+        wq, _ = applier.compressed(plan, "fc2")
+        errs[name] = output_error(w, wq, h)
+        assert wq.shape == w.shape
+    rows, cols, _ = applier.kept_indices(fit, "fc2")
+    removed = torch.ones(64, dtype=torch.bool)
+    removed[cols] = False
+    assert torch.all(applier.compressed(fit, "fc2")[0][:, removed] == 0)  # the cut columns stay cut
+    assert errs["fit"] < 0.8 * errs["plain"]
+    # with techniques on top: the untrained student equals the proxy, and the export is the predicted size
+    plan = _refit_plan(desc, True, LayerPlan(QuantConfig(4, 16, method="gptq")))
+    student = prepare_for_training(loaded.module, plan, desc)
+    b = loaded.batches[0]
+    with torch.no_grad():
+        with applier.applied(plan):
+            proxy = loaded.module(b)
+        assert torch.equal(student(b), proxy)
+    r = autocomp.export(student, plan, tmp_path / "r.acz.safetensors", spec=f"{TINY}:tiny", data_spec=f"{TINY}:calib")
+    assert r["payload_bytes"] == r["predicted_bytes"] == plan_bytes(desc, plan)
+    with torch.no_grad():
+        assert torch.equal(autocomp.load(tmp_path / "r.acz.safetensors")(b), proxy)
+
+
+def test_refit_in_a_search_space(tmp_path):
+    from autocomp.compressors.calibration import space_needs
+    from autocomp.space import SearchSpace
+
+    desc = introspect(tiny_loaded())
+    text = ("version: 1\nlayers:\n  - types: [Linear]\n    quant: [keep, 4g16]\nstructured:\n  - kind: neurons\n"
+            "    producers: ['fc1']\n    consumers: ['fc2']\n    keep: [1.0, 0.5]\n    refit: REFIT\n")
+    path = tmp_path / "s.yaml"
+    path.write_text(text.replace("REFIT", "true"))
+    space = SearchSpace.from_yaml(path, desc)
+    assert space_needs(space)
+    a = {p: opts[-1] for p, opts in space.params.items()}
+    plan = space.decode(a)
+    assert [g.refit for g in plan.structured.values()] == [True]
+    assert not any(g.refit for g in space.decode({p: opts[0] for p, opts in space.params.items()}).structured.values())
+    path.write_text(text.replace("REFIT", "'yes'"))
+    with pytest.raises(AutocompError, match="refit: true or false"):
+        SearchSpace.from_yaml(path, desc)

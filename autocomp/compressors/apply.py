@@ -50,6 +50,17 @@ def check_plan(plan: Plan, desc: ModelDesc) -> None:
         check_layer(choice, names[name], *structured_shape(names[name], plan.structured))
 
 
+def _refit(w: Any, h: Any, cols: Any) -> Any:
+    """Least-squares refit of ``w``'s kept columns: ``argmin_V E||W x - V x_k||^2 = W H[:, k] H[k, k]^-1``."""
+    import torch
+
+    from autocomp.compressors.compensate import dampened
+
+    hk = dampened(h.index_select(0, cols).index_select(1, cols))
+    rhs = (w.double() @ h.index_select(1, cols)).T  # [k, rows]
+    return torch.linalg.solve(hk, rhs).T.float().contiguous()
+
+
 class PlanApplier:
     """Swaps compressed weights into ``model`` for the duration of a ``with applied(plan):`` block."""
 
@@ -93,7 +104,7 @@ class PlanApplier:
                 order = self.cache[okey] = unit_order(g, {n: self._matrix(n) for n in (*g.producers, *g.consumers)})
             units = kept_units(order, g.keep)
             m = self._matrix(name)
-            tag = [g.keep, *g.order]  # the same count of other units is another matrix
+            tag = [g.keep, int(g.refit), *g.order]  # the same count of other units is another matrix
             if name in g.producers:
                 rows = kept_index(units, m.shape[0], g.units)
                 key += [0, *tag]
@@ -102,8 +113,10 @@ class PlanApplier:
                 key += [1, *tag]
         return rows, cols, tuple(key)
 
-    def layer_parts(self, plan: Plan, name: str) -> tuple[list[Part], Any, Any]:
-        """The stored parts of one layer under ``plan`` plus the kept row / column indices (or None)."""
+    def cut_matrix(self, plan: Plan, name: str) -> tuple[Any, Any, Any, tuple[int, ...]]:
+        """(the layer's float32 matrix cut by the plan's structured groups, kept rows, kept columns, cut key).
+        A consumer of a ``refit`` group gets its kept columns refit to what the removed units contributed:
+        ``W H[:, k] H[k, k]^-1`` (least squares on the calibration inputs, dampened as GPTQ's)."""
         import torch
 
         rows, cols, skey = self.kept_indices(plan, name)
@@ -112,7 +125,22 @@ class PlanApplier:
             if rows is not None:
                 m = m.index_select(0, rows)
             if cols is not None:
-                m = m.index_select(1, cols)
+                if any(g.refit and g.keep < g.units and name in g.consumers for g in plan.structured.values()):
+                    key = ("refit", name, skey)
+                    fit = self.cache.get(key)
+                    if fit is None:
+                        fit = self.cache[key] = _refit(m, self.context(name, (), None).hessian(), cols)
+                    m = fit
+                else:
+                    m = m.index_select(1, cols)
+        return m, rows, cols, skey
+
+    def layer_parts(self, plan: Plan, name: str) -> tuple[list[Part], Any, Any]:
+        """The stored parts of one layer under ``plan`` plus the kept row / column indices (or None)."""
+        import torch
+
+        m, rows, cols, skey = self.cut_matrix(plan, name)
+        with torch.no_grad():
             choice = plan.layer(name)
             if choice.is_identity:
                 return [Part(values=m)], rows, cols

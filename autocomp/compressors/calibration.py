@@ -239,14 +239,17 @@ def attached(model: Any) -> CalibrationStats | None:
 
 
 def plan_needs(plan: Any) -> bool:
-    """Whether any layer of ``plan`` uses an option that needs calibration statistics."""
-    return any(t.calibrated(c) for choice in plan.layers.values() for t, c in choice.steps())
+    """Whether any layer of ``plan`` uses an option (or a structured refit) that needs calibration statistics."""
+    return any(t.calibrated(c) for choice in plan.layers.values() for t, c in choice.steps()) or \
+        any(g.refit and g.keep < g.units for g in plan.structured.values())
 
 
 def space_needs(space: Any) -> bool:
     """Whether any option of a bound search space needs calibration statistics."""
     from autocomp.compressors.base import by_dim
 
+    if any(g.refit for g in space.groups.values()):
+        return True
     for param, opts in space.params.items():
         t = by_dim(param.rpartition(":")[2])
         if t is None:

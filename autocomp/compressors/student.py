@@ -208,7 +208,9 @@ def prepare_for_training(model: Any, plan: Plan, desc: Any = None, schedule: str
                 mod.weight.requires_grad_(False)
             continue
         options = {"progressive": schedule == "progressive", "clip": clip, "trainable": not frozen}
-        if any(t.calibrated(c) for t, c in choice.steps()):
+        refit = cols is not None and any(g.refit and g.keep < g.units and layer.name in g.consumers
+                                         for g in plan.structured.values())
+        if refit or any(t.calibrated(c) for t, c in choice.steps()):
             options.update(_compensated_start(applier, plan, layer.name, mod, kind, rows, cols))
         param = CompressedWeight(kind, mod.weight, choice, rows, cols, options)
         parametrize.register_parametrization(mod, "weight", param, unsafe=True)
@@ -241,12 +243,7 @@ def _compensated_start(applier: Any, plan: Plan, name: str, mod: Any, kind: str,
     parts, _, _ = applier.layer_parts(plan, name)
     encode = next(((t, c) for t, c in choice.steps() if t.stage == "encode"), None)
     if encode is not None and not encode[0].calibrated(encode[1]):
-        _, _, skey = applier.kept_indices(plan, name)
-        m = applier._matrix(name).float()  # noqa: SLF001 - the applier's own view of the layer
-        if rows is not None:
-            m = m.index_select(0, rows)
-        if cols is not None:
-            m = m.index_select(1, cols)
+        m, _, _, skey = applier.cut_matrix(plan, name)
         latents = [p.values for p in run_pipeline(m, choice.without("encode"), applier.context(name, skey, cols))]
     else:
         latents = [p.values for p in parts]
