@@ -76,8 +76,8 @@ def held_out(loaded):
 
 
 def part_costs(loaded, desc, out):
-    from autocomp.compressors.calibration import gather
     from autocomp.compressors.apply import PlanApplier
+    from autocomp.compressors.calibration import gather
 
     data = loaded.stats_batches() if loaded.stats_batches is not None else loaded.batches
     t0 = time.perf_counter()
@@ -133,7 +133,12 @@ def part_search(loaded, desc, out, trials: int, seed: int, studies: Path, budget
     from autocomp.search.config import SearchConfig
     from autocomp.search.engine import run_search
     from autocomp.search.pareto import hypervolume
-    from autocomp.search.sensitivity import Sensitivity, fisher_profile, ilp_assignment, profile
+    from autocomp.search.sensitivity import (
+        Sensitivity,
+        fisher_profile,
+        ilp_assignment,
+        profile,
+    )
     from autocomp.space import SearchSpace, neutral_assignment
 
     fp32 = desc.fp32_bytes
@@ -247,8 +252,8 @@ def part_structured(loaded, desc, out, studies: Path):
     Fisher, with and without the least-squares refit of the consumers: calibration and held-out drift."""
     from autocomp.compressors.calibration import ensure
     from autocomp.evaluators.proxy import ProxyEvaluator
-    from autocomp.search.seeds import unit_orders
     from autocomp.search.config import SearchConfig
+    from autocomp.search.seeds import unit_orders
     from autocomp.space import SearchSpace
 
     ensure(loaded, desc, studies / "calibration")

@@ -8,10 +8,16 @@ import json
 
 import pytest
 import torch
+from conftest import TINY, run_cli, tiny_loaded
 from torch import nn
 
 import autocomp
-from autocomp.compressors.calibration import CalibrationStats, calibration_key, gather, plan_needs
+from autocomp.compressors.calibration import (
+    CalibrationStats,
+    calibration_key,
+    gather,
+    plan_needs,
+)
 from autocomp.compressors.compensate import gptq, output_error, sparsegpt, whitened_svd
 from autocomp.compressors.lowrank import LowRankConfig
 from autocomp.compressors.prune import PruneConfig, n_pruned
@@ -20,7 +26,6 @@ from autocomp.errors import AutocompError
 from autocomp.models.base import LoadedModel
 from autocomp.models.introspect import introspect
 from autocomp.plan import LayerPlan, Plan
-from conftest import TINY, run_cli, tiny_loaded
 
 
 def _correlated(rows: int, cols: int, n: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,9 +173,9 @@ def test_a_compensated_option_without_statistics_is_one_clear_error():
     loaded = tiny_loaded()
     desc = introspect(loaded)
     plan = Plan(layers={"fc1": LayerPlan(QuantConfig(4, method="gptq"))}, fingerprint=desc.fingerprint)
-    with pytest.raises(AutocompError, match="need calibration statistics.*autocomp.calibrate"):
-        with PlanApplier(loaded.module, desc).applied(plan):
-            pass
+    with pytest.raises(AutocompError, match="need calibration statistics.*autocomp.calibrate"), \
+            PlanApplier(loaded.module, desc).applied(plan):
+        pass
 
 
 def test_embeddings_get_no_compensated_options():
@@ -340,7 +345,7 @@ def test_structured_refit_lowers_the_consumers_error_and_keeps_shapes_and_bytes(
         wq, _ = applier.compressed(plan, "fc2")
         errs[name] = output_error(w, wq, h)
         assert wq.shape == w.shape
-    rows, cols, _ = applier.kept_indices(fit, "fc2")
+    _, cols, _ = applier.kept_indices(fit, "fc2")
     removed = torch.ones(64, dtype=torch.bool)
     removed[cols] = False
     assert torch.all(applier.compressed(fit, "fc2")[0][:, removed] == 0)  # the cut columns stay cut

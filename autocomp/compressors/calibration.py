@@ -34,13 +34,23 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from autocomp.errors import AutocompError
 
-__all__ = ["CalibrationStats", "gather", "calibration_key", "load_or_gather", "attach", "attached", "plan_needs",
-           "space_needs", "ensure"]
+__all__ = [
+    "CalibrationStats",
+    "attach",
+    "attached",
+    "calibration_key",
+    "ensure",
+    "gather",
+    "load_or_gather",
+    "plan_needs",
+    "space_needs",
+]
 
 FORMAT = "autocomp.calibration/1"
 _ATTR = "_autocomp_calibration"
@@ -58,7 +68,7 @@ class CalibrationStats:
         self.seconds = seconds
         self.path: str | None = None
 
-    def __deepcopy__(self, memo: Any) -> "CalibrationStats":  # read-only: a model copy (the student) shares it
+    def __deepcopy__(self, memo: Any) -> CalibrationStats:  # read-only: a model copy (the student) shares it
         return self
 
     def has(self, name: str) -> bool:
@@ -99,7 +109,7 @@ class CalibrationStats:
         self.path = str(path)
 
     @classmethod
-    def load(cls, path: Path, key: str) -> "CalibrationStats | None":
+    def load(cls, path: Path, key: str) -> CalibrationStats | None:
         """The cached statistics, or None if the file is missing, damaged or for another key."""
         from safetensors import safe_open
 

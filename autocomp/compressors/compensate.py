@@ -30,9 +30,10 @@ the callers.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["DAMP", "BLOCK", "dampened", "inverse_cholesky", "gptq", "sparsegpt", "whitened_svd", "output_error"]
+__all__ = ["BLOCK", "DAMP", "dampened", "gptq", "inverse_cholesky", "output_error", "sparsegpt", "whitened_svd"]
 
 # Fraction of the mean diagonal added to H. The GPTQ paper uses 0.01. Measured on MiniLM, uniform options on
 # every Linear layer, held-out drift: with statistics from the 548 token rows the proxy scores (fewer than the

@@ -330,7 +330,8 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
                         continue
                     wq, bq = applier.compressed(plan, name)
                     if wq is not None and name in rowf:
-                        total += _kfac_term(rowf[name], stats.hessians[name], applier.modules[name][1], wq, mods[name].weight)
+                        g_row, h_in = rowf[name]
+                        total += _kfac_term(g_row, h_in, applier.modules[name][1], wq, mods[name].weight)
                     elif wq is not None:
                         f, w = fw[name], mods[name].weight
                         rows = applier.row_subsets.get(name)
@@ -354,8 +355,8 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
 
 
 def _row_fisher(fw: dict[str, Any], stats: Any, applier: Any) -> dict[str, Any]:
-    """Per layer with calibration statistics, the Fisher's output-row factor ``g`` of a Kronecker
-    approximation ``F_ij ~ g_i H_jj`` (``g_i = sum_j F_ij / sum_j H_jj``)."""
+    """Per layer with calibration statistics, (the Fisher's output-row factor ``g`` of a Kronecker
+    approximation ``F_ij ~ g_i H_jj`` (``g_i = sum_j F_ij / sum_j H_jj``), H)."""
     from autocomp.models.introspect import weight_matrix_view
 
     out = {}
@@ -366,7 +367,7 @@ def _row_fisher(fw: dict[str, Any], stats: Any, applier: Any) -> dict[str, Any]:
         m = weight_matrix_view(applier.modules[name][1], f).float()
         if m.shape[1] != h.shape[0]:
             continue
-        out[name] = m.sum(1) / max(float(h.diagonal().sum()), 1e-30)
+        out[name] = (m.sum(1) / max(float(h.diagonal().sum()), 1e-30), h)
     return out
 
 
