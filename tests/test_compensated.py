@@ -106,10 +106,14 @@ def test_statistics_cache_round_trips_and_a_damaged_file_is_a_miss(tmp_path):
 
 # -- the methods -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits,group,sym", [(3, 0, True), (4, 16, False), (2, 32, True)])
-def test_gptq_with_identity_statistics_is_round_to_nearest(bits, group, sym):
+def test_gptq_with_identity_statistics_is_round_to_nearest_on_the_clipped_grid(bits, group, sym):
+    """Uncorrelated inputs leave nothing to compensate: GPTQ is then exactly the ``/mse`` quantizer (round to
+    nearest on each group's least-error clipping range)."""
+    from autocomp.compressors.quantize import mse_clip
+
     w, _ = _correlated(12, 64)
     deq, codes, scale, zp = gptq(w, torch.eye(64), bits, group, sym)
-    r_deq, r_codes, r_scale, r_zp = quantize_matrix(w, bits, group, sym)
+    r_deq, r_codes, r_scale, r_zp = quantize_matrix(mse_clip(w, bits, group, sym), bits, group, sym)
     assert torch.equal(deq, r_deq) and torch.equal(codes, r_codes) and torch.equal(scale, r_scale)
     assert (zp is None) == (r_zp is None) and (zp is None or torch.equal(zp, r_zp))
 
@@ -190,7 +194,7 @@ def test_embeddings_get_no_compensated_options():
         assert t.bind(t.parse(label), fc, [(fc.rows, fc.cols)]) is not None
 
 
-@pytest.mark.parametrize("label", ["keep/gptq", "none/sparsegpt", "full/aa", "4g128/awq", "u50/gptq"])
+@pytest.mark.parametrize("label", ["keep/gptq", "keep/mse", "none/sparsegpt", "full/aa", "4g128/awq", "u50/gptq"])
 def test_bad_method_labels_are_refused(label):
     from autocomp.compressors.base import technique
 
@@ -382,3 +386,34 @@ def test_refit_in_a_search_space(tmp_path):
     path.write_text(text.replace("REFIT", "'yes'"))
     with pytest.raises(AutocompError, match="refit: true or false"):
         SearchSpace.from_yaml(path, desc)
+
+
+def test_mse_grid_applies_to_embeddings_and_is_trained_and_exported_exactly(tmp_path):
+    """``/mse`` needs no data, so embedding tables take it; the student starts on the clipped grid (step 0 equals
+    the proxy, also through ``export`` of the untrained plan, which builds its student without a clip option)."""
+    from autocomp.compressors.apply import PlanApplier
+    from autocomp.compressors.base import technique
+    from autocomp.compressors.student import prepare_for_training
+    from autocomp.cost.size import plan_bytes
+
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    emb = desc.by_name["emb"]
+    q = technique("quantize")
+    c = q.bind(q.parse("3g16/mse"), emb, [(emb.rows, emb.cols)])
+    assert c == QuantConfig(3, 16, True, method="mse") and not plan_needs(Plan(layers={"emb": LayerPlan(c)}))
+    plan = Plan(layers={"emb": LayerPlan(PruneConfig("unstructured", 0.4), c), "fc1": LayerPlan(QuantConfig(3, 0, method="mse"))},
+                fingerprint=desc.fingerprint, model_spec=f"{TINY}:tiny", model_name="tiny")
+    applier = PlanApplier(loaded.module, desc)
+    w = loaded.module.fc1.weight.detach()
+    rtn = quantize_matrix(w, 3, 0, True)[0]
+    assert ((applier.compressed(plan, "fc1")[0] - w) ** 2).sum() < ((rtn - w) ** 2).sum()  # less weight error
+    b = loaded.batches[0]
+    with torch.no_grad(), applier.applied(plan):
+        proxy = loaded.module(b)
+    with torch.no_grad():
+        assert torch.equal(prepare_for_training(loaded.module, plan, desc)(b), proxy)
+    r = autocomp.export(loaded.module, plan, tmp_path / "e.acz.safetensors", data_spec=f"{TINY}:calib")
+    assert r["payload_bytes"] == r["predicted_bytes"] == plan_bytes(desc, plan)
+    with torch.no_grad():
+        assert torch.equal(autocomp.load(tmp_path / "e.acz.safetensors")(b), proxy)

@@ -142,7 +142,8 @@ EXAMPLES = {  # built when a test runs (the plug-in registers for this module on
                  lambda: LayerPlan(bits=2, rank=8, prune="unstructured", sparsity=0.3),
                  lambda: LayerPlan(QuantConfig(3, 0, method="gptq")),
                  lambda: LayerPlan(QuantConfig(4, 16, False, method="gptq"), PruneConfig("unstructured", 0.4)),
-                 lambda: LayerPlan(QuantConfig(8, 0, True, 8, method="gptq"))],
+                 lambda: LayerPlan(QuantConfig(8, 0, True, 8, method="gptq")),
+                 lambda: LayerPlan(QuantConfig(3, 16, False, method="mse"), PruneConfig("unstructured", 0.3))],
     "cluster": [lambda: LayerPlan(ClusterConfig(16)),
                 lambda: LayerPlan(ClusterConfig(4), PruneConfig("unstructured", 0.4), LowRankConfig(8))],
 }

@@ -229,6 +229,12 @@ class Technique(ABC):
         """The same for a parsed option (before it is bound to a layer)."""
         return False
 
+    def fixed_start(self, config: Any) -> bool:
+        """Whether the trainable form must start from the proxy's own result for this config (and keep what
+        :meth:`train_setup` reads from ``options["parts"]``): compensated or searched weights that a plain
+        transform of the weights cannot reproduce."""
+        return self.calibrated(config)
+
     def check(self, config: Any, layer: Any, shapes: list[tuple[int, int]]) -> None:
         """Raise :class:`AutocompError` if ``config`` cannot be stored for this layer (a hand-edited plan)."""
 

@@ -43,6 +43,7 @@ __all__ = ["BLOCK", "DAMP", "dampened", "gptq", "inverse_cholesky", "output_erro
 # d*I to H is also what isotropic noise of variance d on the inputs adds to their second moment, i.e. some
 # robustness to the upstream layers' compression error.
 DAMP = 0.1
+MSE_GRID = True  # GPTQ sets each group's range by the clipping ratio of least squared error (as ``/mse``)
 BLOCK = 128  # columns per lazy update block
 
 
@@ -116,7 +117,7 @@ def gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, mask: Any 
     ``u``: :func:`inverse_cholesky` of ``h`` when the caller has it (``h`` is then not read)."""
     import torch
 
-    from autocomp.compressors.quantize import group_params, quantize_column
+    from autocomp.compressors.quantize import group_params, mse_clip, quantize_column
 
     rows, cols = w.shape
     g = group_size or cols
@@ -131,7 +132,7 @@ def gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, mask: Any 
 
     def start_group(gi: int, x: Any) -> None:
         """``x``: the group's current weights ``[rows, n]`` (masked)."""
-        sc, z = group_params(x, bits, symmetric)
+        sc, z = group_params(mse_clip(x, bits, 0, symmetric) if MSE_GRID else x, bits, symmetric)
         scales[gi] = sc
         if zps is not None:
             zps[gi] = z

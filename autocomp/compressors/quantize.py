@@ -14,7 +14,9 @@ Pruned entries are zero before quantization and stay zero after (the mask is rea
 search spaces: ``keep``, ``int8``, or ``<bits><c|gN>[a]`` (``8c``, ``4g128``, ``3g32a``), each with an optional
 ``/gptq`` suffix (``4g128/gptq``, ``int8/gptq``): the same stored format with the codes chosen by GPTQ's
 error compensation on the layer's calibration inputs (:mod:`~.compensate`; Linear, HF Conv1D and ungrouped
-Conv1d / Conv2d layers -- an embedding table has no input statistics and keeps round-to-nearest).
+Conv1d / Conv2d layers -- an embedding table has no input statistics), or ``/mse`` (any layer, no data):
+round to nearest on each group's range clipped to the ratio of :data:`CLIP_GRID` with the least squared
+error (what ``train --clip mse`` starts from), so the search scores clipped grids too.
 
 Training: fake quantization with a straight-through estimator; ``clip`` ``mse`` starts each group from the
 clipping ratio (of :data:`CLIP_GRID`) with the least round-to-nearest error, ``learned`` also trains one
@@ -40,8 +42,8 @@ __all__ = ["QuantConfig", "Quantize", "quantize_matrix", "fake_quant_input", "ms
 _MIN_SCALE = 2.0**-24  # smallest positive float16
 _MAX_SCALE = 65504.0
 SCALE_BYTES = 2  # scales are stored as float16
-_LABEL = re.compile(r"^(?:keep|int8|(\d+)(c|g(\d+))(a?))(/gptq)?$")
-METHODS = ("rtn", "gptq")
+_LABEL = re.compile(r"^(?:keep|int8|(\d+)(c|g(\d+))(a?))(/gptq|/mse)?$")
+METHODS = ("rtn", "gptq", "mse")
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # clip ratios tried per group: 1.0, 0.95, ..., 0.5
 CLIPS = ("learned", "mse", "minmax")  # train's quantization ranges (learned = the mse start, then trainable ratios)
 CLIP_LR_MULT = 10.0  # the clipping ratios' learning rate, as a multiple of the weights'
@@ -167,13 +169,13 @@ def fake_quant_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
 def _parse(label: str) -> tuple[int, int, bool, int | None, str] | None:
     m = _LABEL.match(str(label))
     if not m:
-        raise ValueError(f"quant option {label!r} is not keep, int8 or <bits><c|gN>[a], optionally with /gptq "
-                         f"(e.g. 8c, 4g128, 3g32a, 4g128/gptq)")
-    method = "gptq" if m.group(5) else "rtn"
+        raise ValueError(f"quant option {label!r} is not keep, int8 or <bits><c|gN>[a], optionally with /gptq or "
+                         f"/mse (e.g. 8c, 4g128, 3g32a, 4g128/gptq, 3g64/mse)")
+    method = m.group(5)[1:] if m.group(5) else "rtn"
     if label == "keep":
         return None
-    if label == "keep/gptq":
-        raise ValueError("quant option 'keep/gptq': keep stores the weights as they are; drop /gptq")
+    if label.startswith("keep/"):
+        raise ValueError(f"quant option {label!r}: keep stores the weights as they are; drop /{method}")
     if label.startswith("int8"):
         return 8, 0, True, 8, method
     bits = int(m.group(1))
@@ -202,17 +204,20 @@ class Quantize(Technique):
         bits, group, sym, act, method = option
         if act and layer.type != "Linear":
             return None  # W8A8 kernels exist for Linear layers
-        if method != "rtn" and not has_statistics(layer):
+        if method == "gptq" and not has_statistics(layer):
             return None  # no input statistics: an embedding table, a grouped convolution
         if group >= shapes[0][1]:
             group = 0  # a group spanning the whole row is per-channel
         return QuantConfig(bits, group, sym, act, method)
 
     def calibrated(self, c: QuantConfig) -> bool:
-        return c.method != "rtn"
+        return c.method == "gptq"
 
     def calibrated_option(self, option: Any) -> bool:
-        return option[4] != "rtn"
+        return option[4] == "gptq"
+
+    def fixed_start(self, c: QuantConfig) -> bool:
+        return c.method != "rtn"  # a searched grid (GPTQ's, or the clipped one) is kept by training
 
     def label(self, c: QuantConfig) -> str:
         tail = "" if c.method == "rtn" else f"/{c.method}"
@@ -248,30 +253,36 @@ class Quantize(Technique):
 
     # -- proxy --------------------------------------------------------------------------------------------
     def apply(self, parts: list[Part], c: QuantConfig, ctx: LayerContext) -> list[Part]:
+        if c.method != "rtn" and ctx.holder is not None:
+            return self._apply_trained(parts, c, ctx)
         if c.method == "gptq":
             return self._apply_gptq(parts, c, ctx)
         out = []
         for part in parts:
             w = part.values if part.mask is None else part.values * part.mask
+            if c.method == "mse":
+                w = mse_clip(w, c.bits, c.group_size, c.symmetric)
             deq, codes, scale, zp = quantize_matrix(w, c.bits, c.group_size, c.symmetric)
             out.append(part.evolve(values=deq, codes=codes, scale=scale, zero_point=zp))
         return out
 
+    def _apply_trained(self, parts: list[Part], c: QuantConfig, ctx: LayerContext) -> list[Part]:
+        """A trained layer with a searched grid (``ctx.holder``): quantized on the grid it trained on."""
+        out = []
+        for i, part in enumerate(parts):
+            w = part.values if part.mask is None else part.values * part.mask
+            scale = getattr(ctx.holder, f"qscale{ctx.index + i}")
+            zp = getattr(ctx.holder, f"qzp{ctx.index + i}", None)
+            deq, codes = quantize_fixed(w, scale, zp, c.bits, c.group_size, c.symmetric)
+            out.append(part.evolve(values=deq, codes=codes, scale=scale.clone(), zero_point=None if zp is None else zp.clone()))
+        return out
+
     def _apply_gptq(self, parts: list[Part], c: QuantConfig, ctx: LayerContext) -> list[Part]:
         """GPTQ on each stored matrix. Factors (``B @ A``) go from the last to the first: the input of ``B`` is
-        ``A x``, so its statistics are ``A' H A'^T`` with the already quantized ``A'``. A trained layer
-        (``ctx.holder``) is quantized on the grid it trained on."""
+        ``A x``, so its statistics are ``A' H A'^T`` with the already quantized ``A'``."""
         from autocomp.compressors.compensate import gptq
 
         out: list[Part] = list(parts)
-        if ctx.holder is not None:
-            for i, part in enumerate(parts):
-                w = part.values if part.mask is None else part.values * part.mask
-                scale = getattr(ctx.holder, f"qscale{ctx.index + i}")
-                zp = getattr(ctx.holder, f"qzp{ctx.index + i}", None)
-                deq, codes = quantize_fixed(w, scale, zp, c.bits, c.group_size, c.symmetric)
-                out[i] = part.evolve(values=deq, codes=codes, scale=scale.clone(), zero_point=None if zp is None else zp.clone())
-            return out
         h = ctx.hessian()
         for i in reversed(range(len(parts))):
             part = parts[i]
@@ -289,7 +300,7 @@ class Quantize(Technique):
     def train_setup(self, c: QuantConfig, holder: Any, latents: list[Any], options: Mapping[str, Any]) -> None:
         import torch
 
-        if c.method != "rtn":  # GPTQ's grid stays: its scales become buffers
+        if c.method != "rtn":  # the searched grid (GPTQ's, or the clipped one) stays: its scales become buffers
             for i, part in enumerate(options["parts"]):
                 holder.register_buffer(f"qscale{i}", part.scale.clone())
                 if part.zero_point is not None:

@@ -210,7 +210,7 @@ def prepare_for_training(model: Any, plan: Plan, desc: Any = None, schedule: str
         options = {"progressive": schedule == "progressive", "clip": clip, "trainable": not frozen}
         refit = cols is not None and any(g.refit and g.keep < g.units and layer.name in g.consumers
                                          for g in plan.structured.values())
-        if refit or any(t.calibrated(c) for t, c in choice.steps()):
+        if refit or any(t.fixed_start(c) for t, c in choice.steps()):
             options.update(_compensated_start(applier, plan, layer.name, mod, kind, rows, cols))
         param = CompressedWeight(kind, mod.weight, choice, rows, cols, options)
         parametrize.register_parametrization(mod, "weight", param, unsafe=True)
@@ -242,7 +242,7 @@ def _compensated_start(applier: Any, plan: Plan, name: str, mod: Any, kind: str,
     choice = plan.layer(name)
     parts, _, _ = applier.layer_parts(plan, name)
     encode = next(((t, c) for t, c in choice.steps() if t.stage == "encode"), None)
-    if encode is not None and not encode[0].calibrated(encode[1]):
+    if encode is not None and not encode[0].fixed_start(encode[1]):
         m, _, _, skey = applier.cut_matrix(plan, name)
         latents = [p.values for p in run_pipeline(m, choice.without("encode"), applier.context(name, skey, cols))]
     else:
