@@ -49,3 +49,29 @@ def test_unreachable_ray_address_is_one_line(tmp_path):
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert "unreachable" in last and "--address" in last and "Traceback" not in r.stderr
+
+
+def test_ray_workers_score_compensated_options_with_the_drivers_statistics(tmp_path):
+    """The actors read the statistics the driver gathered (its cache file): the proxy they report for a plan
+    with GPTQ options equals the one computed here with those statistics."""
+    import torch
+
+    from autocomp.compressors.calibration import CalibrationStats, attach, plan_needs
+    from autocomp.evaluators.proxy import ProxyEvaluator
+    from autocomp.models.introspect import introspect
+    from autocomp.plan import Plan
+    from conftest import tiny_loaded
+
+    space = tmp_path / "comp.yaml"
+    space.write_text("version: 1\nlayers:\n  - types: [Embedding]\n    quant: [keep, 4g16/mse]\n"
+                     "  - types: [Linear]\n    quant: [keep, 3g16/gptq, 4g16]\n")
+    r = _search(tmp_path, "--backend", "ray", "--workers", "1", "--space", str(space), "--seeds", "uniform")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    (cache,) = (tmp_path / "studies" / "calibration").glob("*.safetensors")
+    entry = next(e for e in res["pareto"] if plan_needs(Plan.load(e["plan_path"])))
+    loaded = tiny_loaded()
+    attach(loaded.module, CalibrationStats.load(cache, cache.stem))
+    with torch.no_grad():
+        local = ProxyEvaluator(loaded, introspect(loaded))(Plan.load(entry["plan_path"]))
+    assert abs(local - entry["proxy"]) <= 1e-6 * max(1.0, abs(local))
