@@ -70,14 +70,27 @@ def test_killed_worker_trial_is_failed_and_retried():
     a = subprocess.Popen(_cmd(PG, study, 16), env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     b = subprocess.Popen(_cmd(PG, study, 16), env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
-    while True:  # wait until A has a trial running: both workers mid-trial (one RUNNING trial may be B's)
+
+    def stale_seen() -> bool:
+        return any(t.user_attrs.get("autocomp_stale") for t in optuna.load_study(study_name=study, storage=PG).trials)
+
+    while True:  # until A is frozen in the middle of a trial, which B then fails (its heartbeat stopped)
         assert time.time() - t0 < 180 and a.poll() is None
         try:
             st = optuna.load_study(study_name=study, storage=PG)
-            if len(_finished(st.trials)) >= 3 and sum(t.state == optuna.trial.TrialState.RUNNING for t in st.trials) >= 2:
-                break
+            ready = len(_finished(st.trials)) >= 3 and any(t.state == optuna.trial.TrialState.RUNNING for t in st.trials)
         except KeyError:
-            pass
+            ready = False
+        if ready:
+            # freezing A (not killing it yet) closes the race of A finishing its trial between the check and the
+            # kill: if A was between two trials, no trial goes stale and A is let go again
+            a.send_signal(signal.SIGSTOP)
+            deadline = time.time() + 5
+            while time.time() < deadline and not stale_seen():
+                time.sleep(0.2)
+            if stale_seen():
+                break
+            a.send_signal(signal.SIGCONT)
         time.sleep(0.2)
     a.send_signal(signal.SIGKILL)
     a.communicate()

@@ -22,8 +22,9 @@ Training: fake quantization with a straight-through estimator; ``clip`` ``mse`` 
 clipping ratio (of :data:`CLIP_GRID`) with the least round-to-nearest error, ``learned`` also trains one
 ratio per group (PACT-style, :data:`CLIP_LR_MULT` x the weights' learning rate). The clipping is held in
 the weights, so the plan's min/max quantizer lands on the clipped range and the packed format is unchanged.
-A GPTQ layer trains from GPTQ's weights on GPTQ's grid: its scales (and zero points) stay fixed, the
-weights move (straight-through), and the export quantizes them on that grid (``clip`` does not apply).
+A GPTQ or ``/mse`` layer trains from the searched weights on the searched grid: its scales (and zero points)
+stay fixed, the weights move (straight-through), and the export quantizes them on that grid (``clip`` does
+not apply).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ CLIP_LR_MULT = 10.0  # the clipping ratios' learning rate, as a multiple of the 
 class QuantConfig(TechniqueConfig):
     """bits: 2..16 weight bits; group_size: inputs per scale (0 = one group per output row);
     symmetric: no zero point; act_bits: 8 for W8A8 (8-bit per-channel symmetric weights only); method:
-    ``rtn`` (round to nearest) or ``gptq`` (error-compensated codes, the same stored format)."""
+    ``rtn`` (round to nearest), ``gptq`` (error-compensated codes) or ``mse`` (least-error clipped ranges),
+    all in the same stored format."""
 
     technique = "quantize"
     VERSION = 2
