@@ -257,6 +257,11 @@ def test_search_train_export_evaluate_with_compensated_options(tmp_path, capsys,
     with torch.no_grad():
         back = torch.cat([autocomp.load(out_file)(b) for b in loaded.batches])
     assert torch.equal(back, sim)
+    # evaluate scores the plan with the same statistics (the task: agreement with the original's top class)
+    code, out, err = run_cli(["evaluate", "--plan", plan_path, "--data", f"{TINY}:calib", "--task",
+                              f"{TINY}:agreement", "--studies-dir", str(studies), "--json"], capsys)
+    assert code == 0, err
+    assert 0.0 <= json.loads(out)["value"] <= 1.0 and json.loads(out)["fp32_value"] == 1.0
     # train 2 steps from the compensated weights, export the trained student at the same bytes
     ck = tmp_path / "t.safetensors"
     monkeypatch.setenv("AUTOCOMP_STUDIES", str(studies))  # train reads the search's statistics by their key

@@ -173,17 +173,11 @@ def _prepare(cfg: SearchConfig, req: _Request, emit: Any) -> _Prepared:
                                     f"({format_bytes(desc.fp32_bytes)}); searching the proxy/size trade-off under it"})
     limits = [size_limit(space, budget), *_split_limits(space, desc, constraints, budget)]
     cost, device, more = _cost_limits(cfg, req, space, desc)
-    from autocomp.compressors.calibration import ensure, space_needs
     from autocomp.evaluators.proxy import ProxyEvaluator
 
     emit("status", {"message": "computing teacher outputs"})
     evaluator = ProxyEvaluator(loaded, desc)
-    stats = None
-    if space_needs(space):  # GPTQ / SparseGPT / activation-aware options: each layer's input second moment
-        emit("status", {"message": "calibration statistics (cached after the first run)"})
-        stats = ensure(loaded, desc, cfg.studies_dir / "calibration", log=lambda m: emit("status", {"message": m}))
-    return _Prepared(loaded, space, desc, constraints, budget, smallest, limits + more, cost, device, evaluator,
-                     None if stats is None else stats.key)
+    return _Prepared(loaded, space, desc, constraints, budget, smallest, limits + more, cost, device, evaluator)
 
 
 def _split_limits(space: Any, desc: ModelDesc, constraints: Any, budget: int) -> list[Any]:
@@ -245,11 +239,24 @@ class _Search:
         self.stop = threading.Event()
         self.out_lock = threading.Lock()  # pareto.json / plan files are written by one thread at a time
 
+    def _calibrate(self) -> None:
+        """GPTQ / SparseGPT / activation-aware options and refits: each layer's input second moment, attached
+        to the model (cached under ``<studies>/calibration``; written only after every check passed)."""
+        from autocomp.compressors.calibration import ensure, space_needs
+
+        prep = self.prep
+        if space_needs(prep.space):
+            self.emit("status", {"message": "calibration statistics (cached after the first run)"})
+            stats = ensure(prep.loaded, prep.desc, self.cfg.studies_dir / "calibration",
+                           log=lambda m: self.emit("status", {"message": m}))
+            prep.calibration = stats.key
+
     def run(self) -> dict[str, Any]:
         from autocomp.search.seeds import sensitivity_database, unit_orders
 
         cfg, prep = self.cfg, self.prep
         self.evaluator = prep.evaluator
+        self._calibrate()
         if any(g.importance == "fisher" for g in prep.space.groups.values()):
             prep.space.unit_orders = unit_orders(cfg, prep.loaded, prep.desc, prep.space, self.evaluator, self.emit)
         self.sens = (sensitivity_database(cfg, prep.loaded, prep.desc, prep.space, self.evaluator, self.emit)
