@@ -153,7 +153,10 @@ def load(path: str | Path, model: Any = None) -> Any:
         from autocomp.models import load_model
 
         model = load_model(meta["model_spec"], data=meta.get("data_spec") or None).module
+    from autocomp.models.attention import split_attention
     from autocomp.models.introspect import fingerprint
+
+    split_attention(model)  # as every loaded model is (a no-op when it has no nn.MultiheadAttention)
 
     if fingerprint(model) != meta["fingerprint"]:
         raise AutocompError(f"{str(path)!r} was exported from a model with another layout than "

@@ -37,8 +37,67 @@ def load_for_plan(plan_path: Path, model: str | None, data: str | None,
     return plan, loaded, desc
 
 
+LOWER_IS_BETTER = frozenset({"perplexity"})
+
+
+class PerplexityTask:
+    """``--task perplexity``: next-token perplexity of a causal LM, ``exp(mean -log p(x[t+1] | x[:t+1]))`` over
+    every predicted token of ``batches`` (the logits at position t score token t + 1; padding, where the
+    batch has an ``attention_mask``, is skipped). Lower is better; log2 of it is bits per token (per
+    character for a character LM)."""
+
+    name = "perplexity"
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches = batches
+
+    @staticmethod
+    def _ids(batch: Any) -> Any:
+        import torch
+
+        if isinstance(batch, dict):
+            ids = batch.get("input_ids")
+            if ids is None:
+                ids = next((v for v in batch.values() if isinstance(v, torch.Tensor) and not v.is_floating_point()), None)
+        elif isinstance(batch, (list, tuple)):
+            ids = next((v for v in batch if isinstance(v, torch.Tensor) and not v.is_floating_point()), None)
+        else:
+            ids = batch
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dim() != 2:
+            raise AutocompError("--task perplexity needs batches of integer token ids [batch, tokens] (a tensor, "
+                                "or a dict with input_ids)")
+        return ids
+
+    def __call__(self, model: Any) -> float:
+        import math
+
+        import torch
+
+        from autocomp.models.base import extract_output, run_batch
+
+        nll, count = 0.0, 0
+        for batch in self.batches:
+            ids = self._ids(batch)
+            logits, _ = extract_output(run_batch(model, batch))
+            if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
+                raise AutocompError(f"--task perplexity needs logits [batch, tokens, vocab] aligned with the token ids "
+                                    f"{tuple(ids.shape)}; the model returned {tuple(logits.shape)}")
+            lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            tok = -lp.gather(-1, ids[:, 1:].long().unsqueeze(-1)).squeeze(-1)
+            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            valid = torch.ones_like(tok, dtype=torch.bool) if mask is None else mask[:, 1:].bool()
+            nll += float(tok[valid].sum())
+            count += int(valid.sum())
+        if count == 0:
+            raise AutocompError("--task perplexity: the batches hold no token to predict (need >= 2 tokens per row)")
+        return math.exp(nll / count)
+
+
 def make_task(loaded: Any, task: str | None, pairs: int = 500) -> tuple[str, Callable[[Any], float]]:
-    """(metric name, fn(model) -> score, higher is better): ``--task file.py:fn`` or the built-in one."""
+    """(metric name, fn(model) -> score): ``--task file.py:fn`` (higher is better), ``--task perplexity``
+    (lower is better: :class:`PerplexityTask` on the model's batches, i.e. ``--data``), or the built-in one."""
+    if task == "perplexity":
+        return PerplexityTask.name, PerplexityTask(loaded.batches)
     if task:
         from autocomp.models.intake import resolve_callable
 
@@ -115,7 +174,12 @@ def evaluate_plan(loaded: Any, plan: Plan | None, desc: Any, weights: Path | Non
         fp32 = fn(loaded.module)
         with ctx:
             value = fn(model)
-    return {"metric": name, "value": float(value), "fp32_value": float(fp32)}
+    out = {"metric": name, "value": float(value), "fp32_value": float(fp32)}
+    if name == "perplexity":
+        import math
+
+        out.update(bits_per_token=math.log2(value), fp32_bits_per_token=math.log2(fp32))
+    return out
 
 
 def proxy_fidelity(loaded: Any, desc: Any, n_plans: int, budget: str, space_name: str = "default",
@@ -188,7 +252,8 @@ def proxy_fidelity(loaded: Any, desc: Any, n_plans: int, budget: str, space_name
         # proxy is a distortion (lower is better), the metric a score (higher is better): report agreement as
         # a positive number when lower proxy goes with higher metric
         p = [r[key] for r in rows]
-        return -float(spearmanr(p, v).statistic) if len(set(p)) > 1 and len(set(v)) > 1 else 0.0
+        sign = 1.0 if name in LOWER_IS_BETTER else -1.0  # perplexity: lower proxy with lower metric agrees
+        return sign * float(spearmanr(p, v).statistic) if len(set(p)) > 1 and len(set(v)) > 1 else 0.0
 
     out = {"metric": name, "spearman_proxy_vs_metric": rho("proxy"), "rows": rows}
     if tower is not None:

@@ -283,6 +283,8 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
 
     import torch
 
+    from autocomp.models.base import resolve_metric
+
     dual = _check_train(loaded, steps, batches, distill, amp, clip)
     torch.manual_seed(seed)
     teacher = loaded.module.eval()
@@ -291,8 +293,9 @@ def train(loaded: Any, plan: Plan, desc: Any, steps: int, out: Any, batches: lis
     opt, sched = _optimizer(student, lr, steps, start)
     blocks = (_block_modules(teacher), _block_modules(student))
     feature = "feature" in distill and bool(blocks[0]) and len(blocks[0]) == len(blocks[1])
+    metric = resolve_metric(loaded)
     losses_of = _Losses(teacher, student, distill, temperature,
-                        loaded.metric if loaded.metric in ("cosine", "kl", "mse") else "cosine" if dual else "mse",
+                        metric if metric in ("cosine", "kl", "mse") else "cosine" if dual else "mse",
                         blocks if feature else ([], []), task_loss,
                         (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp == "bf16" else _null)
     meta = {"autocomp_checkpoint": "1", "plan_key": plan.digest(), "schedule": schedule, "steps": steps,

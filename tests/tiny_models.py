@@ -168,3 +168,45 @@ def dual_mismatch() -> list[dict[str, torch.Tensor]]:
     """Image/text batch mismatch: 8 images, 6 captions."""
     g = torch.Generator().manual_seed(5)
     return [{"pixel_values": torch.randn(8, 9, 4, generator=g), "input_ids": torch.randint(0, 100, (6, 5), generator=g)}]
+
+
+# -- torch's own transformer modules (nn.MultiheadAttention inside) ------------------------------------------
+class CharLM(nn.Module):
+    """A causal character LM from ``nn.TransformerEncoderLayer``: token + learned position embeddings, a
+    causal mask, logits [B, T, V] as a plain tensor (autocomp detects them as logits: metric kl)."""
+
+    def __init__(self, vocab: int = 48, dim: int = 32, heads: int = 4, layers: int = 2, ff: int = 64,
+                 ctx: int = 32, norm_first: bool = False, batch_first: bool = True) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(1, ctx, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, ff, dropout=0.1, batch_first=batch_first, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(t)
+        h = self.tok(ids) + self.pos[:, :t]
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        h = self.encoder(h, mask=mask, is_causal=True)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        return self.head(h)
+
+
+def char_lm() -> nn.Module:
+    torch.manual_seed(0)
+    return CharLM().eval()
+
+
+def char_lm_prenorm() -> nn.Module:
+    torch.manual_seed(0)
+    return CharLM(norm_first=True, batch_first=False).eval()
+
+
+def char_calib() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 48, (4, 16), generator=g) for _ in range(3)]

@@ -156,7 +156,8 @@ def export(plan_path: Path, model: str | None, data: str | None, weights: Path |
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None)
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="A checkpoint from `autocomp train` or an export file.")
-@click.option("--task", default=None, help="file.py:fn(model) -> float, higher is better (user models).")
+@click.option("--task", default=None, help="file.py:fn(model) -> float, higher is better (user models); or "
+              "perplexity: next-token perplexity of a causal LM on --data (lower is better).")
 @click.option("--pairs", default=500, show_default=True, type=int, help="Retrieval pairs of the built-in task.")
 @click.option("--random-plans", default=None, type=int, help="Proxy fidelity: this many random plans within --budget.")
 @click.option("--budget", default=None, help="Budget for --random-plans.")

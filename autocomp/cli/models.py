@@ -17,7 +17,8 @@ from autocomp.evaluators.proxy import METRICS
 @click.option("--data", default=None)
 @click.option("--json", "as_json", is_flag=True)
 def layers(model: str, data: str | None, as_json: bool) -> None:
-    """List the compressible layers of a model: shape, parameters, FLOPs per sample, block, modality."""
+    """List the compressible layers of a model (shape, parameters, FLOPs per sample, block, modality) and every
+    parameter it keeps as it is, with the reason; the bytes add up to the fp32 model's."""
     from autocomp.models import load_model
     from autocomp.models.introspect import introspect
 
@@ -35,7 +36,21 @@ def layers(model: str, data: str | None, as_json: bool) -> None:
     for lay in desc.layers:
         table.add_row(lay.name, lay.type, f"{lay.rows}x{lay.cols}", f"{lay.params:,}",
                       f"{lay.flops_per_sample / 1e6:.2f}", "" if lay.block is None else str(lay.block), lay.modality)
-    console(stderr=False).print(table)
+    out = console(stderr=False)
+    out.print(table)
+    kept = desc.info.get("kept", [])
+    matrices = [k for k in kept if len(k["shape"]) >= 2]
+    vectors = [k for k in kept if len(k["shape"]) < 2]
+    layer_bytes = sum(lay.nbytes for lay in desc.layers)
+    for k in matrices:
+        out.print(f"kept  {k['name']} {'x'.join(map(str, k['shape']))} ({format_bytes(k['bytes'])}): {k['reason']}",
+                  markup=False, highlight=False)
+    if vectors:
+        out.print(f"kept  {len(vectors)} vectors and scalars (biases outside the layers, norms, scales): "
+                  f"{format_bytes(sum(k['bytes'] for k in vectors))}", markup=False, highlight=False)
+    kept_bytes = sum(k["bytes"] for k in kept)
+    out.print(f"total {len(desc.layers)} compressible layers {layer_bytes:,} B + kept {kept_bytes:,} B = "
+              f"{layer_bytes + kept_bytes:,} B (fp32 model: {desc.fp32_bytes:,} B)", markup=False, highlight=False)
 
 
 

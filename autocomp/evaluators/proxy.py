@@ -8,7 +8,9 @@ Metrics (0 = identical, lower is better), averaged over samples (and valid token
 ``attention_mask`` in the batch matches the output's token axis):
 
 * ``cosine``: ``1 - cos(teacher, student)`` along the last axis (embeddings);
-* ``kl``:     ``KL(softmax(teacher) || softmax(student))`` along the last axis, per token (logits);
+* ``kl``:     ``KL(softmax(teacher) || softmax(student))`` along the last axis, per token (logits; over more
+  than TOPK_VOCAB classes, over the teacher's TOPK most likely classes plus one bucket for the rest:
+  :class:`TopKTeacher`);
 * ``mse``:    ``sum (student - teacher)^2 / sum teacher^2`` (normalized MSE; anything else);
 * ``alignment`` (dual encoders, the default for them): the image-text similarity matrix of each calibration
   batch, turned into match distributions along rows (image -> text) and columns (text -> image); ``KL(teacher
@@ -33,10 +35,10 @@ from typing import Any
 from autocomp.compressors.apply import PlanApplier
 from autocomp.desc import ModelDesc
 from autocomp.errors import AutocompError
-from autocomp.models.base import LoadedModel, check_pairs, extract_output, run_batch
+from autocomp.models.base import LoadedModel, check_pairs, extract_output, output_metric, run_batch
 from autocomp.plan import Plan
 
-__all__ = ["ProxyEvaluator", "distortion", "is_alignment", "METRICS", "data_fingerprint"]
+__all__ = ["ProxyEvaluator", "TopKTeacher", "distortion", "is_alignment", "METRICS", "data_fingerprint"]
 
 METRICS = ("auto", "cosine", "kl", "mse", "alignment", "alignment-i2t", "alignment-t2i", "tower")
 ALIGN_SHARPNESS = 2.0  # softmax inverse temperature on standardized similarity rows (1 to 6 rank plans alike)
@@ -46,6 +48,38 @@ _DIRECTIONS = {"alignment": ("i2t", "t2i"), "alignment-i2t": ("i2t",), "alignmen
 def is_alignment(metric: str) -> bool:
     """Whether ``metric`` scores image-text matches (needs [images; texts] stacked outputs)."""
     return metric in _DIRECTIONS
+
+
+TOPK = 128  # teacher probabilities kept per token for kl over a large vocabulary
+TOPK_VOCAB = 1024  # ... when the output has more classes than this
+
+
+class TopKTeacher:
+    """A teacher's per-token distribution over a large vocabulary, kept as its ``k`` most likely classes
+    (log-probabilities and indices) plus the log of the remaining mass: ``k + 1`` buckets instead of ``V``
+    classes, so teacher memory is ``tokens * (8k + 4)`` bytes whatever the vocabulary (30k classes at
+    k = 128: 59x less). The proxy becomes the KL divergence between the teacher's and the student's
+    distributions over those buckets (as EvoPress scores large-vocabulary models): it never exceeds the
+    full KL (grouping classes cannot increase a divergence) and misses only how the student reshuffles
+    probability *within* the teacher's tail."""
+
+    def __init__(self, logits: Any, k: int = TOPK) -> None:
+        import torch
+
+        lt = torch.log_softmax(logits.float(), dim=-1)
+        self.logp, idx = lt.topk(min(k, lt.shape[-1]), dim=-1)
+        self.index = idx.to(torch.int32)
+        self.log_rest = torch.log1p(-self.logp.exp().sum(-1).clamp(max=1.0 - 1e-7))
+        self.shape = tuple(logits.shape)
+
+    def kl(self, student: Any) -> Any:
+        """Per-token KL over the k + 1 buckets."""
+        import torch
+
+        ls = torch.log_softmax(student.float(), dim=-1)
+        ls_k = ls.gather(-1, self.index.long())
+        ls_rest = torch.log1p(-ls_k.exp().sum(-1).clamp(max=1.0 - 1e-7))
+        return (self.logp.exp() * (self.logp - ls_k)).sum(-1) + self.log_rest.exp() * (self.log_rest - ls_rest)
 
 
 def _token_mask(batch: Any, out: Any) -> Any:
@@ -59,6 +93,13 @@ def distortion(metric: str, teacher: Any, student: Any, mask: Any = None) -> tup
     """(sum of per-item distortion, item count) so batches combine into one mean; for mse (num, den)."""
     import torch
 
+    if isinstance(teacher, TopKTeacher):
+        if metric != "kl":
+            raise AutocompError(f"a top-k teacher scores only the kl metric, not {metric!r}")
+        per = teacher.kl(student)
+        if mask is not None:
+            return float((per * mask).sum()), float(mask.sum())
+        return float(per.sum()), float(per.numel())
     t, s = teacher.float(), student.float()
     if metric == "mse":
         err, ref = (s - t).pow(2), t.pow(2)
@@ -167,6 +208,7 @@ class ProxyEvaluator:
                         f"calibration batch {i} does not fit model {loaded.spec!r}: {type(e).__name__}: {msg}"
                     ) from None
                 tensor, auto = extract_output(out)
+                auto = output_metric(auto, tensor, self.model, batch)
                 if metric == "auto":
                     metric = auto
                 if not torch.isfinite(tensor).all():
@@ -176,8 +218,11 @@ class ProxyEvaluator:
                                             f"calibration data (--data)")
                     raise AutocompError(f"the original model's output on calibration batch {i} is not finite "
                                         f"(its inputs are); check the model's weights")
-                self.teacher.append(tensor.detach().clone())
                 self.masks.append(_token_mask(batch, tensor))
+                if metric == "kl" and tensor.dim() >= 2 and tensor.shape[-1] > TOPK_VOCAB:
+                    self.teacher.append(TopKTeacher(tensor))
+                else:
+                    self.teacher.append(tensor.detach().clone())
         for h in hooks:
             h.remove()
         subsets = {n: torch.tensor(sorted(ix), dtype=torch.long) for n, ix in looked_up.items()}

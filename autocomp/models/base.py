@@ -7,17 +7,20 @@ from typing import Any, Callable
 
 from autocomp.errors import AutocompError
 
-__all__ = ["LoadedModel", "load_model", "run_batch", "extract_output", "check_pairs", "BUILTIN_MODELS"]
+__all__ = ["LoadedModel", "load_model", "run_batch", "extract_output", "output_metric", "resolve_metric", "is_token_logits",
+           "check_pairs", "BUILTIN_MODELS"]
 
 
 @dataclass
 class LoadedModel:
     """A model ready to search: the module (eval mode), calibration batches and how to score its output.
+    Building one splits every ``nn.MultiheadAttention`` of the module in place
+    (:func:`autocomp.models.attention.split_attention`).
 
     metric: ``"cosine"`` (embeddings), ``"kl"`` (logits), ``"mse"`` (anything else), ``"alignment"`` /
     ``"tower"`` (dual encoders: image-text match distributions / per-tower embedding drift), or ``"auto"``
-    to decide from the first output (``image_embeds`` + ``text_embeds`` -> alignment, ``logits`` -> kl,
-    otherwise mse).
+    to decide from the first output (``image_embeds`` + ``text_embeds`` -> alignment, ``logits`` or a plain
+    tensor of token logits (:func:`is_token_logits`) -> kl, otherwise mse).
     """
 
     module: Any  # torch.nn.Module
@@ -32,6 +35,17 @@ class LoadedModel:
     # inputs for the compensated options' statistics (autocomp.compressors.calibration), disjoint from
     # ``batches`` where the model brings more calibration text; None: ``batches``
     stats_batches: Callable[[], list[Any]] | None = None
+
+    def __post_init__(self) -> None:
+        # torch's fused attention keeps q/k/v in one bare Parameter and skips out_proj's forward: split every
+        # nn.MultiheadAttention into four Linear layers (same outputs) so plans can reach them
+        import torch
+
+        if isinstance(self.module, torch.nn.Module) and any(
+                isinstance(m, torch.nn.MultiheadAttention) for m in self.module.modules()):
+            from autocomp.models.attention import split_attention
+
+            split_attention(self.module)
 
 
 # name -> "module:function" returning a LoadedModel; resolved lazily so importing is cheap
@@ -96,6 +110,41 @@ def extract_output(out: Any) -> tuple[Any, str]:
         f"model output of type {type(out).__name__} has no tensor to compare; return a tensor, "
         "a dict/ModelOutput with 'logits' or 'last_hidden_state', or a tuple starting with a tensor"
     )
+
+
+def is_token_logits(tensor: Any, module: Any, batch: Any) -> bool:
+    """Whether a plain output tensor is a language model's logits: floating point, one score per class on the
+    last axis, and that axis as long as one of the model's own token tables (an ``nn.Embedding``'s
+    ``num_embeddings``) while the batch feeds integer token ids. A classifier's [B, C] scores over C labels
+    it does not embed stay ``mse``; ``--metric`` overrides either way."""
+    import torch
+
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() < 2:
+        return False
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
+    if not any(isinstance(v, torch.Tensor) and not v.is_floating_point() and not v.is_complex()
+               and v.dtype != torch.bool for v in values):
+        return False
+    vocab = {m.num_embeddings for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+    return int(tensor.shape[-1]) in vocab and tensor.shape[-1] > 2
+
+
+def output_metric(auto: str, tensor: Any, module: Any, batch: Any) -> str:
+    """The metric ``auto`` means for this output: :func:`extract_output`'s choice, with a plain tensor of
+    token logits (:func:`is_token_logits`) scored as ``kl``."""
+    return "kl" if auto == "mse" and is_token_logits(tensor, module, batch) else auto
+
+
+def resolve_metric(loaded: LoadedModel) -> str:
+    """``loaded.metric``, or what ``auto`` means for it (one forward pass on the first batch)."""
+    import torch
+
+    if loaded.metric != "auto":
+        return loaded.metric
+    batch = loaded.batches[0]
+    with torch.inference_mode():
+        tensor, auto = extract_output(run_batch(loaded.module, batch))
+    return output_metric(auto, tensor, loaded.module, batch)
 
 
 def load_model(spec: str, data: str | None = None, metric: str = "auto") -> LoadedModel:

@@ -11,7 +11,7 @@ from autocomp.desc import LayerDesc, ModelDesc
 from autocomp.errors import AutocompError
 from autocomp.models.base import LoadedModel, check_pairs, run_batch
 
-__all__ = ["introspect", "describe_static", "compressible_modules", "fingerprint", "weight_matrix_view", "matrix_to_weight",
+__all__ = ["introspect", "describe_static", "kept_parameters", "compressible_modules", "fingerprint", "weight_matrix_view", "matrix_to_weight",
            "MODALITY_PATTERNS"]
 
 # first match wins; names are lower-cased before matching
@@ -114,11 +114,21 @@ def _batch_size(batch: Any) -> int:
     return 1
 
 
-def _OpCounter(inside: list[int]) -> Any:
-    """Counts aten operations (and their output bytes) that run outside the compressible layers."""
+_WEIGHT_MATMULS = frozenset({"mm", "addmm", "bmm", "baddbmm", "matmul", "linear"})
+
+
+def _OpCounter(inside: list[int], weights: dict[int, str] | None = None) -> Any:
+    """Counts aten operations (and their output bytes) that run outside the compressible layers.
+
+    ``weights`` (storage address -> layer name): a matrix multiply outside every layer's forward whose
+    operand is a layer's weight (a parent calling ``F.linear(x, layer.weight)``, a fused attention kernel,
+    a tied output head) is that layer's work: its FLOPs, counted from the operands' shapes, go to the layer
+    (``self.layer_flops``), so a layer's cost never depends on its forward hook firing."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
+
+    by_storage = weights or {}
 
     class Counter(TorchDispatchMode):
         def __init__(self) -> None:
@@ -126,6 +136,16 @@ def _OpCounter(inside: list[int]) -> Any:
             self.count = 0
             self.nbytes = 0
             self.elements: dict[str, int] = {}  # op name -> output elements (views and matmuls excluded)
+            self.layer_flops: dict[str, int] = {}
+
+        def _attribute(self, args: Any, out: Any) -> None:
+            mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2]
+            owner = next((by_storage[a.untyped_storage().data_ptr()] for a in mats
+                          if a.untyped_storage().data_ptr() in by_storage), None)
+            if owner is None or len(mats) < 2 or not isinstance(out, torch.Tensor):
+                return
+            k = mats[0].shape[-1]  # the contraction dimension: the first matrix's columns
+            self.layer_flops[owner] = self.layer_flops.get(owner, 0) + 2 * out.numel() * int(k)
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             out = func(*args, **(kwargs or {}))
@@ -133,6 +153,8 @@ def _OpCounter(inside: list[int]) -> Any:
                 self.count += 1
                 tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
                 name = func.overloadpacket.__name__
+                if name in _WEIGHT_MATMULS and by_storage:
+                    self._attribute(args, out)
                 if name not in VIEW_OPS and name not in MATMUL_OPS and tensors:
                     n = tensors[0].numel()
                     self.elements[name] = self.elements.get(name, 0) + n
@@ -145,6 +167,29 @@ def _OpCounter(inside: list[int]) -> Any:
 def _seq_len(batch: Any) -> int | None:
     ids = batch.get("input_ids") if isinstance(batch, dict) else None
     return int(ids.shape[1]) if ids is not None and ids.dim() == 2 else None
+
+
+def kept_parameters(model: Any, layer_param_ids: set[int]) -> list[dict[str, Any]]:
+    """Every parameter outside the compressible layers, with why it stays as it is:
+    ``{"name", "shape", "bytes", "reason"}`` (a tied parameter once, under its first name)."""
+    owners = {}
+    for mname, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), (type(mod).__name__, pname))
+    out = []
+    for name, p in model.named_parameters():  # deduplicated by torch
+        if id(p) in layer_param_ids:
+            continue
+        owner, attr = owners.get(id(p), ("?", name))
+        if p.dim() < 2:
+            reason = "a vector or scalar (bias, norm, scale): kept as it is"
+        elif owner in ("Linear", "Conv1d", "Conv2d", "Embedding", "Conv1D"):
+            reason = f"{owner}.{attr} is not the layer's weight: kept as it is"
+        else:
+            reason = (f"{owner}.{attr}: a {p.dim()}-D parameter outside any Linear / Conv1d / Conv2d / Embedding / "
+                      f"Conv1D layer (autocomp has no unit for it): kept as it is")
+        out.append({"name": name, "shape": list(p.shape), "bytes": p.numel() * p.element_size(), "reason": reason})
+    return out
 
 
 def describe_static(loaded: LoadedModel) -> ModelDesc:
@@ -204,7 +249,10 @@ def _measure(loaded: LoadedModel, mods: dict[str, tuple[Any, str]]) -> _Measured
     inside = [0]
     handles += [mod.register_forward_pre_hook(lambda *a: inside.__setitem__(0, inside[0] + 1)) for mod, _ in mods.values()]
     handles += [mod.register_forward_hook(lambda *a: inside.__setitem__(0, inside[0] - 1)) for mod, _ in mods.values()]
-    m.ops = _OpCounter(inside)
+    first: dict[int, str] = {}
+    for n, (mod, _) in mods.items():  # a tied weight belongs to the first layer holding it (the listed one)
+        first.setdefault(mod.weight.untyped_storage().data_ptr(), n)
+    m.ops = _OpCounter(inside, first)
     m.batch = loaded.batches[0]
     for i, b in enumerate(loaded.batches):
         check_pairs(b, i)
@@ -221,6 +269,11 @@ def _measure(loaded: LoadedModel, mods: dict[str, tuple[Any, str]]) -> _Measured
         for h in handles:
             h.remove()
     m.bs = max(1, _batch_size(m.batch))
+    for name, f in m.ops.layer_flops.items():  # work done with a layer's weight outside its forward
+        m.flops[name] = m.flops.get(name, 0) + f
+        mod, kind = mods[name]
+        w = weight_matrix_view(kind, mod.weight)
+        m.positions[name] = m.positions.get(name, 0) + f // (2 * w.shape[0] * w.shape[1])
     return m
 
 
@@ -240,9 +293,11 @@ def introspect(loaded: LoadedModel, measure: bool = True) -> ModelDesc:
     seen: set[int] = set()
     layer_param_ids: set[int] = set()
     layers = []
+    tied: list[str] = []
     for name, (mod, kind) in mods.items():
         w = mod.weight
         if id(w) in seen:  # tied weight (e.g. lm_head tied to the embedding): compress it once
+            tied.append(name)
             continue
         seen.add(id(w))
         rows, cols = weight_matrix_view(kind, w).shape
@@ -272,10 +327,13 @@ def introspect(loaded: LoadedModel, measure: bool = True) -> ModelDesc:
     # every parameter outside the layers, by name, so bytes can be split by modality exactly
     info["other_param_bytes"] = {n: p.numel() * p.element_size() for n, p in model.named_parameters()
                                  if id(p) not in layer_param_ids}
+    info["kept"] = kept_parameters(model, layer_param_ids)
     if measure:
-        # matmul FLOPs outside the compressible layers (attention scores, ...) and elementwise traffic
+        # matmul FLOPs outside the compressible layers (attention scores, a tied output head, ...) and
+        # elementwise traffic
         ops = measured.ops
-        info["other_flops_per_sample"] = max(0, measured.total_flops - sum(flops.values())) / bs
+        listed = sum(f for n, f in flops.items() if n not in tied)
+        info["other_flops_per_sample"] = max(0, measured.total_flops - listed) / bs
         info["elementwise_bytes_per_sample"] = measured.elementwise / bs
         info["module_calls"] = measured.calls  # calls of modules other than the compressible layers, per forward
         info["other_ops"] = ops.count  # tensor operations outside the compressible layers, per forward

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -234,21 +235,22 @@ def _fisher_diag(evaluator: Any, probes: int, seed: int) -> tuple[dict[str, Any]
             p.requires_grad_(id(p) in params)
         for bi, batch in enumerate(evaluator.batches):
             mask = evaluator.masks[bi]
-            t = evaluator.teacher[bi].float()
-            rows = t.reshape(-1, t.shape[-1])
-            w = (mask.reshape(-1) if mask is not None else torch.ones(rows.shape[0])).float()
-            den += float((rows.pow(2).sum(-1) * w).sum()) if metric == "mse" else float(w.sum())
+            t = evaluator.teacher[bi]  # a tensor, or a TopKTeacher (kl over a large vocabulary)
+            width = t.shape[-1]
+            rows = None if metric == "kl" else t.float().reshape(-1, width)
+            w = (mask.reshape(-1) if mask is not None else torch.ones(math.prod(t.shape[:-1]))).float()
+            den += float((rows.pow(2).sum(-1) * w).sum()) if rows is not None and metric == "mse" else float(w.sum())
             for _ in range(probes):
                 model.zero_grad(set_to_none=True)
                 taps.clear()
                 with torch.enable_grad():
-                    y = extract_output(run_batch(model, batch))[0].float().reshape(-1, rows.shape[-1])
-                    if metric == "kl":
-                        pr = torch.softmax(rows, -1)
+                    y = extract_output(run_batch(model, batch))[0].float().reshape(-1, width)
+                    if metric == "kl":  # the model holds its original weights here: its softmax is the teacher's
+                        pr = torch.softmax(y.detach(), -1)
                         c = torch.multinomial(pr, 1, generator=gen).squeeze(-1)
                         r = torch.nn.functional.one_hot(c, pr.shape[-1]).float() - pr
                     else:
-                        r = torch.randn(rows.shape, generator=gen)
+                        r = torch.randn(y.shape, generator=gen)
                         if metric in ("cosine", "tower") or metric.startswith("alignment"):  # embedding probes
                             u = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                             r = (r - (r * u).sum(-1, keepdim=True) * u) / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
