@@ -180,6 +180,7 @@ def prepare_for_training(model: Any, plan: Plan, desc: Any = None, schedule: str
     sparse gradients, and re-compressing them every step doubled MiniLM's step time). ``clip`` is handed to
     the techniques (quantization: ``learned`` gives each trained group a trainable clipping ratio; the
     ``mse`` / ``learned`` starting ranges are applied by :func:`start_training`)."""
+    import torch
     from torch.nn.utils import parametrize
 
     from autocomp.compressors.apply import PlanApplier, check_plan
@@ -198,6 +199,10 @@ def prepare_for_training(model: Any, plan: Plan, desc: Any = None, schedule: str
     applier = PlanApplier(student, desc)
     for p in student.parameters():
         p.requires_grad_(True)
+    users: dict[int, list[Any]] = {}  # a weight Parameter -> every module holding it (a tied output head too)
+    for m in student.modules():
+        if isinstance(m._parameters.get("weight"), torch.nn.Parameter):  # noqa: SLF001
+            users.setdefault(id(m._parameters["weight"]), []).append(m)  # noqa: SLF001
     for layer in desc.layers:
         mod, kind = mods[layer.name]
         rows, cols, _ = applier.kept_indices(plan, layer.name)
@@ -213,7 +218,10 @@ def prepare_for_training(model: Any, plan: Plan, desc: Any = None, schedule: str
         if refit or any(t.fixed_start(c) for t, c in choice.steps()):
             options.update(_compensated_start(applier, plan, layer.name, mod, kind, rows, cols))
         param = CompressedWeight(kind, mod.weight, choice, rows, cols, options)
+        tied = [m for m in users.get(id(mod.weight), []) if m is not mod]
         parametrize.register_parametrization(mod, "weight", param, unsafe=True)
+        for m in tied:  # a module sharing the weight (GPT-2's lm_head) computes with the same compressed weight
+            parametrize.register_parametrization(m, "weight", param, unsafe=True)
         if param.factor is not None or frozen:
             mod.parametrizations.weight.original.requires_grad_(False)
         if frozen:
@@ -258,13 +266,26 @@ def _compensated_start(applier: Any, plan: Plan, name: str, mod: Any, kind: str,
     return {"parts": parts, "latents": [v.detach().clone() for v in latents]}
 
 
-def compressed_layers(student: Any) -> dict[str, tuple[Any, CompressedWeight]]:
-    """module path -> (module, its parametrization) for every compressed layer of a student."""
-    out = {}
+def _parametrized(student: Any) -> list[tuple[str, Any, CompressedWeight]]:
+    """(module path, module, parametrization) for every module computing with a compressed weight, a
+    module tied to a compressed layer's weight (sharing its parametrization) included."""
+    out = []
     for name, mod in student.named_modules():
         plist = getattr(getattr(mod, "parametrizations", None), "weight", None)
         if plist is not None and isinstance(plist[0], CompressedWeight):
-            out[name] = (mod, plist[0])
+            out.append((name, mod, plist[0]))
+    return out
+
+
+def compressed_layers(student: Any) -> dict[str, tuple[Any, CompressedWeight]]:
+    """module path -> (module, its parametrization) for every compressed layer of a student (a weight tied
+    to several modules once, under the first: the layer the plan names)."""
+    out: dict[str, tuple[Any, CompressedWeight]] = {}
+    seen: set[int] = set()
+    for name, mod, p in _parametrized(student):
+        if id(p) not in seen:
+            seen.add(id(p))
+            out[name] = (mod, p)
     return out
 
 
@@ -358,15 +379,19 @@ def finalize(student: Any) -> Any:
     import torch
 
     model = copy.deepcopy(student)
-    for _, (mod, _p) in compressed_layers(model).items():
+    done: dict[tuple[int, str], Any] = {}  # (parametrization, name) -> the plain Parameter: tied stays tied
+    for _, mod, _p in _parametrized(model):
         with torch.no_grad():
-            values = {k: getattr(mod, k).detach().clone() for k in mod.parametrizations.keys()}
+            values = {k: done.get((id(mod.parametrizations[k][0]), k)) for k in mod.parametrizations.keys()}
+            values = {k: v if v is not None else torch.nn.Parameter(getattr(mod, k).detach().clone(), requires_grad=False)
+                      for k, v in values.items()}
+            done.update({(id(mod.parametrizations[k][0]), k): v for k, v in values.items()})
         # Not parametrize.remove_parametrizations: it deletes the property from the parametrized class,
         # which a deep copy shares with the student it came from.
         mod.__class__ = mod.__class__.__bases__[0]
         del mod._modules["parametrizations"]  # noqa: SLF001
         for k, v in values.items():
-            mod.register_parameter(k, torch.nn.Parameter(v, requires_grad=False))
+            mod.register_parameter(k, v)
         for key, fn in list(mod._forward_pre_hooks.items()):  # noqa: SLF001
             if getattr(fn, "_autocomp_ste", False):
                 del mod._forward_pre_hooks[key]  # noqa: SLF001

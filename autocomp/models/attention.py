@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SplitAttention", "split_attention", "merge_attention"]
+__all__ = ["SplitAttention", "merge_attention", "split_attention"]
 
 
 def _additive(mask: Any, dtype: Any) -> Any:

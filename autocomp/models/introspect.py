@@ -127,6 +127,7 @@ def _OpCounter(inside: list[int], weights: dict[int, str] | None = None) -> Any:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
+    from torch.utils.flop_counter import flop_registry
 
     by_storage = weights or {}
 
@@ -137,6 +138,8 @@ def _OpCounter(inside: list[int], weights: dict[int, str] | None = None) -> Any:
             self.nbytes = 0
             self.elements: dict[str, int] = {}  # op name -> output elements (views and matmuls excluded)
             self.layer_flops: dict[str, int] = {}
+            self.attention_flops = 0
+            self._in_attention = 0
 
         def _attribute(self, args: Any, out: Any) -> None:
             mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2]
@@ -148,7 +151,20 @@ def _OpCounter(inside: list[int], weights: dict[int, str] | None = None) -> Any:
             self.layer_flops[owner] = self.layer_flops.get(owner, 0) + 2 * out.numel() * int(k)
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            out = func(*args, **(kwargs or {}))
+            packet = func.overloadpacket
+            sdpa = "scaled_dot_product" in packet.__name__ and "backward" not in packet.__name__ \
+                and packet not in flop_registry
+            if sdpa and not self._in_attention:
+                # a fused attention op torch's FlopCounterMode does not price (on CPU: the composite
+                # scaled_dot_product_attention and its flash kernel), counted once at the outermost call:
+                # Q K^T and P V, 2 * B * H * L * S * (d_qk + d_v)
+                q, k, v = args[:3]
+                self.attention_flops += 2 * q.shape[:-1].numel() * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+            self._in_attention += sdpa
+            try:
+                out = func(*args, **(kwargs or {}))
+            finally:
+                self._in_attention -= sdpa
             if not inside[0]:
                 self.count += 1
                 tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
@@ -259,7 +275,7 @@ def _measure(loaded: LoadedModel, mods: dict[str, tuple[Any, str]]) -> _Measured
     try:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter, m.ops:
             run_batch(model, m.batch)
-        m.total_flops = int(counter.get_total_flops())
+        m.total_flops = int(counter.get_total_flops()) + m.ops.attention_flops
     except AutocompError:
         raise
     except Exception as e:
