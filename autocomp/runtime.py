@@ -101,6 +101,8 @@ def build_runtime_model(model: Any, desc: ModelDesc, plan: Plan, applier: PlanAp
             parent = runtime.get_submodule(g.producers[0].rpartition(".")[0])
             if hasattr(parent, "num_attention_heads"):
                 parent.num_attention_heads = g.keep
+            if isinstance(getattr(parent, "num_heads", None), int):  # autocomp's SplitAttention, CLIP-style
+                parent.num_heads = g.keep
             if hasattr(parent, "all_head_size"):
                 parent.all_head_size = g.keep * g.unit_size
     return runtime

@@ -205,3 +205,28 @@ class ParentUsesWeight(nn.Module):
 def parent_uses_weight() -> nn.Module:
     torch.manual_seed(0)
     return ParentUsesWeight().eval()
+
+
+# -- a module autocomp has no unit for ------------------------------------------------------------------------
+class Recurrent(nn.Module):
+    """An nn.LSTM between an embedding and a head: its kernels (weight_ih_l0 / weight_hh_l0) stay as they are,
+    and autocomp says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.lstm = nn.LSTM(16, 32, batch_first=True)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(self.emb(ids))[0][:, -1])
+
+
+def recurrent() -> nn.Module:
+    torch.manual_seed(0)
+    return Recurrent().eval()
+
+
+def token_ids() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(8)
+    return [torch.randint(0, VOCAB, (4, 9), generator=g) for _ in range(2)]

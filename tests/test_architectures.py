@@ -301,13 +301,96 @@ def _hf_dir(tmp_path: Path, kind: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "clip"])
-def test_hf_architecture_searches_exports_loads_and_trains(kind, tmp_path):
+def test_hf_architecture_searches_exports_loads_and_trains(kind, tmp_path, monkeypatch):
+    from autocomp.evaluators import proxy
+
     spec = _hf_dir(tmp_path, kind)
     loaded = load_model(spec)
-    from autocomp.evaluators.proxy import ProxyEvaluator, TopKTeacher
-
-    ev = ProxyEvaluator(loaded, introspect(loaded))
+    ev = proxy.ProxyEvaluator(loaded, introspect(loaded))
     assert ev.metric == {"bert": "mse", "gpt2": "kl", "clip": "alignment"}[kind]
-    if kind == "gpt2":  # 30522 classes: the teacher is kept as its top-k
-        assert isinstance(ev.teacher[0], TopKTeacher)
+    if kind == "gpt2":  # 30522 classes: full logits while they fit TEACHER_BYTES, the top-k beyond
+        assert not isinstance(ev.teacher[0], proxy.TopKTeacher)
+        monkeypatch.setattr(proxy, "TEACHER_BYTES", 1 << 20)
+        small = proxy.ProxyEvaluator(loaded, introspect(loaded))
+        assert all(isinstance(t, proxy.TopKTeacher) for t in small.teacher)
     _conformance(spec, None, "transformer", tmp_path, budget="40%")
+
+
+def test_runtime_runs_split_attention_with_int8_kernels_and_cut_heads():
+    """The real-kernel runtime (`autocomp hardware validate`): W8A8 projections run torch's int8 Linear, cut
+    heads make q/k/v and out_proj physically smaller, and the output follows the simulation."""
+    from autocomp.runtime import build_runtime_model
+    from autocomp.space import SearchSpace
+
+    loaded = load_model(f"{TINY}:char_lm", data=f"{TINY}:char_calib")
+    desc = introspect(loaded)
+    space = SearchSpace.from_yaml("transformer", desc)
+    assignment = {p: o[0] for p, o in space.params.items()}
+    assignment.update({"0.attention:q": "int8", "1.attention:q": "int8",
+                       "heads@encoder.layers.1.self_attn.q_proj:keep": "k0.5"})
+    plan = space.decode(assignment)
+    rt = build_runtime_model(loaded.module, desc, plan)
+    attn = rt.encoder.layers[1].self_attn
+    assert attn.num_heads == 2 and attn.q_proj.weight().shape[0] == 16  # a dynamic int8 Linear, 2 heads of 8
+    assert "quantized" in type(rt.encoder.layers[0].self_attn.k_proj).__module__
+    x = loaded.batches[0]
+    with torch.no_grad():
+        with PlanApplier(loaded.module, desc).applied(plan):
+            sim = loaded.module(x)
+        real = rt(x)
+    assert (real - sim).abs().max() <= 0.05 * sim.abs().max()
+
+
+def test_a_module_without_a_unit_is_named_never_skipped_silently(tmp_path):
+    from autocomp.engine import SearchConfig, run_search
+
+    spec, data = f"{ARCH}:recurrent", f"{ARCH}:token_ids"
+    desc = introspect(load_model(spec, data=data))
+    kept = {k["name"]: k for k in desc.info["kept"]}
+    assert "LSTM.weight_ih_l0" in kept["lstm.weight_ih_l0"]["reason"] and "no unit" in kept["lstm.weight_hh_l0"]["reason"]
+    events = []
+    run_search(SearchConfig(budget="90%", model=spec, data=data, study="r", trials=3, seeds="uniform",
+                            studies_dir=tmp_path), on_event=lambda kind, d: events.append((kind, d)))
+    warnings = [d["message"] for kind, d in events if kind == "warning"]
+    assert any("lstm.weight_ih_l0" in w and "stay as they are" in w for w in warnings)
+
+
+# -- memory for large models ----------------------------------------------------------------------------------
+def test_layer_cache_is_bounded_and_least_recently_used_goes_first():
+    from autocomp.compressors.apply import LayerCache
+
+    cache = LayerCache(limit=3 * 4000)
+    for i in range(3):
+        cache[i] = torch.zeros(1000)  # 4000 bytes each
+    assert cache.get(0) is not None  # 0 is now the most recent
+    cache[3] = (torch.zeros(500), torch.zeros(500))  # tuples count too
+    assert 1 not in cache and set(cache) == {0, 2, 3} and cache.nbytes == 12000
+    cache[2] = torch.zeros(10)  # replacing an entry updates the count
+    assert cache.nbytes == 8040
+
+
+def test_magnitude_selection_prunes_exactly_what_the_stable_sort_prunes():
+    from autocomp.compressors.prune import SORT_BELOW, magnitude_mask
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1024, SORT_BELOW // 1024, generator=g).half().float()  # fp16 values: many ties
+    w[0, :300] = 0.0
+    for sparsity in (0.1, 0.3, 0.5, 0.7):
+        order = torch.sort(w.reshape(-1).abs(), stable=True).indices
+        assert torch.equal(magnitude_mask(w, sparsity), magnitude_mask(w, sparsity, order))
+
+
+def test_fisher_in_pieces_with_bfloat16_estimates_the_same_diagonal(monkeypatch):
+    from autocomp.evaluators.proxy import ProxyEvaluator
+    from autocomp.search import sensitivity
+
+    loaded = load_model(f"{TINY}:char_lm", data=f"{TINY}:char_calib")
+    ev = ProxyEvaluator(loaded, introspect(loaded))
+    whole, _, _, den = sensitivity._fisher_diag(ev, 16, 0)
+    monkeypatch.setattr(sensitivity, "FISHER_BF16_ABOVE", 0)  # the large-model path on a small model
+    monkeypatch.setattr(sensitivity, "FISHER_CHUNK_ROWS", 1)
+    pieces, _, _, den2 = sensitivity._fisher_diag(ev, 16, 0)
+    assert den2 == den and all(v.dtype == torch.bfloat16 for v in pieces.values())
+    for name in whole:  # the same expectation: per-layer totals agree within sampling noise
+        a, b = float(whole[name].sum()), float(pieces[name].float().sum())
+        assert 0.5 < b / a < 2.0, name

@@ -126,6 +126,12 @@ class _SearchProgress:
             self.close()
         elif kind == "done":
             self.close()
+            res = data.get("result", {})
+            phases = res.get("phases") or {}
+            if phases:
+                per = res.get("seconds_per_trial")
+                self.console.print("[dim]time: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items() if v >= 0.05)
+                                   + (f"; {per:.2f} s per trial" if per else "") + "[/dim]")
 
     def _line(self, done: int, total: int, front: list[Any], force: bool = False) -> None:
         import time

@@ -20,7 +20,7 @@ from autocomp.errors import AutocompError, PlanMismatchError
 from autocomp.models.introspect import compressible_modules, fingerprint, matrix_to_weight, weight_matrix_view
 from autocomp.plan import Plan
 
-__all__ = ["PlanApplier", "check_plan"]
+__all__ = ["PlanApplier", "LayerCache", "check_plan", "default_cache_bytes"]
 
 
 def check_plan(plan: Plan, desc: ModelDesc) -> None:
@@ -61,24 +61,73 @@ def _refit(w: Any, h: Any, cols: Any) -> Any:
     return torch.linalg.solve(hk, rhs).T.float().contiguous()
 
 
+def _nbytes(value: Any) -> int:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+class LayerCache(OrderedDict):
+    """Layer-only intermediate results shared across trials (magnitude orders, SVDs, 2:4 masks, unit orders,
+    inverse Cholesky factors): least recently used first out once they hold more than ``limit`` bytes.
+    Every entry is a deterministic function of the original weights, so an evicted one is recomputed
+    identically. (An SVD of a 1024x4096 matrix is 1.25x the matrix; unbounded, they made a 1.3 GB model's
+    caches larger than the model.)"""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.nbytes = 0
+        self._sizes: dict[Any, int] = {}
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key in self:
+            self.move_to_end(key)
+            return super().__getitem__(key)
+        return default
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key in self:
+            self.nbytes -= self._sizes.pop(key)
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        size = self._sizes[key] = _nbytes(value)
+        self.nbytes += size
+        while self.nbytes > self.limit and len(self) > 1:
+            old, _ = self.popitem(last=False)
+            self.nbytes -= self._sizes.pop(old)
+
+
+def default_cache_bytes(desc: ModelDesc) -> int:
+    """Each of the applier's two caches (compressed weights, layer intermediates) may hold a fifth of the
+    model's fp32 bytes, at least 256 MiB and at most 1 GiB: all of a MiniLM-sized model's work stays
+    cached, and a 1.3 GB model's search stays within ~3x its weights."""
+    return int(min(1 << 30, max(256 << 20, desc.fp32_bytes // 5)))
+
+
 class PlanApplier:
     """Swaps compressed weights into ``model`` for the duration of a ``with applied(plan):`` block."""
 
-    def __init__(self, model: Any, desc: ModelDesc, cache_bytes: int = 1 << 30,
+    def __init__(self, model: Any, desc: ModelDesc, cache_bytes: int | None = None,
                  row_subsets: dict[str, Any] | None = None) -> None:
         """``row_subsets``: for Embedding layers, the only rows the caller will ever look up (e.g. the
         calibration tokens). Only those rows are compressed; the others keep their original values,
         which cannot change any output the caller computes. Exact for the proxy, and ~50x less work
-        for a 30k-token vocabulary."""
+        for a 30k-token vocabulary. ``cache_bytes``: the bound of each cache (default
+        :func:`default_cache_bytes`)."""
         mods = compressible_modules(model)
         self.row_subsets = dict(row_subsets or {})
         self.model = model
         self.desc = desc
         self.modules = {layer.name: mods[layer.name] for layer in desc.layers}
-        self.cache: dict[Any, Any] = {}  # SVDs, sort orders, unit orders: small relative to weights
+        self.cache_bytes = default_cache_bytes(desc) if cache_bytes is None else cache_bytes
+        self.cache: LayerCache = LayerCache(self.cache_bytes)  # SVDs, sort orders, unit orders
         self._weights: OrderedDict[Any, tuple[Any, Any]] = OrderedDict()
         self._weights_bytes = 0
-        self.cache_bytes = cache_bytes
         if fingerprint(model) != desc.fingerprint:
             raise PlanMismatchError("model does not match its description (fingerprint differs)")
 

@@ -64,14 +64,31 @@ def n_pruned(numel: int, sparsity: float) -> int:
     return int(math.floor(sparsity * numel + 1e-9))
 
 
+SORT_BELOW = 1 << 20  # matrices smaller than this cache one stable sort of |W| per layer; larger ones select
+
+
 def magnitude_mask(values, sparsity: float, order=None):  # type: ignore[no-untyped-def]
+    """The exact ``n_pruned`` smallest magnitudes pruned, ties in index order (a stable ascending sort's
+    first n). With ``order`` (that sort, cached) one scatter; without it on a large matrix, a selection:
+    the n-th smallest magnitude t (``kthvalue``, linear time, no index array) prunes every |w| < t and the
+    first of the |w| == t in index order, which is the same set."""
     import torch
 
     flat = values.reshape(-1)
     n = n_pruned(flat.numel(), sparsity)
+    mask = torch.ones(flat.numel(), dtype=torch.bool)
+    if n == 0:
+        return mask.reshape(values.shape)
+    if order is None and flat.numel() >= SORT_BELOW:
+        mag = flat.abs()
+        t = mag.kthvalue(n).values
+        mask = mag > t
+        ties = torch.nonzero(mag == t).squeeze(-1)
+        below = n - int((mag < t).sum())
+        mask[ties[below:]] = True  # the later ties in index order stay
+        return mask.reshape(values.shape)
     if order is None:
         order = torch.sort(flat.abs(), stable=True).indices
-    mask = torch.ones(flat.numel(), dtype=torch.bool)
     mask[order[:n]] = False
     return mask.reshape(values.shape)
 
@@ -181,6 +198,9 @@ class Prune(Technique):
                 if mask is None:
                     mask = ctx.cache[key] = nm_mask(part.values)
                 out.append(part.evolve(mask=mask, nm=True))
+                continue
+            if part.values.numel() >= SORT_BELOW:  # selection: no index array to cache (8 bytes a weight)
+                out.append(part.evolve(mask=magnitude_mask(part.values, c.sparsity)))
                 continue
             # the sort order depends only on the values; for factors, on the upstream rank too
             key = ("absorder", ctx.name, ctx.structured_key, ctx.upstream, i)

@@ -9,8 +9,8 @@ Metrics (0 = identical, lower is better), averaged over samples (and valid token
 
 * ``cosine``: ``1 - cos(teacher, student)`` along the last axis (embeddings);
 * ``kl``:     ``KL(softmax(teacher) || softmax(student))`` along the last axis, per token (logits; over more
-  than TOPK_VOCAB classes, over the teacher's TOPK most likely classes plus one bucket for the rest:
-  :class:`TopKTeacher`);
+  than TOPK_VOCAB classes when the teacher's full logits would take more than TEACHER_BYTES, over the
+  teacher's TOPK most likely classes plus one bucket for the rest: :class:`TopKTeacher`);
 * ``mse``:    ``sum (student - teacher)^2 / sum teacher^2`` (normalized MSE; anything else);
 * ``alignment`` (dual encoders, the default for them): the image-text similarity matrix of each calibration
   batch, turned into match distributions along rows (image -> text) and columns (text -> image); ``KL(teacher
@@ -52,6 +52,7 @@ def is_alignment(metric: str) -> bool:
 
 TOPK = 128  # teacher probabilities kept per token for kl over a large vocabulary
 TOPK_VOCAB = 1024  # ... when the output has more classes than this
+TEACHER_BYTES = 256 << 20  # ... and the full teacher logits of every calibration batch would exceed this
 
 
 class TopKTeacher:
@@ -89,6 +90,16 @@ def _token_mask(batch: Any, out: Any) -> Any:
     return mask.to(out.dtype)
 
 
+KL_CHUNK = 1 << 22  # kl over more elements than this runs in row chunks (transient memory, not the result)
+
+
+def _kl_rows(t: Any, s: Any) -> Any:
+    import torch
+
+    lt, ls = torch.log_softmax(t, dim=-1), torch.log_softmax(s, dim=-1)
+    return (lt.exp() * (lt - ls)).sum(dim=-1)
+
+
 def distortion(metric: str, teacher: Any, student: Any, mask: Any = None) -> tuple[float, float]:
     """(sum of per-item distortion, item count) so batches combine into one mean; for mse (num, den)."""
     import torch
@@ -124,8 +135,13 @@ def distortion(metric: str, teacher: Any, student: Any, mask: Any = None) -> tup
     if metric in ("cosine", "tower"):
         per = 1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-12)
     elif metric == "kl":
-        lt, ls = torch.log_softmax(t, dim=-1), torch.log_softmax(s, dim=-1)
-        per = (lt.exp() * (lt - ls)).sum(dim=-1)
+        if t.numel() > KL_CHUNK:  # a large vocabulary: a few rows at a time (the same per-row values)
+            rt, rs = t.reshape(-1, t.shape[-1]), s.reshape(-1, s.shape[-1])
+            step = max(1, KL_CHUNK // t.shape[-1])
+            per = torch.cat([_kl_rows(rt[i:i + step], rs[i:i + step]) for i in range(0, rt.shape[0], step)])
+            per = per.reshape(t.shape[:-1])
+        else:
+            per = _kl_rows(t, s)
     else:
         raise AutocompError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
     if mask is not None:
@@ -219,7 +235,10 @@ class ProxyEvaluator:
                     raise AutocompError(f"the original model's output on calibration batch {i} is not finite "
                                         f"(its inputs are); check the model's weights")
                 self.masks.append(_token_mask(batch, tensor))
-                if metric == "kl" and tensor.dim() >= 2 and tensor.shape[-1] > TOPK_VOCAB:
+                if i == 0:  # every batch's full logits, estimated from the first one's
+                    topk = metric == "kl" and tensor.dim() >= 2 and tensor.shape[-1] > TOPK_VOCAB \
+                        and tensor.numel() * 4 * len(self.batches) > TEACHER_BYTES
+                if topk:
                     self.teacher.append(TopKTeacher(tensor))
                 else:
                     self.teacher.append(tensor.detach().clone())

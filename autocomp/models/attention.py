@@ -131,7 +131,7 @@ class SplitAttention(nn.Module):
                 weights = weights.squeeze(0)
         else:
             out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
-        out = self.out_proj(out.transpose(1, 2).reshape(bsz, tgt_len, self.embed_dim))
+        out = self.out_proj(out.transpose(1, 2).reshape(bsz, tgt_len, h * d))  # h < heads once heads are cut
         if not batched:
             out = out.squeeze(0)
         elif not self.batch_first:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from autocomp.budget import format_bytes, parse_budget
+from autocomp.memory import LARGE_MODEL_BYTES, large_blocks_to_mmap, release
 from autocomp.desc import ModelDesc
 from autocomp.errors import AutocompError
 from autocomp.plan import Plan
@@ -65,6 +66,7 @@ class _Prepared:
     device: Any
     evaluator: Any  # teacher outputs computed: bad calibration data is refused before the storage is opened
     calibration: str | None = None  # the key of the calibration statistics compensated options use
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of this run (the result's "phases")
 
 
 @dataclass
@@ -91,6 +93,7 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    large_blocks_to_mmap()
     emit = on_event or (lambda kind, data: None)
     req = _check(cfg)
     if cfg.storage:
@@ -155,13 +158,17 @@ def _prepare(cfg: SearchConfig, req: _Request, emit: Any) -> _Prepared:
 
         torch.set_num_threads(cfg.threads)
     emit("status", {"message": f"loading model {cfg.model}"})
+    t0 = time.perf_counter()
     loaded = load_model(cfg.model, data=cfg.data, metric=cfg.metric)
+    t1 = time.perf_counter()
     space = SearchSpace.from_yaml(req.space_path, introspect(loaded))
+    t2 = time.perf_counter()
     desc = space.desc  # with the space's modality tags, if it has any
     constraints = parse_constraints(desc, cfg.min_bits, cfg.max_sparsity, cfg.budget_split)
     if constraints.min_bits or constraints.max_sparsity:
         space.restrict(constraints.min_bits, constraints.max_sparsity)
     budget = parse_budget(cfg.budget, fp32_bytes=desc.fp32_bytes)
+    _warn_kept(desc, emit)
     smallest = plan_bytes(desc, space.decode(space.smallest_assignment()))
     if budget < smallest:
         raise AutocompError(
@@ -176,8 +183,26 @@ def _prepare(cfg: SearchConfig, req: _Request, emit: Any) -> _Prepared:
     from autocomp.evaluators.proxy import ProxyEvaluator
 
     emit("status", {"message": "computing teacher outputs"})
+    t3 = time.perf_counter()
     evaluator = ProxyEvaluator(loaded, desc)
-    return _Prepared(loaded, space, desc, constraints, budget, smallest, limits + more, cost, device, evaluator)
+    phases = {"load": t1 - t0, "introspect": t2 - t1, "teacher": time.perf_counter() - t3}
+    return _Prepared(loaded, space, desc, constraints, budget, smallest, limits + more, cost, device, evaluator,
+                     phases=phases)
+
+
+KEPT_WARN_SHARE = 0.01
+
+
+def _warn_kept(desc: ModelDesc, emit: Any) -> None:
+    """Name the matrices no technique can reach (parameters outside any layer autocomp has a unit for, e.g.
+    nn.LSTM kernels, a bare position table) when they hold at least 1% of the model: never a silent skip."""
+    kept = [k for k in desc.info.get("kept", []) if len(k["shape"]) >= 2]
+    total = sum(k["bytes"] for k in kept)
+    if kept and total >= KEPT_WARN_SHARE * desc.fp32_bytes:
+        names = ", ".join(k["name"] for k in kept[:4]) + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
+        emit("warning", {"message": f"{len(kept)} parameter(s) ({format_bytes(total)}, {total / desc.fp32_bytes:.1%} of "
+                                    f"the model) are outside any Linear / Conv1d / Conv2d / Embedding / Conv1D layer and "
+                                    f"stay as they are: {names} (`autocomp layers` lists why)"})
 
 
 def _split_limits(space: Any, desc: ModelDesc, constraints: Any, budget: int) -> list[Any]:
@@ -256,12 +281,16 @@ class _Search:
 
         cfg, prep = self.cfg, self.prep
         self.evaluator = prep.evaluator
+        t0 = time.perf_counter()
         self._calibrate()
+        t1 = time.perf_counter()
         if any(g.importance == "fisher" for g in prep.space.groups.values()):
             prep.space.unit_orders = unit_orders(cfg, prep.loaded, prep.desc, prep.space, self.evaluator, self.emit)
         self.sens = (sensitivity_database(cfg, prep.loaded, prep.desc, prep.space, self.evaluator, self.emit)
                      if cfg.seeds == "ilp" else None)
-        self.study, self.handle = self._open()
+        t2 = time.perf_counter()
+        self.study, self.handle = self._open()  # seeds: the integer program's plans, queued in a new study
+        prep.phases.update(calibration=t1 - t0, sensitivity=t2 - t1, seeds=time.perf_counter() - t2)
         # single writer (SQLite, locked): every RUNNING trial was left by a dead process; shared storages: only
         # trials whose heartbeat stopped
         recover_stale(self.study, grace=HEARTBEAT_GRACE if self.shared else None)
@@ -280,11 +309,14 @@ class _Search:
 
             pool = RayPool(cfg, self.evaluator.metric, self.req.name, self.emit, calibration=prep.calibration is not None)
             self.shared = True  # several evaluations in flight: count the total from the study, like shared workers
+        t3 = time.perf_counter()
         with sigterm_as_interrupt():
             if pool is None:
                 self._loop(self.evaluator)
             else:
                 self._run_threads(pool)
+        prep.phases["trials"] = time.perf_counter() - t3
+        self.trials_run = self.counters.done - done
         return self._finish(pool)
 
     def _meta(self) -> dict[str, Any]:
@@ -408,6 +440,8 @@ class _Search:
                 outcome = self._one(trial, ev, beat)
                 if outcome is not None:
                     self._told(trial, *outcome)
+                if self.prep.desc.fp32_bytes > LARGE_MODEL_BYTES:
+                    release()  # a large model's freed activations go back before the next trial
         finally:
             if beat is not None:
                 beat.stop()
@@ -493,5 +527,9 @@ class _Search:
         result = study_result(self.handle)
         if pool is not None:
             result["backend"] = "ray"
+        # where this run's time went (seconds); seconds_per_trial: the trials phase over the trials it finished
+        result["phases"] = {k: round(v, 3) for k, v in self.prep.phases.items()}
+        run = getattr(self, "trials_run", 0)
+        result["seconds_per_trial"] = round(self.prep.phases.get("trials", 0.0) / run, 3) if run > 0 else None
         self.emit("done", {"done": done, "total": self.cfg.trials, "result": result})
         return result

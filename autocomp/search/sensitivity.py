@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from autocomp.memory import LARGE_MODEL_BYTES, release
 from autocomp.plan import atomic_write_text
 from autocomp.space import SearchSpace, neutral_assignment
 
@@ -199,6 +200,37 @@ def ilp_assignment(space: SearchSpace, sens: Sensitivity, budget: int,
     return out
 
 
+# above this many bytes of layer weights (fp32) the Fisher diagonal accumulates in bfloat16: half the memory
+# (a 1.3 GB model would otherwise hold a second full-size fp32 copy); a sensitivity estimate, not a weight
+FISHER_BF16_ABOVE = LARGE_MODEL_BYTES
+
+
+FISHER_CHUNK_ROWS = 4  # large models: backward passes over this many samples at a time
+
+
+def _row_pieces(batch: Any, n: int) -> list[tuple[Any, int, int]]:
+    """``batch`` cut along its first axis into pieces of FISHER_CHUNK_ROWS samples: (piece, first, end).
+    Every tensor whose first axis is the batch's is cut; anything else is passed whole. The probes are
+    independent per output row, so squared gradients summed per piece estimate the same Fisher diagonal,
+    with the backward pass's activations held for a few samples instead of the whole batch."""
+    import torch
+
+    def cut(v: Any, lo: int, hi: int) -> Any:
+        return v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+
+    out = []
+    for lo in range(0, n, FISHER_CHUNK_ROWS):
+        hi = min(n, lo + FISHER_CHUNK_ROWS)
+        if isinstance(batch, dict):
+            piece: Any = {k: cut(v, lo, hi) for k, v in batch.items()}
+        elif isinstance(batch, (tuple, list)):
+            piece = type(batch)(cut(v, lo, hi) for v in batch)
+        else:
+            piece = cut(batch, lo, hi)
+        out.append((piece, lo, hi))
+    return out
+
+
 def _fisher_diag(evaluator: Any, probes: int, seed: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, float], float]:
     """Squared gradients of random output probes (see :func:`fisher_profile`): per layer name, the weight
     and bias Fisher diagonals, the W8A8 activation-noise term, and the normalizer ``den``."""
@@ -208,7 +240,14 @@ def _fisher_diag(evaluator: Any, probes: int, seed: int) -> tuple[dict[str, Any]
 
     model, applier, metric = evaluator.model, evaluator.applier, evaluator.metric
     mods = {name: applier.modules[name][0] for name in applier.modules}
-    fw = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in mods.items()}
+    weight_bytes = sum(m.weight.numel() * 4 for m in mods.values())
+    acc = torch.bfloat16 if weight_bytes > FISHER_BF16_ABOVE else torch.float32
+    # one allocation for every layer's accumulator (views into it): no heap fragmentation between gradients
+    flat = torch.zeros(sum(m.weight.numel() for m in mods.values()), dtype=acc)
+    fw, offset = {}, 0
+    for n, m in mods.items():
+        fw[n] = flat[offset:offset + m.weight.numel()].view(m.weight.shape)
+        offset += m.weight.numel()
     fb = {n: torch.zeros_like(m.bias, dtype=torch.float32) for n, m in mods.items() if getattr(m, "bias", None) is not None}
     act = {n: 0.0 for n in mods}  # sum over probes of sum_x g_x^2 * step^2 / 12
     gen = torch.Generator().manual_seed(seed)
@@ -229,7 +268,15 @@ def _fisher_diag(evaluator: Any, probes: int, seed: int) -> tuple[dict[str, Any]
             return (x + z, *args[1:])
         return hook
 
+    def fold(acc_into: Any) -> Any:
+        def hook(p: Any) -> None:  # each gradient is squared into the accumulator as soon as it is complete
+            acc_into.add_(p.grad.float().pow(2))
+            p.grad = None
+        return hook
+
     hooks = [m.register_forward_pre_hook(tap(n)) for n, m in mods.items() if m.__class__.__name__ != "Embedding"]
+    hooks += [m.weight.register_post_accumulate_grad_hook(fold(fw[n])) for n, m in mods.items()]
+    hooks += [mods[n].bias.register_post_accumulate_grad_hook(fold(fb[n])) for n in fb]
     try:
         for p in model.parameters():
             p.requires_grad_(id(p) in params)
@@ -237,32 +284,36 @@ def _fisher_diag(evaluator: Any, probes: int, seed: int) -> tuple[dict[str, Any]
             mask = evaluator.masks[bi]
             t = evaluator.teacher[bi]  # a tensor, or a TopKTeacher (kl over a large vocabulary)
             width = t.shape[-1]
-            rows = None if metric == "kl" else t.float().reshape(-1, width)
-            w = (mask.reshape(-1) if mask is not None else torch.ones(math.prod(t.shape[:-1]))).float()
-            den += float((rows.pow(2).sum(-1) * w).sum()) if rows is not None and metric == "mse" else float(w.sum())
+            rows_all = None if metric == "kl" else t.float().reshape(-1, width)
+            w_all = (mask.reshape(-1) if mask is not None else torch.ones(math.prod(t.shape[:-1]))).float()
+            den += float((rows_all.pow(2).sum(-1) * w_all).sum()) if rows_all is not None and metric == "mse" \
+                else float(w_all.sum())
+            pieces = _row_pieces(batch, t.shape[0]) if acc == torch.bfloat16 and metric in ("kl", "mse", "cosine") \
+                else [(batch, 0, t.shape[0])]
+            per = w_all.numel() // max(1, t.shape[0])  # output rows per sample (tokens)
             for _ in range(probes):
-                model.zero_grad(set_to_none=True)
-                taps.clear()
-                with torch.enable_grad():
-                    y = extract_output(run_batch(model, batch))[0].float().reshape(-1, width)
-                    if metric == "kl":  # the model holds its original weights here: its softmax is the teacher's
-                        pr = torch.softmax(y.detach(), -1)
-                        c = torch.multinomial(pr, 1, generator=gen).squeeze(-1)
-                        r = torch.nn.functional.one_hot(c, pr.shape[-1]).float() - pr
-                    else:
-                        r = torch.randn(y.shape, generator=gen)
-                        if metric in ("cosine", "tower") or metric.startswith("alignment"):  # embedding probes
-                            u = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                            r = (r - (r * u).sum(-1, keepdim=True) * u) / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                    loss = ((r * y).sum(-1) * w.sqrt()).sum()
-                    loss.backward()
-                for n, m in mods.items():
-                    if m.weight.grad is not None:
-                        fw[n] += m.weight.grad.float().pow(2)
-                    if n in fb and m.bias.grad is not None:
-                        fb[n] += m.bias.grad.float().pow(2)
-                    if n in taps and taps[n][0].grad is not None:
-                        act[n] += float(taps[n][0].grad.pow(2).sum()) * taps[n][1] ** 2 / 12
+                for piece, lo, hi in pieces:
+                    rows = None if rows_all is None else rows_all[lo * per:hi * per]
+                    w = w_all[lo * per:hi * per] if len(pieces) > 1 else w_all
+                    model.zero_grad(set_to_none=True)
+                    taps.clear()
+                    with torch.enable_grad():
+                        y = extract_output(run_batch(model, piece))[0].float().reshape(-1, width)
+                        if metric == "kl":  # the model holds its original weights here: its softmax is the teacher's
+                            pr = torch.softmax(y.detach(), -1)
+                            c = torch.multinomial(pr, 1, generator=gen).squeeze(-1)
+                            r = torch.nn.functional.one_hot(c, pr.shape[-1]).float() - pr
+                        else:
+                            r = torch.randn(y.shape, generator=gen)
+                            if metric in ("cosine", "tower") or metric.startswith("alignment"):  # embedding probes
+                                u = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                                r = (r - (r * u).sum(-1, keepdim=True) * u) / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                        loss = ((r * y).sum(-1) * w.sqrt()).sum()
+                        loss.backward()
+                    del y, r, loss
+                    for n in mods:
+                        if n in taps and taps[n][0].grad is not None:
+                            act[n] += float(taps[n][0].grad.pow(2).sum()) * taps[n][1] ** 2 / 12
     finally:
         for h in hooks:
             h.remove()
@@ -312,6 +363,7 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
     applier, metric = evaluator.applier, evaluator.metric
     mods = {name: applier.modules[name][0] for name in applier.modules}
     fw, fb, act, den = _fisher_diag(evaluator, probes, seed)
+    release()  # the backward passes' freed gradients
     stats = attached(evaluator.model)
     rowf = _row_fisher(fw, stats, applier) if stats is not None else {}
     k = 1.0 if metric == "mse" else 0.5
@@ -346,6 +398,8 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
                         total += act[name]
                 row[o] = total * scale
             table[p] = row
+    del fw, fb, rowf
+    release()
     keys, measured = _measure_biggest(space, evaluator, table, neutral, measure_share, measure_max)
     backward = probes * len(evaluator.batches)
     sens = Sensitivity(table, 0.0, time.perf_counter() - t0, backward + measured)

@@ -1,0 +1,54 @@
+"""Give freed memory back to the operating system between the phases of a search.
+
+glibc keeps freed blocks below its (dynamic, up to 32 MiB) mmap threshold in its heaps, so after a phase
+that allocates and frees many weight-sized tensors (the Fisher backward passes: one gradient per layer)
+the process's resident set stays at its high-water mark. ``malloc_trim(0)`` returns those pages; on other
+C libraries :func:`release` does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+from typing import Any
+
+__all__ = ["LARGE_MODEL_BYTES", "large_blocks_to_mmap", "release"]
+
+LARGE_MODEL_BYTES = 512 << 20  # above this many fp32 bytes a search trades a little speed for memory
+MMAP_THRESHOLD = 4 << 20  # blocks from 4 MiB up are mapped on their own and unmapped when freed
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return lib if lib is not None and hasattr(lib, "malloc_trim") else None
+
+
+def large_blocks_to_mmap() -> bool:
+    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` (it otherwise rises to 32 MiB as blocks are
+    freed): weight-sized tensors (a 1024x4096 gradient is 16 MiB) are then given back the moment they are
+    freed, instead of fragmenting the heap. Measured on a 6-layer GPT-2-medium-shaped model, the Fisher
+    phase's peak resident set fell by 0.6 GB (one backward pass had kept every layer's freed gradient).
+    -> whether it could (glibc only)."""
+    lib = _libc()
+    if lib is None or not hasattr(lib, "mallopt"):
+        return False
+    return bool(lib.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def release() -> bool:
+    """Return free heap pages to the OS (glibc); -> whether it could."""
+    import gc
+
+    gc.collect()
+    lib = _libc()
+    if lib is None:
+        return False
+    lib.malloc_trim(0)
+    return True

@@ -1,0 +1,96 @@
+"""A 200 MB-class model on this machine (issue #11): `autocomp search --model hf:DIR --budget 200MB` on
+GPT-2-medium-shaped causal LMs (d=1024, 16 heads, FFN 4096, MiniLM's tokenizer and its 30,522-token
+vocabulary, seeded random weights, saved as local transformers directories; nothing downloaded), at
+6, 12 and 24 layers: peak RSS / fp32 bytes, every phase's time, seconds per trial, and how they grow.
+
+    .venv/bin/python benchmarks/bench_scale.py                      # 6, 12, 24 layers, 12 trials
+    .venv/bin/python benchmarks/bench_scale.py --layers 24 --trials 12 --json
+
+Each search runs as a user would run it (a fresh process, a fresh study under a temp dir); peak RSS is the
+child's maximum resident set (getrusage). The model directories are cached under --cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build(layers: int, cache: Path) -> Path:
+    """A GPT-2-medium-shaped model with ``layers`` blocks, built once and reused."""
+    path = cache / f"gpt2-medium-shape-{layers}L"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return path
+    import torch
+    import transformers
+
+    from autocomp.models.minilm import load_tokenizer
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=30522, n_embd=1024, n_layer=layers, n_head=16, n_positions=1024,
+                                  bos_token_id=101, eos_token_id=102)
+    model = transformers.GPT2LMHeadModel(cfg)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    load_tokenizer().save_pretrained(path)
+    return path
+
+
+def run(path: Path, budget: str, trials: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [str(ROOT / ".venv/bin/autocomp"), "search", "--model", f"hf:{path}", "--budget", budget,
+               "--trials", str(trials), "--studies-dir", str(Path(tmp) / "studies"), "--json"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - t0
+        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if proc.returncode != 0:
+            raise SystemExit(f"search failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"wall_s": wall, "peak_rss_bytes": peak_kb * 1024, "peak_rss_grew": peak_kb > before, "result": result}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", default="6,12,24")
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--budget", default="200MB")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "autocomp-scale")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    rows = []
+    for n in [int(x) for x in args.layers.split(",")]:
+        path = build(n, args.cache)
+        fp32 = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+        r = run(path, args.budget, args.trials)
+        res = r["result"]
+        phases = res.get("phases", {})
+        row = {"layers": n, "fp32_bytes": res.get("fp32_bytes", fp32), "wall_s": round(r["wall_s"], 1),
+               "peak_rss_gb": round(r["peak_rss_bytes"] / 1e9, 2),
+               "peak_over_fp32": round(r["peak_rss_bytes"] / res.get("fp32_bytes", fp32), 2),
+               "phases_s": {k: round(v, 1) for k, v in phases.items()},
+               "seconds_per_trial": round(res.get("seconds_per_trial", float("nan")), 2),
+               "best": min((e["proxy"] for e in res.get("pareto", [])), default=None),
+               "best_size_mb": min((e["size_bytes"] for e in res.get("pareto", [])), default=0) / 1e6}
+        rows.append(row)
+        print(json.dumps(row) if args.json else
+              f"{n:>2} layers: fp32 {row['fp32_bytes'] / 1e9:.2f} GB, peak RSS {row['peak_rss_gb']} GB "
+              f"({row['peak_over_fp32']}x fp32), wall {row['wall_s']} s, phases {row['phases_s']}, "
+              f"{row['seconds_per_trial']} s/trial", flush=True)
+    if not args.json:
+        print(f"# {platform.node()} {platform.processor() or platform.machine()}, python {sys.version.split()[0]}, "
+              f"{time.strftime('%Y-%m-%d')}")
+
+
+if __name__ == "__main__":
+    main()
