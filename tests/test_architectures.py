@@ -394,3 +394,16 @@ def test_fisher_in_pieces_with_bfloat16_estimates_the_same_diagonal(monkeypatch)
     for name in whole:  # the same expectation: per-layer totals agree within sampling noise
         a, b = float(whole[name].sum()), float(pieces[name].float().sum())
         assert 0.5 < b / a < 2.0, name
+
+
+def test_gram_svd_gives_the_same_truncations_as_lapack():
+    from autocomp.compressors.lowrank import gram_svd
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((64, 256), (256, 64)):
+        w = torch.randn(*shape, generator=g) * torch.logspace(0, -3, shape[1])  # a spread spectrum
+        u, s, vh = gram_svd(w)
+        uu, ss, vv = torch.linalg.svd(w.double(), full_matrices=False)
+        assert torch.allclose(s, ss, rtol=1e-9, atol=1e-12)
+        for r in (8, 32):
+            assert torch.allclose((u[:, :r] * s[:r]) @ vh[:r], (uu[:, :r] * ss[:r]) @ vv[:r], atol=1e-10)
