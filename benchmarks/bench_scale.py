@@ -57,7 +57,43 @@ def run(path: Path, budget: str, trials: int) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"search failed ({proc.returncode}): {proc.stderr[-2000:]}")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result.update(json.loads(next((Path(tmp) / "studies").glob("*/phases.json")).read_text()))
     return {"wall_s": wall, "peak_rss_bytes": peak_kb * 1024, "peak_rss_grew": peak_kb > before, "result": result}
+
+
+def topk_error(path: Path, plans: int = 12, seed: int = 0) -> dict:
+    """The top-k teacher's cost: the proxy with the full teacher vs with TopKTeacher (k=128 of 30,522) on
+    random plans of the default space, in one process: their ratio and rank agreement."""
+    import random
+
+    from scipy.stats import spearmanr
+
+    from autocomp.evaluators import proxy
+    from autocomp.models import load_model
+    from autocomp.models.introspect import introspect
+    from autocomp.search.repair import repair, size_limit
+    from autocomp.space import SearchSpace
+
+    loaded = load_model(f"hf:{path}")
+    desc = introspect(loaded)
+    full = proxy.ProxyEvaluator(loaded, desc)
+    saved = proxy.TEACHER_BYTES
+    proxy.TEACHER_BYTES = 0
+    try:
+        top = proxy.ProxyEvaluator(loaded, desc, applier=full.applier)
+    finally:
+        proxy.TEACHER_BYTES = saved
+    space = SearchSpace.from_yaml("default", desc)
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(plans):
+        a = {p: rng.choice(o) for p, o in space.params.items()}
+        a, _ = repair(space, a, [size_limit(space, int(0.3 * desc.fp32_bytes))])
+        plan = space.decode(a)
+        rows.append((full(plan), top(plan)))
+    mass = float(sum(t.logp.exp().sum(-1).mean() for t in top.teacher) / len(top.teacher))
+    return {"plans": plans, "teacher_topk_mass": mass, "ratio_median": sorted(b / a for a, b in rows)[len(rows) // 2],
+            "spearman": float(spearmanr([a for a, _ in rows], [b for _, b in rows]).statistic), "rows": rows}
 
 
 def main() -> None:
@@ -67,7 +103,12 @@ def main() -> None:
     ap.add_argument("--budget", default="200MB")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "autocomp-scale")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--topk", action="store_true", help="Only the top-k teacher's error on the smallest model.")
     args = ap.parse_args()
+    if args.topk:
+        n = min(int(x) for x in args.layers.split(","))
+        print(json.dumps(topk_error(build(n, args.cache))))
+        return
     rows = []
     for n in [int(x) for x in args.layers.split(",")]:
         path = build(n, args.cache)

@@ -63,8 +63,8 @@ def _chunks(ids: torch.Tensor, n: int, batch: int, length: int, seed: int) -> li
     return [torch.stack([ids[s:s + length] for s in row.tolist()]) for row in starts]
 
 
-def train_fp32(steps: int = 1200, lr: float = 2e-3, path: Path = WEIGHTS, log: bool = True) -> Path:
-    """Train the fp32 model (AdamW, cosine decay, batch 32 x 128) and save it; -> the weights path."""
+def train_fp32(steps: int = 600, lr: float = 2e-3, path: Path = WEIGHTS, log: bool = True) -> Path:
+    """Train the fp32 model (AdamW, cosine decay, batch 16 x 128) and save it; -> the weights path."""
     import math
     import time
 
@@ -78,7 +78,7 @@ def train_fp32(steps: int = 1200, lr: float = 2e-3, path: Path = WEIGHTS, log: b
     t0 = time.perf_counter()
     model.train()
     for step in range(steps):
-        starts = torch.randint(0, len(ids) - CTX - 1, (32,), generator=g).tolist()
+        starts = torch.randint(0, len(ids) - CTX - 1, (16,), generator=g).tolist()
         x = torch.stack([ids[s:s + CTX + 1] for s in starts])
         logits = model(x[:, :-1])
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
@@ -87,7 +87,7 @@ def train_fp32(steps: int = 1200, lr: float = 2e-3, path: Path = WEIGHTS, log: b
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if log and (step % 200 == 0 or step == steps - 1):
+        if log and (step % 100 == 0 or step == steps - 1):
             print(f"  fp32 step {step}: loss {loss.item():.3f} ({loss.item() / math.log(2):.3f} bits/char), "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -126,10 +126,9 @@ class _SearchProgress:
             self.close()
         elif kind == "done":
             self.close()
-            res = data.get("result", {})
-            phases = res.get("phases") or {}
+            phases = data.get("phases") or {}
             if phases:
-                per = res.get("seconds_per_trial")
+                per = data.get("seconds_per_trial")
                 self.console.print("[dim]time: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items() if v >= 0.05)
                                    + (f"; {per:.2f} s per trial" if per else "") + "[/dim]")
 

@@ -103,10 +103,15 @@ class LayerCache(OrderedDict):
 
 
 def default_cache_bytes(desc: ModelDesc) -> int:
-    """Each of the applier's two caches (compressed weights, layer intermediates) may hold a fifth of the
-    model's fp32 bytes, at least 256 MiB and at most 1 GiB: all of a MiniLM-sized model's work stays
-    cached, and a 1.3 GB model's search stays within ~3x its weights."""
-    return int(min(1 << 30, max(256 << 20, desc.fp32_bytes // 5)))
+    """The bound of each of the applier's two caches (compressed weights, layer intermediates): 1 GiB up to
+    LARGE_MODEL_BYTES of fp32 weights (a MiniLM-sized model keeps all its work, its 94 MB embedding sort
+    order included: with 256 MiB, cold random plans ran at half the speed), above it an eighth of the fp32
+    bytes (at most 1 GiB), so a 1.3 GB model's search stays within 3x its weights (at a fifth: 3.00x)."""
+    from autocomp.memory import LARGE_MODEL_BYTES
+
+    if desc.fp32_bytes <= LARGE_MODEL_BYTES:
+        return 1 << 30
+    return int(min(1 << 30, desc.fp32_bytes // 8))
 
 
 class PlanApplier:

@@ -64,7 +64,8 @@ def n_pruned(numel: int, sparsity: float) -> int:
     return int(math.floor(sparsity * numel + 1e-9))
 
 
-SORT_BELOW = 1 << 20  # matrices smaller than this cache one stable sort of |W| per layer; larger ones select
+SORT_BELOW = 1 << 20  # matrices smaller than this always cache one stable sort of |W|; larger ones do while
+# the index array (int64) takes at most half of the layer cache, and select the threshold otherwise
 
 
 def magnitude_mask(values, sparsity: float, order=None):  # type: ignore[no-untyped-def]
@@ -199,7 +200,9 @@ class Prune(Technique):
                     mask = ctx.cache[key] = nm_mask(part.values)
                 out.append(part.evolve(mask=mask, nm=True))
                 continue
-            if part.values.numel() >= SORT_BELOW:  # selection: no index array to cache (8 bytes a weight)
+            numel = part.values.numel()
+            if numel >= SORT_BELOW and 8 * numel > getattr(ctx.cache, "limit", float("inf")) / 2:
+                # an index array this large would crowd the bounded cache: select instead (the same mask)
                 out.append(part.evolve(mask=magnitude_mask(part.values, c.sparsity)))
                 continue
             # the sort order depends only on the values; for factors, on the upstream rank too

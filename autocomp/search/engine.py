@@ -15,6 +15,7 @@ enqueues their parameters again, then runs only the missing trials. ``--trials N
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,10 +23,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from autocomp.budget import format_bytes, parse_budget
-from autocomp.memory import LARGE_MODEL_BYTES, large_blocks_to_mmap, release
 from autocomp.desc import ModelDesc
 from autocomp.errors import AutocompError
-from autocomp.plan import Plan
+from autocomp.memory import LARGE_MODEL_BYTES, large_blocks_to_mmap, release
+from autocomp.plan import Plan, atomic_write_text
 from autocomp.search.config import (METRIC_ATTR, SearchConfig, check_same, parse_count, parse_objectives,
                                     parse_time_ms, space_hash, validate)
 from autocomp.search.study import (ATTR, HEARTBEAT_GRACE, HEARTBEAT_INTERVAL, SEEDED_ATTR, Heartbeat, StudyHandle,
@@ -527,9 +528,12 @@ class _Search:
         result = study_result(self.handle)
         if pool is not None:
             result["backend"] = "ray"
-        # where this run's time went (seconds); seconds_per_trial: the trials phase over the trials it finished
-        result["phases"] = {k: round(v, 3) for k, v in self.prep.phases.items()}
+        # where this run's time went (seconds; seconds_per_trial: the trials phase over the trials this run
+        # finished): printed after the front and kept in <study>/phases.json, outside the --json contract
         run = getattr(self, "trials_run", 0)
-        result["seconds_per_trial"] = round(self.prep.phases.get("trials", 0.0) / run, 3) if run > 0 else None
-        self.emit("done", {"done": done, "total": self.cfg.trials, "result": result})
+        timing = {"phases": {k: round(v, 3) for k, v in self.prep.phases.items()},
+                  "seconds_per_trial": round(self.prep.phases.get("trials", 0.0) / run, 3) if run > 0 else None,
+                  "trials_this_run": run}
+        atomic_write_text(self.handle.out_dir / "phases.json", json.dumps(timing))
+        self.emit("done", {"done": done, "total": self.cfg.trials, "result": result, **timing})
         return result
