@@ -7,7 +7,7 @@ vocabulary, seeded random weights, saved as local transformers directories; noth
     .venv/bin/python benchmarks/bench_scale.py --layers 24 --trials 12 --json
 
 Each search runs as a user would run it (a fresh process, a fresh study under a temp dir); peak RSS is the
-child's maximum resident set (getrusage). The model directories are cached under --cache.
+search's maximum resident set (getrusage in a wrapper process of its own). The model directories are cached under --cache.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -49,16 +48,19 @@ def run(path: Path, budget: str, trials: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [str(ROOT / ".venv/bin/autocomp"), "search", "--model", f"hf:{path}", "--budget", budget,
                "--trials", str(trials), "--studies-dir", str(Path(tmp) / "studies"), "--json"]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        # a fresh wrapper process per run: RUSAGE_CHILDREN's maximum is then this search's alone
+        wrap = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+                "print('peak_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+                "sys.exit(r.returncode)")
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        proc = subprocess.run([sys.executable, "-c", wrap, *cmd], capture_output=True, text=True, check=False)
         wall = time.perf_counter() - t0
-        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         if proc.returncode != 0:
             raise SystemExit(f"search failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        peak_kb = int(next(ln for ln in reversed(proc.stderr.splitlines()) if ln.startswith("peak_kb")).split()[1])
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         result.update(json.loads(next((Path(tmp) / "studies").glob("*/phases.json")).read_text()))
-    return {"wall_s": wall, "peak_rss_bytes": peak_kb * 1024, "peak_rss_grew": peak_kb > before, "result": result}
+    return {"wall_s": wall, "peak_rss_bytes": peak_kb * 1024, "result": result}
 
 
 def topk_error(path: Path, plans: int = 12, seed: int = 0) -> dict:
