@@ -407,3 +407,21 @@ def test_gram_svd_gives_the_same_truncations_as_lapack():
         assert torch.allclose(s, ss, rtol=1e-9, atol=1e-12)
         for r in (8, 32):
             assert torch.allclose((u[:, :r] * s[:r]) @ vh[:r], (uu[:, :r] * ss[:r]) @ vv[:r], atol=1e-10)
+
+
+def test_cached_magnitude_threshold_gives_the_sort_mask_and_survives_eviction():
+    from autocomp.compressors.apply import LayerCache
+    from autocomp.compressors.base import LayerContext, Part
+    from autocomp.compressors.prune import SORT_BELOW, Prune, PruneConfig, magnitude_mask, magnitude_threshold
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(SORT_BELOW // 512, 512, generator=g).half().float()  # fp16 values: many ties
+    order = torch.sort(w.reshape(-1).abs(), stable=True).indices
+    assert torch.equal(magnitude_mask(w, 0.4, threshold=magnitude_threshold(w, 0.4)), magnitude_mask(w, 0.4, order))
+    cache = LayerCache(1)  # evicts everything but the newest entry
+    ctx = LayerContext("l", cache=cache)
+    for _ in range(2):
+        (part,) = Prune().apply([Part(values=w)], PruneConfig("unstructured", 0.4), ctx)
+        cache["big"] = torch.zeros(100)
+        assert torch.equal(part.mask, magnitude_mask(w, 0.4, order))
+    assert list(cache.small) == [("absthr", "l", ctx.structured_key, ctx.upstream, 0, 0.4)]

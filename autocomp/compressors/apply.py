@@ -82,6 +82,7 @@ class LayerCache(OrderedDict):
         super().__init__()
         self.limit = limit
         self.nbytes = 0
+        self.small: dict[Any, Any] = {}  # entries of a few bytes (magnitude thresholds): never evicted
         self._sizes: dict[Any, int] = {}
 
     def get(self, key: Any, default: Any = None) -> Any:

@@ -64,15 +64,28 @@ def n_pruned(numel: int, sparsity: float) -> int:
     return int(math.floor(sparsity * numel + 1e-9))
 
 
-SORT_BELOW = 1 << 20  # matrices smaller than this always cache one stable sort of |W|; larger ones do while
-# the index array (int64) takes at most half of the layer cache, and select the threshold otherwise
+SORT_BELOW = 1 << 20  # matrices smaller than this cache one stable sort of |W|; larger ones cache, per
+# sparsity, only the threshold a selection finds (an int64 index array is 2x the matrix: a large model's
+# bounded cache could not hold them, and re-sorting was a third of a 12-block GPT-2-medium's trial)
 
 
-def magnitude_mask(values, sparsity: float, order=None):  # type: ignore[no-untyped-def]
+def magnitude_threshold(values, sparsity: float) -> tuple[float, int] | None:  # type: ignore[no-untyped-def]
+    """``(t, ties)``: the n-th smallest magnitude t (``kthvalue``, linear time, no index array) and how many
+    of the entries with |w| == t the n pruned include (the first ones in index order). None: nothing pruned."""
+    flat = values.reshape(-1)
+    n = n_pruned(flat.numel(), sparsity)
+    if n == 0:
+        return None
+    mag = flat.abs()
+    t = mag.kthvalue(n).values
+    return float(t), n - int((mag < t).sum())
+
+
+def magnitude_mask(values, sparsity: float, order=None, threshold=None):  # type: ignore[no-untyped-def]
     """The exact ``n_pruned`` smallest magnitudes pruned, ties in index order (a stable ascending sort's
-    first n). With ``order`` (that sort, cached) one scatter; without it on a large matrix, a selection:
-    the n-th smallest magnitude t (``kthvalue``, linear time, no index array) prunes every |w| < t and the
-    first of the |w| == t in index order, which is the same set."""
+    first n). With ``order`` (that sort, cached) one scatter; without it on a large matrix, a selection
+    (:func:`magnitude_threshold`, or ``threshold``, its cached result): every |w| < t pruned and the first
+    of the |w| == t in index order, which is the same set."""
     import torch
 
     flat = values.reshape(-1)
@@ -80,13 +93,12 @@ def magnitude_mask(values, sparsity: float, order=None):  # type: ignore[no-unty
     mask = torch.ones(flat.numel(), dtype=torch.bool)
     if n == 0:
         return mask.reshape(values.shape)
-    if order is None and flat.numel() >= SORT_BELOW:
+    if order is None and (threshold is not None or flat.numel() >= SORT_BELOW):
+        t, ties_pruned = threshold if threshold is not None else magnitude_threshold(values, sparsity)
         mag = flat.abs()
-        t = mag.kthvalue(n).values
         mask = mag > t
         ties = torch.nonzero(mag == t).squeeze(-1)
-        below = n - int((mag < t).sum())
-        mask[ties[below:]] = True  # the later ties in index order stay
+        mask[ties[ties_pruned:]] = True  # the later ties in index order stay
         return mask.reshape(values.shape)
     if order is None:
         order = torch.sort(flat.abs(), stable=True).indices
@@ -200,10 +212,13 @@ class Prune(Technique):
                     mask = ctx.cache[key] = nm_mask(part.values)
                 out.append(part.evolve(mask=mask, nm=True))
                 continue
-            numel = part.values.numel()
-            if numel >= SORT_BELOW and 8 * numel > getattr(ctx.cache, "limit", float("inf")) / 2:
-                # an index array this large would crowd the bounded cache: select instead (the same mask)
-                out.append(part.evolve(mask=magnitude_mask(part.values, c.sparsity)))
+            if part.values.numel() >= SORT_BELOW:
+                # a few bytes per (layer, sparsity), kept out of the LRU (a bounded cache would evict them)
+                small = getattr(ctx.cache, "small", ctx.cache)
+                key = ("absthr", ctx.name, ctx.structured_key, ctx.upstream, i, c.sparsity)
+                if key not in small:
+                    small[key] = magnitude_threshold(part.values, c.sparsity)
+                out.append(part.evolve(mask=magnitude_mask(part.values, c.sparsity, threshold=small[key])))
                 continue
             # the sort order depends only on the values; for factors, on the upstream rank too
             key = ("absorder", ctx.name, ctx.structured_key, ctx.upstream, i)
