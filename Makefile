@@ -13,7 +13,7 @@ $(BIN)/python:
 # requirement from pulling a CUDA build, and pip leaves an already-installed 2.13.0 alone.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --disable-pip-version-check "torch==2.13.0"
-	$(BIN)/pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[hf,hardware,multimodal,distributed,report,test]"
+	$(BIN)/pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[hf,hardware,multimodal,distributed,report,deploy,test]"
 	touch $(STAMP)
 
 setup: $(STAMP)

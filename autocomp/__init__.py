@@ -105,8 +105,21 @@ def export(model: Any, plan: Plan, path: Any, spec: str | None = None, data_spec
     return _e(model, plan, path, spec=spec, data_spec=data_spec)
 
 
-def load(path: Any, model: Any = None) -> Any:
-    """Rebuild a runnable model from an export file (checksum and layout checked)."""
+def load(path: Any, model: Any = None, runtime: str = "torch", threads: int | None = None) -> Any:
+    """A runnable model from an export file. ``runtime="torch"``: rebuilt from a packed export (checksum and
+    layout checked; ``model``: an instance to fill). ``runtime="ort"``: an ONNX export (``autocomp export
+    --format onnx``) behind an ONNX Runtime session (``threads``: its intra-op threads), called like the
+    original model and returning torch tensors (:class:`autocomp.ort.OrtModel`)."""
+    if runtime == "ort":
+        from autocomp.ort import OrtModel
+
+        return OrtModel(path, threads=threads)
+    if runtime != "torch":
+        raise AutocompError(f"runtime must be 'torch' or 'ort', got {runtime!r}")
+    from pathlib import Path
+
+    if Path(path).suffix == ".onnx":
+        raise AutocompError(f"{str(path)!r} is an ONNX export: load it with autocomp.load(path, runtime='ort')")
     from autocomp.artifact import load as _l
 
     return _l(path, model)

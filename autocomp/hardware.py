@@ -312,9 +312,10 @@ def fit_end_to_end(loaded: Any, desc: Any, wl: Any, device: Device, n_plans: int
 
 def validate(loaded: Any, desc: Any, space: Any, device: Device, workload: Any, n_plans: int, seed: int = 0,
              runs: int = 15, log: Callable[[str], None] = print,
-             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+             extra: dict[str, Any] | None = None, runtime: str = "torch") -> dict[str, Any]:
     """Predicted vs measured latency for ``n_plans`` random plans of ``space`` and the ``extra`` plans
-    (label -> plan, e.g. a study's front; their rows carry ``source``)."""
+    (label -> plan, e.g. a study's front; their rows carry ``source``). ``runtime="ort"``: each plan is
+    exported to ONNX (autocomp/ort.py) and timed in an ONNX Runtime session."""
     import numpy as np
     from scipy.stats import spearmanr
 
@@ -330,8 +331,24 @@ def validate(loaded: Any, desc: Any, space: Any, device: Device, workload: Any, 
     plans = _random_plans(space, n_plans, seed) + list((extra or {}).values())
     sources = ["random"] * n_plans + list(extra or {})
     predicted = [cost.latency_ms(plan) for plan in plans]
-    models = [build_runtime_model(loaded.module, desc, plan, applier) for plan in plans]
-    measured = time_models(models, batch, runs=runs)
+    if runtime == "ort":
+        import tempfile
+
+        from autocomp.ort import OrtModel, export_onnx
+
+        threads = int((device.ort or {}).get("threads") or 0) or None
+        with tempfile.TemporaryDirectory() as tmp:
+            models = []
+            for i, plan in enumerate(plans):
+                path = Path(tmp) / f"plan{i}.onnx"
+                export_onnx(loaded.module, desc, plan, path, loaded.batches[0])
+                models.append(OrtModel(path, threads=threads))
+                log(f"  exported plan {i + 1}/{len(plans)} to ONNX")
+            measured = time_models(models, batch, runs=runs)
+            del models
+    else:
+        models = [build_runtime_model(loaded.module, desc, plan, applier) for plan in plans]
+        measured = time_models(models, batch, runs=runs)
     rows = []
     for i in range(len(plans)):
         m_ms = measured[i]

@@ -27,7 +27,7 @@ from typing import Any
 from autocomp.compressors.apply import PlanApplier, check_plan
 from autocomp.compressors.base import Part
 from autocomp.desc import ModelDesc
-from autocomp.models.introspect import compressible_modules
+from autocomp.models.introspect import compressible_modules, weight_matrix_view
 from autocomp.plan import LayerPlan, Plan
 
 __all__ = ["build_runtime_model", "measure_latency_ms"]
@@ -46,17 +46,21 @@ def _dense_linear(part: Part, bias: Any) -> Any:
     return layer.eval()
 
 
-def _lowered(choice: LayerPlan, parts: list[Part], bias: Any) -> Any:
+def _lowered(choice: LayerPlan, parts: list[Part], bias: Any, kernels: bool = True, built: list | None = None) -> Any:
     """The module running one Linear layer's parts: the techniques' own kernels where they have them
-    (W8A8: int8), dense fp32 otherwise, composed by a factor technique (low rank: two matmuls)."""
+    (W8A8: int8) and ``kernels`` allows, dense fp32 otherwise, composed by a factor technique (low rank: two
+    matmuls). ``built`` collects each (part, leaf Linear) pair."""
     steps = choice.steps()
 
     def linear(part: Part, b: Any) -> Any:
-        for tech, config in steps:
+        for tech, config in steps if kernels else ():
             module = tech.runtime_linear(config, part, b)
             if module is not None:
                 return module
-        return _dense_linear(part, b)
+        module = _dense_linear(part, b)
+        if built is not None:
+            built.append((part, module))
+        return module
 
     for tech, config in steps:
         module = tech.runtime_graph(config, parts, bias, linear)
@@ -67,32 +71,72 @@ def _lowered(choice: LayerPlan, parts: list[Part], bias: Any) -> Any:
     return linear(parts[0], bias)
 
 
-def build_runtime_model(model: Any, desc: ModelDesc, plan: Plan, applier: PlanApplier | None = None) -> Any:
-    """A new module (the original is untouched) that runs ``plan`` with real kernels."""
+def _set_stored(mod: Any, kind: str, plan: Plan, name: str, layer_parts: Any, applier: Any) -> None:
+    """A non-Linear layer's compressed weights, in place and in its own shape (cut units as zeros)."""
+    import torch
+
+    if applier is not None:
+        w, b = applier.compressed(plan, name)  # (None, None) when the plan leaves it alone
+    else:
+        from autocomp.compressors.pipeline import reconstruct
+        from autocomp.compressors.structured import scatter
+        from autocomp.models.introspect import matrix_to_weight
+
+        lp, rows, cols = layer_parts(plan, name)
+        full = weight_matrix_view(kind, mod.weight.detach())
+        w, b = matrix_to_weight(kind, scatter(reconstruct(lp), rows, cols, tuple(full.shape)), mod.weight), None
+    if w is not None:
+        with torch.no_grad():
+            mod.weight.copy_(w)
+            if b is not None:
+                mod.bias.copy_(b)
+
+
+def build_runtime_model(model: Any, desc: ModelDesc, plan: Plan, applier: PlanApplier | None = None,
+                        kernels: bool = True, parts: Any = None, on_layer: Any = None) -> Any:
+    """A new module (the original is untouched) that runs ``plan`` with real kernels.
+
+    ``kernels=False``: every leaf a dense fp32 Linear (the ONNX export lowers them itself). ``parts``:
+    ``name -> (parts, rows, cols)`` or None, instead of computing them from ``model``'s weights (a trained
+    student's :func:`~autocomp.compressors.student.compressed_parts`). ``on_layer(name, [(part, module)])``
+    is told which stored part each built leaf module holds (Embedding / Conv: the layer's module itself)."""
     import torch
 
     check_plan(plan, desc)
-    applier = applier or PlanApplier(model, desc)  # computes parts from the original weights (cached)
+    if parts is None:
+        applier = applier or PlanApplier(model, desc)  # computes parts from the original weights (cached)
+        layer_parts = applier.layer_parts
+    else:
+        def layer_parts(plan: Plan, name: str) -> tuple[list[Part], Any, Any]:
+            return parts(name) or ([Part(values=weight_matrix_view(kind_of[name], weight_of[name]))], None, None)
+
+        mods0 = compressible_modules(model)
+        kind_of = {n: k for n, (_, k) in mods0.items()}
+        weight_of = {n: m.weight.detach() for n, (m, _) in mods0.items()}
     runtime = copy.deepcopy(model).eval()
     mods = compressible_modules(runtime)
     for layer in desc.layers:
         choice = plan.layer(layer.name)
         mod, kind = mods[layer.name]
         if kind != "Linear":  # Embedding / Conv / Conv1D: as stored, dequantized, masked
-            w, b = applier.compressed(plan, layer.name)  # (None, None) when the plan leaves it alone
-            if w is not None:
-                with torch.no_grad():
-                    mod.weight.copy_(w)
-                    if b is not None:
-                        mod.bias.copy_(b)
+            _set_stored(mod, kind, plan, layer.name, layer_parts, applier)
+            if on_layer is not None:
+                lp, rows, cols = layer_parts(plan, layer.name)
+                if rows is None and cols is None and len(lp) == 1:
+                    on_layer(layer.name, [(lp[0], mod)])
             continue
-        parts, rows, cols = applier.layer_parts(plan, layer.name)
+        lp, rows, cols = layer_parts(plan, layer.name)
         if choice.is_identity and rows is None and cols is None:
+            if on_layer is not None:
+                on_layer(layer.name, [(lp[0], mod)])
             continue
         bias = mod.bias
         if bias is not None and rows is not None:
             bias = bias.detach()[rows]
-        new = _lowered(choice, parts, bias)
+        built: list = []
+        new = _lowered(choice, lp, bias, kernels, built)
+        if on_layer is not None:
+            on_layer(layer.name, built)
         parent_name, _, attr = layer.name.rpartition(".")
         parent = runtime.get_submodule(parent_name) if parent_name else runtime
         setattr(parent, attr, new)

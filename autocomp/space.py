@@ -339,6 +339,33 @@ class SearchSpace:
         self._choice_memo.clear()
         return self
 
+    def restrict_to_stored_formats(self) -> "SearchSpace":
+        """Keep only options an ONNX Runtime export stores and runs exactly as the plan's format says
+        (:meth:`~autocomp.compressors.base.Technique.onnx_kernel`): e.g. 2/4/8-bit weights, W8A8, low rank,
+        structured pruning -- not 3-bit codes (4-bit containers) or unstructured / 2:4 sparsity (dense
+        zeros). A choice left with one option becomes fixed. In place."""
+        for param in list(self.params):
+            t = by_dim(param.rpartition(":")[2])
+            if t is None:
+                continue
+            keep = []
+            for label in self.params[param]:
+                option = t.parse(label)
+                configs = [] if option is None else [t.bind(option, self._by_name[n], [(self._by_name[n].rows,
+                                                                                         self._by_name[n].cols)])
+                                                     for n in self.param_layers(param)]
+                if all(c is None or t.onnx_kernel(c) is not None for c in configs):
+                    keep.append(label)
+            keep = keep or [t.neutral]
+            if len(keep) == 1:
+                del self.params[param]
+                self.fixed[param] = keep[0]
+            else:
+                self.params[param] = tuple(keep)
+        self._plan_memo.clear()
+        self._choice_memo.clear()
+        return self
+
     def _figure(self, t: Technique, label: str, param: str, figure: str, default: float) -> float:
         """A technique's summary figure (bits, sparsity) of an option, the extreme over the param's layers."""
         option = t.parse(label)

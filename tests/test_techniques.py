@@ -255,6 +255,37 @@ def test_runtime_lowering_matches_the_simulation(case):
     assert (real - sim).abs().max() <= (0.05 * ref.abs().max() if int8 else 1e-4)
 
 
+@pytest.mark.parametrize("case", _cases(), ids=_ids)
+def test_onnx_runtime_matches_the_simulation(case, tmp_path):
+    """Every technique exported to ONNX and run by ONNX Runtime (autocomp/ort.py): the simulated model's outputs
+    to float rounding; a technique with an integer kernel runs on it (the test file's Cluster: dense)."""
+    from autocomp.ort import OrtModel, export_onnx
+
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    plan = _plan(desc, example(case))
+    _calibrated(loaded, plan)
+    b = loaded.batches[0]
+    r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", b)
+    assert r["predicted_bytes"] == plan_bytes(desc, plan) and r["file_bytes"] == (tmp_path / "m.onnx").stat().st_size
+    with torch.inference_mode():
+        with PlanApplier(loaded.module, desc).applied(plan):
+            sim = loaded.module(b)
+        ref = loaded.module(b)
+    real = OrtModel(tmp_path / "m.onnx")(b)
+    q = example(case).get("quantize")
+    if q is not None and q.act_bits == 8:  # ORT quantizes activations at 8 bits (the simulation: 7): less drift
+        assert r["kernels"] == {"MatMulInteger": 3}
+        assert (real - ref).norm() <= 1.25 * (sim - ref).norm()
+        return
+    assert (real - sim).abs().max() <= 1e-4 * sim.abs().max()
+    if q is not None and q.bits <= 8:
+        n = 3 * len(example(case).get("lowrank") and [0, 1] or [0])
+        assert r["kernels"] == {"MatMulNBits": n}, r
+    else:
+        assert r["kernels"] == {}
+
+
 # -- the test-file technique through the whole tool ------------------------------------------------------------------
 def test_a_plugin_technique_is_searched_exported_loaded_and_trained(tmp_path):
     from autocomp.engine import SearchConfig, open_study, plan_of, run_search

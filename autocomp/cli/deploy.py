@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -97,11 +98,17 @@ def train(plan_path: Path, model: str | None, data: str | None, steps: int, out:
 
 
 @cli.command()
-@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True)
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
+              help="The plan to export (required for the packed format; without it --format onnx writes the fp32 "
+                   "reference of --model).")
 @click.option("--model", default=None, help="Default: the model the plan was made for.")
 @click.option("--data", default=None, help="Calibration data spec recorded for user models (file.py:fn).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="A checkpoint from `autocomp train`.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--format", "fmt", default="packed", show_default=True, type=click.Choice(["packed", "onnx"]),
+              help="packed: autocomp's safetensors format (exactly the predicted bytes; autocomp.load). onnx: one "
+                   "ONNX file for ONNX Runtime, quantized layers as its integer kernels (MatMulNBits, "
+                   "MatMulInteger, GatherBlockQuantized); autocomp.load(path, runtime='ort') serves it.")
 @click.option("--study", default=None,
               help="Record predicted vs real bytes in this study for its report (default: the study the plan came "
                    "from, when it is found).")
@@ -111,10 +118,10 @@ def train(plan_path: Path, model: str | None, data: str | None, steps: int, out:
                    "quantization group to its least-error range (same size, usually a better model).")
 @click.option("--json", "as_json", is_flag=True)
 @STUDIES_DIR
-def export(plan_path: Path, model: str | None, data: str | None, weights: Path | None, out: Path, study: str | None,
-           storage: str | None, clip: str, as_json: bool, studies_dir: Path | None) -> None:
-    """Write the packed model (safetensors, docs/FORMAT.md); its payload is exactly the predicted size."""
-    from autocomp.artifact import export as do_export
+def export(plan_path: Path | None, model: str | None, data: str | None, weights: Path | None, out: Path, fmt: str,
+           study: str | None, storage: str | None, clip: str, as_json: bool, studies_dir: Path | None) -> None:
+    """Write the packed model (safetensors, docs/FORMAT.md; its payload is exactly the predicted size) or,
+    with --format onnx, an ONNX Runtime model."""
     from autocomp.deploy import load_for_plan
     from autocomp.files import check_output
 
@@ -122,6 +129,19 @@ def export(plan_path: Path, model: str | None, data: str | None, weights: Path |
     if weights is not None and clip != "minmax":
         raise AutocompError("--clip applies to plans exported without --weights; a trained checkpoint keeps the "
                             "clipping it was trained with (autocomp train --clip)")
+    if plan_path is None:
+        if fmt != "onnx":
+            raise AutocompError("--plan is required (only --format onnx exports a model without a plan: its fp32 "
+                                "reference)")
+        if weights is not None:
+            raise AutocompError("--weights needs the --plan it was trained with")
+        from autocomp.models import load_model
+        from autocomp.models.introspect import introspect
+
+        loaded = load_model(model or "minilm", data=data)
+        result = _export_onnx(loaded, introspect(loaded), None, out, None, model or "minilm")
+        _print_export(result, out, as_json)
+        return
     plan_obj, loaded, desc = load_for_plan(plan_path, model, data, resolve_studies_dir(studies_dir))
     handle = fidelity_study(study, storage, studies_dir, plan_obj.meta.get("study"), desc)
     if weights is not None:
@@ -133,21 +153,53 @@ def export(plan_path: Path, model: str | None, data: str | None, weights: Path |
 
         student = prepare_for_training(loaded.module, plan_obj, desc)
         start_training(student, clip)
-    result = do_export(student, plan_obj, out, spec=model or plan_obj.model_spec,
-                       data_spec=data or (loaded.data_spec if ":" in (loaded.data_spec or "") and not
-                                          loaded.data_spec.startswith("builtin:") else None), desc=desc)
+    if fmt == "onnx":
+        result = _export_onnx(loaded, desc, plan_obj, out, student if weights is not None or clip != "minmax" else None,
+                              model or plan_obj.model_spec)
+    else:
+        from autocomp.artifact import export as do_export
+
+        result = do_export(student, plan_obj, out, spec=model or plan_obj.model_spec,
+                           data_spec=data or (loaded.data_spec if ":" in (loaded.data_spec or "") and not
+                                              loaded.data_spec.startswith("builtin:") else None), desc=desc)
     if handle is not None:
         from autocomp.fidelity import record
 
         record(handle.study, "export", {**result, "path": str(out.resolve()), "trial": plan_obj.meta.get("trial"),
                                         "trained": weights is not None})
+    _print_export(result, out, as_json)
+
+
+def _export_onnx(loaded: Any, desc: Any, plan: Any, out: Path, student: Any, spec: str) -> dict[str, Any]:
+    """The ONNX export of ``plan`` (None: fp32); ``student``: trained (or clipped) weights to export instead
+    of the plan applied to the original ones."""
+    from autocomp.ort import export_onnx
+
+    module, parts = loaded.module, None
+    if student is not None:
+        from autocomp.compressors.student import compressed_parts, finalize
+
+        by_layer = compressed_parts(student)
+        module, parts = finalize(student), by_layer.get
+    name = "embeddings" if loaded.metric == "cosine" else "logits" if loaded.metric == "kl" else "output"
+    return export_onnx(module, desc, plan, out, loaded.batches[0], parts=parts, spec=spec, output_name=name)
+
+
+def _print_export(result: dict[str, Any], out: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result))
-    else:
-        from autocomp.budget import format_bytes
+        return
+    from autocomp.budget import format_bytes
 
-        click.echo(f"wrote {out}: payload {format_bytes(result['payload_bytes'])} (predicted "
-                   f"{format_bytes(result['predicted_bytes'])}), file {format_bytes(result['file_bytes'])}")
+    if result.get("format") == "onnx":
+        kernels = ", ".join(f"{n} x{c}" for c, n in sorted(result["kernels"].items())) or "none (fp32)"
+        click.echo(f"wrote {out}: file {format_bytes(result['file_bytes'])} (plan predicted "
+                   f"{format_bytes(result['predicted_bytes'])}); ONNX Runtime kernels: {kernels}")
+        for note, layers in result["notes"].items():
+            click.echo(f"  {note}: {len(layers)} layer(s), e.g. {layers[0]}")
+        return
+    click.echo(f"wrote {out}: payload {format_bytes(result['payload_bytes'])} (predicted "
+               f"{format_bytes(result['predicted_bytes'])}), file {format_bytes(result['file_bytes'])}")
 
 
 @cli.command()

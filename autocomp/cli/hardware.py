@@ -49,8 +49,12 @@ def hardware_list(as_json: bool) -> None:
 
 @hardware.command("calibrate")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Device file to write (default: studies/hardware/cpu-local.yaml, found as --hardware cpu-local).")
-@click.option("--name", default="cpu-local", show_default=True)
+              help="Device file to write (default: studies/hardware/<name>.yaml, found as --hardware <name>).")
+@click.option("--runtime", default="torch", show_default=True, type=click.Choice(["torch", "ort"]),
+              help="torch: eager torch kernels (device cpu-local). ort: ONNX Runtime's kernels as `export --format "
+                   "onnx` uses them (device ort-cpu).")
+@click.option("--name", default=None, help="Device name (default: cpu-local, or ort-cpu with --runtime ort).")
+@click.option("--threads", default=None, type=int, help="--runtime ort: the session's intra-op threads (default: all cores).")
 @click.option("--model", default="minilm", show_default=True,
               help="Also time real compressed versions of this model and fit a whole-model correction for it "
                    "('none' to time kernels only).")
@@ -58,13 +62,16 @@ def hardware_list(as_json: bool) -> None:
 @click.option("--workload", default=None, help="BATCH or BATCHxSEQ for the whole-model runs (default 1x128).")
 @click.option("--fit-plans", default=12, show_default=True, type=int, help="Random plans timed for the whole-model fit.")
 @click.option("--quick", is_flag=True, help="Fewer kernels (for tests).")
-def hardware_calibrate(out: Path | None, name: str, model: str, data: str | None, workload: str | None,
-                       fit_plans: int, quick: bool) -> None:
+def hardware_calibrate(out: Path | None, runtime: str, name: str | None, threads: int | None, model: str,
+                       data: str | None, workload: str | None, fit_plans: int, quick: bool) -> None:
     """Time representative kernels here and fit a correction on top of the analytic model."""
     from autocomp.cost.device import local_dir
     from autocomp.hardware import calibrate
 
+    name = name or ("ort-cpu" if runtime == "ort" else "cpu-local")
     out = out or local_dir() / f"{name}.yaml"
+    if threads is not None and (threads < 1 or runtime != "ort"):
+        raise AutocompError("--threads takes a positive count and applies to --runtime ort")
     loaded = None
     if model.lower() != "none":
         from autocomp.models import load_model
@@ -73,6 +80,16 @@ def hardware_calibrate(out: Path | None, name: str, model: str, data: str | None
             raise AutocompError(f"--fit-plans must be >= 2, got {fit_plans}")
         loaded = load_model(model, data=data)  # fails here, before minutes of timing, on a bad --model
     con = console()
+    if runtime == "ort":
+        from autocomp.ort import _require
+        from autocomp.ort_hardware import calibrate_ort
+
+        _require()
+        con.print(f"calibrating {name}: timing ONNX Runtime's MatMul, MatMulNBits (2/4/8-bit), MatMulInteger and "
+                  f"Gather kernels{' and the fp32 graph of ' + loaded.name if loaded is not None else ''}…")
+        calibrate_ort(out, name=name, quick=quick, log=con.print, model=loaded, workload=workload, threads=threads)
+        con.print(f"wrote {out}; use it with --hardware {out if out.parent != local_dir() else name}")
+        return
     con.print(f"calibrating {name}: timing matmul, int8 and attention/elementwise kernels…")
     calibrate(out, name=name, quick=quick, log=con.print, model=loaded, workload=workload, fit_plans=fit_plans)
     con.print(f"wrote {out}; use it with --hardware {out if out.parent != local_dir() else name}")
@@ -82,7 +99,11 @@ def hardware_calibrate(out: Path | None, name: str, model: str, data: str | None
 @click.option("--model", default=None, help="Default: the --study's model, else minilm.")
 @click.option("--data", default=None)
 @click.option("--hardware", "hw", default=None,
-              help="Device name or file (must describe this machine). Default: the --study's, else cpu-local.")
+              help="Device name or file (must describe this machine). Default: the --study's, else cpu-local "
+                   "(ort-cpu with --runtime ort).")
+@click.option("--runtime", default=None, type=click.Choice(["torch", "ort"]),
+              help="What runs the plans: torch eager (the runtime model) or ONNX Runtime (each plan exported with "
+                   "`export --format onnx`). Default: the device's runtime.")
 @click.option("--space", default="default", show_default=True, help=SPACE_HELP)
 @click.option("--plans", default=30, show_default=True, type=int)
 @click.option("--workload", default=None, help="BATCH or BATCHxSEQ (default: 1x128 for sequence models).")
@@ -93,7 +114,7 @@ def hardware_calibrate(out: Path | None, name: str, model: str, data: str | None
 @click.option("--storage", default=None)
 @click.option("--json", "as_json", is_flag=True)
 @STUDIES_DIR
-def hardware_validate(model: str | None, data: str | None, hw: str | None, space: str, plans: int,
+def hardware_validate(model: str | None, data: str | None, hw: str | None, runtime: str | None, space: str, plans: int,
                       workload: str | None, runs: int, seed: int, study: str | None, storage: str | None,
                       as_json: bool, studies_dir: Path | None) -> None:
     """Predict, build and time random plans on this machine; report the agreement."""
@@ -115,26 +136,37 @@ def hardware_validate(model: str | None, data: str | None, hw: str | None, space
         if hw and meta.get("hardware") and hw != meta["hardware"] and load_device(hw).name != meta["hardware"]:
             raise AutocompError(f"study {study!r} was searched for hardware {meta['hardware']!r}, not {hw!r}; "
                                 f"drop --hardware or pass --hardware {meta['hardware']}")
-    hw = hw or meta.get("hardware") or "cpu-local"
+    hw = hw or meta.get("hardware") or ("ort-cpu" if runtime == "ort" else "cpu-local")
     model = model or meta.get("model_spec") or "minilm"
     data = data or (meta.get("data_spec") if model == meta.get("model_spec") and ":" in (meta.get("data_spec") or "")
                     and not str(meta.get("data_spec")).startswith("builtin:") else None)
     workload = workload or meta.get("workload")
     device = load_device(hw)
+    runtime = runtime or device.runtime
+    if runtime != device.runtime:
+        raise AutocompError(f"device {device.name!r} times runtime {device.runtime!r}, not {runtime!r}; pass a device "
+                            f"calibrated for it (--hardware {'ort-cpu' if runtime == 'ort' else 'cpu-local'})")
+    if runtime == "ort":
+        from autocomp.ort import _require
+
+        _require()
     loaded = load_model(model, data=data)
     desc = introspect(loaded)
     if handle is not None:
         check_study_model(handle, desc)
     wl = parse_workload(workload, desc)
     sp = SearchSpace.from_yaml(space, desc)
+    if runtime == "ort":
+        sp.restrict_to_stored_formats()
     con = console()
-    con.print(f"validating {device.name} on {model}, workload {wl.label()}, {plans} random plans from {space}…")
+    con.print(f"validating {device.name} ({runtime}) on {model}, workload {wl.label()}, {plans} random plans from {space}…")
     extra = None
     if study:  # the study's own front plans too: the ones a user will pick from
         from autocomp.search.study import front_trials, plan_of
 
         extra = {f"trial {t.number}": plan_of(t, handle) for t in front_trials(handle.study, handle.budget_bytes)}
-    result = validate(loaded, desc, sp, device, wl, plans, seed=seed, runs=runs, log=con.print, extra=extra)
+    result = validate(loaded, desc, sp, device, wl, plans, seed=seed, runs=runs, log=con.print, extra=extra,
+                      runtime=runtime)
     if study:
         from autocomp.fidelity import record
 

@@ -42,7 +42,7 @@ from typing import Any, ClassVar, Mapping
 
 from autocomp.errors import AutocompError
 
-__all__ = ["Part", "Stored", "Execution", "LayerContext", "TechniqueConfig", "Technique", "register", "registered",
+__all__ = ["Part", "OnnxWeight", "Stored", "Execution", "LayerContext", "TechniqueConfig", "Technique", "register", "registered",
            "technique", "axes", "by_dim", "ceil8", "has_statistics", "unregister", "STAGES"]
 
 STAGES = ("factor", "sparsify", "encode")
@@ -322,6 +322,39 @@ class Technique(ABC):
     def runtime_graph(self, config: Any, parts: list[Part], bias: Any, linear: Any) -> Any:
         """``factor`` techniques: the module for several parts, each built with ``linear(part, bias)``."""
         return None
+
+    # -- ONNX (autocomp export --format onnx) -------------------------------------------------------------
+    def onnx_kernel(self, config: Any) -> str | None:
+        """The ONNX Runtime kernel class a layer with this option runs on when the export stores it exactly as
+        the plan's format does (``--hardware ort-cpu`` searches only such options), or None: the export would
+        store it otherwise (e.g. sparsity as dense zeros), so the predicted bytes would not be the file's."""
+        return None
+
+    def onnx_weight(self, config: Any, part: Part, use: str) -> "OnnxWeight | None":
+        """How the ONNX export stores ``part`` when the graph ``use``\ s it as a ``"matmul"`` weight or a
+        ``"gather"`` table: an :class:`OnnxWeight` (integer codes an ONNX Runtime kernel runs as stored), or
+        None (dense float32, values as decoded: a pruned entry is a stored zero). Structure (cut rows,
+        factors) is lowered by the runtime model before export (:meth:`runtime_graph`)."""
+        return None
+
+
+@dataclass(frozen=True)
+class OnnxWeight:
+    """One matrix as an ONNX Runtime integer kernel stores it. ``op``: ``MatMulNBits`` (com.microsoft;
+    weight-only, 2/4/8-bit codes in blocks of ``block`` inputs), ``MatMulInteger`` (W8A8: int8 weights per
+    row, activations quantized per tensor at run time) or ``GatherBlockQuantized`` (com.microsoft; an
+    embedding table gathered from its codes). ``codes``: unsigned integers ``[rows, cols]`` (int8 for
+    MatMulInteger); ``scales``: float32 ``[rows, ceil(cols / block)]`` (``[rows]`` for MatMulInteger);
+    ``zero_points``: like ``scales``, integers, or None (the kernel's default ``2^(bits-1)``). ``note``:
+    what differs from the plan's own format (e.g. 3-bit codes in 4-bit containers), or ""."""
+
+    op: str
+    bits: int
+    block: int
+    codes: Any
+    scales: Any
+    zero_points: Any = None
+    note: str = ""
 
 
 _REGISTRY: dict[str, Technique] = {}

@@ -190,6 +190,9 @@ class LowRank(Technique):
         ((k, n),) = ex.shapes
         return replace(ex, shapes=((k, c.rank), (c.rank, n)))
 
+    def onnx_kernel(self, c: LowRankConfig) -> str | None:
+        return "factor"  # two matmuls, each stored and run as its own options say
+
     def runtime_graph(self, c: LowRankConfig, parts: list[Part], bias: Any, linear: Any) -> Any:
         import torch
 

@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from autocomp.compressors.base import (Execution, LayerContext, Part, Stored, Technique, TechniqueConfig, ceil8,
+from autocomp.compressors.base import (Execution, LayerContext, OnnxWeight, Part, Stored, Technique, TechniqueConfig, ceil8,
                                        has_statistics, register)
 
 __all__ = ["QuantConfig", "Quantize", "quantize_matrix", "fake_quant_input", "mse_clip", "CLIP_GRID", "CLIPS",
@@ -389,6 +389,55 @@ class Quantize(Technique):
         if device is not None and c.bits in device.weight_only_bits:
             return replace(ex, read_bits=float(c.bits))
         return ex
+
+    def onnx_kernel(self, c: QuantConfig) -> str | None:
+        """W8A8: ``int8``; 2, 4 or 8 bits in groups a kernel block divides: ``nbits<b>``; else None."""
+        if c.act_bits == 8:
+            return "int8"
+        if c.bits not in (2, 4, 8) or (c.group_size and c.group_size % 16):
+            return None
+        return f"nbits{c.bits}"
+
+    def onnx_weight(self, c: QuantConfig, part: Part, use: str) -> OnnxWeight | None:
+        """W8A8 -> ``MatMulInteger`` (int8 weights, the plan's per-row scales); weight-only 2..8 bits ->
+        ``MatMulNBits`` (matmul) or ``GatherBlockQuantized`` (table) on the plan's own codes, scales and zero
+        points, in the kernels' 2-, 4- or 8-bit containers (3 bits in 4, 5..7 in 8: the same values, more
+        bytes). A group of g inputs becomes blocks of the largest power of two in 16..256 dividing g, each
+        with the group's scale (per channel: blocks of up to 128 repeating the row's scale), so dequantizing
+        gives exactly the plan's values. None (dense) above 8 bits or for a group no such block divides."""
+        import numpy as np
+
+        if part.codes is None:
+            return None
+        codes = part.codes.detach().cpu().numpy().astype(np.int64)
+        rows, cols = codes.shape
+        scale = part.scale.detach().cpu().float().numpy().reshape(rows, -1)
+        zp = (np.full(scale.shape, 1 << (c.bits - 1), np.int64) if part.zero_point is None
+              else part.zero_point.detach().cpu().numpy().astype(np.int64).reshape(rows, -1))
+        g = c.group_size or cols
+        if part.mask is not None:  # a pruned entry stores its group's zero (it already does; made certain)
+            mask = part.mask.detach().cpu().numpy()
+            codes = np.where(mask, codes, np.repeat(zp, g, axis=1)[:, :cols])
+        if c.act_bits == 8 and use == "matmul":
+            return OnnxWeight("MatMulInteger", 8, cols, (codes - 128).astype(np.int8), scale.reshape(rows))
+        container = next((b for b in (2, 4, 8) if b >= c.bits), None)
+        if container is None:
+            return None
+        if g >= cols:
+            block = 16
+            while block < 128 and block < cols:
+                block *= 2
+        else:
+            block = next((b for b in (256, 128, 64, 32, 16) if g % b == 0), 0)
+            if not block:
+                return None
+        n_blocks = -(-cols // block)
+        group_of_block = (np.arange(n_blocks) * block) // g
+        note = f"{c.bits}-bit codes in {container}-bit containers" if container != c.bits else ""
+        symmetric_default = part.zero_point is None and container == c.bits
+        op = "MatMulNBits" if use == "matmul" else "GatherBlockQuantized"
+        return OnnxWeight(op, container, block, codes, scale[:, group_of_block].astype(np.float32),
+                          None if symmetric_default else zp[:, group_of_block], note)
 
     def runtime_linear(self, c: QuantConfig, part: Part, bias: Any) -> Any:
         """W8A8: torch's dynamic-quantized int8 Linear (x86/fbgemm) built from the plan's own codes and

@@ -42,6 +42,8 @@ class Device:
     correction: Mapping[str, Any] | None = None
     sources: Mapping[str, str] = field(default_factory=dict)
     path: str = ""
+    runtime: str = "torch"  # what runs the plans: torch eager, or "ort" (ONNX Runtime: autocomp export --format onnx)
+    ort: Mapping[str, Any] | None = None  # runtime "ort": the timed kernel fits (autocomp hardware calibrate --runtime ort)
 
     @property
     def act_bytes(self) -> int:
@@ -99,6 +101,13 @@ def parse_device(data: Any, src: str) -> Device:
         speedup = float(sparse.get("speedup", 0))
         if not speedup > 1:
             raise AutocompError(f"device file {src}: sparse_2_4 speedup must be > 1, got {speedup}")
+    runtime = str(data.get("runtime", "torch"))
+    ort = data.get("ort")
+    if runtime not in ("torch", "ort"):
+        raise AutocompError(f"device file {src}: runtime must be torch or ort, got {runtime!r}")
+    if runtime == "ort" and not (isinstance(ort, Mapping) and isinstance(ort.get("kernels"), Mapping)):
+        raise AutocompError(f"device file {src}: runtime ort needs the 'ort' kernel fits; write it with "
+                            f"`autocomp hardware calibrate --runtime ort`")
     return Device(
         name=str(data["name"]), description=str(data.get("description", "")), kind=str(data.get("kind", "")),
         peak_ops=peaks, memory_bandwidth=_figure(data, "memory_bandwidth", src, sources),
@@ -107,7 +116,7 @@ def parse_device(data: Any, src: str) -> Device:
         default_dtype=str(data["default_dtype"]), int8=bool(acc.get("int8", False)),
         weight_only_bits=tuple(int(b) for b in acc.get("weight_only_bits", []) or []),
         sparse_2_4=speedup, unstructured_sparse=bool(acc.get("unstructured_sparse", False)),
-        correction=data.get("correction"), sources=sources, path=src,
+        correction=data.get("correction"), sources=sources, path=src, runtime=runtime, ort=ort,
     )
 
 
@@ -145,5 +154,8 @@ def load_device(name: str) -> Device:
         raise AutocompError(
             f"device 'cpu-local' is not calibrated yet; run `autocomp hardware calibrate` (writes {local_dir() / 'cpu-local.yaml'})"
         )
-    known = ", ".join(sorted({q.stem for q in BUILTIN_DIR.glob('*.yaml')} | {"cpu-local"}))
+    if name == "ort-cpu":
+        raise AutocompError(f"device 'ort-cpu' is not calibrated yet; run `autocomp hardware calibrate --runtime ort` "
+                            f"(writes {local_dir() / 'ort-cpu.yaml'})")
+    known = ", ".join(sorted({q.stem for q in BUILTIN_DIR.glob('*.yaml')} | {"cpu-local", "ort-cpu"}))
     raise AutocompError(f"unknown device {name!r}; use one of {known} or a device YAML path")

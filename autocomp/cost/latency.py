@@ -79,6 +79,18 @@ def _energy_table() -> dict[str, Any]:
     return yaml.safe_load((Path(__file__).resolve().parent / "energy.yaml").read_text())
 
 
+def ort_class(ex: Any) -> str:
+    """The ONNX Runtime kernel class of a layer's :class:`~autocomp.compressors.base.Execution` (what
+    autocomp/ort.py lowers it to): ``int8`` (W8A8), ``nbits2/4/8`` (weight-only, in the kernel's containers),
+    else ``fp32``."""
+    if ex.act_bits == 8:
+        return "int8"
+    for b in (2, 4, 8):
+        if ex.store_bits <= b:
+            return f"nbits{b}"
+    return "fp32"
+
+
 class CostModel:
     """Latency (seconds), BitOps and relative energy of plans for one (device, model, workload)."""
 
@@ -128,6 +140,10 @@ class CostModel:
             return hit
         d = self.device
         m = self.positions(layer)
+        if d.runtime == "ort":
+            out = self._ort_layer(layer, choice, rows, cols, m)
+            self._memo[key] = out
+            return out
         if layer.type == "Embedding":  # a gather: memory only
             dram = m * cols * d.act_bytes
             seconds = self._combine(0.0, dram / (d.memory_bandwidth * d.eff_memory), "dense")
@@ -146,6 +162,24 @@ class CostModel:
         self._memo[key] = out
         return out
 
+    def _ort_layer(self, layer: LayerDesc, choice: LayerPlan, rows: int, cols: int, m: float) -> tuple[float, float, float, float]:
+        """ONNX Runtime: each matmul at its kernel class's timed fit (``t = a MKN + b KN + c M(K+N) + d``,
+        :func:`autocomp.ort_hardware.calibrate_ort`); an embedding gather per gathered element."""
+        fits = self.device.ort["kernels"]  # type: ignore[index]
+        if layer.type == "Embedding":
+            c, d0 = fits["gather"]
+            return c * m * cols + d0, 0.0, m * cols * 4 * self._dram_pj, 0.0
+        ex = self.execution(layer, choice, rows, cols)
+        cls = ort_class(ex)
+        seconds = energy = macs = 0.0
+        for k, n in ex.shapes:
+            a, b, c, d0 = fits[cls] if cls in fits else fits["fp32"]
+            seconds += a * m * k * n + b * k * n + c * m * (k + n) + d0
+            macs += m * k * n
+            w_bytes = k * n * min(ex.store_bits, 32.0) / 8
+            energy += m * k * n * self._mac_pj.get(ex.dtype, self._mac_pj["fp32"]) + w_bytes * self._dram_pj
+        return seconds, macs * ex.store_bits * ex.act_bits, energy, macs
+
     def execution(self, layer: LayerDesc, choice: LayerPlan, rows: int, cols: int) -> Any:
         """How the layer runs on this device (:class:`~autocomp.compressors.base.Execution`)."""
         d = self.device
@@ -157,6 +191,8 @@ class CostModel:
         d, info = self.device, self.desc.info
         b, r = self.workload.batch, self._seq_ratio
         flops = float(info.get("other_flops_per_sample", 0.0)) * b * r**2  # attention scores ~ seq^2
+        if d.runtime == "ort":
+            return self._ort_other(flops), flops / 2 * self._mac_pj["fp32"]
         compute = flops / (d.peak_ops[d.default_dtype] * d.eff_compute)
         corr = d.correction or {}
         if "op_element_s" in corr:
@@ -178,6 +214,17 @@ class CostModel:
         if self._e2e:
             seconds = seconds * self._e2e["other"] + self._e2e["intercept_s"]
         return seconds, energy
+
+    def _ort_other(self, flops: float) -> float:
+        """ONNX Runtime's time outside the layers: for the calibrated model, its measured fit over tokens
+        (``u + v T + w T^2``, T = batch x sequence); for another model, its attention FLOPs at the fp32 rate."""
+        ort = self.device.ort or {}
+        e2e = ort.get("end_to_end") or {}
+        if e2e.get("fingerprint") == self.desc.fingerprint:
+            u, v, w = e2e["other"]
+            t = self.workload.batch * (self.workload.seq or 1)
+            return u + v * t + w * t * t / max(self.workload.batch, 1)
+        return flops / 2 * ort["kernels"]["fp32"][0]
 
     def _raw(self, plan: Plan) -> tuple[float, float, float]:
         seconds, energy = self.other_cost()

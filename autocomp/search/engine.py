@@ -168,6 +168,11 @@ def _prepare(cfg: SearchConfig, req: _Request, emit: Any) -> _Prepared:
     constraints = parse_constraints(desc, cfg.min_bits, cfg.max_sparsity, cfg.budget_split)
     if constraints.min_bits or constraints.max_sparsity:
         space.restrict(constraints.min_bits, constraints.max_sparsity)
+    if cfg.hardware:
+        from autocomp.cost.device import load_device
+
+        if load_device(cfg.hardware).runtime == "ort":  # plans whose ONNX file holds exactly the predicted format
+            space.restrict_to_stored_formats()
     budget = parse_budget(cfg.budget, fp32_bytes=desc.fp32_bytes)
     _warn_kept(desc, emit)
     smallest = plan_bytes(desc, space.decode(space.smallest_assignment()))

@@ -1,0 +1,447 @@
+"""Plans lowered to ONNX Runtime: ``autocomp export --format onnx`` and ``autocomp.load(path, runtime="ort")``.
+
+The export first builds the plan's runtime model (:func:`autocomp.runtime.build_runtime_model`, every leaf a
+dense Linear): structured pruning as physically smaller matrices, low rank as two matmuls, every other
+weight as its decoded values (unstructured and 2:4 zeros stored as zeros). torch's exporter traces it
+(dynamic batch and sequence axes, the original model's input names). Then each weight the plan quantized is
+found in the graph by its content -- the initializer a ``MatMul`` / ``Gemm`` / ``Gather`` reads is exactly
+the decoded matrix (or its transpose) -- and the node is replaced by the kernel its technique names
+(:meth:`~autocomp.compressors.base.Technique.onnx_weight`):
+
+* weight-only 2..8-bit layers -> ``com.microsoft::MatMulNBits`` on the plan's own codes, scales and zero
+  points (3-bit codes in 4-bit containers, 5..7-bit in 8-bit: the same values, more bytes);
+* W8A8 (``int8``) layers -> ``DynamicQuantizeLinear`` + ``MatMulInteger`` (int8 weights, per-row scales);
+* quantized embedding tables -> ``com.microsoft::GatherBlockQuantized``: rows gathered from the packed
+  codes and dequantized per lookup (the table stays packed in memory);
+* everything else dense float32: Conv layers, weights above 8 bits, groups no kernel block divides.
+
+Scales are float32 in ORT's kernels (float16 in autocomp's packed format) and a per-channel scale repeats
+per block, so the file is somewhat larger than the plan's predicted bytes; the JSON reports both.
+Parity (tests/test_ort.py): the ORT model's outputs equal the simulated model's (``apply_plan``) to float
+rounding (max |difference| <= 1e-4 x max |output|) for every technique but W8A8, whose activations ORT
+quantizes per tensor at 8 bits where the simulation (and torch's fbgemm kernel) uses 7.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from autocomp.errors import AutocompError
+
+__all__ = ["export_onnx", "OrtModel", "load_onnx", "ONNX_FORMAT"]
+
+ONNX_FORMAT = "autocomp-onnx-1"
+OPSET = 18
+MS_DOMAIN = "com.microsoft"
+
+
+def _require() -> tuple[Any, Any]:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise AutocompError("ONNX export needs onnx and onnxruntime: pip install 'autocomp[deploy]' "
+                            "(make setup installs them)") from None
+    return onnx, onnxruntime
+
+
+# -- tracing ----------------------------------------------------------------------------------------------
+def _flatten_output(out: Any, default: str) -> tuple[list[str], list[Any]]:
+    """(names, tensors) of a model output: a tensor, a dict / ModelOutput of tensors, or a tuple."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [default], [out]
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        items = [(str(k), v) for k, v in out.items() if isinstance(v, torch.Tensor)]
+        return [k for k, _ in items], [v for _, v in items]
+    if isinstance(out, (tuple, list)):
+        items = [(f"output_{i}", v) for i, v in enumerate(out) if isinstance(v, torch.Tensor)]
+        return [k for k, _ in items], [v for _, v in items]
+    raise AutocompError(f"the model returns {type(out).__name__}; ONNX export needs a tensor, a dict of "
+                        f"tensors or a tuple of tensors")
+
+
+def _inputs(batch: Any) -> tuple[list[str], list[Any], str]:
+    import torch
+
+    if isinstance(batch, dict):
+        names = [k for k, v in batch.items() if isinstance(v, torch.Tensor)]
+        if len(names) != len(batch):
+            raise AutocompError("ONNX export needs every input of a calibration batch to be a tensor")
+        return names, [batch[k] for k in names], "dict"
+    if isinstance(batch, (tuple, list)):
+        return [f"input_{i}" for i in range(len(batch))], list(batch), "tuple"
+    return ["input"], [batch], "tensor"
+
+
+def _trace(module: Any, batch: Any, output_name: str) -> tuple[Any, list[str], list[str], str, str]:
+    """-> (ModelProto, input names, output names, input kind, output kind) for ``module`` on ``batch``."""
+    import onnx
+    import torch
+
+    from autocomp.models.base import run_batch
+
+    in_names, tensors, in_kind = _inputs(batch)
+    with torch.inference_mode():
+        out = run_batch(module, batch)
+    out_names, _ = _flatten_output(out, output_name)
+    out_kind = "tensor" if isinstance(out, torch.Tensor) else "dict" if hasattr(out, "keys") else "tuple"
+
+    class Flat(torch.nn.Module):
+        def __init__(self, m: Any) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, *xs: Any) -> Any:
+            b = dict(zip(in_names, xs)) if in_kind == "dict" else list(xs) if in_kind == "tuple" else xs[0]
+            return tuple(_flatten_output(run_batch(self.m, b), output_name)[1])
+
+    axes: dict[str, dict[int, str]] = {}
+    for name, t in zip(in_names, tensors):
+        dims = {0: "batch"} if t.dim() >= 1 else {}
+        if t.dim() >= 2 and not t.is_floating_point():  # token ids, masks: batch x sequence
+            dims[1] = "sequence"
+        axes[name] = dims
+    for name in out_names:
+        axes[name] = {0: "batch"}
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:  # torch's TorchScript-based exporter: seconds for MiniLM (the dynamo exporter: ~6x slower)
+            torch.onnx.export(Flat(module), tuple(tensors), buf, input_names=in_names, output_names=out_names,
+                              dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        except Exception as first:  # noqa: BLE001 - any exporter failure: try the other exporter once
+            try:
+                buf = io.BytesIO()
+                prog = torch.onnx.export(Flat(module), tuple(tensors), input_names=in_names, output_names=out_names,
+                                         dynamic_axes=axes, opset_version=OPSET, dynamo=True, verbose=False)
+                return prog.model_proto, in_names, out_names, in_kind, out_kind
+            except Exception as second:  # noqa: BLE001
+                raise AutocompError(f"torch could not export this model to ONNX ({type(first).__name__}: "
+                                    f"{str(first).splitlines()[0][:200]}; dynamo exporter: {type(second).__name__}: "
+                                    f"{str(second).splitlines()[0][:200]})") from None
+    return onnx.load_from_string(buf.getvalue()), in_names, out_names, in_kind, out_kind
+
+
+# -- lowering ---------------------------------------------------------------------------------------------
+def _digest(a: Any) -> str:
+    import numpy as np
+
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return f"{a.shape}:" + hashlib.blake2b(a.tobytes(), digest_size=16).hexdigest()
+
+
+def _pack(codes: Any, bits: int) -> Any:
+    """Codes along the last axis, low bits first (the ONNX Runtime kernels' layout)."""
+    import numpy as np
+
+    per = 8 // bits
+    c = codes.astype(np.uint8).reshape(*codes.shape[:-1], -1, per)
+    out = np.zeros(c.shape[:-1], np.uint8)
+    for i in range(per):
+        out |= (c[..., i] << (i * bits)).astype(np.uint8)
+    return out
+
+
+def _padded(a: Any, width: int, fill: Any) -> Any:
+    import numpy as np
+
+    if a.shape[-1] == width:
+        return a
+    pad = np.broadcast_to(np.asarray(fill)[..., None] if np.ndim(fill) else fill, (*a.shape[:-1], width - a.shape[-1]))
+    return np.concatenate([a, pad.astype(a.dtype)], axis=-1)
+
+
+def _zero_points(zp: Any, bits: int) -> Any:
+    """Per-row packed zero points, each row padded to whole bytes."""
+    import numpy as np
+
+    per = 8 // bits
+    width = -(-zp.shape[1] // per) * per
+    return _pack(_padded(zp.astype(np.int64), width, 0), bits)
+
+
+class _Graph:
+    """The exported graph being lowered: new nodes and initializers, dead ones swept at the end."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.g = model.graph
+        self.inits = {t.name: t for t in self.g.initializer}
+        self.added: dict[str, Any] = {}
+        self.counter = 0
+
+    def init(self, name: str, array: Any) -> str:
+        from onnx import numpy_helper
+
+        if name not in self.added:
+            self.added[name] = numpy_helper.from_array(array, name)
+        return name
+
+    def tmp(self, stem: str) -> str:
+        self.counter += 1
+        return f"autocomp/{stem}_{self.counter}"
+
+
+def _lower_matmul(gr: _Graph, a: str, out: str, w: Any, key: str, n: int, k: int, accuracy: int = 0) -> list[Any]:
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    if w.op == "MatMulInteger":
+        wq = gr.init(f"{key}.qweight", np.ascontiguousarray(w.codes.T))  # int8 [K, N]
+        ws = gr.init(f"{key}.scale", w.scales.astype(np.float32))
+        xq, xs, xz, acc, acc_f, sc = (gr.tmp(s) for s in ("xq", "xs", "xz", "acc", "accf", "scale"))
+        return [helper.make_node("DynamicQuantizeLinear", [a], [xq, xs, xz]),
+                helper.make_node("MatMulInteger", [xq, wq, xz], [acc]),
+                helper.make_node("Cast", [acc], [acc_f], to=TensorProto.FLOAT),
+                helper.make_node("Mul", [xs, ws], [sc]),
+                helper.make_node("Mul", [acc_f, sc], [out])]
+    bits, block = w.bits, w.block
+    n_blocks = -(-k // block)
+    zp_fill = w.zero_points[:, -1] if w.zero_points is not None else (1 << (bits - 1))
+    codes = _padded(w.codes, n_blocks * block, zp_fill).reshape(n, n_blocks, block)
+    inputs = [a, gr.init(f"{key}.qweight", _pack(codes, bits)),
+              gr.init(f"{key}.scales", np.ascontiguousarray(w.scales.astype(np.float32).reshape(-1)))]
+    if w.zero_points is not None:
+        inputs.append(gr.init(f"{key}.zero_points", _zero_points(w.zero_points, bits).reshape(-1)))
+    return [helper.make_node("MatMulNBits", inputs, [out], domain=MS_DOMAIN, K=k, N=n, bits=bits,
+                             block_size=block, accuracy_level=accuracy)]
+
+
+def _lower_gather(gr: _Graph, indices: str, out: str, w: Any, key: str) -> list[Any]:
+    import numpy as np
+    from onnx import helper
+
+    inputs = [gr.init(f"{key}.qweight", _pack(w.codes, w.bits)), indices,
+              gr.init(f"{key}.scales", np.ascontiguousarray(w.scales.astype(np.float32)))]
+    if w.zero_points is not None:
+        inputs.append(gr.init(f"{key}.zero_points", _zero_points(w.zero_points, w.bits)))
+    return [helper.make_node("GatherBlockQuantized", inputs, [out], domain=MS_DOMAIN, gather_axis=0,
+                             quantize_axis=1, block_size=w.block, bits=w.bits)]
+
+
+def _lower(model: Any, lowerings: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+    """Replace every node whose weight initializer is a quantized layer's decoded matrix. ``lowerings``:
+    digest of the matrix as the graph holds it ([N, K] or [K, N]) -> (key, OnnxWeight)."""
+    from onnx import helper, numpy_helper
+
+    gr = _Graph(model)
+    shapes = {d.split(":")[0] for d in lowerings}
+    digests: dict[str, str | None] = {}
+
+    def match(name: str) -> tuple[str, Any] | None:
+        t = gr.inits.get(name)
+        if t is None or str(tuple(t.dims)) not in shapes:
+            return None
+        if name not in digests:
+            digests[name] = _digest(numpy_helper.to_array(t))
+        return lowerings.get(digests[name] or "")
+
+    done: dict[str, int] = {}
+    nodes = []
+    for node in gr.g.node:
+        new = None
+        if node.op_type == "MatMul" and len(node.input) == 2:
+            hit = match(node.input[1])
+            if hit is not None and hit[1].op in ("MatMulNBits", "MatMulInteger"):
+                key, w = hit
+                k, n = (int(d) for d in gr.inits[node.input[1]].dims)
+                new = _lower_matmul(gr, node.input[0], node.output[0], w, key, n, k)
+        elif node.op_type == "Gemm" and len(node.input) >= 2:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            hit = match(node.input[1])
+            if (hit is not None and hit[1].op in ("MatMulNBits", "MatMulInteger") and not attrs.get("transA", 0)
+                    and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0):
+                key, w = hit
+                d0, d1 = (int(d) for d in gr.inits[node.input[1]].dims)
+                n, k = (d0, d1) if attrs.get("transB", 0) else (d1, d0)
+                if w.codes.shape == (n, k):
+                    mid = gr.tmp("gemm") if len(node.input) > 2 and node.input[2] else node.output[0]
+                    new = _lower_matmul(gr, node.input[0], mid, w, key, n, k)
+                    if mid != node.output[0]:
+                        new.append(helper.make_node("Add", [mid, node.input[2]], [node.output[0]]))
+        elif node.op_type == "Gather" and len(node.input) == 2:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            hit = match(node.input[0])
+            if hit is not None and hit[1].op == "GatherBlockQuantized" and attrs.get("axis", 0) == 0:
+                key, w = hit
+                if w.codes.shape[1] % w.block == 0:
+                    new = _lower_gather(gr, node.input[1], node.output[0], w, key)
+        if new is None:
+            nodes.append(node)
+        else:
+            nodes.extend(new)
+            op = new[0].op_type if new[0].op_type != "DynamicQuantizeLinear" else "MatMulInteger"
+            done[op] = done.get(op, 0) + 1
+    del gr.g.node[:]
+    gr.g.node.extend(nodes)
+    gr.g.initializer.extend(gr.added.values())
+    used = {i for n in gr.g.node for i in n.input}
+    keep = [t for t in gr.g.initializer if t.name in used]
+    del gr.g.initializer[:]
+    gr.g.initializer.extend(keep)
+    if done and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return done
+
+
+# -- export -----------------------------------------------------------------------------------------------
+def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any, *, parts: Any = None,
+                spec: str | None = None, output_name: str = "output") -> dict[str, Any]:
+    """Write ``plan`` applied to ``module`` (or the fp32 model when ``plan`` is None) as one ONNX file.
+
+    ``batch``: one calibration batch (the graph's inputs and a trace). ``parts``: a trained student's
+    ``name -> (parts, rows, cols)``. -> ``{"path", "format": "onnx", "predicted_bytes", "file_bytes",
+    "kernels", "notes"}``: ``kernels`` counts the nodes per integer kernel; ``notes`` says what is stored
+    otherwise than the plan's format (e.g. 3-bit codes in 4-bit containers, dense layers)."""
+    onnx, _ = _require()
+    from autocomp.cost.size import plan_bytes
+    from autocomp.files import atomic_write
+
+    notes: dict[str, list[str]] = {}
+    lowerings: dict[str, tuple[str, Any]] = {}
+    if plan is None:
+        runtime = copy.deepcopy(module).eval()
+        predicted = int(desc.fp32_bytes)
+    else:
+        from autocomp.models.introspect import compressible_modules
+        from autocomp.runtime import build_runtime_model
+
+        kinds = {n: k for n, (_, k) in compressible_modules(module).items()}
+
+        def on_layer(name: str, built: list[tuple[Any, Any]]) -> None:
+            choice = plan.layer(name)
+            use = {"Linear": "matmul", "Conv1D": "matmul", "Embedding": "gather"}.get(kinds.get(name, ""))
+            for i, (part, _) in enumerate(built):
+                w = None
+                if use is not None:
+                    for tech, config in choice.steps():
+                        w = tech.onnx_weight(config, part, use) or w
+                if w is None:
+                    if not choice.is_identity:
+                        notes.setdefault("dense float32 (no integer kernel for this option or layer kind)",
+                                         []).append(name)
+                    continue
+                if w.note:
+                    notes.setdefault(w.note, []).append(name)
+                dense = (part.values if part.mask is None else part.values * part.mask).detach().cpu().numpy()
+                key = f"{name}.{i}" if len(built) > 1 else name
+                lowerings[_digest(dense)] = (key, w)
+                lowerings[_digest(dense.T)] = (key, w)
+
+        try:
+            runtime = build_runtime_model(module, desc, plan, kernels=False, parts=parts, on_layer=on_layer)
+        except ValueError as e:
+            raise AutocompError(f"this plan has no ONNX lowering: {e}") from None
+        predicted = int(plan_bytes(desc, plan))
+    if hasattr(getattr(runtime, "config", None), "use_cache"):
+        runtime.config.use_cache = False  # a causal LM's key/value cache is not an output of the graph
+    model, in_names, out_names, in_kind, out_kind = _trace(runtime, batch, output_name)
+    kernels = _lower(model, lowerings) if lowerings else {}
+    meta = {"autocomp_format": ONNX_FORMAT, "model_spec": spec or getattr(plan, "model_spec", "") or "",
+            "plan": json.dumps(plan.to_dict(), separators=(",", ":")) if plan is not None else "",
+            "predicted_bytes": str(predicted), "fingerprint": desc.fingerprint, "inputs": json.dumps(in_names),
+            "input_kind": in_kind, "outputs": json.dumps(out_names), "output_kind": out_kind}
+    for k, v in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    data = model.SerializeToString()
+    if len(data) >= 2**31:
+        raise AutocompError("the ONNX file would exceed protobuf's 2 GB; export the packed format instead "
+                            "(autocomp export without --format onnx)")
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_bytes(data)
+
+    out = atomic_write(path, write)
+    return {"path": str(out), "format": "onnx", "predicted_bytes": predicted, "file_bytes": out.stat().st_size,
+            "kernels": kernels, "notes": {k: sorted(set(v)) for k, v in notes.items()}}
+
+
+# -- serving ----------------------------------------------------------------------------------------------
+class OrtOutput(dict):
+    """A dict output whose entries also read as attributes (``out.logits``), like a transformers output."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class OrtModel:
+    """An exported ONNX file behind an ``onnxruntime.InferenceSession``, called like the original model:
+    ``model(**batch)`` (or positionally) -> torch tensors in the original output's form."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, optimization: str = "all") -> None:
+        _, ort = _require()
+        p = Path(path)
+        if not p.is_file():
+            raise AutocompError(f"file {str(p)!r} does not exist")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for bad files
+            raise AutocompError(f"{str(p)!r} is not a loadable ONNX model ({str(e).splitlines()[0][:200]}); "
+                                f"re-export it") from None
+        self.meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        if self.meta.get("autocomp_format") != ONNX_FORMAT:
+            raise AutocompError(f"{str(p)!r} is not an autocomp ONNX export; make one with "
+                                f"`autocomp export --format onnx`")
+        self.path = p
+        self.input_names = json.loads(self.meta["inputs"])
+        self.output_names = json.loads(self.meta["outputs"])
+        self.plan = None
+        if self.meta.get("plan"):
+            from autocomp.plan import Plan
+
+            self.plan = Plan.from_dict(json.loads(self.meta["plan"]))
+
+    def run_numpy(self, feed: dict[str, Any]) -> list[Any]:
+        return self.session.run(None, feed)
+
+    def feed(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        import numpy as np
+
+        values = dict(zip(self.input_names, args))
+        values.update(kwargs)
+        missing = [n for n in self.input_names if n not in values]
+        if missing:
+            raise AutocompError(f"missing model inputs {missing} (the model takes {self.input_names})")
+        out = {}
+        for name in self.input_names:
+            v = values[name]
+            v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+            out[name] = v
+        return out
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        outs = [torch.from_numpy(o) for o in self.session.run(None, self.feed(*args, **kwargs))]
+        kind = self.meta.get("output_kind")
+        if kind == "tensor":
+            return outs[0]
+        if kind == "dict":
+            return OrtOutput(zip(self.output_names, outs))
+        return tuple(outs)
+
+    def eval(self) -> "OrtModel":
+        return self
+
+
+def load_onnx(path: str | Path, threads: int | None = None) -> OrtModel:
+    return OrtModel(path, threads=threads)

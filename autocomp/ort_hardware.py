@@ -1,0 +1,247 @@
+"""``--hardware ort-cpu``: ONNX Runtime's own kernels timed on this machine, and plans validated as ORT runs them.
+
+``calibrate_ort`` times, each in a one-node session, the kernels autocomp/ort.py lowers layers to -- fp32
+``MatMul``, ``MatMulNBits`` at 2, 4 and 8 bits, the W8A8 path (``DynamicQuantizeLinear`` + ``MatMulInteger``)
+and an embedding gather -- over representative shapes and token counts M, subtracts the cost of an empty
+``session.run``, and fits per kernel class ``t = a MKN + b KN + c M(K+N) + d`` (non-negative least squares,
+relative error). With a model it also times the model's fp32 ONNX export at several workloads and fits
+what the graph spends outside its layers (``u + v T + w T^2/B``, T tokens). The result is a device file with
+``runtime: ort`` that :class:`~autocomp.cost.latency.CostModel` reads.
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from autocomp.errors import AutocompError
+
+__all__ = ["calibrate_ort", "kernel_graph", "ORT_CLASSES"]
+
+ORT_CLASSES = ("fp32", "nbits2", "nbits4", "nbits8", "int8")
+_SHAPES = [(384, 384), (384, 1536), (1536, 384), (768, 768), (768, 3072), (3072, 768), (384, 96), (96, 384),
+           (1024, 1024), (1024, 4096)]
+_ROWS = [1, 16, 64, 128, 512]
+_BLOCK = 32  # the block the kernel fits time (MatMulNBits speed barely depends on it here: see BENCHMARKS)
+
+
+def kernel_graph(cls: str, k: int, n: int, block: int = _BLOCK, accuracy: int = 0) -> bytes:
+    """A serialized one-layer ONNX model ``Y = A @ W^T`` [M, K] -> [M, N] running kernel class ``cls``."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from autocomp.compressors.base import OnnxWeight
+    from autocomp.ort import MS_DOMAIN, OPSET, _Graph, _lower_matmul
+
+    rng = np.random.default_rng(0)
+    a = helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])
+    model = helper.make_model(helper.make_graph([], "kernel", [a], [y]),
+                              opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
+    if cls == "fp32":
+        w = numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "W")
+        model.graph.initializer.append(w)
+        model.graph.node.append(helper.make_node("MatMul", ["A", "W"], ["Y"]))
+        return model.SerializeToString()
+    gr = _Graph(model)
+    if cls == "int8":
+        w = OnnxWeight("MatMulInteger", 8, k, rng.integers(-127, 128, (n, k)).astype(np.int8),
+                       np.full(n, 0.01, np.float32))
+    else:
+        bits = int(cls[5:])
+        nb = -(-k // block)
+        w = OnnxWeight("MatMulNBits", bits, block, rng.integers(0, 2**bits, (n, k)),
+                       np.full((n, nb), 0.01, np.float32), rng.integers(0, 2**bits, (n, nb)))
+    model.graph.node.extend(_lower_matmul(gr, "A", "Y", w, "W", n, k, accuracy))
+    model.graph.initializer.extend(gr.added.values())
+    return model.SerializeToString()
+
+
+def _session(data: bytes, threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def _time(fn: Callable[[], Any], min_runs: int = 7, budget_s: float = 0.1) -> float:
+    """Lower quartile of ``fn``'s seconds after two warm-up calls (shared-machine noise only adds time)."""
+    fn()
+    fn()
+    times: list[float] = []
+    end = time.perf_counter() + budget_s
+    while len(times) < min_runs or (time.perf_counter() < end and len(times) < 60):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[(len(times) - 1) // 4]
+
+
+def _empty_run_s(threads: int | None) -> float:
+    """What one ``session.run`` from Python costs with (almost) no work: subtracted from every kernel time."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, 4])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["A"], ["Y"])], "id", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    sess = _session(model.SerializeToString(), threads)
+    feed = {"A": np.ones((1, 4), np.float32)}
+    return _time(lambda: sess.run(None, feed), min_runs=50, budget_s=0.2)
+
+
+def _fit(rows: list[tuple[float, float, float, float]], times: list[float]) -> list[float]:
+    """Non-negative least squares on relative error: ``t = a MKN + b KN + c M(K+N) + d``."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    x = np.array(rows, dtype=float)
+    t = np.array(times, dtype=float)
+    w = 1.0 / np.maximum(t, 1e-7)
+    scale = x.max(axis=0)
+    scale[scale == 0] = 1.0
+    coef, _ = nnls((x / scale) * w[:, None], t * w)
+    return [float(c) for c in coef / scale]
+
+
+def _time_kernels(shapes: list[tuple[int, int]], ms: list[int], threads: int | None, base: float,
+                  log: Callable[[str], None]) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    import numpy as np
+
+    fits, samples = {}, {}
+    for cls in ORT_CLASSES:
+        feats, times = [], []
+        for k, n in shapes:
+            sess = _session(kernel_graph(cls, k, n), threads)
+            for m in ms:
+                a = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+                t = max(_time(lambda: sess.run(None, {"A": a})) - base, 1e-7)
+                feats.append((m * k * n, k * n, m * (k + n), 1.0))
+                times.append(t)
+        fits[cls] = _fit(feats, times)
+        pred = np.array(feats) @ np.array(fits[cls])
+        err = float(np.mean(np.abs(pred - times) / np.array(times)))
+        samples[cls] = {"points": len(times), "mape": round(err, 4)}
+        log(f"  {cls}: {len(times)} timings, fit error {err:.1%}")
+    return fits, samples
+
+
+def _time_gather(threads: int | None, base: float) -> list[float]:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    feats, times = [], []
+    for d in (128, 384, 1024):
+        table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4096, d)).astype(np.float32), "T")
+        i = helper.make_tensor_value_info("I", TensorProto.INT64, [None])
+        y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, d])
+        model = helper.make_model(helper.make_graph([helper.make_node("Gather", ["T", "I"], ["Y"])], "g", [i], [y],
+                                                    [table]), opset_imports=[helper.make_opsetid("", 18)])
+        sess = _session(model.SerializeToString(), threads)
+        for m in (1, 16, 128, 512):
+            ids = np.random.default_rng(m).integers(0, 4096, m)
+            times.append(max(_time(lambda: sess.run(None, {"I": ids})) - base, 1e-8))
+            feats.append((m * d, 1.0))
+    from scipy.optimize import nnls
+
+    x, t = np.array(feats), np.array(times)
+    coef, _ = nnls(x / t[:, None], np.ones_like(t))
+    return [float(c) for c in coef]
+
+
+def _fit_other(loaded: Any, desc: Any, device_doc: dict[str, Any], threads: int | None, seq: int,
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """Time the model's fp32 ONNX export at several token counts; what the layers' fits do not explain is
+    the rest of the graph (attention, norms, activations, the session's own per-run cost)."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    from autocomp.cost.device import parse_device
+    from autocomp.cost.latency import CostModel, Workload
+    from autocomp.hardware import workload_batch
+    from autocomp.ort import OrtModel, export_onnx
+    from autocomp.plan import Plan
+
+    device = parse_device(device_doc, "calibration")
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(loaded.module, desc, None, Path(tmp) / "fp32.onnx", loaded.batches[0])
+        model = OrtModel(Path(tmp) / "fp32.onnx", threads=threads)
+        rows, others = [], []
+        seqs = sorted({s for s in (8, 16, 32, 64, 128, seq) if s <= max(seq, 8)}) if seq else [0]
+        for b in (1, 4):
+            for s in seqs:
+                wl = Workload(b, s or None)
+                batch = workload_batch(loaded, desc, wl)
+                feed = model.feed(**batch) if isinstance(batch, dict) else model.feed(batch)
+                measured = _time(lambda: model.run_numpy(feed), min_runs=7, budget_s=0.3)
+                layers = CostModel(device, desc, wl)
+                layer_s = sum(layers.layer(l, Plan(layers={}).layer(l.name), l.rows, l.cols)[0] for l in desc.layers)
+                tokens = b * (s or 1)
+                rows.append((1.0, tokens, tokens * tokens / b))
+                others.append(max(measured - layer_s, 1e-6))
+                log(f"  fp32 graph at {b}x{s}: {measured * 1e3:.2f} ms, layers {layer_s * 1e3:.2f} ms")
+    x, t = np.array(rows), np.array(others)
+    coef, _ = nnls(x / t[:, None], np.ones_like(t))
+    return {"model": desc.name, "fingerprint": desc.fingerprint, "other": [float(c) for c in coef],
+            "workloads": len(rows)}
+
+
+def calibrate_ort(out: Path, name: str = "ort-cpu", quick: bool = False, log: Callable[[str], None] = print,
+                  model: Any = None, workload: str | None = None, threads: int | None = None) -> Any:
+    """Write (atomically) and return the ``runtime: ort`` device file of this machine."""
+    import onnxruntime
+    import yaml
+
+    from autocomp.cost.device import parse_device
+    from autocomp.plan import atomic_write_text
+
+    fit_model = None
+    if model is not None:
+        from autocomp.cost.latency import parse_workload
+        from autocomp.models.introspect import introspect
+
+        desc = introspect(model)
+        fit_model = (model, desc, parse_workload(workload, desc))
+    base = _empty_run_s(threads)
+    log(f"  an empty session.run: {base * 1e6:.1f} us (subtracted)")
+    shapes = _SHAPES[:4] if quick else _SHAPES
+    ms = [1, 16, 128] if quick else _ROWS
+    kernels, samples = _time_kernels(shapes, ms, threads, base, log)
+    kernels["gather"] = _time_gather(threads, base)
+    fp32_rate = 1.0 / max(kernels["fp32"][0], 1e-18)  # MACs/s at large shapes
+    src = f"timed by autocomp hardware calibrate --runtime ort (onnxruntime {onnxruntime.__version__}) on {platform.node()}"
+    doc: dict[str, Any] = {
+        "name": name,
+        "description": f"ONNX Runtime {onnxruntime.__version__} CPU kernels on {platform.processor() or platform.machine()}"
+                       f" ({threads or 'all'} threads): the kernels autocomp export --format onnx uses",
+        "kind": "cpu", "runtime": "ort", "default_dtype": "fp32",
+        "peak_ops": {"fp32": {"value": 2 * fp32_rate, "source": src},
+                     "int8": {"value": 2.0 / max(kernels["int8"][0], 1e-18), "source": src}},
+        "memory_bandwidth": {"value": 1e10, "source": "unused by runtime ort (the kernel fits hold it)"},
+        "efficiency": {"compute": {"value": 1.0, "source": "the fits are measured"},
+                       "memory": {"value": 1.0, "source": "the fits are measured"}},
+        "layer_overhead_s": {"value": max(kernels["fp32"][3], 1e-7), "source": src},
+        "accelerates": {"int8": True, "weight_only_bits": [2, 4, 8]},
+        "ort": {"version": onnxruntime.__version__, "threads": threads or 0, "block": _BLOCK,
+                "empty_run_s": base, "kernels": kernels, "samples": samples},
+    }
+    if fit_model is not None:
+        m, desc, wl = fit_model
+        doc["ort"]["end_to_end"] = _fit_other(m, desc, doc, threads, wl.seq or 0, log)
+    device = parse_device(doc, str(out))
+    atomic_write_text(out, yaml.safe_dump(doc, sort_keys=False))
+    return device
+
+
+def check_ort_threads(device: Any) -> None:
+    if device.runtime != "ort":
+        raise AutocompError(f"device {device.name!r} describes runtime {device.runtime!r}; --runtime ort needs a device "
+                            f"from `autocomp hardware calibrate --runtime ort` (e.g. --hardware ort-cpu)")

