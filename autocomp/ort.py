@@ -227,7 +227,7 @@ def _lower_gather(gr: _Graph, indices: str, out: str, w: Any, key: str) -> list[
                              quantize_axis=1, block_size=w.block, bits=w.bits)]
 
 
-def _lower(model: Any, lowerings: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+def _lower(model: Any, lowerings: dict[str, tuple[str, Any]], accuracy: int = 0) -> dict[str, Any]:
     """Replace every node whose weight initializer is a quantized layer's decoded matrix. ``lowerings``:
     digest of the matrix as the graph holds it ([N, K] or [K, N]) -> (key, OnnxWeight)."""
     from onnx import helper, numpy_helper
@@ -253,7 +253,7 @@ def _lower(model: Any, lowerings: dict[str, tuple[str, Any]]) -> dict[str, Any]:
             if hit is not None and hit[1].op in ("MatMulNBits", "MatMulInteger"):
                 key, w = hit
                 k, n = (int(d) for d in gr.inits[node.input[1]].dims)
-                new = _lower_matmul(gr, node.input[0], node.output[0], w, key, n, k)
+                new = _lower_matmul(gr, node.input[0], node.output[0], w, key, n, k, accuracy)
         elif node.op_type == "Gemm" and len(node.input) >= 2:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             hit = match(node.input[1])
@@ -264,7 +264,7 @@ def _lower(model: Any, lowerings: dict[str, tuple[str, Any]]) -> dict[str, Any]:
                 n, k = (d0, d1) if attrs.get("transB", 0) else (d1, d0)
                 if w.codes.shape == (n, k):
                     mid = gr.tmp("gemm") if len(node.input) > 2 and node.input[2] else node.output[0]
-                    new = _lower_matmul(gr, node.input[0], mid, w, key, n, k)
+                    new = _lower_matmul(gr, node.input[0], mid, w, key, n, k, accuracy)
                     if mid != node.output[0]:
                         new.append(helper.make_node("Add", [mid, node.input[2]], [node.output[0]]))
         elif node.op_type == "Gather" and len(node.input) == 2:
@@ -294,7 +294,7 @@ def _lower(model: Any, lowerings: dict[str, tuple[str, Any]]) -> dict[str, Any]:
 
 # -- export -----------------------------------------------------------------------------------------------
 def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any, *, parts: Any = None,
-                spec: str | None = None, output_name: str = "output") -> dict[str, Any]:
+                spec: str | None = None, output_name: str = "output", accuracy_level: int = 4) -> dict[str, Any]:
     """Write ``plan`` applied to ``module`` (or the fp32 model when ``plan`` is None) as one ONNX file.
 
     ``batch``: one calibration batch (the graph's inputs and a trace). ``parts``: a trained student's
@@ -344,10 +344,12 @@ def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any,
     if hasattr(getattr(runtime, "config", None), "use_cache"):
         runtime.config.use_cache = False  # a causal LM's key/value cache is not an output of the graph
     model, in_names, out_names, in_kind, out_kind = _trace(runtime, batch, output_name)
-    kernels = _lower(model, lowerings) if lowerings else {}
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise AutocompError(f"accuracy level must be 0..4 (ONNX Runtime's MatMulNBits), got {accuracy_level}")
+    kernels = _lower(model, lowerings, accuracy_level) if lowerings else {}
     meta = {"autocomp_format": ONNX_FORMAT, "model_spec": spec or getattr(plan, "model_spec", "") or "",
             "plan": json.dumps(plan.to_dict(), separators=(",", ":")) if plan is not None else "",
-            "predicted_bytes": str(predicted), "fingerprint": desc.fingerprint, "inputs": json.dumps(in_names),
+            "predicted_bytes": str(predicted), "fingerprint": desc.fingerprint, "accuracy_level": str(accuracy_level), "inputs": json.dumps(in_names),
             "input_kind": in_kind, "outputs": json.dumps(out_names), "output_kind": out_kind}
     for k, v in meta.items():
         entry = model.metadata_props.add()

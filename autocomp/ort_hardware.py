@@ -19,16 +19,21 @@ from typing import Any, Callable
 
 from autocomp.errors import AutocompError
 
-__all__ = ["calibrate_ort", "kernel_graph", "ORT_CLASSES"]
+__all__ = ["calibrate_ort", "kernel_graph", "kernel_classes"]
 
-ORT_CLASSES = ("fp32", "nbits2", "nbits4", "nbits8", "int8")
+BLOCKS = (16, 32, 64, 128, 256)
 _SHAPES = [(384, 384), (384, 1536), (1536, 384), (768, 768), (768, 3072), (3072, 768), (384, 96), (96, 384),
            (1024, 1024), (1024, 4096)]
 _ROWS = [1, 16, 64, 128, 512]
-_BLOCK = 32  # the block the kernel fits time (MatMulNBits speed barely depends on it here: see BENCHMARKS)
 
 
-def kernel_graph(cls: str, k: int, n: int, block: int = _BLOCK, accuracy: int = 0) -> bytes:
+def kernel_classes(blocks: tuple[int, ...] = BLOCKS) -> list[str]:
+    """fp32, int8 (W8A8) and MatMulNBits per bits x block: ``nbits<b>g<block>`` (the block matters: at 128
+    tokens 4-bit blocks of 32 ran 1.2x fp32's speed, blocks of 128 1.7x; docs/BENCHMARKS.md)."""
+    return ["fp32", "int8", *(f"nbits{b}g{k}" for b in (2, 4, 8) for k in blocks)]
+
+
+def kernel_graph(cls: str, k: int, n: int, accuracy: int = 4) -> bytes:
     """A serialized one-layer ONNX model ``Y = A @ W^T`` [M, K] -> [M, N] running kernel class ``cls``."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
@@ -51,7 +56,7 @@ def kernel_graph(cls: str, k: int, n: int, block: int = _BLOCK, accuracy: int = 
         w = OnnxWeight("MatMulInteger", 8, k, rng.integers(-127, 128, (n, k)).astype(np.int8),
                        np.full(n, 0.01, np.float32))
     else:
-        bits = int(cls[5:])
+        bits, block = (int(x) for x in cls[5:].split("g"))
         nb = -(-k // block)
         w = OnnxWeight("MatMulNBits", bits, block, rng.integers(0, 2**bits, (n, k)),
                        np.full((n, nb), 0.01, np.float32), rng.integers(0, 2**bits, (n, nb)))
@@ -112,25 +117,30 @@ def _fit(rows: list[tuple[float, float, float, float]], times: list[float]) -> l
     return [float(c) for c in coef / scale]
 
 
-def _time_kernels(shapes: list[tuple[int, int]], ms: list[int], threads: int | None, base: float,
-                  log: Callable[[str], None]) -> tuple[dict[str, list[float]], dict[str, Any]]:
+def _time_kernels(classes: list[str], shapes: list[tuple[int, int]], ms: list[int], threads: int | None,
+                  base: float, accuracy: int, log: Callable[[str], None]) -> tuple[dict[str, list[float]], dict[str, Any]]:
     import numpy as np
 
     fits, samples = {}, {}
-    for cls in ORT_CLASSES:
-        feats, times = [], []
+    for cls in classes:
+        pts: list[tuple[int, tuple[float, float, float, float], float]] = []
         for k, n in shapes:
-            sess = _session(kernel_graph(cls, k, n), threads)
+            sess = _session(kernel_graph(cls, k, n, accuracy), threads)
             for m in ms:
                 a = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
                 t = max(_time(lambda: sess.run(None, {"A": a})) - base, 1e-7)
-                feats.append((m * k * n, k * n, m * (k + n), 1.0))
-                times.append(t)
-        fits[cls] = _fit(feats, times)
-        pred = np.array(feats) @ np.array(fits[cls])
-        err = float(np.mean(np.abs(pred - times) / np.array(times)))
-        samples[cls] = {"points": len(times), "mape": round(err, 4)}
-        log(f"  {cls}: {len(times)} timings, fit error {err:.1%}")
+                pts.append((m, (m * k * n, k * n, m * (k + n), 1.0), t))
+        # one token (batch-1 generation) runs other kernels than a block of tokens (GEMV vs GEMM): own fits
+        for suffix, sel in (("", [p for p in pts if p[0] > 1]), ("@1", [p for p in pts if p[0] == 1])):
+            if not sel:
+                continue
+            feats, times = [p[1] for p in sel], [p[2] for p in sel]
+            fits[cls + suffix] = _fit(feats, times)
+            pred = np.array(feats) @ np.array(fits[cls + suffix])
+            err = float(np.mean(np.abs(pred - times) / np.array(times)))
+            samples[cls + suffix] = {"points": len(times), "mape": round(err, 4)}
+        log(f"  {cls}: {len(pts)} timings, fit error {samples[cls]['mape']:.1%} (1 token: "
+            f"{samples.get(cls + '@1', {}).get('mape', float('nan')):.1%})")
     return fits, samples
 
 
@@ -195,8 +205,10 @@ def _fit_other(loaded: Any, desc: Any, device_doc: dict[str, Any], threads: int 
 
 
 def calibrate_ort(out: Path, name: str = "ort-cpu", quick: bool = False, log: Callable[[str], None] = print,
-                  model: Any = None, workload: str | None = None, threads: int | None = None) -> Any:
-    """Write (atomically) and return the ``runtime: ort`` device file of this machine."""
+                  model: Any = None, workload: str | None = None, threads: int | None = None,
+                  accuracy_level: int = 4) -> Any:
+    """Write (atomically) and return the ``runtime: ort`` device file of this machine, for exports at
+    ``accuracy_level`` (MatMulNBits' compute type; 4: int8, what `export --format onnx` uses by default)."""
     import onnxruntime
     import yaml
 
@@ -214,7 +226,8 @@ def calibrate_ort(out: Path, name: str = "ort-cpu", quick: bool = False, log: Ca
     log(f"  an empty session.run: {base * 1e6:.1f} us (subtracted)")
     shapes = _SHAPES[:4] if quick else _SHAPES
     ms = [1, 16, 128] if quick else _ROWS
-    kernels, samples = _time_kernels(shapes, ms, threads, base, log)
+    classes = kernel_classes((32, 128) if quick else BLOCKS)
+    kernels, samples = _time_kernels(classes, shapes, ms, threads, base, accuracy_level, log)
     kernels["gather"] = _time_gather(threads, base)
     fp32_rate = 1.0 / max(kernels["fp32"][0], 1e-18)  # MACs/s at large shapes
     src = f"timed by autocomp hardware calibrate --runtime ort (onnxruntime {onnxruntime.__version__}) on {platform.node()}"
@@ -230,7 +243,7 @@ def calibrate_ort(out: Path, name: str = "ort-cpu", quick: bool = False, log: Ca
                        "memory": {"value": 1.0, "source": "the fits are measured"}},
         "layer_overhead_s": {"value": max(kernels["fp32"][3], 1e-7), "source": src},
         "accelerates": {"int8": True, "weight_only_bits": [2, 4, 8]},
-        "ort": {"version": onnxruntime.__version__, "threads": threads or 0, "block": _BLOCK,
+        "ort": {"version": onnxruntime.__version__, "threads": threads or 0, "accuracy_level": accuracy_level,
                 "empty_run_s": base, "kernels": kernels, "samples": samples},
     }
     if fit_model is not None:

@@ -51,12 +51,12 @@ def part_kernels() -> dict:
     for k, n in ((1024, 4096), (4096, 1024), (384, 1536)):
         for m in (1, 128):
             a = np.random.default_rng(0).standard_normal((m, k)).astype(np.float32)
-            cands = {"fp32": ("fp32", 32, 0), "int8 (W8A8)": ("int8", 32, 0)}
+            cands = {"fp32": ("fp32", 0), "int8 (W8A8)": ("int8", 0)}
             for bits in (2, 4, 8):
                 for block in (32, 128):
                     for acc in (0, 4):
-                        cands[f"{bits}-bit g{block} acc{acc}"] = (f"nbits{bits}", block, acc)
-            sessions = {name: _session(kernel_graph(cls, k, n, block, acc), None) for name, (cls, block, acc) in cands.items()}
+                        cands[f"{bits}-bit g{block} acc{acc}"] = (f"nbits{bits}g{block}", acc)
+            sessions = {name: _session(kernel_graph(cls, k, n, acc), None) for name, (cls, acc) in cands.items()}
             ms = interleaved({name: (lambda s=s: s.run(None, {"A": a})) for name, s in sessions.items()}, rounds=40)
             base = ms["fp32"]
             out[f"{k}x{n} M={m}"] = {name: {"ms": round(v, 4), "speedup_vs_fp32": round(base / v, 2)} for name, v in ms.items()}

@@ -45,7 +45,7 @@ def test_kernels_and_exact_codes_on_a_tiny_model(tmp_path):
     desc = introspect(loaded)
     plan = Plan(layers={"fc1": LayerPlan(bits=3, group_size=16, symmetric=False), "fc2": LayerPlan(bits=6),
                         "head": LayerPlan(bits=2, group_size=32)}, fingerprint=desc.fingerprint)
-    r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", loaded.batches[0])
+    r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", loaded.batches[0], accuracy_level=0)
     assert r["kernels"] == {"MatMulNBits": 3}
     assert r["notes"] == {"3-bit codes in 4-bit containers": ["fc1"], "6-bit codes in 8-bit containers": ["fc2"]}
     nodes = {n.input[1].split(".")[0]: n for n in onnx.load(str(tmp_path / "m.onnx")).graph.node
@@ -56,6 +56,22 @@ def test_kernels_and_exact_codes_on_a_tiny_model(tmp_path):
     sim = _simulated(loaded, desc, plan, loaded.batches[0])
     real = OrtModel(tmp_path / "m.onnx")(loaded.batches[0])
     assert (real - sim).abs().max() <= 1e-5 * sim.abs().max()
+
+
+def test_default_accuracy_level_is_the_int8_compute_path(tmp_path):
+    """MatMulNBits at accuracy level 4 (int8 activations per block: the fast CPU path) unless asked for 0; the
+    difference from the simulated model is the activation rounding, far below the weights' own."""
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    plan = _uniform(desc, LayerPlan(bits=4, group_size=16))
+    b = loaded.batches[0]
+    export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", b)
+    levels = {a.i for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
+    sim, ref = _simulated(loaded, desc, plan, b), _simulated(loaded, desc, None, b)
+    real = OrtModel(tmp_path / "m.onnx")(b)
+    assert 0 < (real - sim).norm() <= 0.25 * (sim - ref).norm()
 
 
 def test_structured_heads_are_physically_smaller(tmp_path):
@@ -72,7 +88,7 @@ def test_structured_heads_are_physically_smaller(tmp_path):
                 structured={name: StructuredGroup(g.kind, g.units, g.unit_size, g.units // 2, g.producers, g.consumers)},
                 fingerprint=desc.fingerprint)
     b = loaded.batches[0]
-    r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", b)
+    r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", b, accuracy_level=0)
     shape = {n.input[1].rsplit(".qweight", 1)[0]: {a.name: a.i for a in n.attribute}
              for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "MatMulNBits"}
     cut = g.units // 2 * g.unit_size
@@ -98,7 +114,7 @@ def test_causal_lm_with_tied_head_exports_its_logits(tmp_path):
     desc = introspect(loaded)
     plan = _uniform(desc, LayerPlan(bits=4, group_size=32), emb=LayerPlan(bits=8, group_size=32))
     b = loaded.batches[0]
-    r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", b, output_name="logits")
+    r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", b, output_name="logits", accuracy_level=0)
     assert r["kernels"].get("MatMulNBits", 0) >= 4 * 2 and r["kernels"].get("GatherBlockQuantized", 0) >= 1, r
     sim = _simulated(loaded, desc, plan, b)
     out = OrtModel(tmp_path / "m.onnx")(**b)
@@ -133,7 +149,9 @@ def test_minilm_end_to_end_through_the_cli(capsys, tmp_path, monkeypatch):
     real = model(**b)
     assert real.shape == sim.shape
     drift = lambda x: float((1 - torch.nn.functional.cosine_similarity(x, ref, dim=-1)).mean())  # noqa: E731
-    assert drift(real) <= 1.25 * drift(sim)  # W8A8 layers: ORT's 8-bit activations (simulated: 7-bit)
+    # W8A8 layers: ORT's 8-bit activations (simulated: 7-bit); MatMulNBits at accuracy level 4 (the default)
+    # quantizes its activations to int8 per block: +0.0006-0.001 cosine drift on MiniLM (docs/BENCHMARKS.md)
+    assert drift(real) <= 1.25 * drift(sim) + 0.002
     short = {k: v[:1, :5] for k, v in b.items()}  # another batch size and length
     assert model(**short).shape == (1, ref.shape[-1])
     code, out, err = run_cli(["export", "--model", "minilm", "--format", "onnx", "--out", "fp32.onnx", "--json"], capsys)
@@ -150,7 +168,7 @@ def test_clip_digits_dual_encoder_exports_both_towers(tmp_path):
     desc = introspect(loaded)
     plan = _uniform(desc, LayerPlan(bits=4, group_size=32), model_spec="clip-digits")
     b = loaded.batches[0]
-    r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", b)
+    r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", b, accuracy_level=0)
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
     inits = {t.name for t in graph.initializer}
     # every Linear the graph computes is lowered (BERT's pooler is not: the towers never read it)
@@ -206,3 +224,52 @@ def test_load_refuses_the_wrong_runtime_or_file(tmp_path):
     b = loaded.batches[0]
     assert torch.allclose(m(b), loaded.module(b), atol=1e-5)
     assert np.isfinite(m(b).numpy()).all()
+
+
+# -- the ort-cpu device ---------------------------------------------------------------------------------------------
+def test_ort_device_calibrate_validate_and_search(capsys, tmp_path, studies):
+    """`hardware calibrate --runtime ort` writes a runtime-ort device of timed kernel fits; validate times real ONNX
+    exports (same JSON contract as torch); a search on it proposes only formats ORT runs as stored."""
+    from autocomp.cost.device import load_device
+    from autocomp.cost.latency import CostModel
+
+    out = tmp_path / "ort.yaml"
+    tiny = ["--model", f"{TINY}:tiny", "--data", f"{TINY}:calib"]
+    code, _, err = run_cli(["hardware", "calibrate", "--runtime", "ort", "--quick", "--out", str(out), *tiny], capsys)
+    assert code == 0, err
+    dev = load_device(str(out))
+    assert dev.runtime == "ort" and dev.ort["accuracy_level"] == 4
+    assert {"fp32", "int8", "nbits4g32", "nbits4g128", "nbits2g32", "nbits8g128", "fp32@1"} <= set(dev.ort["kernels"])
+    assert all(min(v) >= 0 for v in dev.ort["kernels"].values())
+    desc = introspect(tiny_loaded())
+    assert dev.ort["end_to_end"]["fingerprint"] == desc.fingerprint
+    cost = CostModel(dev, desc)  # a W8A8 layer and a 4-bit layer are priced by their own kernels' fits
+    fp32 = cost.latency_ms(Plan(layers={}))
+    int8 = cost.latency_ms(Plan(layers={"fc1": LayerPlan(bits=8, act_bits=8)}))
+    four = cost.latency_ms(Plan(layers={"fc1": LayerPlan(bits=4, group_size=32)}))
+    assert len({fp32, int8, four}) == 3
+    code, out_json, err = run_cli(["hardware", "validate", "--runtime", "ort", "--hardware", str(out), *tiny,
+                                   "--plans", "4", "--runs", "3", "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out_json)
+    assert set(r) == {"hardware", "plans", "spearman", "within_10pct", "within_25pct", "mape", "rows"}
+    assert r["plans"] == 4 and all(x["measured_ms"] > 0 for x in r["rows"])
+    code, _, err = run_cli(["hardware", "validate", "--runtime", "torch", "--hardware", str(out), *tiny, "--plans", "4"],
+                           capsys)
+    assert code == 2 and "times runtime 'ort'" in err
+    code, out_json, err = run_cli(["search", *tiny, "--budget", "40%", "--trials", "12", "--hardware", str(out),
+                                   "--objectives", "proxy,latency", "--studies-dir", str(studies), "--json"], capsys)
+    assert code == 0, err
+    front = json.loads(out_json)["pareto"]
+    assert front and all("latency_ms" in e for e in front)
+    for e in front:
+        for layer in Plan.load(e["plan_path"]).layers.values():
+            q, p = layer.get("quantize"), layer.get("prune")
+            assert p is None and (q is None or q.act_bits == 8 or q.bits in (2, 4, 8)), layer
+
+
+def test_ort_cpu_not_calibrated_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOCOMP_HARDWARE", str(tmp_path / "none"))
+    code, _, err = run_cli(["search", "--model", f"{TINY}:tiny", "--data", f"{TINY}:calib", "--budget", "40%",
+                            "--hardware", "ort-cpu", "--studies-dir", str(tmp_path)], capsys)
+    assert code == 2 and "calibrate --runtime ort" in err and len(err.strip().splitlines()) == 1

@@ -266,7 +266,7 @@ def test_onnx_runtime_matches_the_simulation(case, tmp_path):
     plan = _plan(desc, example(case))
     _calibrated(loaded, plan)
     b = loaded.batches[0]
-    r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", b)
+    r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", b, accuracy_level=0)  # float compute: exact
     assert r["predicted_bytes"] == plan_bytes(desc, plan) and r["file_bytes"] == (tmp_path / "m.onnx").stat().st_size
     with torch.inference_mode():
         with PlanApplier(loaded.module, desc).applied(plan):

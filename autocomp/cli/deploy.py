@@ -109,6 +109,10 @@ def train(plan_path: Path, model: str | None, data: str | None, steps: int, out:
               help="packed: autocomp's safetensors format (exactly the predicted bytes; autocomp.load). onnx: one "
                    "ONNX file for ONNX Runtime, quantized layers as its integer kernels (MatMulNBits, "
                    "MatMulInteger, GatherBlockQuantized); autocomp.load(path, runtime='ort') serves it.")
+@click.option("--accuracy-level", default=4, show_default=True, type=click.IntRange(0, 4),
+              help="--format onnx: MatMulNBits' compute type. 4: activations quantized to int8 per block, the fast CPU "
+                   "path (on MiniLM +0.0006 cosine drift at 4g128); 0: float, exactly the searched model, but 2- and "
+                   "8-bit layers then run ~10x slower than fp32 here (docs/BENCHMARKS.md).")
 @click.option("--study", default=None,
               help="Record predicted vs real bytes in this study for its report (default: the study the plan came "
                    "from, when it is found).")
@@ -119,7 +123,8 @@ def train(plan_path: Path, model: str | None, data: str | None, steps: int, out:
 @click.option("--json", "as_json", is_flag=True)
 @STUDIES_DIR
 def export(plan_path: Path | None, model: str | None, data: str | None, weights: Path | None, out: Path, fmt: str,
-           study: str | None, storage: str | None, clip: str, as_json: bool, studies_dir: Path | None) -> None:
+           accuracy_level: int, study: str | None, storage: str | None, clip: str, as_json: bool,
+           studies_dir: Path | None) -> None:
     """Write the packed model (safetensors, docs/FORMAT.md; its payload is exactly the predicted size) or,
     with --format onnx, an ONNX Runtime model."""
     from autocomp.deploy import load_for_plan
@@ -139,7 +144,7 @@ def export(plan_path: Path | None, model: str | None, data: str | None, weights:
         from autocomp.models.introspect import introspect
 
         loaded = load_model(model or "minilm", data=data)
-        result = _export_onnx(loaded, introspect(loaded), None, out, None, model or "minilm")
+        result = _export_onnx(loaded, introspect(loaded), None, out, None, model or "minilm", accuracy_level)
         _print_export(result, out, as_json)
         return
     plan_obj, loaded, desc = load_for_plan(plan_path, model, data, resolve_studies_dir(studies_dir))
@@ -155,7 +160,7 @@ def export(plan_path: Path | None, model: str | None, data: str | None, weights:
         start_training(student, clip)
     if fmt == "onnx":
         result = _export_onnx(loaded, desc, plan_obj, out, student if weights is not None or clip != "minmax" else None,
-                              model or plan_obj.model_spec)
+                              model or plan_obj.model_spec, accuracy_level)
     else:
         from autocomp.artifact import export as do_export
 
@@ -170,7 +175,8 @@ def export(plan_path: Path | None, model: str | None, data: str | None, weights:
     _print_export(result, out, as_json)
 
 
-def _export_onnx(loaded: Any, desc: Any, plan: Any, out: Path, student: Any, spec: str) -> dict[str, Any]:
+def _export_onnx(loaded: Any, desc: Any, plan: Any, out: Path, student: Any, spec: str,
+                 accuracy_level: int = 4) -> dict[str, Any]:
     """The ONNX export of ``plan`` (None: fp32); ``student``: trained (or clipped) weights to export instead
     of the plan applied to the original ones."""
     from autocomp.ort import export_onnx
@@ -182,7 +188,8 @@ def _export_onnx(loaded: Any, desc: Any, plan: Any, out: Path, student: Any, spe
         by_layer = compressed_parts(student)
         module, parts = finalize(student), by_layer.get
     name = "embeddings" if loaded.metric == "cosine" else "logits" if loaded.metric == "kl" else "output"
-    return export_onnx(module, desc, plan, out, loaded.batches[0], parts=parts, spec=spec, output_name=name)
+    return export_onnx(module, desc, plan, out, loaded.batches[0], parts=parts, spec=spec, output_name=name,
+                       accuracy_level=accuracy_level)
 
 
 def _print_export(result: dict[str, Any], out: Path, as_json: bool) -> None:

@@ -55,6 +55,8 @@ def hardware_list(as_json: bool) -> None:
                    "onnx` uses them (device ort-cpu).")
 @click.option("--name", default=None, help="Device name (default: cpu-local, or ort-cpu with --runtime ort).")
 @click.option("--threads", default=None, type=int, help="--runtime ort: the session's intra-op threads (default: all cores).")
+@click.option("--accuracy-level", default=4, show_default=True, type=click.IntRange(0, 4),
+              help="--runtime ort: MatMulNBits' compute type to time (as `export --format onnx --accuracy-level`).")
 @click.option("--model", default="minilm", show_default=True,
               help="Also time real compressed versions of this model and fit a whole-model correction for it "
                    "('none' to time kernels only).")
@@ -62,7 +64,7 @@ def hardware_list(as_json: bool) -> None:
 @click.option("--workload", default=None, help="BATCH or BATCHxSEQ for the whole-model runs (default 1x128).")
 @click.option("--fit-plans", default=12, show_default=True, type=int, help="Random plans timed for the whole-model fit.")
 @click.option("--quick", is_flag=True, help="Fewer kernels (for tests).")
-def hardware_calibrate(out: Path | None, runtime: str, name: str | None, threads: int | None, model: str,
+def hardware_calibrate(out: Path | None, runtime: str, name: str | None, threads: int | None, accuracy_level: int, model: str,
                        data: str | None, workload: str | None, fit_plans: int, quick: bool) -> None:
     """Time representative kernels here and fit a correction on top of the analytic model."""
     from autocomp.cost.device import local_dir
@@ -87,7 +89,8 @@ def hardware_calibrate(out: Path | None, runtime: str, name: str | None, threads
         _require()
         con.print(f"calibrating {name}: timing ONNX Runtime's MatMul, MatMulNBits (2/4/8-bit), MatMulInteger and "
                   f"Gather kernels{' and the fp32 graph of ' + loaded.name if loaded is not None else ''}…")
-        calibrate_ort(out, name=name, quick=quick, log=con.print, model=loaded, workload=workload, threads=threads)
+        calibrate_ort(out, name=name, quick=quick, log=con.print, model=loaded, workload=workload, threads=threads,
+                      accuracy_level=accuracy_level)
         con.print(f"wrote {out}; use it with --hardware {out if out.parent != local_dir() else name}")
         return
     con.print(f"calibrating {name}: timing matmul, int8 and attention/elementwise kernels…")

@@ -167,6 +167,18 @@ def fake_quant_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (xq, *args[1:])
 
 
+def nbits_block(group_size: int, cols: int) -> int:
+    """The ``MatMulNBits`` / ``GatherBlockQuantized`` block for a group of ``group_size`` inputs (0 or >= cols:
+    per channel) of a ``cols``-input matrix: the largest power of two in 16..256 dividing the group (each
+    block then carries its group's scale), per channel up to 128; 0 when no such block divides the group."""
+    if not group_size or group_size >= cols:
+        block = 16
+        while block < 128 and block < cols:
+            block *= 2
+        return block
+    return next((b for b in (256, 128, 64, 32, 16) if group_size % b == 0), 0)
+
+
 @functools.lru_cache(maxsize=None)
 def _parse(label: str) -> tuple[int, int, bool, int | None, str] | None:
     m = _LABEL.match(str(label))
@@ -423,14 +435,9 @@ class Quantize(Technique):
         container = next((b for b in (2, 4, 8) if b >= c.bits), None)
         if container is None:
             return None
-        if g >= cols:
-            block = 16
-            while block < 128 and block < cols:
-                block *= 2
-        else:
-            block = next((b for b in (256, 128, 64, 32, 16) if g % b == 0), 0)
-            if not block:
-                return None
+        block = nbits_block(c.group_size, cols)
+        if not block:
+            return None
         n_blocks = -(-cols // block)
         group_of_block = (np.arange(n_blocks) * block) // g
         note = f"{c.bits}-bit codes in {container}-bit containers" if container != c.bits else ""

@@ -31,10 +31,11 @@ Energy: MACs x energy per MAC at the executed dtype + DRAM bytes x energy per by
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from autocomp.compressors.pipeline import layer_execution
 from autocomp.compressors.structured import structured_shape
@@ -79,16 +80,37 @@ def _energy_table() -> dict[str, Any]:
     return yaml.safe_load((Path(__file__).resolve().parent / "energy.yaml").read_text())
 
 
-def ort_class(ex: Any) -> str:
-    """The ONNX Runtime kernel class of a layer's :class:`~autocomp.compressors.base.Execution` (what
-    autocomp/ort.py lowers it to): ``int8`` (W8A8), ``nbits2/4/8`` (weight-only, in the kernel's containers),
-    else ``fp32``."""
+def ort_class(ex: Any, group_size: int, k: int) -> str:
+    """The ONNX Runtime kernel class of one matmul of a layer (its :class:`~autocomp.compressors.base.Execution`,
+    the plan's quantization group, the matmul's K), as autocomp/ort.py lowers it: ``int8`` (W8A8),
+    ``nbits<b>g<block>`` (weight-only in 2/4/8-bit containers), else ``fp32``."""
+    from autocomp.compressors.quantize import nbits_block
+
     if ex.act_bits == 8:
         return "int8"
     for b in (2, 4, 8):
         if ex.store_bits <= b:
-            return f"nbits{b}"
+            block = nbits_block(group_size, k)
+            return f"nbits{b}g{block}" if block else "fp32"
     return "fp32"
+
+
+def _ort_fit(fits: Mapping[str, Any], cls: str, one_token: bool) -> Any:
+    """A class's fit (its one-token fit at M = 1 when calibrated), else the same bits at the nearest calibrated
+    block, else fp32."""
+    names = [cls]
+    if cls.startswith("nbits"):
+        bits, block = cls[5:].split("g")
+        near = sorted((abs(math.log2(int(k.split("g")[1]) / int(block))), k) for k in fits
+                      if k.startswith(f"nbits{bits}g") and "@" not in k)
+        names += [k for _, k in near]
+    names.append("fp32")
+    for name in names:
+        if one_token and name + "@1" in fits:
+            return fits[name + "@1"]
+        if name in fits:
+            return fits[name]
+    raise AutocompError("the ort device file has no fp32 kernel fit; recalibrate it")
 
 
 class CostModel:
@@ -170,10 +192,11 @@ class CostModel:
             c, d0 = fits["gather"]
             return c * m * cols + d0, 0.0, m * cols * 4 * self._dram_pj, 0.0
         ex = self.execution(layer, choice, rows, cols)
-        cls = ort_class(ex)
+        q = choice.get("quantize")
         seconds = energy = macs = 0.0
         for k, n in ex.shapes:
-            a, b, c, d0 = fits[cls] if cls in fits else fits["fp32"]
+            cls = ort_class(ex, q.group_size if q is not None else 0, k)
+            a, b, c, d0 = _ort_fit(fits, cls, m == 1)
             seconds += a * m * k * n + b * k * n + c * m * (k + n) + d0
             macs += m * k * n
             w_bytes = k * n * min(ex.store_bits, 32.0) / 8
