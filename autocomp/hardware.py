@@ -343,7 +343,7 @@ def validate(loaded: Any, desc: Any, space: Any, device: Device, workload: Any, 
                 path = Path(tmp) / f"plan{i}.onnx"
                 export_onnx(loaded.module, desc, plan, path, loaded.batches[0],
                             accuracy_level=int((device.ort or {}).get("accuracy_level", 4)))
-                models.append(OrtModel(path, threads=threads))
+                models.append(OrtModel(path, threads=threads, spinning=False))
                 log(f"  exported plan {i + 1}/{len(plans)} to ONNX")
             measured = time_models(models, batch, runs=runs)
             del models

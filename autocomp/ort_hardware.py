@@ -6,7 +6,10 @@ and an embedding gather -- over representative shapes and token counts M, subtra
 ``session.run``, and fits per kernel class ``t = a MKN + b KN + c M(K+N) + d`` (non-negative least squares,
 relative error). With a model it also times the model's fp32 ONNX export at several workloads and fits
 what the graph spends outside its layers (``u + v T + w T^2/B``, T tokens). The result is a device file with
-``runtime: ort`` that :class:`~autocomp.cost.latency.CostModel` reads.
+``runtime: ort`` that :class:`~autocomp.cost.latency.CostModel` reads. Every timed session has its threads
+sleeping between runs (``session.intra_op.allow_spinning`` 0): sessions timed side by side in one process
+otherwise slow each other down by their idle spinning, so the device predicts that (slightly slower,
+~10% on MiniLM here) configuration.
 """
 
 from __future__ import annotations
@@ -66,10 +69,12 @@ def kernel_graph(cls: str, k: int, n: int, accuracy: int = 4) -> bytes:
 
 
 def _session(data: bytes, threads: int | None) -> Any:
+    """A session whose threads sleep between runs, as every session autocomp times (see OrtModel)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
@@ -183,7 +188,7 @@ def _fit_other(loaded: Any, desc: Any, device_doc: dict[str, Any], threads: int 
     device = parse_device(device_doc, "calibration")
     with tempfile.TemporaryDirectory() as tmp:
         export_onnx(loaded.module, desc, None, Path(tmp) / "fp32.onnx", loaded.batches[0])
-        model = OrtModel(Path(tmp) / "fp32.onnx", threads=threads)
+        model = OrtModel(Path(tmp) / "fp32.onnx", threads=threads, spinning=False)
         rows, others = [], []
         seqs = sorted({s for s in (8, 16, 32, 64, 128, seq) if s <= max(seq, 8)}) if seq else [0]
         for b in (1, 4):
