@@ -19,7 +19,7 @@ from typing import Any
 
 __all__ = ["KINDS", "MAX_EXPORTS", "attr_name", "read", "record"]
 
-KINDS = ("latency", "export", "metric")
+KINDS = ("latency", "latency_ort", "export", "metric")  # latency_ort: validate --runtime ort
 MAX_EXPORTS = 200
 
 

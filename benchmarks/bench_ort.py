@@ -6,7 +6,8 @@
 
 Timings are interleaved (each round runs every candidate once, in a fresh random order; lower quartile), so
 the shared machine's drift hits every candidate alike; ratios are what to compare. Session memory: each
-model in a fresh process (resident set after two runs minus the same process before creating the session).
+model in a fresh process (resident set after two runs at 1x15 tokens minus the same process after it created
+and ran a weightless session: the runtime's own baseline).
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ import numpy as np, onnxruntime as ort, torch
 from autocomp.ort import OrtModel
 from autocomp.models import load_model
 batch = {k: v[:1] for k, v in load_model('minilm').batches[0].items()}
+from onnx import TensorProto, helper  # the runtime's own baseline: a session (thread pool, allocator) with no weights
+x = helper.make_tensor_value_info('A', TensorProto.FLOAT, [None])
+g = helper.make_graph([helper.make_node('Identity', ['A'], ['Y'])], 'id', [x], [helper.make_tensor_value_info('Y', TensorProto.FLOAT, [None])])
+empty = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid('', 18)]).SerializeToString())
+empty.run(None, {'A': np.ones(4, np.float32)})
 before = rss()
 m = OrtModel(sys.argv[1])
 m(**batch); m(**batch)
@@ -178,23 +184,25 @@ def part_parity() -> dict:
             if name == "4g128":
                 layers[emb] = LayerPlan(bits=4, group_size=128)
             plan = Plan(layers=layers, fingerprint=desc.fingerprint)
-            export_onnx(loaded.module, desc, plan, Path(tmp) / "m.onnx", loaded.batches[0])
-            m = OrtModel(Path(tmp) / "m.onnx")
-            maxd, meand, drift_sim, drift_ort = [], [], [], []
-            for b in loaded.batches:
-                with torch.inference_mode():
-                    ref = loaded.module(**b)
-                    with applier.applied(plan):
-                        sim = loaded.module(**b)
-                real = m(**b)
-                maxd.append(float((real - sim).abs().max() / sim.abs().max()))
-                meand.append(float((real - sim).abs().mean() / sim.abs().max()))
-                cos = torch.nn.functional.cosine_similarity
-                drift_sim.append(float((1 - cos(sim, ref, dim=-1)).mean()))
-                drift_ort.append(float((1 - cos(real, ref, dim=-1)).mean()))
-            n = len(maxd)
-            out[name] = {"max_rel": max(maxd), "mean_rel": sum(meand) / n, "drift_simulated": sum(drift_sim) / n,
-                         "drift_ort": sum(drift_ort) / n}
+            out[name] = {}
+            for acc in (4, 0):
+                export_onnx(loaded.module, desc, plan, Path(tmp) / "m.onnx", loaded.batches[0], accuracy_level=acc)
+                m = OrtModel(Path(tmp) / "m.onnx")
+                maxd, meand, drift_sim, drift_ort = [], [], [], []
+                for b in loaded.batches:
+                    with torch.inference_mode():
+                        ref = loaded.module(**b)
+                        with applier.applied(plan):
+                            sim = loaded.module(**b)
+                    real = m(**b)
+                    maxd.append(float((real - sim).abs().max() / sim.abs().max()))
+                    meand.append(float((real - sim).abs().mean() / sim.abs().max()))
+                    cos = torch.nn.functional.cosine_similarity
+                    drift_sim.append(float((1 - cos(sim, ref, dim=-1)).mean()))
+                    drift_ort.append(float((1 - cos(real, ref, dim=-1)).mean()))
+                n = len(maxd)
+                out[name][f"accuracy_level_{acc}"] = {"max_rel": max(maxd), "mean_rel": sum(meand) / n,
+                                                      "drift_simulated": sum(drift_sim) / n, "drift_ort": sum(drift_ort) / n}
             print(f"{name}: {out[name]}", file=sys.stderr)
     return out
 

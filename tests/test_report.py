@@ -50,6 +50,12 @@ def fid_study(study, tmp_path_factory):
                  "--study", "rep", "--studies-dir", str(d), "--json"]) == 0
     assert main(["hardware", "validate", *common, "--hardware", "x86-avx512-vnni", "--plans", "3", "--runs", "2",
                  "--study", "rep", "--studies-dir", str(d), "--json"]) == 0
+    # ONNX Runtime: an export and a validation of the same study, drawn in panels of their own
+    assert main(["export", "--plan", str(d / "p.json"), *common, "--studies-dir", str(d), "--format", "onnx",
+                 "--out", str(d / "c.onnx")]) == 0
+    assert main(["hardware", "calibrate", "--runtime", "ort", "--quick", *common, "--out", str(d / "ort.yaml")]) == 0
+    assert main(["hardware", "validate", "--runtime", "ort", *common, "--hardware", str(d / "ort.yaml"), "--plans", "3",
+                 "--runs", "2", "--study", "rep", "--studies-dir", str(d), "--json"]) == 0
     return d
 
 
@@ -57,10 +63,13 @@ def test_fidelity_figures_are_recorded_and_drawn(fid_study, tmp_path, capsys):
     from autocomp.fidelity import read
 
     fid = read(optuna.load_study(study_name="rep", storage=f"sqlite:///{fid_study}/rep.db"))
-    assert set(fid) == {"latency", "export", "metric"}
-    assert sorted(os.path.basename(r["path"]) for r in fid["export"]) == ["a.acz.safetensors", "b.acz.safetensors"]
+    assert set(fid) == {"latency", "latency_ort", "export", "metric"}
+    assert sorted(os.path.basename(r["path"]) for r in fid["export"]) == ["a.acz.safetensors", "b.acz.safetensors",
+                                                                          "c.onnx"]
     for r in fid["export"]:
-        assert r["payload_bytes"] == r["predicted_bytes"] and r["file_bytes"] == os.path.getsize(r["path"])
+        assert r.get("payload_bytes", r["predicted_bytes"]) == r["predicted_bytes"]
+        assert r["file_bytes"] == os.path.getsize(r["path"]) and (r.get("format") == "onnx") == r["path"].endswith(".onnx")
+    assert fid["latency_ort"]["hardware"] == "ort-cpu" and len(fid["latency_ort"]["rows"]) >= 3
     front = [r for r in fid["metric"]["rows"] if r["source"] != "random"]
     assert len(fid["metric"]["rows"]) == 3 + len(front) and front and all(r["source"].startswith("trial ") for r in front)
     assert len(fid["latency"]["rows"]) == 3 + len(front) and fid["latency"]["hardware"] == "x86-avx512-vnni"
@@ -69,12 +78,13 @@ def test_fidelity_figures_are_recorded_and_drawn(fid_study, tmp_path, capsys):
     code, _, err = cli(capsys, "report", "--study", "rep", "--studies-dir", fid_study, "--out", out)
     assert code == 0, err
     page = out.read_text()
-    assert all(f'id="fig-fidelity-{k}"' in page for k in ("latency", "bytes", "metric"))
-    assert "Fidelity panels not drawn" not in page and "payload == prediction for 2 of 2" in page
+    assert all(f'id="fig-fidelity-{k}"' in page for k in ("latency", "latency-ort", "bytes", "metric"))
+    assert "Fidelity panels not drawn" not in page and "payload == prediction for 2 of 3" in page
+    assert "latency in ONNX Runtime on ort-cpu" in page
     code, _, err = cli(capsys, "report", "--study", "rep", "--studies-dir", fid_study, "--format", "png",
                        "--out", tmp_path / "figs")
     assert code == 0, err
-    assert {"fidelity-latency.png", "fidelity-bytes.png", "fidelity-metric.png"} <= {
+    assert {"fidelity-latency.png", "fidelity-latency-ort.png", "fidelity-bytes.png", "fidelity-metric.png"} <= {
         p.name for p in (tmp_path / "figs").glob("*.png")}
 
 

@@ -173,7 +173,7 @@ def hardware_validate(model: str | None, data: str | None, hw: str | None, runti
     if study:
         from autocomp.fidelity import record
 
-        record(handle.study, "latency", {**result, "workload": wl.label()})
+        record(handle.study, "latency" if runtime == "torch" else "latency_ort", {**result, "workload": wl.label()})
     if as_json:
         click.echo(json.dumps(result))
     else:
