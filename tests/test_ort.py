@@ -273,3 +273,29 @@ def test_ort_cpu_not_calibrated_is_one_line(capsys, tmp_path, monkeypatch):
     code, _, err = run_cli(["search", "--model", f"{TINY}:tiny", "--data", f"{TINY}:calib", "--budget", "40%",
                             "--hardware", "ort-cpu", "--studies-dir", str(tmp_path)], capsys)
     assert code == 2 and "calibrate --runtime ort" in err and len(err.strip().splitlines()) == 1
+
+
+def test_trained_student_exports_its_own_weights(tmp_path):
+    """`export --format onnx --weights`: the trained student's compressed parts (moved weights, trained factors and
+    biases) are what the ONNX file computes, not the plan applied to the original weights."""
+    from autocomp.compressors.student import compressed_parts, finalize
+
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    plan = Plan(layers={"fc1": LayerPlan(bits=4, group_size=16, rank=8), "fc2": LayerPlan(bits=8, act_bits=8),
+                        "head": LayerPlan(bits=3, group_size=16, symmetric=False)}, fingerprint=desc.fingerprint)
+    student = autocomp.prepare_for_training(loaded.module, plan, desc)
+    opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.05)
+    b = loaded.batches[0]
+    for _ in range(3):
+        opt.zero_grad()
+        student(b).pow(2).mean().backward()
+        opt.step()
+    plain = finalize(student)
+    export_onnx(plain, desc, plan, tmp_path / "m.onnx", b, parts=compressed_parts(student).get, accuracy_level=0)
+    with torch.inference_mode():
+        want, untrained = plain(b), _simulated(loaded, desc, plan, b)
+    got = OrtModel(tmp_path / "m.onnx")(b)
+    assert not torch.allclose(want, untrained, atol=1e-3)  # training moved it
+    # fc2 is W8A8: ORT's 8-bit activations against the student's 7-bit simulation
+    assert (got - want).norm() <= 0.1 * want.norm() and (got - want).norm() < (got - untrained).norm()
