@@ -22,18 +22,20 @@ _ROWS = [1, 16, 64, 128, 256, 512]
 _COLD_BYTES = 48 * 2**20  # more than the last-level cache of the machines seen here
 
 
-def _time(fn: Callable[[], Any], min_runs: int = 5, budget_s: float = 0.15) -> float:
-    """Median seconds of ``fn`` after a warm-up."""
+def _time(fn: Callable[[], Any], min_runs: int = 5, budget_s: float = 0.15, max_runs: int = 50,
+          quantile: float = 0.5) -> float:
+    """Seconds of ``fn`` after a warm-up: the median (or another ``quantile``; 0.25, the lower quartile, when
+    shared-machine noise only ever adds time) of at least ``min_runs`` runs within ``budget_s``."""
     fn()
     fn()
     times: list[float] = []
     t_end = time.perf_counter() + budget_s
-    while len(times) < min_runs or (time.perf_counter() < t_end and len(times) < 50):
+    while len(times) < min_runs or (time.perf_counter() < t_end and len(times) < max_runs):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     times.sort()
-    return times[len(times) // 2]
+    return times[int((len(times) - 1) * quantile) if quantile != 0.5 else len(times) // 2]
 
 
 def _int8_linear(k: int, n: int) -> Any:

@@ -81,17 +81,10 @@ def _session(data: bytes, threads: int | None) -> Any:
 
 
 def _time(fn: Callable[[], Any], min_runs: int = 7, budget_s: float = 0.1) -> float:
-    """Lower quartile of ``fn``'s seconds after two warm-up calls (shared-machine noise only adds time)."""
-    fn()
-    fn()
-    times: list[float] = []
-    end = time.perf_counter() + budget_s
-    while len(times) < min_runs or (time.perf_counter() < end and len(times) < 60):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[(len(times) - 1) // 4]
+    """Lower quartile of ``fn``'s seconds (shared-machine noise only adds time)."""
+    from autocomp.hardware import _time as timed
+
+    return timed(fn, min_runs=min_runs, budget_s=budget_s, max_runs=60, quantile=0.25)
 
 
 def _empty_run_s(threads: int | None) -> float:

@@ -330,14 +330,18 @@ class SearchSpace:
                 keep = [o for o in keep if self._figure(t, o, param, "sparsity", 0.0) <= cap + 1e-9]
             if not keep:
                 keep = [t.neutral if t is not None else max(self.groups[key].keeps, key=self.groups[key].keeps.get)]
-            if len(keep) == 1:
-                del self.params[param]
-                self.fixed[param] = keep[0]
-            else:
-                self.params[param] = tuple(keep)
+            self._set_options(param, keep)
         self._plan_memo.clear()
         self._choice_memo.clear()
         return self
+
+    def _set_options(self, param: str, keep: list[str]) -> None:
+        """A choice's remaining options; one left becomes fixed."""
+        if len(keep) == 1:
+            del self.params[param]
+            self.fixed[param] = keep[0]
+        else:
+            self.params[param] = tuple(keep)
 
     def restrict_to_stored_formats(self) -> "SearchSpace":
         """Keep only options an ONNX Runtime export stores and runs exactly as the plan's format says
@@ -356,12 +360,7 @@ class SearchSpace:
                                                      for n in self.param_layers(param)]
                 if all(c is None or t.onnx_kernel(c) is not None for c in configs):
                     keep.append(label)
-            keep = keep or [t.neutral]
-            if len(keep) == 1:
-                del self.params[param]
-                self.fixed[param] = keep[0]
-            else:
-                self.params[param] = tuple(keep)
+            self._set_options(param, keep or [t.neutral])
         self._plan_memo.clear()
         self._choice_memo.clear()
         return self
