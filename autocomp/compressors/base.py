@@ -32,6 +32,10 @@ techniques with a lower ``order``):
   :func:`reconstruct` of the parts bit for bit.
 * :meth:`execution` -- how the layer runs on a device (latency, BitOps): default unchanged (dense).
 * :meth:`runtime_linear` / :meth:`runtime_graph` -- real kernels for ``autocomp hardware validate``.
+* :meth:`onnx_weight` / :meth:`onnx_kernel` -- optional: the ONNX Runtime kernel a part goes to in
+  ``export --format onnx`` (:class:`OnnxWeight`, e.g. ``MatMulNBits`` on the part's own codes; default
+  dense float32), and whether the file stores an option exactly as planned (``--hardware ort-cpu``
+  searches only those).
 """
 
 from __future__ import annotations
