@@ -307,6 +307,7 @@ def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any,
 
     notes: dict[str, list[str]] = {}
     lowerings: dict[str, tuple[str, Any]] = {}
+    kinds_of_plan = set(plan.layers) if plan is not None else set()
     if plan is None:
         runtime = copy.deepcopy(module).eval()
         predicted = int(desc.fp32_bytes)
@@ -347,6 +348,11 @@ def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any,
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise AutocompError(f"accuracy level must be 0..4 (ONNX Runtime's MatMulNBits), got {accuracy_level}")
     kernels = _lower(model, lowerings, accuracy_level) if lowerings else {}
+    if kernels.get("MatMulNBits") and accuracy_level:
+        nbits = sorted({key.rsplit(".", 1)[0] if key not in kinds_of_plan else key
+                        for key, w in lowerings.values() if w.op == "MatMulNBits"})
+        notes[f"MatMulNBits at accuracy level {accuracy_level}: activations rounded to int8 per block (not "
+              f"simulated by the search; --accuracy-level 0 computes exactly the searched model)"] = nbits
     meta = {"autocomp_format": ONNX_FORMAT, "model_spec": spec or getattr(plan, "model_spec", "") or "",
             "plan": json.dumps(plan.to_dict(), separators=(",", ":")) if plan is not None else "",
             "predicted_bytes": str(predicted), "fingerprint": desc.fingerprint, "accuracy_level": str(accuracy_level), "inputs": json.dumps(in_names),

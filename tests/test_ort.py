@@ -65,7 +65,9 @@ def test_default_accuracy_level_is_the_int8_compute_path(tmp_path):
     desc = introspect(loaded)
     plan = _uniform(desc, LayerPlan(bits=4, group_size=16))
     b = loaded.batches[0]
-    export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", b)
+    r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", b)
+    (note, layers), = r["notes"].items()  # the file says what it computes otherwise than the search scored
+    assert "accuracy level 4" in note and layers == ["fc1", "fc2", "head"]
     levels = {a.i for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "MatMulNBits"
               for a in n.attribute if a.name == "accuracy_level"}
     assert levels == {4}
