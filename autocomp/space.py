@@ -57,6 +57,19 @@ from autocomp.space_rules import (SPACES_DIR, LAYER_TYPES, Rule, StructRule, loa
 __all__ = ["SearchSpace", "reference_assignments", "uniform_assignment", "resolve_space_path", "neutral_assignment",
            "SPACES_DIR"]
 
+ONNX_LOWERED = ("Linear", "Conv1D", "Embedding")  # layer kinds autocomp/ort.py puts on ORT's integer kernels
+
+
+def _gathered(config: Any, layer: LayerDesc) -> bool:
+    """A quantized embedding table reaches GatherBlockQuantized only when its blocks tile each row."""
+    if layer.type != "Embedding" or not hasattr(config, "group_size"):
+        return True
+    from autocomp.compressors.quantize import nbits_block
+
+    block = nbits_block(config.group_size, layer.cols)
+    return bool(block) and layer.cols % block == 0
+
+
 @dataclass(frozen=True)
 class _Group:
     key: str
@@ -355,10 +368,11 @@ class SearchSpace:
             keep = []
             for label in self.params[param]:
                 option = t.parse(label)
-                configs = [] if option is None else [t.bind(option, self._by_name[n], [(self._by_name[n].rows,
-                                                                                         self._by_name[n].cols)])
-                                                     for n in self.param_layers(param)]
-                if all(c is None or t.onnx_kernel(c) is not None for c in configs):
+                layers = [self._by_name[n] for n in self.param_layers(param)]
+                configs = [] if option is None else [t.bind(option, x, [(x.rows, x.cols)]) for x in layers]
+                # the export lowers Linear / HF Conv1D / Embedding weights to ORT kernels; a Conv stays dense
+                if all(c is None or (x.type in ONNX_LOWERED and t.onnx_kernel(c) is not None and _gathered(c, x))
+                       for c, x in zip(configs, layers)):
                     keep.append(label)
             self._set_options(param, keep or [t.neutral])
         self._plan_memo.clear()

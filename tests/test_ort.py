@@ -301,3 +301,31 @@ def test_trained_student_exports_its_own_weights(tmp_path):
     assert not torch.allclose(want, untrained, atol=1e-3)  # training moved it
     # fc2 is W8A8: ORT's 8-bit activations against the student's 7-bit simulation
     assert (got - want).norm() <= 0.1 * want.norm() and (got - want).norm() < (got - untrained).norm()
+
+
+def test_ort_space_keeps_only_stored_formats():
+    """`--hardware ort-cpu`: every kept option of a Linear is 2/4/8-bit, W8A8, low rank or neutral; Conv layers (dense
+    in the ONNX file) keep only the neutral option; removed options are exactly those."""
+    from autocomp.space import SearchSpace
+
+    loaded = load_model(f"{TINY}:tiny_conv", data=f"{TINY}:conv_calib")
+    desc = introspect(loaded)
+    full = SearchSpace.from_yaml("default", desc)
+    ort_space = SearchSpace.from_yaml("default", desc).restrict_to_stored_formats()
+    kinds = {l.name: l.type for l in desc.layers}
+    kept_any = False
+    for param, options in full.params.items():
+        layer_kinds = {kinds[n] for n in full.param_layers(param)}
+        now = ort_space.params.get(param, (ort_space.fixed.get(param),))
+        dim = param.rpartition(":")[2]
+        if layer_kinds & {"Conv2d", "Conv1d"} and dim != "keep":
+            assert len(now) == 1 and now[0] in ("keep", "none", "full"), (param, now)
+            continue
+        for o in now:
+            assert o in options
+            if dim == "q":
+                assert o in ("keep", "int8") or o.split("/")[0][0] in "248" and not o.startswith(("3", "5", "6")), o
+                kept_any = True
+            if dim == "p":
+                assert o == "none", o
+    assert kept_any

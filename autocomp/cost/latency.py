@@ -195,7 +195,7 @@ class CostModel:
         q = choice.get("quantize")
         seconds = energy = macs = 0.0
         for k, n in ex.shapes:
-            cls = ort_class(ex, q.group_size if q is not None else 0, k)
+            cls = ort_class(ex, q.group_size if q is not None else 0, k) if layer.type in ("Linear", "Conv1D") else "fp32"
             a, b, c, d0 = _ort_fit(fits, cls, m == 1)
             seconds += a * m * k * n + b * k * n + c * m * (k + n) + d0
             macs += m * k * n
