@@ -329,3 +329,16 @@ def test_ort_space_keeps_only_stored_formats():
             if dim == "p":
                 assert o == "none", o
     assert kept_any
+
+
+def test_an_option_with_no_lowering_is_one_error_and_no_file(tmp_path, monkeypatch):
+    """A factor technique that cannot compose its parts at run time (here: low rank with its lowering removed)."""
+    from autocomp.compressors.lowrank import LowRank
+
+    monkeypatch.setattr(LowRank, "runtime_graph", lambda self, c, parts, bias, linear: None)
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    plan = Plan(layers={"fc1": LayerPlan(rank=8)}, fingerprint=desc.fingerprint)
+    with pytest.raises(autocomp.AutocompError, match="no ONNX lowering"):
+        export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", loaded.batches[0])
+    assert list(tmp_path.iterdir()) == []
