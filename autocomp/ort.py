@@ -321,6 +321,8 @@ def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any,
             choice = plan.layer(name)
             use = {"Linear": "matmul", "Conv1D": "matmul", "Embedding": "gather"}.get(kinds.get(name, ""))
             for i, (part, _) in enumerate(built):
+                if part.mask is not None:
+                    notes.setdefault("sparsity stored as zeros (ORT has no sparse kernel)", []).append(name)
                 w = None
                 if use is not None:
                     for tech, config in choice.steps():

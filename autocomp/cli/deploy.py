@@ -199,7 +199,7 @@ def _print_export(result: dict[str, Any], out: Path, as_json: bool) -> None:
     from autocomp.budget import format_bytes
 
     if result.get("format") == "onnx":
-        kernels = ", ".join(f"{n} x{c}" for c, n in sorted(result["kernels"].items())) or "none (fp32)"
+        kernels = ", ".join(f"{op} x{n}" for op, n in sorted(result["kernels"].items())) or "none (fp32)"
         click.echo(f"wrote {out}: file {format_bytes(result['file_bytes'])} (plan predicted "
                    f"{format_bytes(result['predicted_bytes'])}); ONNX Runtime kernels: {kernels}")
         for note, layers in result["notes"].items():
