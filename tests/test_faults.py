@@ -49,9 +49,10 @@ def test_search_survives_kill_cycles(tmp_path):
     finished: dict[int, tuple[float, ...]] = {}
     for _ in range(CYCLES):
         kills += _kill_after(cmd, rng.uniform(1.5, 6.0), "0.05") == -signal.SIGKILL
-        try:
-            trials = optuna.load_study(study_name="k", storage=f"sqlite:///{studies / 'k.db'}").trials
-        except KeyError:  # killed before the study was created
+        try:  # killed before the studies folder, the database or the study was created: nothing to check yet
+            trials = (optuna.load_study(study_name="k", storage=f"sqlite:///{studies / 'k.db'}").trials
+                      if (studies / "k.db").exists() else [])
+        except KeyError:
             trials = []
         for t in trials:
             if True:
