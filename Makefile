@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(BIN)/autocomp search --model minilm --budget 10MB --trials 60 --seeds ilp --study demo-minilm-10MB
 	$(BIN)/autocomp plan --study demo-minilm-10MB --pick best --out studies/demo-minilm-10MB/best-plan.json
 	$(BIN)/autocomp export --plan studies/demo-minilm-10MB/best-plan.json --out studies/demo-minilm-10MB/best.acz.safetensors
+	$(BIN)/autocomp export --plan studies/demo-minilm-10MB/best-plan.json --format onnx --out studies/demo-minilm-10MB/best.onnx
 	$(BIN)/autocomp evaluate --plan studies/demo-minilm-10MB/best-plan.json
 
 test: $(STAMP)
