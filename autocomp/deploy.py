@@ -140,6 +140,17 @@ def model_for(loaded: Any, plan: Plan | None, desc: Any, weights: Path | None) -
         from autocomp.compressors.apply import PlanApplier
 
         return loaded.module, PlanApplier(loaded.module, desc).applied(plan)
+    if Path(weights).suffix == ".onnx":  # an `export --format onnx` file: scored as ONNX Runtime runs it
+        from autocomp.ort import OrtModel
+
+        ort_model = OrtModel(weights)
+        if ort_model.meta.get("fingerprint") != desc.fingerprint:
+            raise AutocompError(f"{str(weights)!r} was exported from a model with another layout than "
+                                f"{loaded.spec!r}; pass the --model it was exported from")
+        if plan is not None and (ort_model.plan is None or ort_model.plan.key() != plan.key()):
+            raise AutocompError(f"{str(weights)!r} was exported from another plan than the --plan given (it records "
+                                f"its own); drop --plan to score it")
+        return ort_model, contextlib.nullcontext()
     from autocomp.artifact import FORMAT_VERSION, safetensors_metadata
 
     header = safetensors_metadata(weights)

@@ -344,3 +344,31 @@ def test_an_option_with_no_lowering_is_one_error_and_no_file(tmp_path, monkeypat
     with pytest.raises(autocomp.AutocompError, match="no ONNX lowering"):
         export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", loaded.batches[0])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_scores_an_onnx_file_in_onnx_runtime(capsys, tmp_path):
+    """`evaluate --weights model.onnx`: the task metric of the file as ORT runs it (its model named by the file)."""
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    plan = Plan(layers={"fc1": LayerPlan(bits=4, group_size=16), "fc2": LayerPlan(bits=8, act_bits=8)},
+                fingerprint=desc.fingerprint, model_spec=f"{TINY}:tiny", model_name="tiny")
+    plan.save(tmp_path / "p.json")
+    data = ["--data", f"{TINY}:calib"]
+    code, _, err = run_cli(["export", "--plan", str(tmp_path / "p.json"), *data, "--format", "onnx",
+                            "--accuracy-level", "0", "--out", str(tmp_path / "m.onnx")], capsys)
+    assert code == 0, err
+    task = ["--task", f"{TINY}:agreement", "--json"]
+    code, out, err = run_cli(["evaluate", "--weights", str(tmp_path / "m.onnx"), *data, *task], capsys)
+    assert code == 0, err
+    onnx_score = json.loads(out)
+    code, out, err = run_cli(["evaluate", "--plan", str(tmp_path / "p.json"), *data, *task], capsys)
+    simulated = json.loads(out)
+    assert onnx_score["fp32_value"] == simulated["fp32_value"]
+    assert abs(onnx_score["value"] - simulated["value"]) <= 0.05  # W8A8: ORT's 8-bit activations
+    other = Plan(layers={"fc1": LayerPlan(bits=2, group_size=16)}, fingerprint=desc.fingerprint,
+                 model_spec=f"{TINY}:tiny")
+    other.save(tmp_path / "o.json")
+    code, _, err = run_cli(["evaluate", "--plan", str(tmp_path / "o.json"), "--weights", str(tmp_path / "m.onnx"),
+                            *data, *task], capsys)
+    errors = [ln for ln in err.strip().splitlines() if ln.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "another plan" in errors[0] and "Traceback" not in err

@@ -214,7 +214,7 @@ def _print_export(result: dict[str, Any], out: Path, as_json: bool) -> None:
 @click.option("--data", default=None)
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None)
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="A checkpoint from `autocomp train` or an export file.")
+              help="A checkpoint from `autocomp train` or an export file (packed, or .onnx: scored in ONNX Runtime).")
 @click.option("--task", default=None, help="file.py:fn(model) -> float, higher is better (user models); or "
               "perplexity: next-token perplexity of a causal LM on --data (lower is better).")
 @click.option("--pairs", default=500, show_default=True, type=int, help="Retrieval pairs of the built-in task.")
@@ -258,7 +258,11 @@ def evaluate(model: str | None, data: str | None, plan_path: Path | None, weight
         from autocomp.models import load_model
         from autocomp.models.introspect import introspect
 
-        if weights is not None:  # an export names its model and data; a training checkpoint needs its plan
+        if weights is not None and weights.suffix == ".onnx":  # an ONNX export names its model
+            from autocomp.ort import OrtModel
+
+            model = model or OrtModel(weights).meta.get("model_spec") or None
+        elif weights is not None:  # an export names its model and data; a training checkpoint needs its plan
             from autocomp.artifact import FORMAT_VERSION, safetensors_metadata
 
             header = safetensors_metadata(weights)
