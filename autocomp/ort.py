@@ -301,13 +301,15 @@ def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any,
     ``name -> (parts, rows, cols)``. -> ``{"path", "format": "onnx", "predicted_bytes", "file_bytes",
     "kernels", "notes"}``: ``kernels`` counts the nodes per integer kernel; ``notes`` says what is stored
     otherwise than the plan's format (e.g. 3-bit codes in 4-bit containers, dense layers)."""
-    onnx, _ = _require()
+    _require()
     from autocomp.cost.size import plan_bytes
     from autocomp.files import atomic_write
 
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise AutocompError(f"accuracy level must be 0..4 (ONNX Runtime's MatMulNBits), got {accuracy_level}")
     notes: dict[str, list[str]] = {}
     lowerings: dict[str, tuple[str, Any]] = {}
-    kinds_of_plan = set(plan.layers) if plan is not None else set()
+    nbits_layers: set[str] = set()
     if plan is None:
         runtime = copy.deepcopy(module).eval()
         predicted = int(desc.fp32_bytes)
@@ -334,6 +336,8 @@ def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any,
                     continue
                 if w.note:
                     notes.setdefault(w.note, []).append(name)
+                if w.op == "MatMulNBits":
+                    nbits_layers.add(name)
                 dense = (part.values if part.mask is None else part.values * part.mask).detach().cpu().numpy()
                 key = f"{name}.{i}" if len(built) > 1 else name
                 lowerings[_digest(dense)] = (key, w)
@@ -347,18 +351,15 @@ def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any,
     if hasattr(getattr(runtime, "config", None), "use_cache"):
         runtime.config.use_cache = False  # a causal LM's key/value cache is not an output of the graph
     model, in_names, out_names, in_kind, out_kind = _trace(runtime, batch, output_name)
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise AutocompError(f"accuracy level must be 0..4 (ONNX Runtime's MatMulNBits), got {accuracy_level}")
     kernels = _lower(model, lowerings, accuracy_level) if lowerings else {}
     if kernels.get("MatMulNBits") and accuracy_level:
-        nbits = sorted({key.rsplit(".", 1)[0] if key not in kinds_of_plan else key
-                        for key, w in lowerings.values() if w.op == "MatMulNBits"})
         notes[f"MatMulNBits at accuracy level {accuracy_level}: activations rounded to int8 per block (not "
-              f"simulated by the search; --accuracy-level 0 computes exactly the searched model)"] = nbits
+              f"simulated by the search; --accuracy-level 0 computes exactly the searched model)"] = list(nbits_layers)
     meta = {"autocomp_format": ONNX_FORMAT, "model_spec": spec or getattr(plan, "model_spec", "") or "",
             "plan": json.dumps(plan.to_dict(), separators=(",", ":")) if plan is not None else "",
-            "predicted_bytes": str(predicted), "fingerprint": desc.fingerprint, "accuracy_level": str(accuracy_level), "inputs": json.dumps(in_names),
-            "input_kind": in_kind, "outputs": json.dumps(out_names), "output_kind": out_kind}
+            "predicted_bytes": str(predicted), "fingerprint": desc.fingerprint,
+            "accuracy_level": str(accuracy_level), "inputs": json.dumps(in_names), "input_kind": in_kind,
+            "outputs": json.dumps(out_names), "output_kind": out_kind}
     for k, v in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = k, v
