@@ -34,7 +34,7 @@ from typing import Any
 
 from autocomp.errors import AutocompError
 
-__all__ = ["export_onnx", "OrtModel", "load_onnx", "ONNX_FORMAT"]
+__all__ = ["export_onnx", "OrtModel", "ONNX_FORMAT"]
 
 ONNX_FORMAT = "autocomp-onnx-1"
 OPSET = 18
@@ -459,6 +459,3 @@ class OrtModel:
     def eval(self) -> "OrtModel":
         return self
 
-
-def load_onnx(path: str | Path, threads: int | None = None, spinning: bool = True) -> OrtModel:
-    return OrtModel(path, threads=threads, spinning=spinning)

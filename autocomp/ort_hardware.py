@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import platform
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
-from autocomp.errors import AutocompError
 
 __all__ = ["calibrate_ort", "kernel_graph", "kernel_classes"]
 
@@ -251,8 +249,3 @@ def calibrate_ort(out: Path, name: str = "ort-cpu", quick: bool = False, log: Ca
     atomic_write_text(out, yaml.safe_dump(doc, sort_keys=False))
     return device
 
-
-def check_ort_threads(device: Any) -> None:
-    if device.runtime != "ort":
-        raise AutocompError(f"device {device.name!r} describes runtime {device.runtime!r}; --runtime ort needs a device "
-                            f"from `autocomp hardware calibrate --runtime ort` (e.g. --hardware ort-cpu)")
