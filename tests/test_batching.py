@@ -103,3 +103,42 @@ def test_a_killed_trial_is_retried_with_its_parameters(kind, tmp_path):
     assert queued[seed.number].system_attrs["fixed_params"] == {"x:q": "8c"}
     assert queued[seed.number].user_attrs["reference"] == "uniform-8c"
     assert queued[fresh.number].system_attrs["fixed_params"] == {"x:q": fresh.params["x:q"]}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_told_trial_is_kept_once_as_the_storage_has_it(kind, tmp_path):
+    """The engine's single-writer front reads the trial it just told from the wrapper, not the storage."""
+    study, url = _study(kind, tmp_path, f"t-{kind}")
+    trial = study.ask()
+    trial.suggest_categorical("layer0:q", ["keep", "8c"])
+    trial.set_user_attr("plan", {"layers": {"a": "8c"}})
+    trial.set_constraint("size", -2.0)
+    study.tell(trial, [0.25, 10.0])
+    kept = study._storage.told(trial._trial_id)
+    stored = optuna.load_study(study_name=f"t-{kind}", storage=open_storage(url)).trials[0]
+    assert kept is not None and study._storage.told(trial._trial_id) is None
+    for field in ("number", "state", "values", "params", "user_attrs", "constraints"):
+        assert getattr(kept, field) == getattr(stored, field), field
+    pruned = study.ask()
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
+    assert study._storage.told(pruned._trial_id).state == optuna.trial.TrialState.PRUNED
+
+
+def test_the_front_grows_trial_by_trial_as_a_full_read_finds_it(tmp_path):
+    """front_of(front so far + new trial) == front of every trial, duplicates and infeasible ones included."""
+    import random
+
+    from autocomp.search.study import front_of
+
+    study, _ = _study("sqlite", tmp_path, "f")
+    rng = random.Random(0)
+    front = []
+    for i in range(120):
+        trial = study.ask()
+        trial.set_constraint("size", rng.choice([-1.0, -1.0, -1.0, 0.5]))
+        values = [rng.choice([0.1, 0.2, 0.3]) if i % 7 == 0 else rng.random(), float(rng.randint(1, 40))]
+        study.tell(trial, values if i % 11 else None, state=None if i % 11 else optuna.trial.TrialState.FAIL)
+        front = front_of([*front, study._storage.told(trial._trial_id)], 30, ["proxy", "size"])
+        full = front_of(study.get_trials(deepcopy=False), 30, ["proxy", "size"])
+        assert [t.number for t in front] == [t.number for t in full]
+    assert len(front) >= 2

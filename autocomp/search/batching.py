@@ -71,6 +71,7 @@ class BatchedStorage(BaseStorage):
     def __init__(self, inner: BaseStorage) -> None:
         self.inner = inner
         self._own: dict[int, _Own] = {}
+        self._told: dict[int, FrozenTrial] = {}  # own trials just finished, as told (see told())
         self._lock = threading.RLock()
 
     # -- the trials this worker runs -------------------------------------------------------------------------
@@ -129,16 +130,30 @@ class BatchedStorage(BaseStorage):
         _write(self.inner, trial_id, held)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        own = None
         if state.is_finished():
             try:
                 self.flush(trial_id)
             finally:
                 with self._lock:
-                    self._own.pop(trial_id, None)
+                    own = self._own.pop(trial_id, None)
         ok = self.inner.set_trial_state_values(trial_id, state, values)
         if ok and state == TrialState.RUNNING:  # a queued trial this worker took
             self._adopt(trial_id)
+        if ok and own is not None:
+            done = own.view()
+            done.state, done.values = state, None if values is None else list(values)
+            with self._lock:
+                self._told[trial_id] = done
+                while len(self._told) > 64:  # a trial nobody asked for (e.g. one failed on the way) is not kept
+                    self._told.pop(next(iter(self._told)))
         return ok
+
+    def told(self, trial_id: int) -> FrozenTrial | None:
+        """This worker's trial ``trial_id`` as it was just finished (state, values, parameters, attributes;
+        no completion time), without a storage read; once: the copy is then dropped. None if not kept."""
+        with self._lock:
+            return self._told.pop(trial_id, None)
 
     # -- reads: this worker's running trials as it knows them ------------------------------------------------
     def get_trial(self, trial_id: int) -> FrozenTrial:

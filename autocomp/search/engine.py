@@ -30,9 +30,10 @@ from autocomp.plan import Plan, atomic_write_text
 from autocomp.search.config import (METRIC_ATTR, SearchConfig, check_same, parse_count, parse_objectives,
                                     parse_time_ms, space_hash, validate)
 from autocomp.search.study import (ATTR, HEARTBEAT_GRACE, HEARTBEAT_INTERVAL, SEEDED_ATTR, Heartbeat, StudyHandle,
-                                   check_storage, check_study_name, default_study_name, front_trials, is_finished, mask_url,
-                                   open_storage, progress, recover_stale, requeue, sigterm_as_interrupt, single_writer_lock,
-                                   storage_url, study_result, trial_metric, wait_for)
+                                   check_storage, check_study_name, default_study_name, front_of, front_trials,
+                                   is_finished, mask_url, open_storage, progress, recover_stale, requeue,
+                                   sigterm_as_interrupt, single_writer_lock, storage_url, study_result, trial_metric,
+                                   wait_for)
 from autocomp.search.batching import batched
 from autocomp.search.trial import TrialContext, run_trial, stage_front
 
@@ -78,6 +79,7 @@ class _Counters:
     max_attempts: int
     attempts: int = 0
     front_ids: list[int] = field(default_factory=list)
+    front: list[Any] | None = None  # the study's front as of the last trial told (single writer)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -494,11 +496,16 @@ class _Search:
             if counted and not self.shared:
                 c.done += 1
             done = c.done + (self.shared and counted)
+        finished = self.storage.told(trial._trial_id)
         with self.out_lock:
-            front = front_trials(self.study, self.prep.budget, objectives)
+            if self.shared or c.front is None or finished is None:  # other workers add trials too: read them
+                front = front_trials(self.study, self.prep.budget, objectives)
+            else:  # this worker alone writes the study: its front so far plus the trial just told
+                front = front_of([*c.front, finished], self.prep.budget, objectives)
+            c.front = front
             if [t.number for t in front] != c.front_ids:
                 c.front_ids = [t.number for t in front]
-                study_result(self.handle)
+                study_result(self.handle, front=front)
             self.emit("trial", {"number": trial.number, "state": state.name, "values": values, "done": done,
                                 "total": self.cfg.trials,
                                 "front": [(trial_metric(t, "proxy", objectives), trial_metric(t, "size", objectives))

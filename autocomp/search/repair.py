@@ -58,6 +58,32 @@ def repair(space: SearchSpace, assignment: Mapping[str, str], limits: list[Limit
     the most budget regained per unit of added sensitivity (free moves first), not the next notch."""
     a = dict(assignment)
     totals = {lim.name: lim.total(space, a) for lim in limits}
+    layers_of = {p: space.param_layers(p) for p in space.params}
+    users: dict[str, list[str]] = {}  # layer -> the parameters whose cost reads it
+    for p, layers in layers_of.items():
+        for n in layers:
+            users.setdefault(n, []).append(p)
+    keeps = [p for p in space.params if p.endswith(":keep")]
+    # per parameter: option -> how each limit's total moves if only that parameter took that option. A
+    # parameter's entry depends on the parameters sharing one of its layers (and, for the keep masks, on every
+    # keep parameter), so a step recomputes only those: the same steps as a full rescan, far fewer costs.
+    deltas: dict[str, dict[str, dict[str, float]]] = {}
+
+    def option_deltas(p: str) -> dict[str, dict[str, float]]:
+        layers, masks, current = layers_of[p], p.endswith(":keep"), a[p]
+        before = {lim.name: sum(lim.layer_cost(n, a) for n in layers) + (lim.masks(space, a) if masks else 0)
+                  for lim in limits}
+        out = {}
+        try:
+            for opt in space.params[p]:
+                if opt == current:
+                    continue
+                a[p] = opt
+                out[opt] = {lim.name: sum(lim.layer_cost(n, a) for n in layers) + (lim.masks(space, a) if masks else 0)
+                            - before[lim.name] for lim in limits}
+        finally:
+            a[p] = current
+        return out
 
     def excess(t: Mapping[str, float]) -> float:  # summed relative overshoot; 0 = every budget holds
         return sum(max(0.0, t[lim.name] - lim.budget) / lim.budget for lim in limits)
@@ -68,18 +94,12 @@ def repair(space: SearchSpace, assignment: Mapping[str, str], limits: list[Limit
     while (now := excess(totals)) > 0:
         violated = [lim for lim in limits if totals[lim.name] > lim.budget]
         best = None
-        for p, opts in space.params.items():
-            layers = space.param_layers(p)
-            masks = p.endswith(":keep")
-            before = {lim.name: sum(lim.layer_cost(n, a) for n in layers) + (lim.masks(space, a) if masks else 0)
-                      for lim in limits}
+        for p in space.params:
+            if p not in deltas:
+                deltas[p] = option_deltas(p)
             step = None
-            for opt in opts:
-                if opt == a[p]:
-                    continue
-                t = {**a, p: opt}
-                moved = {lim.name: totals[lim.name] - before[lim.name] + sum(lim.layer_cost(n, t) for n in layers)
-                         + (lim.masks(space, t) if masks else 0) for lim in limits}
+            for opt, delta in deltas[p].items():
+                moved = {lim.name: totals[lim.name] + delta[lim.name] for lim in limits}
                 gain = sum((totals[lim.name] - moved[lim.name]) / lim.budget for lim in violated)
                 if gain <= 0 or excess(moved) >= now - 1e-12:
                     continue
@@ -95,5 +115,10 @@ def repair(space: SearchSpace, assignment: Mapping[str, str], limits: list[Limit
         if best is None:
             break
         a[best[1]] = best[2]
+        stale = {q for n in layers_of[best[1]] for q in users[n]}
+        if best[1].endswith(":keep"):
+            stale.update(keeps)
+        for q in stale:
+            deltas.pop(q, None)
         totals = {lim.name: lim.total(space, a) for lim in limits}
     return a, totals

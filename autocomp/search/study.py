@@ -251,10 +251,18 @@ def front_trials(study: Any, budget: int, objectives: list[str] | None = None) -
     import optuna
 
     objectives = objectives or study.user_attrs.get(ATTR, {}).get("objectives", ["proxy", "size"])
-    done = [t for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
-            if t.values and all(math.isfinite(v) for v in t.values)
-            and feasible(t)
-            and trial_metric(t, "size", objectives) <= budget]
+    return front_of(study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]), budget, objectives)
+
+
+def front_of(trials: list[Any], budget: int, objectives: list[str]) -> list[Any]:
+    """:func:`front_trials` of these trials (COMPLETE ones). The front of a front plus new trials is the front
+    of all of them, so a worker that alone writes a study can keep it up to date trial by trial."""
+    import optuna
+
+    done = sorted((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE
+                   and t.values and all(math.isfinite(v) for v in t.values)
+                   and feasible(t)
+                   and trial_metric(t, "size", objectives) <= budget), key=lambda t: t.number)
     idx = pareto_front([tuple(t.values) for t in done])
     front = [done[i] for i in idx]
     return sorted(front, key=lambda t: (trial_metric(t, "size", objectives), trial_metric(t, "proxy", objectives)))
@@ -300,19 +308,21 @@ def write_front(handle: StudyHandle, front: list[Any]) -> list[dict[str, Any]]: 
     return entries
 
 
-def study_result(handle: StudyHandle, write: bool | str = True) -> dict[str, Any]:
+def study_result(handle: StudyHandle, write: bool | str = True, front: list[Any] | None = None) -> dict[str, Any]:
     """The ``--json`` contract of a study; ``write`` also writes the front's plan files and pareto.json
-    (``"if-possible"``: skipped where the folder cannot be written, e.g. a read-only copy of a study)."""
+    (``"if-possible"``: skipped where the folder cannot be written, e.g. a read-only copy of a study).
+    ``front``: the study's :func:`front_trials`, where the caller has it."""
     if write == "if-possible":
         try:
-            return study_result(handle, write=True)
+            return study_result(handle, write=True, front=front)
         except AutocompError:
-            return study_result(handle, write=False)
+            return study_result(handle, write=False, front=front)
     import optuna
 
     S = optuna.trial.TrialState
     trials = handle.study.get_trials(deepcopy=False)
-    front = front_trials(handle.study, handle.budget_bytes)
+    if front is None:
+        front = front_trials(handle.study, handle.budget_bytes)
     entries = write_front(handle, front) if write else [_entry(t, handle) for t in front]
     model = handle.meta["model"]
     result = {
