@@ -142,3 +142,28 @@ def test_the_front_grows_trial_by_trial_as_a_full_read_finds_it(tmp_path):
         full = front_of(study.get_trials(deepcopy=False), 30, ["proxy", "size"])
         assert [t.number for t in front] == [t.number for t in full]
     assert len(front) >= 2
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "journal"])
+def test_a_trial_reads_back_nothing_it_wrote(kind, tmp_path):
+    """ask + tell cost 25 statements on a database (42 before: the new trial and the told one were read back,
+    and every ask refreshed every unfinished trial to look for queued ones)."""
+    from sqlalchemy import event
+
+    study, _ = _study(kind, tmp_path, f"r-{kind}")
+    engine = study._storage.inner._backend.engine
+    for _ in range(3):  # other unfinished trials in the study: an ask must not read them
+        study.enqueue_trial({"layer0:q": "8c"}) if _ == 0 else study.ask()
+    seen = []
+    event.listen(engine, "before_cursor_execute", lambda conn, cursor, sql, *a: seen.append(sql))
+    for _ in range(2):
+        seen.clear()
+        trial = study.ask()
+        for i in range(60):
+            trial.suggest_categorical(f"layer{i}:q", ["keep", "8c", "4g128"])
+        trial.set_user_attr("plan", {"layers": {}})
+        trial.set_constraint("size", -1.0)
+        study._storage.flush(trial._trial_id)
+        done = study.tell(trial, [0.5, 100.0])
+        assert done.values == [0.5, 100.0] and done.user_attrs["plan"] == {"layers": {}}
+        assert len(seen) <= 26, f"{len(seen)} statements for one trial"

@@ -19,6 +19,7 @@ storage gets the writes one by one. Thread-safe (the Ray backend's driver thread
 from __future__ import annotations
 
 import copy
+import datetime
 import threading
 from typing import Any, Sequence
 
@@ -75,10 +76,26 @@ class BatchedStorage(BaseStorage):
         self._lock = threading.RLock()
 
     # -- the trials this worker runs -------------------------------------------------------------------------
-    def _adopt(self, trial_id: int) -> None:
-        own = _Own(self.inner.get_trial(trial_id))
+    def _adopt(self, trial_id: int, created: bool = False) -> None:
+        snap = self._created(trial_id) if created else None
+        own = _Own(snap if snap is not None else self.inner.get_trial(trial_id))
         with self._lock:
             self._own[trial_id] = own
+
+    def _created(self, trial_id: int) -> FrozenTrial | None:
+        """A trial just created, as Optuna's cache over a database recorded it (no read back), or None."""
+        ids = getattr(self.inner, "_trial_id_to_study_id_and_number", None)
+        studies = getattr(self.inner, "_studies", None)
+        if not isinstance(ids, dict) or not isinstance(studies, dict) or trial_id not in ids:
+            return None
+        study_id, number = ids[trial_id]
+        t = getattr(studies.get(study_id), "trials", {}).get(number)
+        if t is None or t._trial_id != trial_id or t.state != TrialState.RUNNING:
+            return None
+        t = copy.copy(t)  # the cache's own object must not change with this worker's held writes
+        t._params, t._distributions = dict(t.params), dict(t.distributions)
+        t._user_attrs, t._system_attrs = dict(t.user_attrs), dict(t.system_attrs)
+        return t
 
     def _mine(self, trial_id: int) -> _Own | None:
         with self._lock:
@@ -87,7 +104,7 @@ class BatchedStorage(BaseStorage):
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         trial_id = self.inner.create_new_trial(study_id, template_trial)
         if template_trial is None or template_trial.state == TrialState.RUNNING:  # asked here, not enqueued
-            self._adopt(trial_id)
+            self._adopt(trial_id, created=True)
         return trial_id
 
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float, distribution: Any) -> None:
@@ -105,19 +122,21 @@ class BatchedStorage(BaseStorage):
         if own is None or key in WRITE_THROUGH:
             self.inner.set_trial_user_attr(trial_id, key, value)
         if own is not None:
+            kept = copy.deepcopy(value)  # one copy for both: neither is ever changed in place
             with self._lock:
                 if key not in WRITE_THROUGH:
-                    own.held.user[key] = copy.deepcopy(value)
-                own.snap._user_attrs[key] = copy.deepcopy(value)  # noqa: SLF001
+                    own.held.user[key] = kept
+                own.snap._user_attrs[key] = kept  # noqa: SLF001
         return None
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         own = self._mine(trial_id)
         if own is None:
             return self.inner.set_trial_system_attr(trial_id, key, value)
+        kept = copy.deepcopy(value)
         with self._lock:
-            own.held.system[key] = copy.deepcopy(value)
-            own.snap._system_attrs[key] = copy.deepcopy(value)  # noqa: SLF001
+            own.held.system[key] = kept
+            own.snap._system_attrs[key] = kept  # noqa: SLF001
         return None
 
     def flush(self, trial_id: int) -> None:
@@ -143,6 +162,7 @@ class BatchedStorage(BaseStorage):
         if ok and own is not None:
             done = own.view()
             done.state, done.values = state, None if values is None else list(values)
+            done.datetime_complete = datetime.datetime.now()  # the storage's own stamp differs by microseconds
             with self._lock:
                 self._told[trial_id] = done
                 while len(self._told) > 64:  # a trial nobody asked for (e.g. one failed on the way) is not kept
@@ -161,9 +181,16 @@ class BatchedStorage(BaseStorage):
         if own is not None:
             with self._lock:
                 return own.view()
-        return self.inner.get_trial(trial_id)
+        with self._lock:
+            done = self._told.get(trial_id)  # a finished trial does not change: no read back after the tell
+        return done if done is not None else self.inner.get_trial(trial_id)
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
+        backend = getattr(self.inner, "_backend", None)
+        if states is not None and set(states) == {TrialState.WAITING} and hasattr(backend, "_get_trials"):
+            # Optuna's ask looks for queued trials every time: over a database, ask for those alone instead of
+            # refreshing every unfinished trial (and its parameters) in Optuna's cache first
+            return backend.get_all_trials(study_id, deepcopy=deepcopy, states=states)
         trials = self.inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
         with self._lock:
             if not self._own:
