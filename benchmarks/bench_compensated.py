@@ -14,6 +14,8 @@ Prints one JSON object (asserts nothing):
   budget and its held-out drift, the study's first (ILP) seed, seconds to the first front; beside them the
   bits-only round-to-nearest additive ILP over measured sensitivities (the HAWQ-style baseline) and the
   compensated space's additive ILP plan;
+* ``tables``: the embedding tables (the word table alone, then all three) with their output-side statistic:
+  round to nearest vs the clipped grid (``/mse``) vs GPTQ / SparseGPT, calibration and held-out drift;
 * ``others``: the digits model (Conv2d + Linear; zero-shot accuracy on its held-out digits) and a GPT-2-shaped
   causal LM with random weights (HF Conv1D; KL proxy), uniform options, round to nearest vs compensated;
 * ``speed``: warm proxy evaluations per second of a round-to-nearest and a compensated plan of the same
@@ -121,6 +123,40 @@ def part_uniform(loaded, desc, out):
         log(f"uniform {rtn:>10}: calib {row['rtn_calib']:.4f} -> {row['comp_calib']:.4f}, held-out "
             f"{row['rtn_heldout']:.4f} -> {row['comp_heldout']:.4f} ({row['heldout_ratio']})")
     out["uniform"] = rows
+
+
+TABLE_OPTIONS = [  # (round to nearest, clipped grid, compensated) on embedding tables
+    ("2g32", "2g32/mse", "2g32/gptq"), ("3g64", "3g64/mse", "3g64/gptq"), ("3g32", "3g32/mse", "3g32/gptq"),
+    ("4g128", "4g128/mse", "4g128/gptq"), ("u60", "u60", "u60/sparsegpt"),
+    ("u60+3g64", "u60+3g64/mse", "u60/sparsegpt+3g64/gptq"),
+]
+
+
+def part_tables(loaded, desc, out):
+    """Embedding tables with their output-side statistic: the word table alone, then all three tables;
+    round to nearest, the clipped grid (``/mse``) and GPTQ / SparseGPT; calibration and held-out drift."""
+    import dataclasses as dc
+
+    from autocomp.compressors.calibration import ensure
+    from autocomp.evaluators.proxy import ProxyEvaluator
+
+    ensure(loaded, desc, None)
+    ev = ProxyEvaluator(loaded, desc)
+    ho = ProxyEvaluator(held_out(loaded), desc)
+    rows = []
+    for scope in ("word", "all"):
+        for labels in TABLE_OPTIONS:
+            row = {"scope": scope, "option": labels[0]}
+            for key, label in zip(("rtn", "mse", "comp"), labels):
+                plan = linear_plan(desc, label, types=("Embedding",))
+                if scope == "word":
+                    plan = dc.replace(plan, layers={n: c for n, c in plan.layers.items() if "word_embeddings" in n})
+                row[f"{key}_calib"], row[f"{key}_heldout"] = round(ev(plan), 5), round(ho(plan), 5)
+            row["heldout_vs_mse"] = round(row["comp_heldout"] / row["mse_heldout"], 3)
+            rows.append(row)
+            log(f"tables {scope} {labels[0]}: held-out rtn {row['rtn_heldout']:.5f}, mse {row['mse_heldout']:.5f}, "
+                f"compensated {row['comp_heldout']:.5f} ({row['heldout_vs_mse']})")
+    out["tables"] = rows
 
 
 def part_search(loaded, desc, out, trials: int, seed: int, studies: Path, budgets=BUDGETS,
@@ -365,6 +401,9 @@ def main() -> None:
         part_costs(loaded, desc, out)
     if "uniform" in parts:
         part_uniform(loaded, desc, out)
+    attach(loaded.module, None)
+    if "tables" in parts:
+        part_tables(loaded, desc, out)
     attach(loaded.module, None)
     if "search" in parts:
         part_search(loaded, desc, out, args.trials, args.seed, studies, tuple(args.budgets), tuple(args.spaces),

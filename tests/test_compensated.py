@@ -14,6 +14,7 @@ from torch import nn
 import autocomp
 from autocomp.compressors.calibration import (
     CalibrationStats,
+    attach,
     calibration_key,
     gather,
     plan_needs,
@@ -182,16 +183,71 @@ def test_a_compensated_option_without_statistics_is_one_clear_error():
         pass
 
 
-def test_embeddings_get_no_compensated_options():
+def test_embedding_tables_take_compensated_options_but_grouped_convolutions_do_not():
     from autocomp.compressors.base import technique
+    from autocomp.desc import LayerDesc
 
     desc = introspect(tiny_loaded())
-    emb = desc.by_name["emb"]
+    grouped = LayerDesc(name="dw", type="Conv2d", rows=8, cols=9, groups=8)
     for name, label in (("quantize", "4g16/gptq"), ("prune", "u50/sparsegpt"), ("lowrank", "r0.5/aa")):
         t = technique(name)
-        assert t.bind(t.parse(label), emb, [(emb.rows, emb.cols)]) is None
-        fc = desc.by_name["fc2"]
-        assert t.bind(t.parse(label), fc, [(fc.rows, fc.cols)]) is not None
+        for layer in (desc.by_name["emb"], desc.by_name["fc2"]):
+            assert t.bind(t.parse(label), layer, [(layer.rows, layer.cols)]) is not None, (name, layer.name)
+        assert t.bind(t.parse(label), grouped, [(grouped.rows, grouped.cols)]) is None
+
+
+class Lookup(nn.Module):
+    """A table read through a fixed linear map: the output-side statistic of the table is ``A^T A``."""
+
+    def __init__(self, tied: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 8)
+        self.head = nn.Linear(8, 6, bias=False)
+        self.out = nn.Linear(8, 40, bias=False) if tied else None
+        if tied:
+            self.out.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.head(self.emb(ids))
+        return h if self.out is None else torch.cat([h, self.out(self.emb(ids))], -1)
+
+
+def test_a_tables_statistic_is_its_output_side_gauss_newton_matrix():
+    """mse metric, y = A e: E[J^T r r^T J] = A^T A for Gaussian probes r; estimated from 4,000 rows it is within
+    a few percent, and GPTQ on the table with it beats round to nearest on the model's output."""
+    torch.manual_seed(0)
+    m = Lookup().eval()
+    batches = [torch.randint(0, 40, (50, 20)) for _ in range(4)]
+    loaded = LoadedModel(module=m, name="lookup", spec="x", batches=batches, metric="mse")
+    desc = introspect(loaded, measure=False)
+    st = gather(m, desc, batches, metric="mse")
+    a = m.head.weight.detach().double()
+    want = a.T @ a
+    assert st.rows["emb"] == 4000 and st.hessian("emb").shape == (8, 8)
+    assert float((st.hessian("emb") - want).norm() / want.norm()) < 0.06
+    w = m.emb.weight.detach()
+    deq, *_ = gptq(w, st.hessian("emb"), 2, 0, False)
+    plain, *_ = quantize_matrix(w, 2, 0, False)
+    assert output_error(w, deq, want) < 0.8 * output_error(w, plain, want)
+
+
+def test_a_tied_table_has_no_statistic_and_its_gptq_is_the_clipped_grid():
+    from autocomp.compressors.apply import PlanApplier
+    from autocomp.compressors.quantize import mse_clip
+
+    torch.manual_seed(1)
+    m = Lookup(tied=True).eval()
+    batches = [torch.randint(0, 40, (10, 6)) for _ in range(2)]
+    loaded = LoadedModel(module=m, name="lookup", spec="x", batches=batches, metric="mse")
+    desc = introspect(loaded, measure=False)
+    st = gather(m, desc, batches, metric="mse")
+    assert not st.has("emb") and st.plain == {"emb"}
+    attach(m, st)
+    plan = Plan(layers={"emb": LayerPlan(QuantConfig(3, 8, False, method="gptq"))}, fingerprint=desc.fingerprint)
+    w = m.emb.weight.detach().clone()
+    with PlanApplier(m, desc).applied(plan):
+        got = m.emb.weight.detach().clone()
+    assert torch.equal(got, quantize_matrix(mse_clip(w, 3, 8, False), 3, 8, False)[0])
 
 
 @pytest.mark.parametrize("label", ["keep/gptq", "keep/mse", "none/sparsegpt", "full/aa", "4g128/awq", "u50/gptq"])
@@ -422,3 +478,20 @@ def test_mse_grid_applies_to_embeddings_and_is_trained_and_exported_exactly(tmp_
     assert r["payload_bytes"] == r["predicted_bytes"] == plan_bytes(desc, plan)
     with torch.no_grad():
         assert torch.equal(autocomp.load(tmp_path / "e.acz.safetensors")(b), proxy)
+
+
+def test_statistics_of_the_first_format_still_load(tmp_path):
+    """Plans made before tables had statistics recorded /1 files: those still serve them."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    loaded = tiny_loaded()
+    st = gather(loaded.module, introspect(loaded), loaded.batches, key="k1")
+    st.save(tmp_path / "k1.safetensors")
+    with safe_open(str(tmp_path / "k1.safetensors"), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta["format"] = "autocomp.calibration/1"
+    meta.pop("plain")
+    save_file(load_file(str(tmp_path / "k1.safetensors")), str(tmp_path / "k1.safetensors"), metadata=meta)
+    old = CalibrationStats.load(tmp_path / "k1.safetensors", "k1")
+    assert old is not None and old.plain == set() and set(old.hessians) == set(st.hessians)

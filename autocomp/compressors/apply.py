@@ -206,7 +206,8 @@ class PlanApplier:
         """Where a layer's techniques run: this applier's cache and the model's calibration statistics."""
         from autocomp.compressors.calibration import attached
 
-        return LayerContext(name, skey, self.cache, stats=attached(self.model), cols=cols)
+        width = int(self._matrix(name).shape[1]) if cols is None else len(cols)
+        return LayerContext(name, skey, self.cache, stats=attached(self.model), cols=cols, width=width)
 
     def compressed(self, plan: Plan, name: str) -> tuple[Any, Any]:
         """(weight, bias) in the module's own shapes and dtypes, or (None, None) if unchanged."""

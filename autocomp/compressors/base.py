@@ -112,6 +112,7 @@ class LayerContext:
     cols: Any = None  # the kept input columns of a structurally cut layer (indexes the statistics), or None
     holder: Any = None  # a trained layer's parametrization (compensated options keep their fixed grid / mask)
     index: int = 0  # the position of ``parts[0]`` among the layer's stored matrices (with ``holder``)
+    width: int | None = None  # the layer's input columns (an identity statistic for a tied table)
 
     def hessian(self) -> Any:
         """The input second moment of this layer (float64, cut to the kept columns); a clear error if the
@@ -122,7 +123,7 @@ class LayerContext:
             raise AutocompError(f"layer {self.name}: compensated options (GPTQ / SparseGPT / activation-aware low rank) "
                                 f"need calibration statistics: search, train, export and evaluate gather them "
                                 f"from --data; in Python call autocomp.calibrate(model, batches) first")
-        return self.stats.hessian(self.name, self.cols)
+        return self.stats.hessian(self.name, self.cols, self.width)
 
     def inverse_cholesky(self) -> Any:
         """The upper Cholesky factor of this layer's dampened inverse second moment, computed once per layer
@@ -439,9 +440,9 @@ def by_dim(dim: str) -> Technique | None:
 
 
 def has_statistics(layer: Any) -> bool:
-    """Whether calibration statistics exist for a layer (:mod:`~.calibration`): not for an embedding table
-    (a lookup) or a grouped convolution (not one matrix)."""
-    return layer.type != "Embedding" and getattr(layer, "groups", 1) == 1
+    """Whether calibration statistics exist for a layer (:mod:`~.calibration`): not for a grouped convolution
+    (not one matrix). An embedding table's are output-side (the same columns)."""
+    return getattr(layer, "groups", 1) == 1
 
 
 def ceil8(bits: int) -> int:

@@ -108,7 +108,7 @@ class LowRank(Technique):
         if layer.groups != 1:
             return None  # a grouped conv is not one matrix
         if method != "svd" and not has_statistics(layer):
-            return None  # no input statistics: an embedding table
+            return None  # no statistics (unreachable today: grouped convolutions are refused above)
         (rows, cols), = shapes
         r = rank_for(fraction, rows, cols)
         return None if r is None else LowRankConfig(r, method)

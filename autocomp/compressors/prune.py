@@ -153,7 +153,7 @@ class Prune(Technique):
         if option.kind == "2:4" and any(cols % 4 for _, cols in shapes):
             return None  # the packed 2:4 format needs whole groups of 4 inputs
         if option.method != "magnitude" and not has_statistics(layer):
-            return None  # no input statistics: an embedding table, a grouped convolution
+            return None  # no statistics: a grouped convolution
         return option
 
     def calibrated(self, c: PruneConfig) -> bool:

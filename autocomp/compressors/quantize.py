@@ -13,8 +13,9 @@ codes reproduces exactly the weights the proxy evaluated.
 Pruned entries are zero before quantization and stay zero after (the mask is reapplied). Options in
 search spaces: ``keep``, ``int8``, or ``<bits><c|gN>[a]`` (``8c``, ``4g128``, ``3g32a``), each with an optional
 ``/gptq`` suffix (``4g128/gptq``, ``int8/gptq``): the same stored format with the codes chosen by GPTQ's
-error compensation on the layer's calibration inputs (:mod:`~.compensate`; Linear, HF Conv1D and ungrouped
-Conv1d / Conv2d layers -- an embedding table has no input statistics), or ``/mse`` (any layer, no data):
+error compensation on the layer's calibration statistics (:mod:`~.compensate`; every layer but a grouped
+convolution; an embedding table's statistic is output-side, see :mod:`~.calibration`), or ``/mse`` (any
+layer, no data):
 round to nearest on each group's range clipped to the ratio of :data:`CLIP_GRID` with the least squared
 error (what ``train --clip mse`` starts from), so the search scores clipped grids too.
 
@@ -219,7 +220,7 @@ class Quantize(Technique):
         if act and layer.type != "Linear":
             return None  # W8A8 kernels exist for Linear layers
         if method == "gptq" and not has_statistics(layer):
-            return None  # no input statistics: an embedding table, a grouped convolution
+            return None  # no statistics: a grouped convolution
         if group >= shapes[0][1]:
             group = 0  # a group spanning the whole row is per-channel
         return QuantConfig(bits, group, sym, act, method)

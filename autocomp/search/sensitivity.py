@@ -236,6 +236,7 @@ def _fisher_diag(evaluator: Any, probes: int, seed: int) -> tuple[dict[str, Any]
     and bias Fisher diagonals, the W8A8 activation-noise term, and the normalizer ``den``."""
     import torch
 
+    from autocomp.compressors.calibration import output_probe
     from autocomp.models.base import extract_output, run_batch
 
     model, applier, metric = evaluator.model, evaluator.applier, evaluator.metric
@@ -299,15 +300,7 @@ def _fisher_diag(evaluator: Any, probes: int, seed: int) -> tuple[dict[str, Any]
                     taps.clear()
                     with torch.enable_grad():
                         y = extract_output(run_batch(model, piece))[0].float().reshape(-1, width)
-                        if metric == "kl":  # the model holds its original weights here: its softmax is the teacher's
-                            pr = torch.softmax(y.detach(), -1)
-                            c = torch.multinomial(pr, 1, generator=gen).squeeze(-1)
-                            r = torch.nn.functional.one_hot(c, pr.shape[-1]).float() - pr
-                        else:
-                            r = torch.randn(y.shape, generator=gen)
-                            if metric in ("cosine", "tower") or metric.startswith("alignment"):  # embedding probes
-                                u = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                                r = (r - (r * u).sum(-1, keepdim=True) * u) / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                        r = output_probe(metric, y, gen, rows)
                         loss = ((r * y).sum(-1) * w.sqrt()).sum()
                         loss.backward()
                     del y, r, loss
