@@ -314,6 +314,20 @@ def gather(model: Any, desc: Any, batches: list[Any], key: str = "", metric: str
     return CalibrationStats(hess, key, counts, time.perf_counter() - t0, plain=tied)
 
 
+def _resolved(model: Any, batches: list[Any], metric: str) -> str:
+    """``metric``, or what ``auto`` means for this model's output (one forward pass), so that every path
+    naming the metric its own way (``auto``, or the proxy's resolved name) finds the same statistics."""
+    if metric != "auto" or not batches:
+        return metric
+    import torch
+
+    from autocomp.models.base import extract_output, output_metric, run_batch
+
+    with torch.inference_mode():
+        y, auto = extract_output(run_batch(model, batches[0]))
+    return output_metric(auto, y, model, batches[0])
+
+
 def calibration_key(model: Any, batches: list[Any], weights: str | None = None, metric: str = "auto") -> str:
     """20 hex digits naming (weights, calibration data, the metric the table statistics probe, format)."""
     from autocomp.evaluators.proxy import data_fingerprint
@@ -329,6 +343,7 @@ def load_or_gather(model: Any, desc: Any, batches: list[Any], cache_dir: Path | 
     from autocomp.search.sensitivity import weights_hash
 
     wh = weights_hash(model)
+    metric = _resolved(model, batches, metric)
     key = calibration_key(model, batches, wh, metric)
     path = Path(cache_dir) / f"{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
