@@ -250,7 +250,40 @@ def test_a_tied_table_has_no_statistic_and_its_gptq_is_the_clipped_grid():
     assert torch.equal(got, quantize_matrix(mse_clip(w, 3, 8, False), 3, 8, False)[0])
 
 
-@pytest.mark.parametrize("label", ["keep/gptq", "keep/mse", "none/sparsegpt", "full/aa", "4g128/awq", "u50/gptq"])
+def test_gptq_labels_choose_the_column_order():
+    from autocomp.compressors.base import technique
+
+    t = technique("quantize")
+    desc = introspect(tiny_loaded())
+    fc = desc.by_name["fc2"]
+    act = t.bind(t.parse("4g16/gptq"), fc, [(fc.rows, fc.cols)])
+    cols = t.bind(t.parse("4g16/gptq-columns"), fc, [(fc.rows, fc.cols)])
+    assert (act.order, cols.order) == ("act", "columns") and act.method == cols.method == "gptq"
+    assert (t.label(act), t.label(cols)) == ("4g16/gptq", "4g16/gptq-columns")
+    with pytest.raises(ValueError, match="order"):
+        QuantConfig(4, 16, method="mse", order="act")
+
+
+@pytest.mark.parametrize("bits,group,sym", [(3, 0, True), (4, 16, False), (2, 32, False)])
+def test_act_order_keeps_the_stored_groups_and_lowers_the_output_error(bits, group, sym):
+    """Columns swept by decreasing input second moment, each group's range fixed from the original weights:
+    the codes and scales describe the same stored format (decoding them gives the weights), and on correlated
+    inputs the output error is lower than in stored order."""
+    from autocomp.compressors.compensate import act_order
+    from autocomp.compressors.quantize import quantize_fixed
+
+    w, h = _correlated(24, 64, seed=3)
+    d = torch.linspace(0.2, 3.0, 64).sqrt()  # unequal input scales: an order to exploit
+    h = d[:, None] * h * d[None, :]
+    deq, codes, scale, zp = gptq(w, h, bits, group, sym, order=act_order(h))
+    again, again_codes = quantize_fixed(deq, scale, zp, bits, group, sym)
+    assert torch.equal(again, deq) and torch.equal(again_codes, codes)
+    plain, *_ = gptq(w, h, bits, group, sym)
+    assert output_error(w, deq, h) < output_error(w, plain, h)
+
+
+@pytest.mark.parametrize("label", ["keep/gptq", "keep/mse", "none/sparsegpt", "full/aa", "4g128/awq", "u50/gptq",
+                                   "4g128/gptq-act", "keep/gptq-columns"])
 def test_bad_method_labels_are_refused(label):
     from autocomp.compressors.base import technique
 
@@ -269,10 +302,16 @@ def test_plans_without_compensated_options_are_written_as_before():
     cd = comp.to_dict()
     assert cd["techniques"] == {"prune": 2, "quantize": 2}
     back = Plan.from_dict(json.loads(json.dumps(cd)))
-    assert back.key() == comp.key() and back.layer("fc1").label() == "2:4/sparsegpt+4g16/gptq"
+    # a /gptq plan written before act order (quantize version 2) keeps its column order, labelled as such
+    assert back.key() == comp.key() and back.layer("fc1").label() == "2:4/sparsegpt+4g16/gptq-columns"
     assert comp.key() != Plan(layers={"fc1": LayerPlan(QuantConfig(4, 16), PruneConfig("2:4"))}).key()
-    cd["techniques"]["quantize"] = 3
-    with pytest.raises(AutocompError, match="stores quantize configs of version 3"):
+    act = Plan(layers={"fc1": LayerPlan(QuantConfig(4, 16, method="gptq", order="act"))})
+    ad = act.to_dict()
+    assert ad["techniques"] == {"quantize": 3} and ad["layers"]["fc1"]["quantize"]["order"] == "act"
+    assert Plan.from_dict(json.loads(json.dumps(ad))).layer("fc1").label() == "4g16/gptq"
+    assert act.key() != comp.key()
+    cd["techniques"]["quantize"] = 4
+    with pytest.raises(AutocompError, match="stores quantize configs of version 4"):
         Plan.from_dict(cd)
 
 

@@ -136,6 +136,19 @@ class LayerContext:
             u = self.cache[key] = inverse_cholesky(self.hessian())
         return u
 
+    def act_order(self) -> tuple[Any, Any]:
+        """(GPTQ's act order of this layer's columns, the inverse Cholesky factor of the reordered second
+        moment), computed once per layer and structured cut."""
+        from autocomp.compressors.compensate import act_order, inverse_cholesky
+
+        key = ("act-order", self.name, self.structured_key)
+        hit = self.cache.get(key)
+        if hit is None:
+            h = self.hessian()
+            order = act_order(h)
+            hit = self.cache[key] = (order, inverse_cholesky(h[order][:, order]))
+        return hit
+
 
 @dataclass(frozen=True)
 class TechniqueConfig:

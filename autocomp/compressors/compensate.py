@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["BLOCK", "DAMP", "dampened", "gptq", "inverse_cholesky", "output_error", "sparsegpt", "whitened_svd"]
+__all__ = ["BLOCK", "DAMP", "act_order", "dampened", "gptq", "inverse_cholesky", "output_error", "sparsegpt", "whitened_svd"]
 
 # Fraction of the mean diagonal added to H. The GPTQ paper uses 0.01. Measured on MiniLM, uniform options on
 # every Linear layer, held-out drift: with statistics from the 548 token rows the proxy scores (fewer than the
@@ -109,14 +109,29 @@ def _sweep(w: Any, u: Any, target: Callable[[int, Any], Any], block_start: Calla
     return wt.t()
 
 
+def act_order(h: Any) -> Any:
+    """The columns by decreasing ``diag(H)`` (ties in column order): GPTQ's "act order"."""
+    import torch
+
+    return torch.sort(-torch.diagonal(h.double()), stable=True).indices
+
+
 def gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, mask: Any = None,
-         u: Any = None) -> tuple[Any, Any, Any, Any]:
+         u: Any = None, order: Any = None) -> tuple[Any, Any, Any, Any]:
     """GPTQ quantization of ``w`` (float32 ``[rows, cols]``) with input second moment ``h`` ``[cols, cols]``;
     masked-out entries (``mask`` False) are driven to zero. -> (dequantized float32, codes int32, scale
     float16 ``[rows, groups]``, zero point int32 or None): the format of :func:`~.quantize.quantize_matrix`.
-    ``u``: :func:`inverse_cholesky` of ``h`` when the caller has it (``h`` is then not read)."""
+    ``u``: :func:`inverse_cholesky` of ``h`` when the caller has it (``h`` is then not read).
+
+    ``order`` (a permutation of the columns, e.g. :func:`act_order`): the columns are quantized in that order,
+    the ones with the largest inputs first, so that their errors are compensated by the many columns still
+    free. The groups stay the stored ones (consecutive columns): each group's range is fixed from the
+    original weights before the sweep ("static groups"), so the format and its bytes do not change. ``u``
+    must then be the inverse Cholesky factor of ``h[order][:, order]``."""
     import torch
 
+    if order is not None:
+        return _gptq_ordered(w, h, bits, group_size, symmetric, mask, u, order)
     from autocomp.compressors.quantize import group_params, mse_clip, quantize_column
 
     rows, cols = w.shape
@@ -164,6 +179,59 @@ def gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, mask: Any 
     block = g * max(1, BLOCK // g) if group_size else BLOCK
     _sweep(w, u, target, block_start, block)
     deq = deq.t().contiguous()
+    scale = scales.t().contiguous()
+    zp = None if zps is None else zps.t().contiguous()
+    z_full = None if zp is None else zp.repeat_interleave(g, dim=1)[:, :cols]
+    _, codes = quantize_column(deq, scale.repeat_interleave(g, dim=1)[:, :cols], z_full, bits, symmetric)
+    return deq, codes.contiguous(), scale, zp
+
+
+def _gptq_ordered(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, mask: Any, u: Any,
+                  order: Any) -> tuple[Any, Any, Any, Any]:
+    """:func:`gptq` with the columns swept in ``order`` and static groups (see there)."""
+    import torch
+
+    from autocomp.compressors.quantize import group_params, mse_clip, quantize_column
+
+    rows, cols = w.shape
+    g = group_size or cols
+    n_groups = -(-cols // g)
+    order = order.long()
+    wm = w.float() if mask is None else w.float() * mask
+    scales = torch.zeros(n_groups, rows, dtype=torch.float16)
+    zps = torch.zeros(n_groups, rows, dtype=torch.int32) if not symmetric else None
+    s_cols = torch.empty(cols, rows)  # each column's scale (and zero point), from its group's original weights
+    z_cols = None if symmetric else torch.empty(cols, rows)
+    for gi in range(n_groups):
+        x = wm[:, gi * g:min((gi + 1) * g, cols)]
+        sc, z = group_params(mse_clip(x, bits, 0, symmetric) if MSE_GRID else x, bits, symmetric)
+        scales[gi] = sc
+        s_cols[gi * g:gi * g + x.shape[1]] = sc.float()
+        if zps is not None:
+            zps[gi] = z
+            z_cols[gi * g:gi * g + x.shape[1]] = z.float()
+    if u is None:
+        u = inverse_cholesky(h.double()[order][:, order])
+    maskt = None if mask is None else mask.t()[order].contiguous()
+    s_ord, z_ord = s_cols[order], None if z_cols is None else z_cols[order]
+    deq = torch.zeros(cols, rows, dtype=torch.float32)  # in sweep order while it runs
+    qmax = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
+
+    def target(j: int, col: Any) -> Any:
+        c = col.float() if maskt is None else col.float() * maskt[j]
+        s = s_ord[j]
+        if symmetric:
+            q = torch.round(c / s).clamp_(-qmax, qmax).mul_(s)
+        else:
+            z = z_ord[j]
+            q = torch.round(c / s).add_(z).clamp_(0, qmax).sub_(z).mul_(s)
+        deq[j] = q
+        return q
+
+    _sweep(w[:, order], u, target, lambda *a: None)
+    back = torch.empty_like(order)
+    back[order] = torch.arange(cols)
+    deq = deq[back].t().contiguous()
     scale = scales.t().contiguous()
     zp = None if zps is None else zps.t().contiguous()
     z_full = None if zp is None else zp.repeat_interleave(g, dim=1)[:, :cols]

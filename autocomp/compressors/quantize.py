@@ -44,8 +44,9 @@ __all__ = ["QuantConfig", "Quantize", "quantize_matrix", "fake_quant_input", "ms
 _MIN_SCALE = 2.0**-24  # smallest positive float16
 _MAX_SCALE = 65504.0
 SCALE_BYTES = 2  # scales are stored as float16
-_LABEL = re.compile(r"^(?:keep|int8|(\d+)(c|g(\d+))(a?))(/gptq|/mse)?$")
+_LABEL = re.compile(r"^(?:keep|int8|(\d+)(c|g(\d+))(a?))(/gptq|/gptq-columns|/mse)?$")
 METHODS = ("rtn", "gptq", "mse")
+ORDERS = ("columns", "act")  # GPTQ's column order: as stored, or by decreasing input second moment
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # clip ratios tried per group: 1.0, 0.95, ..., 0.5
 CLIPS = ("learned", "mse", "minmax")  # train's quantization ranges (learned = the mse start, then trainable ratios)
 CLIP_LR_MULT = 10.0  # the clipping ratios' learning rate, as a multiple of the weights'
@@ -56,16 +57,19 @@ class QuantConfig(TechniqueConfig):
     """bits: 2..16 weight bits; group_size: inputs per scale (0 = one group per output row);
     symmetric: no zero point; act_bits: 8 for W8A8 (8-bit per-channel symmetric weights only); method:
     ``rtn`` (round to nearest), ``gptq`` (error-compensated codes) or ``mse`` (least-error clipped ranges),
-    all in the same stored format."""
+    all in the same stored format. order (``gptq``): ``act`` sweeps the columns by decreasing input second
+    moment with static groups (label ``/gptq``), ``columns`` in stored order (label ``/gptq-columns``; what
+    every ``/gptq`` plan written before version 3 computed, so those plans keep their weights)."""
 
     technique = "quantize"
-    VERSION = 2
-    ADDED = {"method": ("rtn", 2)}
+    VERSION = 3
+    ADDED = {"method": ("rtn", 2), "order": ("columns", 3)}
     bits: int = 8
     group_size: int = 0
     symmetric: bool = True
     act_bits: int | None = None
     method: str = "rtn"
+    order: str = "columns"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
@@ -78,6 +82,9 @@ class QuantConfig(TechniqueConfig):
             raise ValueError("act_bits 8 (W8A8) needs bits 8, group_size 0 (per channel) and symmetric weights")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.order not in ORDERS or (self.order != "columns" and self.method != "gptq"):
+            raise ValueError(f"order must be one of {', '.join(ORDERS)} ({ORDERS[1]!r} with method gptq only), "
+                             f"got {self.order!r}")
 
 
 def quantize_matrix(w: Any, bits: int, group_size: int, symmetric: bool) -> tuple[Any, Any, Any, Any]:
@@ -181,25 +188,26 @@ def nbits_block(group_size: int, cols: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _parse(label: str) -> tuple[int, int, bool, int | None, str] | None:
+def _parse(label: str) -> tuple[int, int, bool, int | None, str, str] | None:
     m = _LABEL.match(str(label))
     if not m:
-        raise ValueError(f"quant option {label!r} is not keep, int8 or <bits><c|gN>[a], optionally with /gptq or "
-                         f"/mse (e.g. 8c, 4g128, 3g32a, 4g128/gptq, 3g64/mse)")
-    method = m.group(5)[1:] if m.group(5) else "rtn"
+        raise ValueError(f"quant option {label!r} is not keep, int8 or <bits><c|gN>[a], optionally with /gptq, "
+                         f"/gptq-columns or /mse (e.g. 8c, 4g128, 3g32a, 4g128/gptq, 3g64/mse)")
+    suffix = m.group(5)[1:] if m.group(5) else "rtn"
+    method, order = {"gptq": ("gptq", "act"), "gptq-columns": ("gptq", "columns")}.get(suffix, (suffix, "columns"))
     if label == "keep":
         return None
     if label.startswith("keep/"):
-        raise ValueError(f"quant option {label!r}: keep stores the weights as they are; drop /{method}")
+        raise ValueError(f"quant option {label!r}: keep stores the weights as they are; drop /{suffix}")
     if label.startswith("int8"):
-        return 8, 0, True, 8, method
+        return 8, 0, True, 8, method, order
     bits = int(m.group(1))
     if not 2 <= bits <= 8:
         raise ValueError(f"quant option {label!r}: bits must be 2..8")
     group = int(m.group(3)) if m.group(3) else 0
     if m.group(3) and group < 1:
         raise ValueError(f"quant option {label!r}: group size must be >= 1")
-    return bits, group, m.group(4) != "a", None, method
+    return bits, group, m.group(4) != "a", None, method, order
 
 
 @register
@@ -216,14 +224,14 @@ class Quantize(Technique):
         return _parse(label)
 
     def bind(self, option: Any, layer: Any, shapes: list[tuple[int, int]]) -> QuantConfig | None:
-        bits, group, sym, act, method = option
+        bits, group, sym, act, method, order = option
         if act and layer.type != "Linear":
             return None  # W8A8 kernels exist for Linear layers
         if method == "gptq" and not has_statistics(layer):
             return None  # no statistics: a grouped convolution
         if group >= shapes[0][1]:
             group = 0  # a group spanning the whole row is per-channel
-        return QuantConfig(bits, group, sym, act, method)
+        return QuantConfig(bits, group, sym, act, method, order)
 
     def calibrated(self, c: QuantConfig) -> bool:
         return c.method == "gptq"
@@ -235,7 +243,8 @@ class Quantize(Technique):
         return c.method != "rtn"  # a searched grid (GPTQ's, or the clipped one) is kept by training
 
     def label(self, c: QuantConfig) -> str:
-        tail = "" if c.method == "rtn" else f"/{c.method}"
+        tail = "" if c.method == "rtn" else "/gptq-columns" if c.method == "gptq" and c.order == "columns" \
+            else f"/{c.method}"
         if c.act_bits == 8:
             return "int8" + tail
         return f"{c.bits}{'c' if c.group_size == 0 else f'g{c.group_size}'}{'' if c.symmetric else 'a'}{tail}"
@@ -295,14 +304,18 @@ class Quantize(Technique):
     def _apply_gptq(self, parts: list[Part], c: QuantConfig, ctx: LayerContext) -> list[Part]:
         """GPTQ on each stored matrix. Factors (``B @ A``) go from the last to the first: the input of ``B`` is
         ``A x``, so its statistics are ``A' H A'^T`` with the already quantized ``A'``."""
-        from autocomp.compressors.compensate import gptq
+        from autocomp.compressors.compensate import act_order, gptq
 
         out: list[Part] = list(parts)
         h = ctx.hessian()
         for i in reversed(range(len(parts))):
             part = parts[i]
-            u = ctx.inverse_cholesky() if i == len(parts) - 1 else None  # the layer's own inputs: shared
-            deq, codes, scale, zp = gptq(part.values, h, c.bits, c.group_size, c.symmetric, part.mask, u)
+            own = i == len(parts) - 1  # the layer's own inputs: the factor (and order) are shared
+            if c.order == "act":
+                order, u = ctx.act_order() if own else (act_order(h), None)
+            else:
+                order, u = None, ctx.inverse_cholesky() if own else None
+            deq, codes, scale, zp = gptq(part.values, h, c.bits, c.group_size, c.symmetric, part.mask, u, order)
             out[i] = part.evolve(values=deq, codes=codes, scale=scale, zero_point=zp)
             if i:
                 h = deq.double() @ h @ deq.double().T
