@@ -393,6 +393,34 @@ def test_untrained_student_equals_the_proxy_bit_for_bit_with_compensated_options
         assert torch.equal(student(b), proxy)
 
 
+def test_a_table_with_gptq_exports_at_the_predicted_bytes_and_trains_from_the_proxy(tmp_path):
+    """An embedding table quantized by GPTQ on its output-side statistic (act order), next to an act-order and
+    a stored-order Linear: the untrained student is the proxy bit for bit, and the packed file decodes to it
+    at exactly the predicted bytes."""
+    from autocomp.compressors.apply import PlanApplier
+    from autocomp.compressors.student import prepare_for_training
+
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    stats = autocomp.calibrate(loaded.module, loaded.batches, desc)
+    assert stats.has("emb") and stats.hessian("emb").shape == (desc.by_name["emb"].cols,) * 2
+    plan = Plan(layers={"emb": LayerPlan(QuantConfig(3, 8, False, method="gptq", order="act")),
+                        "fc1": LayerPlan(QuantConfig(4, 16, method="gptq", order="act")),
+                        "fc2": LayerPlan(QuantConfig(4, 16, method="gptq"))}, fingerprint=desc.fingerprint,
+                model_spec=f"{TINY}:tiny")
+    with torch.no_grad(), PlanApplier(loaded.module, desc).applied(plan):
+        proxy = [loaded.module(b) for b in loaded.batches]
+    student = prepare_for_training(loaded.module, plan, desc)
+    with torch.no_grad():
+        assert all(torch.equal(student(b), p) for b, p in zip(loaded.batches, proxy))
+    r = autocomp.export(loaded.module, plan, tmp_path / "m.acz.safetensors", spec=f"{TINY}:tiny",
+                        data_spec=f"{TINY}:calib")
+    assert r["payload_bytes"] == r["predicted_bytes"] == autocomp.plan_bytes(desc, plan)
+    back = autocomp.load(tmp_path / "m.acz.safetensors")
+    with torch.no_grad():
+        assert all(torch.equal(back(b), p) for b, p in zip(loaded.batches, proxy))
+
+
 def test_fisher_estimate_credits_compensation():
     """With statistics the Fisher profile uses its Kronecker form: a GPTQ option's estimate is below the
     round-to-nearest one at the same bits, as its measured drift is."""
