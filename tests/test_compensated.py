@@ -231,6 +231,40 @@ def test_a_tables_statistic_is_its_output_side_gauss_newton_matrix():
     assert output_error(w, deq, want) < 0.8 * output_error(w, plain, want)
 
 
+class InPlace(nn.Module):
+    """Adds to its embeddings in place (as some models do), or detaches them."""
+
+    def __init__(self, detach: bool = False) -> None:
+        super().__init__()
+        self.emb, self.pos, self.head, self.detach = nn.Embedding(30, 8), nn.Embedding(6, 8), nn.Linear(8, 4), detach
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        x += self.pos(torch.arange(ids.shape[1]))
+        return self.head(x.detach() if self.detach else x)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_table_statistics_survive_in_place_adds_and_detached_tables(detach):
+    torch.manual_seed(2)
+    m = InPlace(detach).eval()
+    batches = [torch.randint(0, 30, (8, 6)) for _ in range(2)]
+    desc = introspect(LoadedModel(module=m, name="inplace", spec="x", batches=batches, metric="mse"), measure=False)
+    st = gather(m, desc, batches, metric="mse")
+    if detach:
+        assert st.plain == {"emb", "pos"} and not st.has("emb")
+        assert torch.equal(st.hessian("emb", width=8), torch.eye(8, dtype=torch.float64))
+    else:
+        a = m.head.weight.detach().double()
+        want = a.T @ a / (a.T @ a).trace()
+        assert st.plain == set() and st.rows["emb"] == 96 and st.rows["pos"] == 12
+        h = st.hessian("emb")
+        assert float((h / h.trace() - want).norm() / want.norm()) < 0.3  # 96 probe rows of an 8x8 matrix
+        # the position table's output is shared by the batch: its rows' gradients are summed over the 8
+        # sequences, so G comes out ~8x larger (the scale does not matter to the methods), with 12 rows
+        assert 6 < float(st.hessian("pos").trace() / (a.T @ a).trace()) < 12
+
+
 def test_a_tied_table_has_no_statistic_and_its_gptq_is_the_clipped_grid():
     from autocomp.compressors.apply import PlanApplier
     from autocomp.compressors.quantize import mse_clip
