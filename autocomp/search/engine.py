@@ -34,7 +34,7 @@ from autocomp.search.study import (ATTR, HEARTBEAT_GRACE, HEARTBEAT_INTERVAL, SE
                                    is_finished, mask_url, open_storage, progress, recover_stale, requeue,
                                    sigterm_as_interrupt, single_writer_lock, storage_url, study_result, trial_metric,
                                    wait_for)
-from autocomp.search.batching import batched
+from autocomp.search.batching import batched, tell
 from autocomp.search.trial import TrialContext, run_trial, stage_front
 
 __all__ = ["run_search", "ENGINE_VERSION"]
@@ -481,7 +481,7 @@ class _Search:
         if beat is not None:
             beat.watch(None)
         try:
-            self.study.tell(trial, values=values, state=state)
+            tell(self.study, trial, values=values, state=state)
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
             return None  # failed by another worker meanwhile (see above)
         return state, values
