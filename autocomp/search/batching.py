@@ -14,6 +14,11 @@ written through), the flush, the last attributes and the tell. Reads of a trial 
 (Optuna's samplers and ``set_constraint`` read back what was just written). One transaction per batch on
 SQLite / PostgreSQL / MySQL (Optuna's RDB storage), one append per batch on a journal file; any other
 storage gets the writes one by one. Thread-safe (the Ray backend's driver threads share one storage).
+
+Reads are bounded too: a trial this worker created or finished is never read back (the new one comes from
+Optuna's cache, the told one is kept as told: :meth:`BatchedStorage.told`), and the queue of waiting trials
+that every ``ask`` looks at is asked of the database alone, not by refreshing every unfinished trial first:
+25 statements a MiniLM-sized trial on a database (42 before).
 """
 
 from __future__ import annotations
@@ -41,9 +46,9 @@ def batched(storage: BaseStorage) -> "BatchedStorage":
 
 
 def tell(study: Any, trial: Any, values: Sequence[float] | None = None, state: TrialState | None = None) -> None:
-    """``study.tell`` without the deep copy of the finished trial it returns, which nobody here reads: with
-    121 parameters, their distributions and a plan attribute that copy is ~4 ms a MiniLM trial, as much as
-    the database writes on SQLite. Any Optuna without the internal entry point gets ``study.tell``."""
+    """``study.tell`` without the deep copy of the finished trial it returns, which nobody here reads (121
+    parameters, their distributions and a plan attribute: ~1 ms a MiniLM trial, a tenth of the storage work
+    on SQLite). Any Optuna without the internal entry point gets ``study.tell``."""
     try:
         from optuna.study._tell import _tell_with_warning
     except ImportError:  # pragma: no cover - another Optuna
@@ -182,8 +187,9 @@ class BatchedStorage(BaseStorage):
         return ok
 
     def told(self, trial_id: int) -> FrozenTrial | None:
-        """This worker's trial ``trial_id`` as it was just finished (state, values, parameters, attributes;
-        no completion time), without a storage read; once: the copy is then dropped. None if not kept."""
+        """This worker's trial ``trial_id`` as it was just finished (state, values, parameters, attributes; the
+        completion time by this worker's clock), without a storage read; once: the copy is then dropped.
+        None if not kept."""
         with self._lock:
             return self._told.pop(trial_id, None)
 
