@@ -56,7 +56,10 @@ def storage_overhead(url_or_path: str, n: int = 100, batched: bool = True) -> fl
         trial.set_user_attr("plan_key", "x" * 40)
         trial.set_user_attr("size_bytes", 1)
         trial.set_user_attr("by_modality", {"text": 1})
-        trial.set_user_attr("autocomp_heartbeat", time.time())
+        if batched:  # a shared worker's first beat, as Heartbeat.watch sends it: with the trial's first batch
+            storage.hold_user_attr(trial._trial_id, "autocomp_heartbeat", time.time())
+        else:
+            trial.set_user_attr("autocomp_heartbeat", time.time())
         trial.set_constraint("size", -1.0)
         if batched:
             storage.flush(trial._trial_id)  # the plan is decided: the engine writes before evaluating

@@ -66,7 +66,7 @@ def _writes(study, url):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_trial_is_four_writes_and_others_see_it_only_when_flushed(kind, tmp_path):
+def test_a_trial_is_three_writes_and_others_see_it_only_when_flushed(kind, tmp_path):
     study, url = _study(kind, tmp_path, f"b-{kind}")
     count = _writes(study, url)
     trial = study.ask()
@@ -82,7 +82,8 @@ def test_a_trial_is_four_writes_and_others_see_it_only_when_flushed(kind, tmp_pa
     assert other.trials[0].params == params and other.trials[0].user_attrs["attr7"] == {"i": 7}
     trial.set_user_attr("eval_seconds", 0.1)
     study.tell(trial, [0.5, 100.0])
-    assert count[0] <= 5, f"{count[0]} write transactions for one trial"
+    # create, flush, tell (a journal appends the last attributes apart: one more)
+    assert count[0] <= (4 if kind == "journal" else 3), f"{count[0]} write transactions for one trial"
     done = optuna.load_study(study_name=f"b-{kind}", storage=open_storage(url)).trials[0]
     assert done.values == [0.5, 100.0] and done.user_attrs["eval_seconds"] == 0.1
     assert done.constraints == {"size": -1.0}
@@ -146,8 +147,9 @@ def test_the_front_grows_trial_by_trial_as_a_full_read_finds_it(tmp_path):
 
 @pytest.mark.parametrize("kind", [k for k in KINDS if k != "journal"])
 def test_a_trial_reads_back_nothing_it_wrote(kind, tmp_path):
-    """ask + tell cost 25 statements on a database (42 before: the new trial and the told one were read back,
-    and every ask refreshed every unfinished trial to look for queued ones)."""
+    """ask + tell cost 16 statements on a database, 7 of them the sampler's read of the study (42 before: the
+    new trial and the told one were read back, every ask refreshed every unfinished trial to look for queued
+    ones, the last attributes and the tell were two transactions, attributes were looked up before insert)."""
     from sqlalchemy import event
 
     study, _ = _study(kind, tmp_path, f"r-{kind}")
@@ -166,4 +168,90 @@ def test_a_trial_reads_back_nothing_it_wrote(kind, tmp_path):
         study._storage.flush(trial._trial_id)
         done = study.tell(trial, [0.5, 100.0])
         assert done.values == [0.5, 100.0] and done.user_attrs["plan"] == {"layers": {}}
-        assert len(seen) <= 26, f"{len(seen)} statements for one trial"
+        assert len(seen) <= 16, f"{len(seen)} statements for one trial"
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "journal"])
+def test_a_trial_failed_meanwhile_by_another_worker_is_not_told_over(kind, tmp_path):
+    """The tell (held attributes, values and state in one transaction) refuses a trial another worker failed
+    (its heartbeat looked stopped), writes nothing of it, and the storage keeps the other worker's FAIL."""
+    study, url = _study(kind, tmp_path, f"m-{kind}")
+    trial = study.ask()
+    trial.suggest_categorical("layer0:q", ["keep", "8c"])
+    study._storage.flush(trial._trial_id)
+    trial.set_user_attr("eval_seconds", 0.1)  # held until the tell
+    other = optuna.load_study(study_name=f"m-{kind}", storage=open_storage(url))
+    assert recover_stale(other) == 1
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        study.tell(trial, [0.5, 1.0])
+    done = optuna.load_study(study_name=f"m-{kind}", storage=open_storage(url)).trials[0]
+    assert done.state == optuna.trial.TrialState.FAIL and done.values is None
+    assert "eval_seconds" not in done.user_attrs and done.user_attrs["autocomp_stale"] is True
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "journal"])
+def test_an_attribute_another_worker_wrote_meanwhile_is_updated_not_duplicated(kind, tmp_path):
+    """Attributes this worker never wrote are inserted without a look-up; a row written meanwhile by someone
+    else makes the insert fail, and the batch is redone with the look-up (one row, this worker's value)."""
+    study, url = _study(kind, tmp_path, f"a-{kind}")
+    trial = study.ask()
+    trial.set_user_attr("note", "mine")
+    open_storage(url).set_trial_user_attr(trial._trial_id, "note", "theirs")
+    study._storage.flush(trial._trial_id)
+    study.tell(trial, [0.5, 1.0])
+    done = optuna.load_study(study_name=f"a-{kind}", storage=open_storage(url)).trials[0]
+    assert done.user_attrs == {"note": "mine"} and done.state == optuna.trial.TrialState.COMPLETE
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "journal"])
+def test_trials_asked_at_once_by_threads_get_distinct_consecutive_numbers(kind, tmp_path):
+    """A new trial's number comes from the insert itself, under Optuna's lock on the study row."""
+    import threading
+
+    study, url = _study(kind, tmp_path, f"n-{kind}")
+    study.enqueue_trial({"layer0:q": "8c"})  # created by Optuna's own path (a template)
+    first = study.ask()
+    study.tell(first, [0.5, 1.0])
+    numbers, errors = [first.number], []
+
+    def work():
+        try:
+            for _ in range(12):
+                trial = study.ask()
+                numbers.append(trial.number)
+                study.tell(trial, [0.5, 1.0])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    stored = optuna.load_study(study_name=f"n-{kind}", storage=open_storage(url)).trials
+    assert sorted(numbers) == list(range(37)) == [t.number for t in stored]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in stored)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_first_heartbeat_goes_with_the_flush_and_later_ones_at_once(kind, tmp_path):
+    from autocomp.search.study import Heartbeat
+
+    study, url = _study(kind, tmp_path, f"h-{kind}")
+    count = _writes(study, url)
+    beat = Heartbeat(study)
+    try:
+        trial = study.ask()
+        beat.watch(trial)  # the plan is not decided yet: held
+        other = optuna.load_study(study_name=f"h-{kind}", storage=open_storage(url))
+        assert "autocomp_heartbeat" not in other.trials[0].user_attrs
+        trial.suggest_categorical("layer0:q", ["keep", "8c"])
+        study._storage.flush(trial._trial_id)
+        first = optuna.load_study(study_name=f"h-{kind}", storage=open_storage(url)).trials[0].user_attrs
+        assert count[0] == 2  # create, flush (with the beat)
+        beat._beat()  # a periodic beat, after the flush: at once
+        later = optuna.load_study(study_name=f"h-{kind}", storage=open_storage(url)).trials[0].user_attrs
+        assert count[0] == 3 and later["autocomp_heartbeat"] > first["autocomp_heartbeat"]
+    finally:
+        beat.stop()

@@ -424,11 +424,14 @@ class Heartbeat:
         self.thread = threading.Thread(target=self._run, daemon=True, name="autocomp-heartbeat")
         self.thread.start()
 
-    def _beat(self) -> None:
+    def _beat(self, first: bool = False) -> None:
+        # a trial's first beat goes with its first batch of writes where the storage batches them (it is
+        # written before the evaluation starts; until then other workers go by the trial's start)
+        write = (getattr(self.storage, "hold_user_attr", None) if first else None) or self.storage.set_trial_user_attr
         with self.lock:
             if self.trial_id is not None:
                 try:
-                    self.storage.set_trial_user_attr(self.trial_id, "autocomp_heartbeat", time.time())
+                    write(self.trial_id, "autocomp_heartbeat", time.time())
                 except Exception:  # finished meanwhile
                     pass
 
@@ -439,7 +442,7 @@ class Heartbeat:
     def watch(self, trial: Any) -> None:
         with self.lock:
             self.trial_id = None if trial is None else trial._trial_id
-        self._beat()
+        self._beat(first=True)
 
     def stop(self) -> None:
         self.stopped.set()
