@@ -80,6 +80,7 @@ class _Counters:
     attempts: int = 0
     front_ids: list[int] = field(default_factory=list)
     front: list[Any] | None = None  # the study's front as of the last trial told (single writer)
+    recovered: float = float("-inf")  # time.monotonic() of the last look for dead workers' trials (shared)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -414,7 +415,12 @@ class _Search:
                 if c.attempts >= c.max_attempts:
                     return False
             if self.shared:  # the total is shared: count what every worker has finished or is running
-                recover_stale(self.study, grace=HEARTBEAT_GRACE)
+                with c.lock:  # a trial is dead once its beats are HEARTBEAT_GRACE old: a look every beat suffices
+                    due = time.monotonic() - c.recovered >= HEARTBEAT_INTERVAL
+                    if due:
+                        c.recovered = time.monotonic()
+                if due:
+                    recover_stale(self.study, grace=HEARTBEAT_GRACE)
                 done, running = progress(self.study)
                 with c.lock:
                     c.done = done
