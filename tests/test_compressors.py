@@ -182,6 +182,28 @@ def test_embedding_row_subset_is_exact():
     assert all(torch.equal(x, y) for x, y in zip(a, b_))
 
 
+def test_a_row_subset_table_caches_its_rows_alone_and_alternating_options_stay_exact():
+    """A table with a row subset is cached as those rows (not a full dense copy per option) and written into
+    one working copy: going back to an option after another one gives its exact rows again, and the rows
+    outside the subset stay the original ones."""
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    rows = torch.unique(torch.cat([b.reshape(-1) for b in loaded.batches]))
+    applier = PlanApplier(loaded.module, desc, row_subsets={"emb": rows})
+    full = PlanApplier(loaded.module, desc)
+    original = loaded.module.emb.weight.detach().clone()
+    plans = [Plan(layers={"emb": c}, fingerprint=desc.fingerprint)
+             for c in (LayerPlan(bits=3, group_size=8), LayerPlan(bits=2, group_size=8, prune="unstructured", sparsity=0.5))]
+    expect = [full.compressed(p, "emb")[0].clone() for p in plans]
+    outside = torch.ones(original.shape[0], dtype=torch.bool)
+    outside[rows] = False
+    for p, want in [(plans[0], expect[0]), (plans[1], expect[1]), (plans[0], expect[0]), (plans[1], expect[1])]:
+        w, b = applier.compressed(p, "emb")
+        assert b is None and torch.equal(w[rows], want[rows]) and torch.equal(w[outside], original[outside])
+    assert applier._weights_bytes == 2 * len(rows) * original.shape[1] * 4  # two options, the subset rows each
+    assert torch.equal(loaded.module.emb.weight, original)  # the module's own weight is never written
+
+
 def test_plan_for_another_model_is_refused():
     loaded = tiny_loaded()
     desc = introspect(loaded)

@@ -134,6 +134,7 @@ class PlanApplier:
         self.cache: LayerCache = LayerCache(self.cache_bytes)  # SVDs, sort orders, unit orders
         self._weights: OrderedDict[Any, tuple[Any, Any]] = OrderedDict()
         self._weights_bytes = 0
+        self._tables: dict[str, Any] = {}  # a row-subset layer's one full-size working copy (see compressed)
         if fingerprint(model) != desc.fingerprint:
             raise PlanMismatchError("model does not match its description (fingerprint differs)")
 
@@ -210,7 +211,12 @@ class PlanApplier:
         return LayerContext(name, skey, self.cache, stats=attached(self.model), cols=cols, width=width)
 
     def compressed(self, plan: Plan, name: str) -> tuple[Any, Any]:
-        """(weight, bias) in the module's own shapes and dtypes, or (None, None) if unchanged."""
+        """(weight, bias) in the module's own shapes and dtypes, or (None, None) if unchanged.
+
+        A layer with a row subset (an embedding table the caller looks up only there) is cached as those
+        rows alone and returned in one full-size working copy per layer, the subset rows written into it:
+        that weight is valid until the next call for the same layer. (A dense copy of MiniLM's word table
+        per option was 47 MB: twenty of them filled the cache and evicted every Linear layer's work.)"""
         import torch
 
         choice = plan.layer(name)
@@ -218,32 +224,45 @@ class PlanApplier:
         if choice.is_identity and rows is None and cols is None:
             return None, None
         ckey = (name, choice, skey)
+        mod, kind = self.modules[name]
+        subset = self.row_subsets.get(name) if rows is None and cols is None else None
         hit = self._weights.get(ckey)
         if hit is not None:
             self._weights.move_to_end(ckey)
-            return hit
-        mod, kind = self.modules[name]
+            return self._table(name, subset, hit[0]) if subset is not None else hit
         with torch.no_grad():
             parts, rows, cols = self.layer_parts(plan, name)
             sub = reconstruct(parts)
             full_m = weight_matrix_view(kind, mod.weight.data)
-            subset = self.row_subsets.get(name) if rows is None and cols is None else None
-            if subset is not None:
-                dense = full_m.detach().clone().float()
-                dense[subset] = sub
-            else:
-                dense = scatter(sub, rows, cols, tuple(full_m.shape))
-            w = matrix_to_weight(kind, dense, mod.weight).contiguous()
             bias = None
-            if rows is not None and getattr(mod, "bias", None) is not None and mod.bias.numel() == full_m.shape[0]:
-                bias = torch.zeros_like(mod.bias.data)
-                bias[rows] = mod.bias.data[rows]
+            if subset is not None:
+                w = sub = sub.contiguous()
+            else:
+                w = matrix_to_weight(kind, scatter(sub, rows, cols, tuple(full_m.shape)), mod.weight).contiguous()
+                if rows is not None and getattr(mod, "bias", None) is not None and mod.bias.numel() == full_m.shape[0]:
+                    bias = torch.zeros_like(mod.bias.data)
+                    bias[rows] = mod.bias.data[rows]
         self._weights[ckey] = (w, bias)
         self._weights_bytes += w.numel() * w.element_size()
         while self._weights_bytes > self.cache_bytes and len(self._weights) > 1:
             _, (old, _) = self._weights.popitem(last=False)
             self._weights_bytes -= old.numel() * old.element_size()
-        return w, bias
+        return self._table(name, subset, sub) if subset is not None else (w, bias)
+
+    def _table(self, name: str, subset: Any, sub: Any) -> tuple[Any, None]:
+        """The full-size weight of a row-subset layer with ``sub`` in its subset rows (the other rows: the
+        original values, which the caller never reads)."""
+        import torch
+
+        mod, kind = self.modules[name]
+        # a normal tensor, written in place whether the caller runs under inference mode or not (an inference
+        # tensor could not be written outside it)
+        with torch.inference_mode(False), torch.no_grad():
+            buf = self._tables.get(name)
+            if buf is None:
+                buf = self._tables[name] = weight_matrix_view(kind, mod.weight.data).detach().clone().float()
+            buf[subset] = sub
+        return matrix_to_weight(kind, buf, mod.weight).contiguous(), None
 
     @contextlib.contextmanager
     def applied(self, plan: Plan) -> Iterator[None]:
