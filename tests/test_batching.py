@@ -255,3 +255,36 @@ def test_the_first_heartbeat_goes_with_the_flush_and_later_ones_at_once(kind, tm
         assert count[0] == 3 and later["autocomp_heartbeat"] > first["autocomp_heartbeat"]
     finally:
         beat.stop()
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "journal"])
+def test_threads_never_take_the_same_queued_trial(kind, tmp_path):
+    """Taking a queued trial is one conditional update (WAITING -> RUNNING): of two threads that saw it queued,
+    one gets it. (Optuna's read-then-write let two threads on SQLite both run it; the second tell then failed.)"""
+    import threading
+
+    study, url = _study(kind, tmp_path, f"q-{kind}")
+    for i in range(24):
+        study.enqueue_trial({"layer0:q": "8c" if i % 2 else "keep"})
+    taken, errors = [], []
+    start = threading.Barrier(4)
+
+    def work():
+        try:
+            start.wait()
+            for _ in range(6):
+                trial = study.ask()
+                trial.suggest_categorical("layer0:q", ["keep", "8c"])
+                taken.append(trial.number)
+                study.tell(trial, [0.5, 1.0])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(taken) == list(range(24))
+    stored = optuna.load_study(study_name=f"q-{kind}", storage=open_storage(url)).trials
+    assert [t.state for t in stored] == [optuna.trial.TrialState.COMPLETE] * 24

@@ -212,7 +212,9 @@ class BatchedStorage(BaseStorage):
                 _write(self.inner, trial_id, held, stored)
                 ok = self.inner.set_trial_state_values(trial_id, state, values)
         else:
-            ok = self.inner.set_trial_state_values(trial_id, state, values)
+            ok = _take_rdb(self.inner, trial_id) if state == TrialState.RUNNING and values is None else None
+            if ok is None:
+                ok = self.inner.set_trial_state_values(trial_id, state, values)
         if ok and state == TrialState.RUNNING:  # a queued trial this worker took
             self._adopt(trial_id)
         if ok and own is not None:
@@ -358,6 +360,36 @@ def _create_rdb(storage: Any, study_id: int) -> FrozenTrial | None:
         cached.setdefault(study_id, _StudyInfo())
         add(study_id, [frozen])
     return frozen
+
+
+def _take_rdb(storage: Any, trial_id: int) -> bool | None:
+    """Take the queued trial ``trial_id`` (WAITING -> RUNNING) in one conditional update: True if this call
+    took it, False if someone else had, UpdateFinishedTrialError if it is finished; None (nothing written)
+    where the storage is not a database. Optuna reads the state, then writes it, and on SQLite (no row
+    locks) two threads of one worker could both take the same trial that way."""
+    try:
+        from optuna.storages import RDBStorage
+        from optuna.storages._cached_storage import _CachedStorage
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        base = storage._backend if isinstance(storage, _CachedStorage) else storage  # noqa: SLF001
+        if not isinstance(base, RDBStorage):
+            return None
+        trials = models.TrialModel.__table__
+    except (ImportError, AttributeError):  # pragma: no cover - another Optuna
+        return None
+    with _create_scoped_session(base.scoped_session) as session:
+        took = session.execute(trials.update().where(trials.c.trial_id == trial_id, trials.c.state == TrialState.WAITING)
+                               .values(state=TrialState.RUNNING, datetime_start=datetime.datetime.now())).rowcount
+        if took == 1:
+            return True
+        state = session.execute(trials.select().with_only_columns(trials.c.state)
+                                .where(trials.c.trial_id == trial_id)).scalar_one_or_none()
+    if state is None:
+        raise KeyError(models.NOT_FOUND_MSG)
+    base.check_trial_is_updatable(trial_id, state)  # raises if it is finished
+    return False
 
 
 def _any_waiting(storage: Any, study_id: int) -> bool:
