@@ -288,3 +288,36 @@ def test_threads_never_take_the_same_queued_trial(kind, tmp_path):
     assert not errors and sorted(taken) == list(range(24))
     stored = optuna.load_study(study_name=f"q-{kind}", storage=open_storage(url)).trials
     assert [t.state for t in stored] == [optuna.trial.TrialState.COMPLETE] * 24
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_progress_counts_in_one_statement_what_the_trials_say(kind, tmp_path):
+    """The shared count (finished as is_finished says, running; below a number or not) is one statement on a
+    database and equals the count over every trial read in full."""
+    from autocomp.search.study import progress
+
+    S = optuna.trial.TrialState
+    study, url = _study(kind, tmp_path, f"p-{kind}")
+    for i in range(9):
+        trial = study.ask()
+        if i % 3 == 0:
+            study.tell(trial, [0.5, 1.0])
+        elif i == 1:
+            trial.set_user_attr("autocomp_stale", True)  # failed by a dead worker's recovery: not counted
+            study.tell(trial, state=S.FAIL)
+        elif i == 4:
+            study.tell(trial, state=S.FAIL)  # a real failure: counted
+        elif i == 5:
+            study.tell(trial, state=S.PRUNED)
+    study.enqueue_trial({"layer0:q": "8c"})
+    reader = optuna.load_study(study_name=f"p-{kind}", storage=open_storage(url))  # no lean path: full read
+    for below in (None, 0, 2, 5, 9, 20):
+        assert progress(study, below) == progress(reader, below)
+    assert progress(study) == (4, 3)
+    if kind != "journal":
+        from sqlalchemy import event
+
+        seen = []
+        event.listen(study._storage.inner._backend.engine, "before_cursor_execute", lambda *a: seen.append(1))
+        progress(study, 5)
+        assert len(seen) == 1

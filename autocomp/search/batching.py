@@ -227,6 +227,32 @@ class BatchedStorage(BaseStorage):
                     self._told.pop(next(iter(self._told)))
         return ok
 
+    def progress(self, study_id: int, below: int | None = None) -> tuple[int, int] | None:
+        """(finished, running) trials of the study numbered below ``below``, finished as
+        :func:`autocomp.search.study.is_finished` says (COMPLETE, or FAIL not marked ``autocomp_stale``), in
+        one statement on a database -- None elsewhere. Counting through Optuna's cache re-reads every running
+        trial with its parameters first: per trial, work that grows with the number of workers."""
+        try:
+            from optuna.storages import RDBStorage
+            from optuna.storages._rdb import models
+            from sqlalchemy import and_, exists, func, not_, select
+        except ImportError:  # pragma: no cover - another Optuna
+            return None
+        backend = getattr(self.inner, "_backend", self.inner)
+        if not isinstance(backend, RDBStorage):
+            return None
+        t, a = models.TrialModel.__table__, models.TrialUserAttributeModel.__table__
+        stale = exists().where(a.c.trial_id == t.c.trial_id, a.c.key == "autocomp_stale", a.c.value_json == "true")
+        counted = not_(and_(t.c.state == TrialState.FAIL, stale))
+        query = (select(t.c.state, func.count()).where(
+            t.c.study_id == study_id, t.c.state.in_([TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING]), counted)
+            .group_by(t.c.state))
+        if below is not None:
+            query = query.where(t.c.number < below)
+        with backend.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            n = {state: count for state, count in conn.execute(query)}
+        return n.get(TrialState.COMPLETE, 0) + n.get(TrialState.FAIL, 0), n.get(TrialState.RUNNING, 0)
+
     def told(self, trial_id: int) -> FrozenTrial | None:
         """This worker's trial ``trial_id`` as it was just finished (state, values, parameters, attributes; the
         completion time by this worker's clock), without a storage read; once: the copy is then dropped.

@@ -388,6 +388,10 @@ def progress(study: Any, below: int | None = None) -> tuple[int, int]:
     import optuna
 
     S = optuna.trial.TrialState
+    counted = getattr(study._storage, "progress", None)  # one statement on a database (see BatchedStorage)
+    n = counted(study._study_id, below) if counted is not None else None
+    if n is not None:
+        return n
     fin = run = 0
     for t in study.get_trials(deepcopy=False, states=[S.COMPLETE, S.FAIL, S.RUNNING]):
         if below is not None and t.number >= below:
