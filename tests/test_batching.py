@@ -203,32 +203,42 @@ def test_an_attribute_another_worker_wrote_meanwhile_is_updated_not_duplicated(k
     assert done.user_attrs == {"note": "mine"} and done.state == optuna.trial.TrialState.COMPLETE
 
 
-@pytest.mark.parametrize("kind", [k for k in KINDS if k != "journal"])
-def test_trials_asked_at_once_by_threads_get_distinct_consecutive_numbers(kind, tmp_path):
-    """A new trial's number comes from the insert itself, under Optuna's lock on the study row."""
+def _asked_by_threads(study, threads: int, each: int) -> list[int]:
+    """``threads`` threads started together, each asking and telling ``each`` trials (one parameter); the
+    numbers they got. Fails on any error in a thread."""
     import threading
 
-    study, url = _study(kind, tmp_path, f"n-{kind}")
-    study.enqueue_trial({"layer0:q": "8c"})  # created by Optuna's own path (a template)
-    first = study.ask()
-    study.tell(first, [0.5, 1.0])
-    numbers, errors = [first.number], []
+    numbers, errors = [], []
+    start = threading.Barrier(threads)
 
     def work():
         try:
-            for _ in range(12):
+            start.wait()
+            for _ in range(each):
                 trial = study.ask()
+                trial.suggest_categorical("layer0:q", ["keep", "8c"])
                 numbers.append(trial.number)
                 study.tell(trial, [0.5, 1.0])
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for t in threads:
+    running = [threading.Thread(target=work) for _ in range(threads)]
+    for t in running:
         t.start()
-    for t in threads:
+    for t in running:
         t.join()
     assert not errors
+    return numbers
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "journal"])
+def test_trials_asked_at_once_by_threads_get_distinct_consecutive_numbers(kind, tmp_path):
+    """A new trial's number comes from the insert itself, under Optuna's lock on the study row."""
+    study, url = _study(kind, tmp_path, f"n-{kind}")
+    study.enqueue_trial({"layer0:q": "8c"})  # created by Optuna's own path (a template)
+    first = study.ask()
+    study.tell(first, [0.5, 1.0])
+    numbers = [first.number] + _asked_by_threads(study, threads=3, each=12)
     stored = optuna.load_study(study_name=f"n-{kind}", storage=open_storage(url)).trials
     assert sorted(numbers) == list(range(37)) == [t.number for t in stored]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in stored)
@@ -261,31 +271,11 @@ def test_the_first_heartbeat_goes_with_the_flush_and_later_ones_at_once(kind, tm
 def test_threads_never_take_the_same_queued_trial(kind, tmp_path):
     """Taking a queued trial is one conditional update (WAITING -> RUNNING): of two threads that saw it queued,
     one gets it. (Optuna's read-then-write let two threads on SQLite both run it; the second tell then failed.)"""
-    import threading
-
     study, url = _study(kind, tmp_path, f"q-{kind}")
     for i in range(24):
         study.enqueue_trial({"layer0:q": "8c" if i % 2 else "keep"})
-    taken, errors = [], []
-    start = threading.Barrier(4)
-
-    def work():
-        try:
-            start.wait()
-            for _ in range(6):
-                trial = study.ask()
-                trial.suggest_categorical("layer0:q", ["keep", "8c"])
-                taken.append(trial.number)
-                study.tell(trial, [0.5, 1.0])
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and sorted(taken) == list(range(24))
+    taken = _asked_by_threads(study, threads=4, each=6)
+    assert sorted(taken) == list(range(24))
     stored = optuna.load_study(study_name=f"q-{kind}", storage=open_storage(url)).trials
     assert [t.state for t in stored] == [optuna.trial.TrialState.COMPLETE] * 24
 
