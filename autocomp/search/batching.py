@@ -164,8 +164,8 @@ class BatchedStorage(BaseStorage):
     def hold_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         """Set ``key`` on this worker's trial with the trial's first batch, even a write-through key: the first
         heartbeat of a trial whose plan is not decided yet needs no transaction of its own, as nothing of the
-        trial is in the storage but its RUNNING row (other workers go by its start until then). At once once
-        the trial was flushed, or if it is not this worker's."""
+        trial is in the storage but its RUNNING row (other workers go by its start until then). Written at once
+        if the trial was flushed already, or if it is not this worker's."""
         own = self._mine(trial_id)
         if own is None or own.flushed:
             return self.set_trial_user_attr(trial_id, key, value)
