@@ -232,15 +232,12 @@ class BatchedStorage(BaseStorage):
         :func:`autocomp.search.study.is_finished` says (COMPLETE, or FAIL not marked ``autocomp_stale``), in
         one statement on a database -- None elsewhere. Counting through Optuna's cache re-reads every running
         trial with its parameters first: per trial, work that grows with the number of workers."""
-        try:
-            from optuna.storages import RDBStorage
-            from optuna.storages._rdb import models
-            from sqlalchemy import and_, exists, func, not_, select
-        except ImportError:  # pragma: no cover - another Optuna
+        backend = _rdb(self.inner)
+        if backend is None:
             return None
-        backend = getattr(self.inner, "_backend", self.inner)
-        if not isinstance(backend, RDBStorage):
-            return None
+        from optuna.storages._rdb import models
+        from sqlalchemy import and_, exists, func, not_, select
+
         t, a = models.TrialModel.__table__, models.TrialUserAttributeModel.__table__
         stale = exists().where(a.c.trial_id == t.c.trial_id, a.c.key == "autocomp_stale", a.c.value_json == "true")
         counted = not_(and_(t.c.state == TrialState.FAIL, stale))
@@ -249,7 +246,7 @@ class BatchedStorage(BaseStorage):
             .group_by(t.c.state))
         if below is not None:
             query = query.where(t.c.number < below)
-        with backend.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with _autocommit(backend) as conn:
             n = {state: count for state, count in conn.execute(query)}
         return n.get(TrialState.COMPLETE, 0) + n.get(TrialState.FAIL, 0), n.get(TrialState.RUNNING, 0)
 
@@ -349,6 +346,20 @@ class BatchedStorage(BaseStorage):
         self.inner.check_trial_is_updatable(trial_id, trial_state)
 
 
+def _rdb(storage: Any) -> Any:
+    """The RDB storage under ``storage`` (Optuna's cache unwrapped), or None if it is not a database."""
+    from optuna.storages import RDBStorage
+    from optuna.storages._cached_storage import _CachedStorage
+
+    base = storage._backend if isinstance(storage, _CachedStorage) else storage  # noqa: SLF001 - Optuna's cache
+    return base if isinstance(base, RDBStorage) else None
+
+
+def _autocommit(storage: Any) -> Any:
+    """A connection of the RDB ``storage`` for one read outside a transaction (no BEGIN / COMMIT round trips)."""
+    return storage.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
 def _create_rdb(storage: Any, study_id: int) -> FrozenTrial | None:
     """A new RUNNING trial in ``storage`` (Optuna's cache over an RDB storage) in two statements, not four:
     the study row locked as Optuna locks it, then the trial inserted with its number (the count of the
@@ -361,7 +372,7 @@ def _create_rdb(storage: Any, study_id: int) -> FrozenTrial | None:
         from optuna.storages._rdb.storage import _create_scoped_session
         from sqlalchemy import func, literal, select
 
-        backend = storage._backend if isinstance(storage, _CachedStorage) else None  # noqa: SLF001
+        backend = _rdb(storage) if isinstance(storage, _CachedStorage) else None
         if backend is None or not backend.engine.dialect.insert_returning:
             return None
         add, lock, cached = storage._add_trials_to_cache, storage._lock, storage._studies  # noqa: SLF001
@@ -393,15 +404,13 @@ def _take_rdb(storage: Any, trial_id: int) -> bool | None:
     took it, False if someone else had, UpdateFinishedTrialError if it is finished; None (nothing written)
     where the storage is not a database. Optuna reads the state, then writes it, and on SQLite (no row
     locks) two threads of one worker could both take the same trial that way."""
+    base = _rdb(storage)
+    if base is None:
+        return None
     try:
-        from optuna.storages import RDBStorage
-        from optuna.storages._cached_storage import _CachedStorage
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
-        base = storage._backend if isinstance(storage, _CachedStorage) else storage  # noqa: SLF001
-        if not isinstance(base, RDBStorage):
-            return None
         trials = models.TrialModel.__table__
     except (ImportError, AttributeError):  # pragma: no cover - another Optuna
         return None
@@ -427,7 +436,7 @@ def _any_waiting(storage: Any, study_id: int) -> bool:
         trials = models.TrialModel.__table__
         query = (trials.select().with_only_columns(trials.c.trial_id)
                  .where(trials.c.study_id == study_id, trials.c.state == TrialState.WAITING).limit(1))
-        with storage.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with _autocommit(storage) as conn:
             return conn.execute(query).first() is not None
     except (ImportError, AttributeError):  # pragma: no cover - another Optuna
         return True
@@ -438,7 +447,6 @@ def _write(storage: BaseStorage, trial_id: int, held: _Held, stored: tuple[set[s
     """Write ``held`` for ``trial_id``; with ``finish`` (state, values, completion time) also finish the trial
     in the same transaction and return ``set_trial_state_values``'s answer -- or None where this storage
     cannot, having written nothing."""
-    from optuna.storages import RDBStorage
     from optuna.storages._cached_storage import _CachedStorage
     from optuna.storages.journal import JournalStorage
 
@@ -446,7 +454,7 @@ def _write(storage: BaseStorage, trial_id: int, held: _Held, stored: tuple[set[s
         return None
     base = storage._backend if isinstance(storage, _CachedStorage) else storage  # noqa: SLF001 - Optuna's cache
     try:  # the batched paths use Optuna 5's storage internals; another Optuna gets the writes one by one
-        if isinstance(base, RDBStorage):
+        if _rdb(base) is not None:
             return _write_rdb(base, trial_id, held, stored, finish)
         if isinstance(base, JournalStorage) and finish is None:
             return _write_journal(base, trial_id, held)
