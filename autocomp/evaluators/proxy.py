@@ -203,8 +203,13 @@ def _record_lookups(model: Any, desc: ModelDesc) -> tuple[dict[str, set[int]], l
 class ProxyEvaluator:
     """``evaluator(plan) -> float``. Deterministic: same plan, same number, on the same machine."""
 
-    def __init__(self, loaded: LoadedModel, desc: ModelDesc, applier: PlanApplier | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, desc: ModelDesc, applier: PlanApplier | None = None,
+                 reuse_bytes: int | None = None) -> None:
+        """``reuse_bytes``: the bound of the block outputs kept for reuse across plans (default
+        :func:`~autocomp.evaluators.reuse.default_block_cache_bytes`; 0: recompute every block)."""
         import torch
+
+        from autocomp.evaluators.reuse import BlockCache
 
         self.loaded = loaded
         self.model = loaded.module.eval()
@@ -213,7 +218,8 @@ class ProxyEvaluator:
         self.masks: list[Any] = []
         metric = loaded.metric
         looked_up, hooks = _record_lookups(self.model, desc)
-        with torch.inference_mode():
+        self.reuse = BlockCache(self.model, desc, reuse_bytes)
+        with torch.inference_mode(), self.reuse.observe():
             for i, batch in enumerate(self.batches):
                 check_pairs(batch, i)
                 try:
@@ -253,6 +259,10 @@ class ProxyEvaluator:
                                 f"model {loaded.spec!r} is not one: use --metric auto")
         self.metric = metric
 
+    def _layer_key(self, plan: Plan, name: str) -> Any:
+        """What determines layer ``name``'s weights under ``plan`` (the applier's compressed-weight key)."""
+        return plan.layer(name), self.applier.kept_indices(plan, name)[2]
+
     def __call__(self, plan: Plan) -> float:
         return self.finish(*self.partial(plan, range(len(self.batches))))
 
@@ -262,9 +272,10 @@ class ProxyEvaluator:
         import torch
 
         num = den = 0.0
-        with torch.inference_mode(), self.applier.applied(plan):
+        with torch.inference_mode(), self.applier.applied(plan), self.reuse.active(plan, self._layer_key):
             for i in indices:
-                student, _ = extract_output(run_batch(self.model, self.batches[i]))
+                with self.reuse.batch(i):
+                    student, _ = extract_output(run_batch(self.model, self.batches[i]))
                 a, b = distortion(self.metric, self.teacher[i], student, self.masks[i])
                 num, den = num + a, den + b
         return num, den
