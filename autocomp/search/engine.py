@@ -108,7 +108,8 @@ def run_search(cfg: SearchConfig, on_event: Callable[[str, dict[str, Any]], None
     shared = not url.startswith("sqlite")  # several workers may share this study
     lock = None if shared else single_writer_lock(url, req.name)
     try:
-        return _Search(cfg, req, prep, url, batched(open_storage(url)), shared, emit).run()
+        # single writer (the lock held): the study's trials are read once and then kept as this process writes them
+        return _Search(cfg, req, prep, url, batched(open_storage(url), sole=not shared), shared, emit).run()
     finally:
         if lock is not None:
             lock.close()
