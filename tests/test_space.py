@@ -191,3 +191,66 @@ def test_structured_groups_on_a_transformers_bert(tmp_path):
     heads = next(g for g in sp.groups.values() if g.kind == "heads")
     assert heads.units == 4 and heads.unit_size == 8 and len(heads.producers) == 3
     assert "0.attention:q" in sp.params and "0.ffn:q" in sp.params
+
+
+def _scan_repair(sp, assignment, limits, sensitivity=None):
+    """The repair as a plain scan of every (parameter, option) each step: what the array version must equal."""
+    a = dict(assignment)
+    totals = {lim.name: lim.total(sp, a) for lim in limits}
+
+    def excess(t):
+        return sum(max(0.0, t[lim.name] - lim.budget) / lim.budget for lim in limits)
+
+    def delta(p, opt):
+        layers, masks, cur = sp.param_layers(p), p.endswith(":keep"), a[p]
+        before = {lim.name: sum(lim.layer_cost(n, a) for n in layers) + (lim.masks(sp, a) if masks else 0) for lim in limits}
+        a[p] = opt
+        after = {lim.name: sum(lim.layer_cost(n, a) for n in layers) + (lim.masks(sp, a) if masks else 0) for lim in limits}
+        a[p] = cur
+        return {k: after[k] - before[k] for k in before}
+
+    while (now := excess(totals)) > 0:
+        violated = [lim for lim in limits if totals[lim.name] > lim.budget]
+        best = None
+        for p in sp.params:
+            step = None
+            for opt in sp.params[p]:
+                if opt == a[p]:
+                    continue
+                d = delta(p, opt)
+                moved = {lim.name: totals[lim.name] + d[lim.name] for lim in limits}
+                gain = sum((totals[lim.name] - moved[lim.name]) / lim.budget for lim in violated)
+                if gain <= 0 or excess(moved) >= now - 1e-12:
+                    continue
+                if sensitivity is not None:
+                    score = gain / (max(0.0, sensitivity[p][opt] - sensitivity[p][a[p]]) + 1e-9)
+                    if step is None or score > step[0]:
+                        step = (score, opt)
+                elif step is None or gain < step[0]:
+                    step = (gain, opt)
+            if step is not None and (best is None or step[0] > best[0]):
+                best = (step[0], p, step[1])
+        if best is None:
+            break
+        a[best[1]] = best[2]
+        totals = {lim.name: lim.total(sp, a) for lim in limits}
+    return a, totals
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_repair_takes_the_steps_of_a_plain_scan(desc, seed):
+    """One budget or two, with and without a sensitivity table: the same assignment and totals as the scan."""
+    sp = SearchSpace.from_yaml("default", desc)
+    rng = random.Random(seed)
+    a = {p: rng.choice(o) for p, o in sp.params.items()}
+    size = plan_bytes(desc, sp.decode(a))
+
+    def bits_cost(n, x):
+        layer, choice, rows, cols = sp.layer_plan(n, x)
+        return choice.summary().get("bits", 32) * rows * cols
+
+    limits = [size_limit(sp, int(size * 0.5))]
+    two = [*limits, Limit("bits", bits_cost, 0.0, Limit("bits", bits_cost, 0.0, 1.0).total(sp, a) * 0.45)]
+    sens = {p: {o: rng.choice([0.0, rng.random(), rng.random() * 1e-3]) for o in opts} for p, opts in sp.params.items()}
+    for lims, table in ((limits, None), (limits, sens), (two, None), (two, sens)):
+        assert repair(sp, a, lims, table) == _scan_repair(sp, a, lims, table)
