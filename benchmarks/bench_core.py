@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/bench_core.py --quick    # fewer repetitions
 
 1. proxy evaluations per second on MiniLM with the default calibration set: TPE-like trials (a plan
-   changes a few layers from a recent one, so compressed-weight caches hit) and cold random plans
-   (every layer changes: the worst case);
+   changes a few layers from a recent one, so compressed-weight caches hit and the blocks before the first
+   change are reused) and cold random plans (every layer changes: the worst case);
 2. wall time of `autocomp search --budget 30MB --trials 50` from the command to the written front,
    run as a user would (a fresh process, a fresh study);
 3. predicted bytes vs numpy-packed bytes for every layer of MiniLM under several plans (exact?).
@@ -170,9 +170,10 @@ def storage_ms(postgres: str | None, n: int) -> tuple[dict[str, float], dict[str
     return batched, single
 
 
-def search_trials_per_second(trials: int = 100) -> float:
+def search_trials_per_second(trials: int = 100, replay: bool = False) -> tuple[float, dict[str, float] | None]:
     """`autocomp search --model minilm --budget 15% --trials N` in a fresh process and study: trials per second
-    from the first trial's start to the last trial's end (model loading and profiling excluded)."""
+    from the first trial's start to the last trial's end (model loading and profiling excluded). ``replay``:
+    also the search's evaluated plans scored again in order, with and without block reuse (:func:`replay`)."""
     import optuna
 
     tmp = Path(tempfile.mkdtemp(prefix="autocomp-bench-"))
@@ -185,9 +186,38 @@ def search_trials_per_second(trials: int = 100) -> float:
         done = [t for t in optuna.load_study(study_name="t", storage=f"sqlite:///{tmp}/t.db").trials
                 if t.state == optuna.trial.TrialState.COMPLETE]
         span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
-        return len(done) / span
+        return len(done) / span, replay_plans(done) if replay else None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replay_plans(trials: list) -> dict[str, float]:
+    """A search's evaluated plans, in the order it scored them, through the proxy with block reuse and without
+    (one applier, its compressed weights warmed first; each plan without, then with): ms per plan, the
+    ratio, and how many values are bit for bit the same."""
+    from autocomp.evaluators.proxy import ProxyEvaluator
+    from autocomp.models import load_model
+    from autocomp.models.introspect import introspect
+    from autocomp.plan import Plan
+
+    plans = [Plan.from_dict(t.user_attrs["plan"]) for t in trials if t.user_attrs.get("evaluated", True)]
+    loaded = load_model("minilm")
+    desc = introspect(loaded)
+    plain = ProxyEvaluator(loaded, desc, reuse_bytes=0)
+    reuse = ProxyEvaluator(loaded, desc, applier=plain.applier)
+    for plan in plans:
+        plain(plan)
+    t_plain = t_reuse = 0.0
+    same = 0
+    for plan in plans:
+        t0 = time.perf_counter()
+        a = plain(plan)
+        t1 = time.perf_counter()
+        b = reuse(plan)
+        t_plain, t_reuse, same = t_plain + t1 - t0, t_reuse + time.perf_counter() - t1, same + (a == b)
+    return {"plans": len(plans), "ms_without_reuse": 1e3 * t_plain / len(plans), "ms_with_reuse": 1e3 * t_reuse / len(plans),
+            "speedup": t_plain / t_reuse, "identical": same, "block_hits": reuse.reuse.hits,
+            "block_misses": reuse.reuse.misses}
 
 
 def main() -> None:
@@ -204,9 +234,11 @@ def main() -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         e = evals_per_second(10 if args.quick else 30)
         batched, single = storage_ms(args.postgres, 10 if args.quick else 30)
+        rate, replayed = search_trials_per_second(30 if args.quick else 100, replay=True)
         print(json.dumps({"evals_per_second": e["evals_per_s_local"], "proxy_ms_per_trial": 1e3 / e["evals_per_s_local"],
+                          "evals_per_second_cold": e["evals_per_s_cold"],
                           "storage_ms_per_trial": batched, "storage_ms_per_trial_one_write_per_transaction": single,
-                          "search_trials_per_second": search_trials_per_second(30 if args.quick else 100)}))
+                          "search_trials_per_second": rate, "search_replayed": replayed}))
         return
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.machine()}, "
