@@ -24,9 +24,11 @@ def sensitivity_database(cfg: SearchConfig, loaded: Any, desc: ModelDesc, space:
 
     sliced = dataclasses.replace(loaded, batches=loaded.batches[:1], metric=evaluator.metric)
     stats = attached(loaded.module)
-    # with compensated options, the profile shares the search's compressed weights (computed once per layer
-    # and option; the search's embedding rows are a superset of the first batch's, so the values agree)
-    fast = ProxyEvaluator(sliced, desc, applier=evaluator.applier if stats is not None else None)
+    # the profile shares the search's applier: every option of every layer it compresses (and the SVDs, sort
+    # orders and magnitude thresholds behind them) is then warm for the seeds and the first trials (a profile
+    # of its own threw them away: ~2 s of cold work in a MiniLM search's first trials). The search's embedding
+    # rows are a superset of the first batch's, whose rows alone have Fisher mass, so the values agree.
+    fast = ProxyEvaluator(sliced, desc, applier=evaluator.applier)
     parts = {"weights": weights_hash(loaded.module), "data": data_fingerprint(sliced.batches),
              "metric": evaluator.metric, "evaluator": "proxy-v1"}
     if stats is not None:
