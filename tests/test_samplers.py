@@ -42,3 +42,29 @@ def test_every_sampler_drives_a_search_that_resumes(name, tmp_path):
     assert second["trials_complete"] + second["trials_failed"] == 18
     assert all(set(t.params) == space for t in study.trials if t.params)  # every trial proposes a whole plan
     assert all("size" in t.constraints for t in study.trials if t.values)
+
+
+def test_the_refiner_search_space_is_the_intersection_optuna_computes():
+    """The refiner folds each complete trial's parameters in once; the result is Optuna's intersection search
+    space (parameters every complete trial has with the same distribution), in its order, trial by trial; pruned,
+    failed and running trials do not count."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from autocomp.search.refiner import FrontRefiner
+
+    refiner = FrontRefiner(seed=0)
+    reference = optuna.search_space.IntersectionSearchSpace()
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    for i in range(12):
+        trial = study.ask()
+        for j in range(6):
+            if (i + j) % 5:  # some trials lack a parameter
+                trial.suggest_categorical(f"p{j}", ["a", "b", "c"])
+        state = [None, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL][i % 3] if i > 3 else None
+        if i == 9:
+            continue  # left running
+        study.tell(trial, [0.1, 1.0] if state is None else None, state=state)
+        got = refiner.infer_relative_search_space(study, trial)
+        assert list(got.items()) == list(reference.calculate(study).items())
+        assert all(isinstance(d, CategoricalDistribution) for d in got.values())

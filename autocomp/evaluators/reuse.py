@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from autocomp.desc import ModelDesc
 from autocomp.plan import Plan
