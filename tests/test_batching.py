@@ -348,6 +348,9 @@ def test_a_sole_writer_reads_the_study_once_and_sees_what_a_fresh_read_sees(tmp_
         one(i)
     # no refresh of the running or the told trial through Optuna's cache (its read asks for trial_id > last)
     assert seen and not any("trial_id >" in sql for sql in seen)
+    # per trial: the new trial (2), the flush (a state check and 3 inserts), the tell (2); no read of the study
+    # for the sampler, the queue or the front
+    assert len(seen) <= 8 * 4, f"{len(seen) / 4} statements a trial"
     study._storage.set_trial_state_values(dead._trial_id, optuna.trial.TrialState.FAIL)  # as recover_stale does
     assert study.get_trials()[0].state == optuna.trial.TrialState.FAIL
     study.enqueue_trial({"layer0:q": "8c"})  # a queued trial: the kept list is dropped, the queue is seen

@@ -306,6 +306,12 @@ class BatchedStorage(BaseStorage):
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
         backend = getattr(self.inner, "_backend", None)
+        if self.sole and states is not None and set(states) == {TrialState.WAITING}:
+            with self._lock:  # a kept list has every queued trial: only this worker queues them
+                kept = self._kept.get(study_id)
+                if kept is not None:
+                    waiting = sorted((t for t in kept.values() if t.state == TrialState.WAITING), key=lambda t: t.number)
+                    return copy.deepcopy(waiting) if deepcopy else waiting
         if states is not None and set(states) == {TrialState.WAITING} and hasattr(backend, "_get_trials"):
             # Optuna's ask looks for queued trials every time: over a database, ask for those alone instead of
             # refreshing every unfinished trial (and its parameters) in Optuna's cache first; and as the queue is
