@@ -48,6 +48,24 @@ def load(studies, name="t"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{studies}/{name}.db")
 
 
+@pytest.mark.parametrize("interval", [0.0, 3600.0])
+def test_the_front_files_follow_the_run_and_end_with_it(capsys, studies, monkeypatch, interval):
+    """Rewritten at most once a FRONT_WRITE_S while trials run (every change at 0), and always at the end:
+    pareto.json and every plan file it names are the final front's."""
+    from autocomp.search import engine, study
+
+    writes = []
+    real = study.write_front
+    monkeypatch.setattr(engine, "FRONT_WRITE_S", interval)
+    monkeypatch.setattr(study, "write_front", lambda handle, front: writes.append(len(front)) or real(handle, front))
+    code, out, err = search(capsys, studies)
+    assert code == 0, err
+    result = json.loads(out)
+    check_contract(result, studies)
+    assert json.loads((studies / "t" / "pareto.json").read_text()) == result
+    assert len(writes) > 3 if interval == 0 else len(writes) <= 3  # opening, the end (and the first trial's)
+
+
 def test_search_json_contract_and_pareto(capsys, studies):
     code, out, err = search(capsys, studies)
     assert code == 0, err

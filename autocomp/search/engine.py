@@ -40,6 +40,7 @@ from autocomp.search.trial import TrialContext, run_trial, stage_front
 __all__ = ["run_search", "ENGINE_VERSION"]
 
 ENGINE_VERSION = 1
+FRONT_WRITE_S = 1.0  # the front's files are rewritten at most this often while trials run (and at the end)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class _Counters:
     front_ids: list[int] = field(default_factory=list)
     front: list[Any] | None = None  # the study's front as of the last trial told (single writer)
     recovered: float = float("-inf")  # time.monotonic() of the last look for dead workers' trials (shared)
+    written: float = float("-inf")  # time.monotonic() the front's files were last written
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -510,9 +512,12 @@ class _Search:
             else:  # this worker alone writes the study: its front so far plus the trial just told
                 front = front_of([*c.front, finished], self.prep.budget, objectives)
             c.front = front
-            if [t.number for t in front] != c.front_ids:
+            # the files follow the front at most once a FRONT_WRITE_S (each write is synced to disk: 13 ms, and
+            # the front changes on almost every trial at first); the end of the run, or a Ctrl-C, writes the last
+            if [t.number for t in front] != c.front_ids and time.monotonic() - c.written >= FRONT_WRITE_S:
                 c.front_ids = [t.number for t in front]
                 study_result(self.handle, front=front)
+                c.written = time.monotonic()
             self.emit("trial", {"number": trial.number, "state": state.name, "values": values, "done": done,
                                 "total": self.cfg.trials,
                                 "front": [(trial_metric(t, "proxy", objectives), trial_metric(t, "size", objectives))
