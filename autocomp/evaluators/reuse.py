@@ -41,13 +41,12 @@ __all__ = ["BlockCache", "default_block_cache_bytes", "repeated_blocks"]
 
 
 def default_block_cache_bytes(desc: ModelDesc) -> int:
-    """256 MiB up to LARGE_MODEL_BYTES of fp32 weights (MiniLM: ~50 trials' changed blocks), 1/32 of the
-    weights above it (a large model's searches are held within 3x its weights; see default_cache_bytes)."""
+    """256 MiB up to LARGE_MODEL_BYTES of fp32 weights (MiniLM: ~50 trials' changed blocks), none above it: a
+    large model's search is held within 3x its weights (see default_cache_bytes), and what would fit there
+    (a few of a 1024-wide model's 10 MB block outputs) is less than one trial's history."""
     from autocomp.memory import LARGE_MODEL_BYTES
 
-    if desc.fp32_bytes <= LARGE_MODEL_BYTES:
-        return 256 << 20
-    return int(min(256 << 20, desc.fp32_bytes // 32))
+    return 256 << 20 if desc.fp32_bytes <= LARGE_MODEL_BYTES else 0
 
 
 def repeated_blocks(model: Any, layer_modules: dict[int, str]) -> list[tuple[str, Any]]:
