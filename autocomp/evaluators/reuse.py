@@ -34,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
+from autocomp.compressors.apply import _nbytes
 from autocomp.desc import ModelDesc
 from autocomp.plan import Plan
 
@@ -90,16 +91,6 @@ def _cacheable(value: Any) -> bool:
     if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
         return all(_cacheable(v) for v in value)
     return False
-
-
-def _nbytes(value: Any) -> int:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (tuple, list)):
-        return sum(_nbytes(v) for v in value)
-    return 0
 
 
 class BlockCache:
