@@ -248,3 +248,27 @@ def test_ilp_holds_a_latency_limit(tmp_path):
     held = ilp_assignment(space, sens, desc.fp32_bytes, limits=[limit])
     assert held is not None and limit.total(space, held) <= limit.budget < slow
     assert sens.of(held) > sens.of(free)  # it paid drift for speed
+
+
+def test_the_profile_works_in_the_search_applier_and_its_table_does_not_change(tmp_path):
+    """The Fisher profile compresses every option with the search's applier, whose embedding rows are all the
+    calibration batches' (a superset of the profiled first batch's): the table is the one an applier of its own
+    gives, bit for bit, and the search starts with those options compressed."""
+    import dataclasses
+
+    from autocomp.search.config import SearchConfig
+    from autocomp.search.seeds import sensitivity_database
+    from autocomp.search.sensitivity import fisher_profile
+
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    space = SearchSpace.from_yaml("default", desc)
+    ev = ProxyEvaluator(loaded, desc)
+    assert len(ev.applier.row_subsets["emb"]) > len(ProxyEvaluator(dataclasses.replace(
+        loaded, batches=loaded.batches[:1]), desc).applier.row_subsets["emb"])
+    cfg = SearchConfig(budget="40%", studies_dir=tmp_path / "studies", sensitivity="fisher")
+    shared = sensitivity_database(cfg, loaded, desc, space, ev, lambda kind, data: None)
+    assert len(ev.applier._weights) > 0  # the search's applier holds what the profile compressed
+    sliced = dataclasses.replace(loaded, batches=loaded.batches[:1], metric=ev.metric)
+    own = fisher_profile(space, ProxyEvaluator(sliced, desc), tmp_path / "own", {"other": 1})
+    assert shared.table == own.table
