@@ -229,3 +229,15 @@ def test_minilm_reuse_is_bit_identical(minilm, minilm_desc):
     assert len(set(values)) == 3
     # `late` reuses blocks 0-4 of both batches, `base` again all six, `early` none
     assert fast.reuse.hits == 2 * 5 + 2 * 6 and fast.reuse.misses == 2 * 6 + 2 + 2 * 6
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "clip"])
+def test_hugging_face_models_reuse_exactly(kind, tmp_path):
+    """Hugging Face layers (GPT-2: Conv1D, a tied head and a KV cache the blocks fill as a side effect; CLIP: two
+    towers, scored by alignment) through `hf:DIR`: bit for bit the proxy without reuse, and reuse happens."""
+    from test_architectures import _hf_dir
+
+    loaded = load_model(_hf_dir(tmp_path, kind))
+    space = SearchSpace.from_yaml("transformer", introspect(loaded))
+    fast = same_with_and_without(loaded, walk(space, 30, seed=2), space)
+    assert fast.reuse.blocks and fast.reuse.hits > 0

@@ -23,8 +23,9 @@ caller does in place reaches them. Least recently used entries go first beyond `
 
 Assumptions, true of torch and Hugging Face models: a block reads other layers' weights only through modules
 registered under it, its own weights are read only by it, it does not write its inputs in place, and it
-runs the same way on the same inputs (eval mode, no sampling). A block that ran a compressible layer
-registered outside it is never reused.
+runs the same way on the same inputs (eval mode, no sampling). A reused block's side effects are not
+replayed: a Hugging Face KV cache misses its layer, which the proxy's single pass never reads back (tested on
+GPT-2). A block that ran a compressible layer registered outside it is never reused.
 """
 
 from __future__ import annotations
