@@ -33,7 +33,8 @@ __all__ = ["RayPool"]
 class _Worker:
     """One Ray actor: the model and its proxy evaluator, built once."""
 
-    def __init__(self, model: str, data: str | None, metric: str, threads: int, calibration_dir: str | None = None) -> None:
+    def __init__(self, model: str, data: str | None, metric: str, threads: int, calibration_dir: str | None = None,
+                 store: tuple[str, int] | None = None) -> None:
         import torch
 
         torch.set_num_threads(threads)
@@ -48,6 +49,10 @@ class _Worker:
 
             ensure(loaded, desc, Path(calibration_dir))
         self.evaluator = ProxyEvaluator(loaded, desc)
+        if store is not None:  # the driver's weight store: actors share what each compressed
+            from autocomp.compressors.store import WeightStore
+
+            self.evaluator.applier.store = WeightStore(*store)
 
     def ready(self) -> dict[str, Any]:
         import resource
@@ -102,6 +107,10 @@ class RayPool:
     def __init__(self, cfg: Any, metric: str, study: str, emit: Any, calibration: bool = False) -> None:
         """``calibration``: the space has compensated options; the actors read the driver's statistics."""
         calibration_dir = str((Path(cfg.studies_dir) / "calibration").resolve()) if calibration else None
+        from autocomp.search.engine import parse_store_bytes
+
+        limit = parse_store_bytes(getattr(cfg, "weights_cache", "0"))
+        store = (str((Path(cfg.studies_dir) / "weights").resolve()), limit) if limit else None
         try:
             import ray
         except ImportError:
@@ -142,8 +151,8 @@ class RayPool:
         try:
             actor = ray.remote(num_cpus=1)(_Worker)
             threads = max(1, (os.cpu_count() or 1) // cfg.workers)
-            self.actors = [actor.remote(_absolute(cfg.model), _absolute(cfg.data), metric, threads, calibration_dir)
-                           for _ in range(cfg.workers)]
+            self.actors = [actor.remote(_absolute(cfg.model), _absolute(cfg.data), metric, threads, calibration_dir,
+                                        store) for _ in range(cfg.workers)]
             self.info = ray.get([a.ready.remote() for a in self.actors])
         except Exception as e:
             self.close()

@@ -53,6 +53,9 @@ from autocomp.search.samplers import SAMPLERS
 @click.option("--threads", default=None, type=int,
               help="Torch threads for this worker (default: every core). Several workers on one machine: give "
                    "each cores / workers, or they slow each other down several times.")
+@click.option("--weights-cache", default="2GiB", show_default=True,
+              help="Disk kept for compressed weights under studies/weights/, shared by other workers, resumed "
+                   "studies and later searches of the same model; 0 for none.")
 @click.option("--address", default=None, help="An existing Ray cluster: auto or ray://host:port (--backend ray).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @STUDIES_DIR

@@ -9,6 +9,8 @@ structured shape), and per-layer expensive work (SVD, magnitude sorts, unit orde
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import time
 from collections import OrderedDict
 from typing import Any, Iterator
 
@@ -135,8 +137,24 @@ class PlanApplier:
         self._weights: OrderedDict[Any, tuple[Any, Any]] = OrderedDict()
         self._weights_bytes = 0
         self._tables: dict[str, Any] = {}  # a row-subset layer's one full-size working copy (see compressed)
+        self._store: Any = None
+        self._store_parts: dict[Any, Any] = {}
         if fingerprint(model) != desc.fingerprint:
             raise PlanMismatchError("model does not match its description (fingerprint differs)")
+
+    @property
+    def store(self) -> Any:
+        """A :class:`~autocomp.compressors.store.WeightStore` the compressed weights are also read from and
+        written to (shared between processes and runs), or None (the default: memory only)."""
+        return self._store
+
+    @store.setter
+    def store(self, store: Any) -> None:
+        from autocomp.search.sensitivity import weights_hash
+
+        if store is not None and not self._store_parts:  # hashed now, while the model holds its own weights
+            self._store_parts = {"weights": weights_hash(self.model), "layout": self.desc.fingerprint}
+        self._store = store
 
     # -- per-layer compressed tensors ------------------------------------------------------------------
     def _matrix(self, name: str) -> Any:
@@ -230,24 +248,53 @@ class PlanApplier:
         if hit is not None:
             self._weights.move_to_end(ckey)
             return self._table(name, subset, hit[0]) if subset is not None else hit
-        with torch.no_grad():
-            parts, rows, cols = self.layer_parts(plan, name)
-            sub = reconstruct(parts)
-            full_m = weight_matrix_view(kind, mod.weight.data)
-            bias = None
-            if subset is not None:
-                w = sub = sub.contiguous()
-            else:
-                w = matrix_to_weight(kind, scatter(sub, rows, cols, tuple(full_m.shape)), mod.weight).contiguous()
-                if rows is not None and getattr(mod, "bias", None) is not None and mod.bias.numel() == full_m.shape[0]:
-                    bias = torch.zeros_like(mod.bias.data)
-                    bias[rows] = mod.bias.data[rows]
+        dkey = self._store_key(name, choice, skey) if self.store is not None else None
+        got = self.store.get(dkey) if dkey is not None else None
+        if got is not None:
+            w, bias = got
+            sub = w
+        else:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                parts, rows, cols = self.layer_parts(plan, name)
+                sub = reconstruct(parts)
+                full_m = weight_matrix_view(kind, mod.weight.data)
+                bias = None
+                if subset is not None:
+                    w = sub = sub.contiguous()
+                else:
+                    w = matrix_to_weight(kind, scatter(sub, rows, cols, tuple(full_m.shape)), mod.weight).contiguous()
+                    if rows is not None and getattr(mod, "bias", None) is not None and \
+                            mod.bias.numel() == full_m.shape[0]:
+                        bias = torch.zeros_like(mod.bias.data)
+                        bias[rows] = mod.bias.data[rows]
+            if dkey is not None:
+                self.store.put(dkey, w, bias, seconds=time.perf_counter() - t0)
         self._weights[ckey] = (w, bias)
         self._weights_bytes += w.numel() * w.element_size()
         while self._weights_bytes > self.cache_bytes and len(self._weights) > 1:
             _, (old, _) = self._weights.popitem(last=False)
             self._weights_bytes -= old.numel() * old.element_size()
         return self._table(name, subset, sub) if subset is not None else (w, bias)
+
+    def _store_key(self, name: str, choice: Any, skey: tuple[int, ...]) -> str:
+        """The :class:`~autocomp.compressors.store.WeightStore` key of one compressed weight: the model's
+        weights, the statistics where the option or the cut uses them, the looked-up rows of a table."""
+        from autocomp.compressors.calibration import attached
+        from autocomp.compressors.store import WeightStore
+
+        subset = self.row_subsets.get(name) if not skey else None
+        sdigest = None
+        if subset is not None:
+            sdigest = self._store_parts.get(("rows", name))
+            if sdigest is None:
+                sdigest = self._store_parts[("rows", name)] = hashlib.sha256(
+                    subset.contiguous().numpy().tobytes()).hexdigest()[:16]
+        stats = attached(self.model)
+        uses = skey or any(t.calibrated(c) for t, c in choice.steps())
+        return WeightStore.key(weights=self._store_parts["weights"], layout=self._store_parts["layout"],
+                               stats=stats.key if stats is not None and uses else None, rows=sdigest, layer=name,
+                               plan=choice.to_dict(), cut=list(skey))
 
     def _table(self, name: str, subset: Any, sub: Any) -> tuple[Any, None]:
         """The full-size weight of a row-subset layer with ``sub`` in its subset rows (the other rows: the

@@ -51,6 +51,7 @@ class SearchConfig:
     address: str | None = None  # an existing Ray cluster ("auto", "ray://host:10001"); default: start one here
     sensitivity: str = "fisher"  # "measured" (one proxy evaluation per option) | "fisher" (squared gradients)
     threads: int | None = None  # torch threads of this worker (default: torch's, every core)
+    weights_cache: str = "2GiB"  # compressed weights kept on disk under <studies>/weights/ ("0": none)
 
 
 OBJECTIVES = ("proxy", "size", "latency", "bitops", "energy")

@@ -52,6 +52,8 @@ class _Request:
     objectives: list[str]
     latency_ms: float | None
     bitops: float | None
+    store_bytes: int = 0  # --weights-cache
+
 
 
 @dataclass
@@ -132,6 +134,7 @@ def _check(cfg: SearchConfig) -> _Request:
     objectives = parse_objectives(cfg.objectives, cfg.hardware)
     latency = parse_time_ms(cfg.latency_budget) if cfg.latency_budget else None
     bitops = parse_count(cfg.bitops_budget, "--bitops-budget") if cfg.bitops_budget else None
+    store_bytes = parse_store_bytes(cfg.weights_cache)
     if cfg.address and cfg.backend != "ray":
         raise AutocompError("--address is a Ray cluster address; add --backend ray")
     if cfg.address:
@@ -148,7 +151,19 @@ def _check(cfg: SearchConfig) -> _Request:
         from autocomp.cost.device import load_device
 
         load_device(cfg.hardware or "x86-avx512-vnni")  # a bad --hardware fails before anything is opened
-    return _Request(name, space_path, objectives, latency, bitops)
+    return _Request(name, space_path, objectives, latency, bitops, store_bytes)
+
+
+def parse_store_bytes(text: str) -> int:
+    """``--weights-cache``: a size (2GiB, 500MB), or 0 / off for none."""
+    if str(text).strip().lower() in ("0", "off", "none"):
+        return 0
+    if str(text).strip().endswith("%"):
+        raise AutocompError(f"--weights-cache {text!r}: give a size on disk, e.g. 2GiB or 500MB (0 for none)")
+    try:
+        return parse_budget(text)
+    except AutocompError:
+        raise AutocompError(f"--weights-cache {text!r} is not a size; use e.g. 2GiB or 500MB (0 for none)") from None
 
 
 def _prepare(cfg: SearchConfig, req: _Request, emit: Any) -> _Prepared:
@@ -197,6 +212,10 @@ def _prepare(cfg: SearchConfig, req: _Request, emit: Any) -> _Prepared:
     emit("status", {"message": "computing teacher outputs"})
     t3 = time.perf_counter()
     evaluator = ProxyEvaluator(loaded, desc)
+    if req.store_bytes:  # compressed weights shared with other workers and later searches of this model
+        from autocomp.compressors.store import WeightStore
+
+        evaluator.applier.store = WeightStore(cfg.studies_dir / "weights", req.store_bytes)
     phases = {"load": t1 - t0, "introspect": t2 - t1, "teacher": time.perf_counter() - t3}
     return _Prepared(loaded, space, desc, constraints, budget, smallest, limits + more, cost, device, evaluator,
                      phases=phases)
