@@ -185,7 +185,7 @@ def test_a_search_shares_the_store_and_finds_the_same_values(tmp_path, capsys, w
     def search(name: str, *extra: str) -> list:
         args = ["search", "--model", f"{TINY}:tiny", "--data", f"{TINY}:calib", "--budget", "40%", "--trials", "12",
                 "--studies-dir", str(tmp_path), "--study", name, "--seeds", "uniform", "--json", *extra]
-        code, out, err = run_cli(args, capsys)
+        code, _, err = run_cli(args, capsys)
         assert code == 0, err
         study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/{name}.db")
         return [t.values for t in study.trials]
@@ -204,7 +204,7 @@ def test_a_search_shares_the_store_and_finds_the_same_values(tmp_path, capsys, w
 
 @pytest.mark.parametrize("value", ["lots", "10%", "-1GB"])
 def test_a_bad_weights_cache_is_one_line(tmp_path, capsys, value):
-    code, out, err = run_cli(["search", "--model", f"{TINY}:tiny", "--data", f"{TINY}:calib", "--budget", "40%",
+    code, _, err = run_cli(["search", "--model", f"{TINY}:tiny", "--data", f"{TINY}:calib", "--budget", "40%",
                               "--studies-dir", str(tmp_path), "--weights-cache", value], capsys)
     assert code == 2 and "--weights-cache" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())  # nothing written

@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WeightStore", "DEFAULT_STORE_BYTES", "code_digest"]
+__all__ = ["DEFAULT_STORE_BYTES", "WeightStore", "code_digest"]
 
 FORMAT = "autocomp.weights/1"
 DEFAULT_STORE_BYTES = 2 << 30  # a 100-trial MiniLM search writes ~0.3-1 GB (fp32 matrices)
@@ -98,7 +98,7 @@ class WeightStore:
         except FileNotFoundError:
             self.misses += 1
             return None
-        except Exception:  # damaged (a crash before the data reached the disk), or not ours: recompute
+        except Exception:  # noqa: BLE001 -- damaged (a crash before the data reached the disk), or not ours: recompute
             path.unlink(missing_ok=True)
             self.misses += 1
             return None
