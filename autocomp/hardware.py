@@ -260,9 +260,35 @@ def time_models(models: list[Any], batch: Any, runs: int = 10, seed: int = 0) ->
     return [sorted(t)[(len(t) - 1) // 4] for t in times]
 
 
-def _random_plans(space: Any, n: int, seed: int) -> list[Any]:
+DRAWS = ("spread", "uniform")
+
+
+def _random_plans(space: Any, n: int, seed: int, draw: str = "uniform") -> list[Any]:
+    return [space.decode(a) for a in _random_assignments(space, n, seed, draw)]
+
+
+def _random_assignments(space: Any, n: int, seed: int, draw: str = "uniform") -> list[dict[str, str]]:
+    """``n`` random assignments of ``space``. ``uniform``: every layer's option drawn alone. Over ~40 layers
+    such plans all land near the average plan (MiniLM in ONNX Runtime: 30 of them within 10.0-12.5 ms), so a
+    ranking over them mostly ranks timing noise. ``spread``: plan ``i`` takes a uniform plan of the space
+    (every layer on one option, or none compressed) as its theme and each layer keeps the theme's option
+    with probability ``(i + 0.5) / n``, else a random one: from fully random plans to nearly uniform ones,
+    the range a search's front covers (fp32-like to all-int8)."""
+    from autocomp.space import neutral_assignment, reference_assignments
+
     rng = random.Random(seed)
-    return [space.decode({p: rng.choice(o) for p, o in space.params.items()}) for _ in range(n)]
+    if draw == "uniform":
+        return [{p: rng.choice(o) for p, o in space.params.items()} for _ in range(n)]
+    if draw != "spread":
+        raise AutocompError(f"--draw {draw!r}: choose one of {', '.join(DRAWS)}")
+    themes = [neutral_assignment(space), *reference_assignments(space).values()]
+    out = []
+    for i in range(n):
+        share = (i + 0.5) / n
+        theme = rng.choice(themes)
+        out.append({p: theme[p] if theme.get(p) in o and rng.random() < share else rng.choice(o)
+                    for p, o in space.params.items()})
+    return out
 
 
 def fit_end_to_end(loaded: Any, desc: Any, wl: Any, device: Device, n_plans: int = 12,
@@ -314,8 +340,9 @@ def fit_end_to_end(loaded: Any, desc: Any, wl: Any, device: Device, n_plans: int
 
 def validate(loaded: Any, desc: Any, space: Any, device: Device, workload: Any, n_plans: int, seed: int = 0,
              runs: int = 15, log: Callable[[str], None] = print,
-             extra: dict[str, Any] | None = None, runtime: str = "torch") -> dict[str, Any]:
-    """Predicted vs measured latency for ``n_plans`` random plans of ``space`` and the ``extra`` plans
+             extra: dict[str, Any] | None = None, runtime: str = "torch", draw: str = "spread") -> dict[str, Any]:
+    """Predicted vs measured latency for ``n_plans`` random plans of ``space`` (drawn as ``draw`` says, see
+    :func:`_random_plans`) and the ``extra`` plans
     (label -> plan, e.g. a study's front; their rows carry ``source``). ``runtime="ort"``: each plan is
     exported to ONNX (autocomp/ort.py) and timed in an ONNX Runtime session."""
     import numpy as np
@@ -330,7 +357,7 @@ def validate(loaded: Any, desc: Any, space: Any, device: Device, workload: Any, 
     cost = CostModel(device, desc, workload)
     batch = workload_batch(loaded, desc, workload)
     applier = PlanApplier(loaded.module, desc)
-    plans = _random_plans(space, n_plans, seed) + list((extra or {}).values())
+    plans = _random_plans(space, n_plans, seed, draw) + list((extra or {}).values())
     sources = ["random"] * n_plans + list(extra or {})
     predicted = [cost.latency_ms(plan) for plan in plans]
     if runtime == "ort":

@@ -211,3 +211,29 @@ def test_bad_hardware_input(capsys, studies, extra, fragment):
 def test_builtin_dir_is_packaged():
     assert sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml")) == [
         "a100-sxm", "cortex-a76", "h100-sxm", "jetson-agx-orin", "x86-avx512-vnni"]
+
+
+def test_spread_draw_covers_the_range_a_front_does(minilm_desc):
+    """Uniformly drawn plans cluster near the average plan; the spread draw goes from random plans to nearly
+    uniform ones, so its predicted latencies cover a wider range, and it is reproducible."""
+    from autocomp.hardware import _random_assignments, _random_plans
+    from autocomp.space import SearchSpace, neutral_assignment, reference_assignments
+
+    space = SearchSpace.from_yaml("default", minilm_desc)
+    cost = CostModel(load_device("x86-avx512-vnni"), minilm_desc)
+    spans = {}
+    for draw in ("uniform", "spread"):
+        ms = [cost.latency_ms(p) for p in _random_plans(space, 30, 0, draw)]
+        spans[draw] = max(ms) / min(ms)
+    assert spans["spread"] - 1 > 2 * (spans["uniform"] - 1), spans  # MiniLM here: 31% against 8%
+    assert _random_assignments(space, 5, 3, "spread") == _random_assignments(space, 5, 3, "spread")
+    themes = [neutral_assignment(space), *reference_assignments(space).values()]
+
+    def agreement(a: dict) -> float:  # the largest share of parameters on one theme's option
+        return max(sum(a[p] == t.get(p) for p in a) / len(a) for t in themes)
+
+    drawn = [agreement(a) for a in _random_assignments(space, 30, 0, "spread")]
+    assert sum(drawn[-5:]) / 5 > 0.8 and sum(drawn[:5]) / 5 < 0.5, drawn
+    assert max(agreement(a) for a in _random_assignments(space, 30, 0, "uniform")) < 0.5
+    with pytest.raises(AutocompError, match="--draw"):
+        _random_plans(space, 3, 0, "sorted")

@@ -109,6 +109,9 @@ def hardware_calibrate(out: Path | None, runtime: str, name: str | None, threads
                    "`export --format onnx`). Default: the device's runtime.")
 @click.option("--space", default="default", show_default=True, help=SPACE_HELP)
 @click.option("--plans", default=30, show_default=True, type=int)
+@click.option("--draw", default="spread", show_default=True, type=click.Choice(["spread", "uniform"]),
+              help="How the random plans are drawn: spread (from fully random to nearly uniform plans, the range a "
+                   "front covers) or uniform (each layer's option alone: plans cluster near the average).")
 @click.option("--workload", default=None, help="BATCH or BATCHxSEQ (default: 1x128 for sequence models).")
 @click.option("--runs", default=15, show_default=True, type=int,
               help="Timed forwards per plan, interleaved with the other plans in shuffled rounds (lower quartile; warm-up excluded).")
@@ -118,7 +121,7 @@ def hardware_calibrate(out: Path | None, runtime: str, name: str | None, threads
 @click.option("--json", "as_json", is_flag=True)
 @STUDIES_DIR
 def hardware_validate(model: str | None, data: str | None, hw: str | None, runtime: str | None, space: str, plans: int,
-                      workload: str | None, runs: int, seed: int, study: str | None, storage: str | None,
+                      draw: str, workload: str | None, runs: int, seed: int, study: str | None, storage: str | None,
                       as_json: bool, studies_dir: Path | None) -> None:
     """Predict, build and time random plans on this machine; report the agreement."""
     from autocomp.cost.device import load_device
@@ -162,14 +165,14 @@ def hardware_validate(model: str | None, data: str | None, hw: str | None, runti
     if runtime == "ort":
         sp.restrict_to_stored_formats()
     con = console()
-    con.print(f"validating {device.name} ({runtime}) on {model}, workload {wl.label()}, {plans} random plans from {space}…")
+    con.print(f"validating {device.name} ({runtime}) on {model}, workload {wl.label()}, {plans} random plans ({draw}) from {space}…")
     extra = None
     if study:  # the study's own front plans too: the ones a user will pick from
         from autocomp.search.study import front_trials, plan_of
 
         extra = {f"trial {t.number}": plan_of(t, handle) for t in front_trials(handle.study, handle.budget_bytes)}
     result = validate(loaded, desc, sp, device, wl, plans, seed=seed, runs=runs, log=con.print, extra=extra,
-                      runtime=runtime)
+                      runtime=runtime, draw=draw)
     if study:
         from autocomp.fidelity import record
 
