@@ -108,6 +108,19 @@ def test_an_unwritable_folder_only_turns_the_store_off(tmp_path):
     assert s.get("k") is None and s.writes == 0
 
 
+def test_a_failing_write_turns_the_store_off_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def full(*a, **k):
+        raise safetensors.SafetensorError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    s = WeightStore(tmp_path)
+    s.put("k", torch.ones(3), seconds=1.0)
+    s.put("k2", torch.ones(3), seconds=1.0)
+    assert s.writes == 0 and s.get("k") is None and not list(tmp_path.iterdir())
+
+
 def test_a_second_applier_reads_every_weight_bit_for_bit(tmp_path, write_all, monkeypatch):
     loaded = tiny_loaded()
     desc = introspect(loaded)

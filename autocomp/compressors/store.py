@@ -133,7 +133,7 @@ class WeightStore:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-        except OSError:
+        except Exception:  # noqa: BLE001 -- a full disk, a read-only folder (safetensors raises its own type)
             self._broken = True
             return
         self.writes += 1
