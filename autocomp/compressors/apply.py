@@ -3,7 +3,9 @@
 The model is never reloaded or deep-copied per trial: :meth:`PlanApplier.applied` replaces each affected
 parameter's ``.data`` with a compressed tensor and restores the original tensor object afterwards, so the
 weights come back bit for bit. Compressed weights are cached (LRU, bounded in bytes) by (layer, choice,
-structured shape), and per-layer expensive work (SVD, magnitude sorts, unit orders) is computed once.
+structured shape), and per-layer expensive work (SVD, magnitude sorts, unit orders) is computed once. With a
+:class:`~autocomp.compressors.store.WeightStore` (the search sets one) the dear ones are also kept on disk
+for other processes and later runs.
 """
 
 from __future__ import annotations

@@ -6,8 +6,11 @@ search of the same model at another budget each compute it again. On MiniLM with
 costs about as much as the forward pass it feeds (160-280 ms a trial of a 1-thread worker, docs/BENCHMARKS.md),
 and a GPTQ option ~38 ms a layer; reading the same matrix back takes well under a millisecond.
 
-:class:`WeightStore` keeps every compressed weight the search computes under ``<studies>/weights/`` as one
-safetensors file named by a key of everything the weight depends on:
+:class:`WeightStore` keeps the compressed weights that cost more to compute than to write (more than
+:data:`MIN_MS_PER_MB` per MB: GPTQ / SparseGPT / activation-aware options, a layer's first SVD or sort) under
+``<studies>/weights/``; cheap round-to-nearest options are recomputed, because writing every one cost a fresh
+MiniLM search of random plans 15-25% of its speed (docs/BENCHMARKS.md). One safetensors file per weight,
+named by a key of everything the weight depends on:
 
 - the model's weights (:func:`~autocomp.search.sensitivity.weights_hash`: not only the layout);
 - the calibration statistics' key where the model has them (compensated options, refits);
@@ -36,7 +39,7 @@ from typing import Any
 __all__ = ["DEFAULT_STORE_BYTES", "WeightStore", "code_digest"]
 
 FORMAT = "autocomp.weights/1"
-DEFAULT_STORE_BYTES = 2 << 30  # a 100-trial MiniLM search writes ~0.3-1 GB (fp32 matrices)
+DEFAULT_STORE_BYTES = 2 << 30  # a 100-trial MiniLM search wrote ~0.1 GB (default space) or ~0.9 GB (compensated)
 MIN_MS_PER_MB = 8.0  # write only weights whose compression took longer than this per MB (see put)
 _SUFFIX = ".safetensors"
 _CODE: str | None = None
