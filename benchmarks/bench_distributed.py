@@ -9,6 +9,12 @@ tell -- with the random sampler (no model-based sampling cost), 100 trials per s
 Throughput: `autocomp search --model minilm --budget 15%` for --trials trials (no seeds, random sampler, so
 every trial is a proxy evaluation), timed from the first trial's start to the last trial's end in the
 study (model loading and Ray start-up excluded; reported separately).
+
+Two workers against one on a shared study (issue #14), interleaved rounds, a fresh studies folder per run
+(so the weight store starts empty), `--threads 1` for each of the two:
+
+    .venv/bin/python benchmarks/bench_distributed.py --postgres URL --pair --trials 40 --rounds 2 \
+        --extra="--space compensated" [--extra="--space compensated --weights-cache 0"]
 """
 
 from __future__ import annotations
@@ -106,12 +112,38 @@ def run_search(storage: str, study: str, trials: int, procs: int = 1, extra: tup
     return row
 
 
+def pair(storage: str, trials: int, rounds: int, extra: tuple[str, ...]) -> list[dict]:
+    """Two workers (``--threads 1`` each) vs one on ``storage``, ``rounds`` interleaved rounds."""
+    import random
+
+    rows = []
+    for _ in range(rounds):
+        r: dict = {}
+        for name in random.sample(["one", "two"], 2):
+            folder = tempfile.mkdtemp(prefix="autocomp-pair-")
+            procs, more = (1, ()) if name == "one" else (2, ("--threads", "1"))
+            r[name] = run_search(storage, f"pair-{name}-{uuid.uuid4().hex[:6]}", trials, procs,
+                                 ("--studies-dir", folder, *more, *extra))["trials_per_second"]
+        r["two_vs_one"] = round(r["two"] / r["one"], 3)
+        print(json.dumps(r), file=sys.stderr, flush=True)
+        rows.append(r)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--postgres", default=os.environ.get("AUTOCOMP_TEST_POSTGRES"))
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--pair", action="store_true", help="only two workers vs one on the shared storage")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--extra", default="", help="more search flags for --pair, e.g. '--space compensated'")
     args = ap.parse_args()
+    if args.pair:
+        shared = args.postgres or str(Path(tempfile.mkdtemp(prefix="autocomp-pair-")) / "shared.log")
+        print(json.dumps({"storage": "postgresql" if args.postgres else "journal", "extra": args.extra,
+                          "rounds": pair(shared, args.trials, args.rounds, tuple(args.extra.split()))}))
+        return
     import warnings
 
     warnings.filterwarnings("ignore")
