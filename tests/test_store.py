@@ -222,3 +222,21 @@ def test_a_bad_weights_cache_is_one_line(tmp_path, capsys, value):
     assert code == 2 and "--weights-cache" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())  # nothing written
 
+
+
+def test_a_ray_actor_uses_the_drivers_store(tmp_path, monkeypatch):
+    """An actor built as the driver builds it reads and writes the same folder (here in this process)."""
+    from autocomp.raybackend import _Worker
+    from autocomp.search.config import SearchConfig
+    from autocomp.search.engine import parse_store_bytes
+
+    cfg = SearchConfig(budget="40%", model=f"{TINY}:tiny", data=f"{TINY}:calib", studies_dir=tmp_path)
+    limit = parse_store_bytes(cfg.weights_cache)
+    assert limit == 2 << 30 and parse_store_bytes("0") == 0 and parse_store_bytes("500MB") == 500_000_000
+    w = _Worker(cfg.model, cfg.data, "auto", 1, None, (str(tmp_path / "weights"), limit))
+    store = w.evaluator.applier.store
+    assert isinstance(store, WeightStore) and store.root == tmp_path / "weights" and store.limit == limit
+    monkeypatch.setattr(store_mod, "MIN_MS_PER_MB", 0.0)
+    desc = w.evaluator.applier.desc
+    w.evaluate(Plan(layers={"fc1": LayerPlan(QuantConfig(4, 16))}, fingerprint=desc.fingerprint).to_dict())
+    assert store.writes == 1 and len(list((tmp_path / "weights").glob("*.safetensors"))) == 1
