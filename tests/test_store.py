@@ -240,3 +240,13 @@ def test_a_ray_actor_uses_the_drivers_store(tmp_path, monkeypatch):
     desc = w.evaluator.applier.desc
     w.evaluate(Plan(layers={"fc1": LayerPlan(QuantConfig(4, 16))}, fingerprint=desc.fingerprint).to_dict())
     assert store.writes == 1 and len(list((tmp_path / "weights").glob("*.safetensors"))) == 1
+
+
+def test_studies_lists_what_the_caches_hold(tmp_path, capsys, write_all):
+    run_cli(["search", "--model", f"{TINY}:tiny", "--data", f"{TINY}:calib", "--budget", "40%", "--trials", "3",
+             "--studies-dir", str(tmp_path), "--seeds", "uniform", "--json"], capsys)
+    n = len(list((tmp_path / "weights").glob("*.safetensors")))
+    code, out, _ = run_cli(["studies", "--studies-dir", str(tmp_path)], capsys)
+    assert code == 0 and n and "weights/" in out and f"({n} files)" in out and "safe to delete" in out
+    code, out, _ = run_cli(["studies", "--studies-dir", str(tmp_path), "--json"], capsys)
+    assert code == 0 and "weights" not in out  # the JSON list of studies is unchanged

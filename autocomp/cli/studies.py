@@ -181,3 +181,22 @@ def studies(as_json: bool, studies_dir: Path | None) -> None:
                       f"{r['best_proxy']:.5f}" if r["best_proxy"] is not None else "-",
                       format_bytes(r["best_size_bytes"]) if r["best_size_bytes"] else "-", str(r["best_trial"]))
     console(stderr=False).print(table if rows else f"no autocomp studies under {root}")
+    caches = _caches(root)
+    if caches:
+        console(stderr=False).print(f"caches (safe to delete; rebuilt when needed): {caches}")
+
+
+def _caches(root: Path) -> str:
+    """What the cache folders under the studies folder hold: ``weights 858 MB (772 files), ...``."""
+    from autocomp.budget import format_bytes
+
+    parts = []
+    for name in ("weights", "sensitivity", "calibration"):
+        d = root / name
+        if not d.is_dir():
+            continue
+        files = [f for f in d.iterdir() if f.is_file() and not f.name.startswith(".")]
+        if files:
+            size = sum(f.stat().st_size for f in files)
+            parts.append(f"{name}/ {format_bytes(size)} ({len(files)} file{'s' if len(files) != 1 else ''})")
+    return ", ".join(parts)
