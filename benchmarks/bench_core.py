@@ -192,9 +192,9 @@ def search_trials_per_second(trials: int = 100, replay: bool = False) -> tuple[f
 
 
 def replay_plans(trials: list) -> dict[str, float]:
-    """A search's evaluated plans, in the order it scored them, through the proxy with block reuse and without
-    (one applier, its compressed weights warmed first; each plan without, then with): ms per plan, the
-    ratio, and how many values are bit for bit the same."""
+    """A search's evaluated plans, in the order it scored them, through the proxy without block reuse, with it,
+    and with it but padded encoder blocks (one applier, its compressed weights warmed first; each plan through
+    each in turn): ms per plan, the ratios, and how many values are bit for bit the same."""
     from autocomp.evaluators.proxy import ProxyEvaluator
     from autocomp.models import load_model
     from autocomp.models.introspect import introspect
@@ -205,19 +205,23 @@ def replay_plans(trials: list) -> dict[str, float]:
     desc = introspect(loaded)
     plain = ProxyEvaluator(loaded, desc, reuse_bytes=0)
     reuse = ProxyEvaluator(loaded, desc, applier=plain.applier)
+    padded = ProxyEvaluator(loaded, desc, applier=plain.applier, unpadded=False)
     for plan in plans:
         plain(plan)
-    t_plain = t_reuse = 0.0
+    spent = {"plain": 0.0, "reuse": 0.0, "padded": 0.0}
     same = 0
     for plan in plans:
-        t0 = time.perf_counter()
-        a = plain(plan)
-        t1 = time.perf_counter()
-        b = reuse(plan)
-        t_plain, t_reuse, same = t_plain + t1 - t0, t_reuse + time.perf_counter() - t1, same + (a == b)
-    return {"plans": len(plans), "ms_without_reuse": 1e3 * t_plain / len(plans), "ms_with_reuse": 1e3 * t_reuse / len(plans),
-            "speedup": t_plain / t_reuse, "identical": same, "block_hits": reuse.reuse.hits,
-            "block_misses": reuse.reuse.misses}
+        values = []
+        for name, ev in (("plain", plain), ("padded", padded), ("reuse", reuse)):
+            t0 = time.perf_counter()
+            values.append(ev(plan))
+            spent[name] += time.perf_counter() - t0
+        same += len(set(values)) == 1
+    n = len(plans)
+    return {"plans": n, "ms_without_reuse": 1e3 * spent["plain"] / n, "ms_with_reuse": 1e3 * spent["reuse"] / n,
+            "speedup": spent["plain"] / spent["reuse"], "ms_with_reuse_padded": 1e3 * spent["padded"] / n,
+            "unpadded_speedup": spent["padded"] / spent["reuse"], "unpadded_blocks": reuse.unpadded.enabled,
+            "identical": same, "block_hits": reuse.reuse.hits, "block_misses": reuse.reuse.misses}
 
 
 def main() -> None:

@@ -204,12 +204,15 @@ class ProxyEvaluator:
     """``evaluator(plan) -> float``. Deterministic: same plan, same number, on the same machine."""
 
     def __init__(self, loaded: LoadedModel, desc: ModelDesc, applier: PlanApplier | None = None,
-                 reuse_bytes: int | None = None) -> None:
+                 reuse_bytes: int | None = None, unpadded: bool = True) -> None:
         """``reuse_bytes``: the bound of the block outputs kept for reuse across plans (default
-        :func:`~autocomp.evaluators.reuse.default_block_cache_bytes`; 0: recompute every block)."""
+        :func:`~autocomp.evaluators.reuse.default_block_cache_bytes`; 0: recompute every block).
+        ``unpadded``: run BERT-style encoder blocks on their real tokens only, where that gives the original
+        model's outputs to the bit on every calibration batch (:mod:`autocomp.evaluators.unpadded`)."""
         import torch
 
         from autocomp.evaluators.reuse import BlockCache
+        from autocomp.evaluators.unpadded import UnpaddedBlocks
 
         self.loaded = loaded
         self.model = loaded.module.eval()
@@ -219,6 +222,7 @@ class ProxyEvaluator:
         metric = loaded.metric
         looked_up, hooks = _record_lookups(self.model, desc)
         self.reuse = BlockCache(self.model, desc, reuse_bytes)
+        self.unpadded = UnpaddedBlocks(self.model if unpadded else torch.nn.Module())
         with torch.inference_mode(), self.reuse.observe():
             for i, batch in enumerate(self.batches):
                 check_pairs(batch, i)
@@ -241,6 +245,8 @@ class ProxyEvaluator:
                     raise AutocompError(f"the original model's output on calibration batch {i} is not finite "
                                         f"(its inputs are); check the model's weights")
                 self.masks.append(_token_mask(batch, tensor))
+                self.unpadded.verify(lambda b=batch: extract_output(run_batch(self.model, b))[0], tensor,
+                                     self.masks[-1])
                 if i == 0:  # every batch's full logits, estimated from the first one's
                     topk = metric == "kl" and tensor.dim() >= 2 and tensor.shape[-1] > TOPK_VOCAB \
                         and tensor.numel() * 4 * len(self.batches) > TEACHER_BYTES
@@ -250,6 +256,7 @@ class ProxyEvaluator:
                     self.teacher.append(tensor.detach().clone())
         for h in hooks:
             h.remove()
+        self.unpadded.settle()
         subsets = {n: torch.tensor(sorted(ix), dtype=torch.long) for n, ix in looked_up.items()}
         self.applier = applier or PlanApplier(self.model, desc, row_subsets=subsets)
         if metric not in METRICS[1:]:
@@ -272,7 +279,8 @@ class ProxyEvaluator:
         import torch
 
         num = den = 0.0
-        with torch.inference_mode(), self.applier.applied(plan), self.reuse.active(plan, self._layer_key):
+        with torch.inference_mode(), self.applier.applied(plan), self.unpadded.active(), \
+                self.reuse.active(plan, self._layer_key):
             for i in indices:
                 with self.reuse.batch(i):
                     student, _ = extract_output(run_batch(self.model, self.batches[i]))
