@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -124,6 +125,7 @@ def pair(storage: str, trials: int, rounds: int, extra: tuple[str, ...]) -> list
             procs, more = (1, ()) if name == "one" else (2, ("--threads", "1"))
             r[name] = run_search(storage, f"pair-{name}-{uuid.uuid4().hex[:6]}", trials, procs,
                                  ("--studies-dir", folder, *more, *extra))["trials_per_second"]
+            shutil.rmtree(folder, ignore_errors=True)
         r["two_vs_one"] = round(r["two"] / r["one"], 3)
         print(json.dumps(r), file=sys.stderr, flush=True)
         rows.append(r)
@@ -163,7 +165,8 @@ def main() -> None:
         "ray_2": (f"sqlite:///{tmp}/r2.db", 1, ("--backend", "ray", "--workers", "2")),
     }
     for name, (storage, procs, extra) in runs.items():
-        out["throughput"][name] = run_search(storage, f"tp-{name}-{uuid.uuid4().hex[:6]}", args.trials, procs, extra)
+        out["throughput"][name] = run_search(storage, f"tp-{name}-{uuid.uuid4().hex[:6]}", args.trials, procs,
+                                             ("--studies-dir", str(tmp / "studies"), *extra))
         print(f"{name}: {out['throughput'][name]}", file=sys.stderr)
     out["shared_storage"] = "postgresql" if args.postgres else "journal"
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))

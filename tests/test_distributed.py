@@ -64,11 +64,13 @@ def test_two_workers_share_one_study(kind, tmp_path):
 
 
 @needs_pg
-def test_killed_worker_trial_is_failed_and_retried():
+def test_killed_worker_trial_is_failed_and_retried(tmp_path):
     study = f"kill-{uuid.uuid4().hex[:8]}"
     slow = _env("0.25")  # ~1 s per trial (4 calibration batches)
-    a = subprocess.Popen(_cmd(PG, study, 16), env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    b = subprocess.Popen(_cmd(PG, study, 16), env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    a = subprocess.Popen(_cmd(PG, study, 16), env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=tmp_path)  # the studies folder of each worker: not the checkout's
+    b = subprocess.Popen(_cmd(PG, study, 16), env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=tmp_path)
     t0 = time.time()
 
     def stale_seen() -> bool:
@@ -141,9 +143,10 @@ def test_driverless_and_unreachable_databases_are_one_line(capsys):
 
 
 @needs_pg
-def test_same_study_name_other_model_is_refused(capsys):
+def test_same_study_name_other_model_is_refused(capsys, tmp_path, monkeypatch):
     from autocomp.cli import main
 
+    monkeypatch.chdir(tmp_path)  # its studies folder, not the checkout's
     study = f"clash-{uuid.uuid4().hex[:8]}"
     assert main(["search", "--model", f"{TINY}:tiny", "--data", f"{TINY}:calib", "--budget", "40%", "--trials", "2",
                  "--study", study, "--storage", PG]) == 0
