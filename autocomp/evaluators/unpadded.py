@@ -95,7 +95,8 @@ def _eager(sa: Any, q: Any, k: Any, v: Any, mask: Any, **_: Any) -> tuple[Any, N
     return torch.matmul(probs, v).transpose(1, 2).contiguous(), None
 
 
-def _unpadded_forward(block: Any, original: Any) -> Any:
+def _unpadded_forward(block: Any, original: Any, last: list[Any]) -> Any:
+    """``last``: [mask, rows] of the previous block, shared by the blocks of one pass (one mask object)."""
     sa = block.attention.self
     attention = _attention_function(sa) or _eager
 
@@ -103,7 +104,11 @@ def _unpadded_forward(block: Any, original: Any) -> Any:
         if any(a is not None for a in args) or any(v is not None for v in kwargs.values()) or block.training \
                 or hidden_states.dim() != 3:
             return original(hidden_states, attention_mask, *args, **kwargs)
-        idx = _real_rows(attention_mask, hidden_states.shape)
+        if last[0] is attention_mask and last[2] == hidden_states.shape:
+            idx = last[1]
+        else:
+            idx = _real_rows(attention_mask, hidden_states.shape)
+            last[:] = [attention_mask, idx, hidden_states.shape]
         if idx is None:
             return original(hidden_states, attention_mask, *args, **kwargs)
         b, length, width = hidden_states.shape
@@ -156,10 +161,11 @@ class UnpaddedBlocks:
             yield
             return
         patched = []
+        last: list[Any] = [None, None, None]
         try:
             for block in self.blocks[self._first_free():]:
                 previous = block.__dict__.get("forward")
-                block.forward = _unpadded_forward(block, block.forward)
+                block.forward = _unpadded_forward(block, block.forward, last)
                 patched.append((block, previous))
             yield
         finally:
