@@ -60,7 +60,8 @@ def test_two_workers_share_one_study(kind, tmp_path):
     if kind == "postgresql":
         from autocomp.cli import main
 
-        assert main(["pareto", "--study", study, "--storage", storage, "--json"]) == 0
+        assert main(["pareto", "--study", study, "--storage", storage, "--json",
+                     "--studies-dir", str(tmp_path / "studies")]) == 0  # it writes the front's plans there
 
 
 @needs_pg
