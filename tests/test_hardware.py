@@ -171,9 +171,16 @@ def test_calibrate_and_validate_contract(capsys, tmp_path):
                                    "--hardware", str(out), "--plans", "4", "--runs", "3", "--json"], capsys)
     assert code == 0, err
     r = json.loads(out_json)
-    assert set(r) == {"hardware", "plans", "spearman", "within_10pct", "within_25pct", "mape", "rows"}
+    assert set(r) == {"hardware", "plans", "spearman", "within_10pct", "within_25pct", "mape", "rows", "reference"}
     assert r["plans"] == 4 and len(r["rows"]) == 4 and 0 <= r["within_10pct"] <= r["within_25pct"] <= 1
     assert all(set(x) == {"predicted_ms", "measured_ms"} and x["measured_ms"] > 0 for x in r["rows"])
+    # the uncompressed model, timed in the same rounds: the machine's speed now against the device file
+    ref = r["reference"]
+    assert ref["predicted_ms"] == pytest.approx(CostModel(load_device(str(out)), desc).latency_ms(Plan(layers={})), rel=1e-3)
+    assert ref["speed_factor"] == pytest.approx(ref["measured_ms"] / ref["predicted_ms"], rel=1e-3)
+    f = ref["measured_ms"] / ref["predicted_ms"]
+    at_speed = sum(abs(x["predicted_ms"] * f - x["measured_ms"]) / x["measured_ms"] <= 0.10 for x in r["rows"]) / 4
+    assert ref["within_10pct_at_speed"] == at_speed
 
 
 def test_search_with_latency_objective_and_budget(capsys, studies):
@@ -237,3 +244,12 @@ def test_spread_draw_covers_the_range_a_front_does(minilm_desc):
     assert max(agreement(a) for a in _random_assignments(space, 30, 0, "uniform")) < 0.5
     with pytest.raises(AutocompError, match="--draw"):
         _random_plans(space, 3, 0, "sorted")
+
+
+def test_agreement_at_the_machines_speed():
+    from autocomp.hardware import within
+
+    p, m = [10.0, 10.0, 10.0, 20.0], [12.0, 12.0, 13.0, 30.0]
+    assert within(p, m, 0.10) == 0.0  # the machine runs 1.2x slower than the device file says
+    assert within(p, m, 0.10, factor=1.2) == 0.75  # at that speed three of four agree (13: 7.7%; 30: 20%)
+    assert within(p, m, 0.25) == 0.75 and within(p, m, 0.25, factor=1.2) == 1.0

@@ -180,5 +180,8 @@ def hardware_validate(model: str | None, data: str | None, hw: str | None, runti
     if as_json:
         click.echo(json.dumps(result))
     else:
+        ref = result["reference"]
         click.echo(f"{device.name}: Spearman {result['spearman']:.3f}, within ±10% {result['within_10pct']:.0%}, "
-                   f"within ±25% {result['within_25pct']:.0%}, MAPE {result['mape']:.1%} over {result['plans']} plans")
+                   f"within ±25% {result['within_25pct']:.0%}, MAPE {result['mape']:.1%} over {result['plans']} plans; "
+                   f"the uncompressed model ran {ref['speed_factor']:.2f}x its predicted time, and at that speed "
+                   f"{ref['within_10pct_at_speed']:.0%} are within ±10%")
