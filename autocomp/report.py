@@ -104,11 +104,11 @@ def _fidelity_panels(fid: dict[str, Any]) -> list[dict[str, Any]]:
         panels.append({"name": f"fidelity-{kind.replace('_', '-')}", "diagonal": True,
                        "xlabel": "predicted latency (ms)", "ylabel": "measured latency (ms)",
                        "title": f"latency {where}on {lat.get('hardware')}: Spearman {lat.get('spearman', 0):.3f}, MAPE "
-                                f"{lat.get('mape', 0):.1%}, within ±10% {lat.get('within_10pct', 0):.0%} "
-                                + (f"({lat['reference']['within_10pct_at_speed']:.0%} at the machine's speed then, "
-                                   f"{lat['reference']['speed_factor']:.2f}x the predicted fp32 time) "
+                                f"{lat.get('mape', 0):.1%}, within ±10% {lat.get('within_10pct', 0):.0%}"
+                                + (f", {lat['reference']['within_10pct_at_speed']:.0%} at the machine's speed then "
+                                   f"(fp32 ran {lat['reference']['speed_factor']:.2f}x its predicted time)"
                                    if lat.get("reference") else "")
-                                + f"({len(lat['rows'])} plans, {lat.get('at', '')})",
+                                + f" ({len(lat['rows'])} plans, {lat.get('at', '')})",
                        "x": [r["predicted_ms"] for r in lat["rows"]], "y": [r["measured_ms"] for r in lat["rows"]],
                        "series": ["study front" if str(r.get("source", "random")).startswith("trial") else "random plans"
                                   for r in lat["rows"]],

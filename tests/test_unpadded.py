@@ -117,3 +117,17 @@ def test_decoder_and_cross_attention_layers_are_not_eligible():
     chunked = transformers.BertModel(transformers.BertConfig(**cfg, chunk_size_feed_forward=4))
     assert not unpadded.eligible_block(chunked.encoder.layer[0])
     assert not unpadded.eligible_block(torch.nn.Linear(4, 4))
+
+
+def test_own_eager_attention_takes_boolean_and_additive_masks_alike():
+    class Self:
+        scaling = 0.5
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 4, 8, generator=g) for _ in range(3))
+    keep = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)[:, None, None, :]
+    additive = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+    a, _ = unpadded._eager(Self(), q, k, v, additive)
+    b, _ = unpadded._eager(Self(), q, k, v, keep)
+    assert torch.equal(a, b) and a.shape == (2, 4, 3, 8)
+    assert torch.allclose(a[1, 0, 0], (torch.softmax(q[1, 0, 0] @ k[1, 0, :2].T * 0.5, -1) @ v[1, 0, :2]))

@@ -5,9 +5,9 @@ a Hugging Face encoder computes the pad rows too, though the attention mask keep
 and the pooling or the token mask drops them. :class:`UnpaddedBlocks` runs each eligible block on its real
 rows only: it gathers them once, runs the query / key / value projections, the attention output, the
 intermediate and the output layers (with their norms and residuals) on the packed rows, and puts the rows
-back in place only for the attention product itself, which it computes exactly as the eager attention of
-Hugging Face does: it calls the attention function the block's own module calls (eager or SDPA). Pad rows of the block's output
-keep the block's input: nothing reads them.
+back in place only for the attention product itself, for which it calls the attention function the block's
+own module calls (Hugging Face's eager or SDPA attention). Pad rows of the block's output keep the block's
+input: nothing reads them.
 
 It is an exact rewrite, not an approximation, under one condition of the machine: a row of a matrix product
 must come out the same whatever the number of rows around it (true of the CPU GEMMs measured here). So it is
@@ -19,8 +19,8 @@ stored study, sensitivity profile and resumed search, are therefore unchanged.
 Eligible blocks (duck-typed, so Bert, RoBERTa, Electra and the other copies of Bert's layer qualify):
 ``attention.self`` with ``query`` / ``key`` / ``value`` and eager or SDPA attention; ``attention.output``,
 ``intermediate`` and ``output`` submodules; no cross-attention, no decoder, no feed-forward chunking; eval
-mode. At call time a block runs as it is when its mask is not an additive float mask shared by every query
-row (causal masks) or when it has no pad rows.
+mode. At call time a block runs as it is when its mask is not a 4-d additive (float) or boolean mask shared
+by every query row (causal masks are not), or when it has no pad rows.
 
 Pad rows do matter to one kind of layer: a forward pre-hook on a layer's inputs, which W8A8 plans use to
 quantize activations with a per-tensor scale over every row, pad rows included. Since a padding-free block
@@ -88,15 +88,21 @@ def _real_rows(mask: Any, shape: Any) -> Any:
 
 
 def _eager(sa: Any, q: Any, k: Any, v: Any, mask: Any, **_: Any) -> tuple[Any, None]:
+    """Bert's eager attention, for modules that expose no attention function of their own."""
     import torch
 
-    scores = torch.matmul(q, k.transpose(2, 3)) * sa.scaling + mask
+    scores = torch.matmul(q, k.transpose(2, 3)) * sa.scaling
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + mask
     probs = torch.nn.functional.softmax(scores, dim=-1)
     return torch.matmul(probs, v).transpose(1, 2).contiguous(), None
 
 
 def _unpadded_forward(block: Any, original: Any, last: list[Any]) -> Any:
-    """``last``: [mask, rows] of the previous block, shared by the blocks of one pass (one mask object)."""
+    """``last``: [mask, real rows, hidden shape] of the previous block, shared by the blocks of one pass (they
+    get one mask object): the rows are found once per pass."""
     sa = block.attention.self
     attention = _attention_function(sa) or _eager
 
