@@ -131,3 +131,9 @@ def test_own_eager_attention_takes_boolean_and_additive_masks_alike():
     b, _ = unpadded._eager(Self(), q, k, v, keep)
     assert torch.equal(a, b) and a.shape == (2, 4, 3, 8)
     assert torch.allclose(a[1, 0, 0], (torch.softmax(q[1, 0, 0] @ k[1, 0, :2].T * 0.5, -1) @ v[1, 0, :2]))
+
+
+def test_the_search_says_its_blocks_run_on_real_tokens(minilm, minilm_desc):
+    ev = ProxyEvaluator(minilm, minilm_desc, reuse_bytes=0)
+    assert ev.unpadded.describe(minilm.batches) == ("proxy: 6 encoder blocks run on their real tokens only (548 of "
+                                                    "752 token rows), checked bit for bit against the padded model")
