@@ -137,3 +137,6 @@ def test_the_search_says_its_blocks_run_on_real_tokens(minilm, minilm_desc):
     ev = ProxyEvaluator(minilm, minilm_desc, reuse_bytes=0)
     assert ev.unpadded.describe(minilm.batches) == ("proxy: 6 encoder blocks run on their real tokens only (548 of "
                                                     "752 token rows), checked bit for bit against the padded model")
+    full = [{k: v[:, :5] for k, v in b.items()} for b in minilm.batches[:1]]  # the first 5 tokens: no padding
+    assert all(bool(b["attention_mask"].all()) for b in full) and ev.unpadded.describe(full) == ""
+    assert ProxyEvaluator(minilm, minilm_desc, reuse_bytes=0, unpadded=False).unpadded.describe(minilm.batches) == ""

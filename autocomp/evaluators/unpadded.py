@@ -205,12 +205,15 @@ class UnpaddedBlocks:
         return same
 
     def describe(self, batches: list[Any]) -> str:
-        """One line for the search's log: how many blocks, and how many token rows they compute."""
+        """One line for the search's log: how many blocks, and how many token rows they compute ("" when the
+        path is off or the calibration batches carry no padding)."""
         masks = [b.get("attention_mask") for b in batches if isinstance(b, dict)]
         masks = [m for m in masks if m is not None]
-        rows = f" ({sum(int(m.sum()) for m in masks)} of {sum(m.numel() for m in masks)} token rows)" if masks else ""
-        return (f"proxy: {len(self.blocks)} encoder blocks run on their real tokens only{rows}, checked bit for "
-                f"bit against the padded model")
+        real, total = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
+        if not self.enabled or real >= total:
+            return ""
+        return (f"proxy: {len(self.blocks)} encoder blocks run on their real tokens only ({real} of {total} token "
+                f"rows), checked bit for bit against the padded model")
 
     def settle(self) -> bool:
         """Enable the padding-free path if every batch compared equal."""

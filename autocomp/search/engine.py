@@ -212,7 +212,7 @@ def _prepare(cfg: SearchConfig, req: _Request, emit: Any) -> _Prepared:
     emit("status", {"message": "computing teacher outputs"})
     t3 = time.perf_counter()
     evaluator = ProxyEvaluator(loaded, desc)
-    if evaluator.unpadded.enabled:
+    if evaluator.unpadded.describe(loaded.batches):
         emit("status", {"message": evaluator.unpadded.describe(loaded.batches)})
     if req.store_bytes:  # compressed weights shared with other workers and later searches of this model
         from autocomp.compressors.store import WeightStore
