@@ -92,6 +92,38 @@ def test_search_with_ilp_seeds(capsys, studies):
     assert result["pareto"]
 
 
+def test_both_sensitivities_seed_from_each_table(capsys, studies, setup, tmp_path):
+    """--sensitivity both: Fisher's integer-program plans first, then the measured table's (a plan both give is
+    queued once); both tables are profiled and cached."""
+    from autocomp.search.config import SearchConfig
+    from autocomp.search.seeds import enqueue_seeds, ilp_seeds
+    from autocomp.search.sensitivity import Sensitivity
+
+    _, trials = tiny_search(capsys, studies, "b", "--sensitivity", "both")
+    assert trials[0].user_attrs["reference"] == "ilp-1.00"
+    assert len(list((studies / "sensitivity").glob("*.json"))) == 2  # one file per estimate
+    # the queueing, with two tables that disagree (the tiny model's two estimates give the same plans)
+    loaded, desc, space, ev = setup
+    fisher = profile(space, ev, tmp_path / "cache", {"m": "tiny"})
+    other = Sensitivity({p: {o: (10 * v if p.startswith("fc1") else v) for o, v in row.items()}
+                         for p, row in fisher.table.items()}, fisher.base, 0.0, 0)
+    fisher.others = {"measured": other}
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    budget = int(0.6 * desc.fp32_bytes)
+    smallest = plan_bytes(desc, space.decode(space.smallest_assignment()))
+    enqueue_seeds(study, SearchConfig(budget="40%", trials=100), space, fisher, budget, smallest, {}, [])
+    queued = {t.user_attrs["reference"]: tuple(sorted(t.system_attrs["fixed_params"].items())) for t in study.trials}
+    labels = list(queued)
+    first = [r for r in labels if r.startswith("ilp-") and not r.startswith("ilp-measured-")]
+    second = [r for r in labels if r.startswith("ilp-measured-")]
+    assert first and second and labels.index(first[-1]) < labels.index(second[0])
+    ilp_plans = [v for k, v in queued.items() if k.startswith("ilp")]
+    assert len(ilp_plans) == len(set(ilp_plans))  # no plan queued twice
+    mine = {tuple(sorted(a.items())) for _, a in ilp_seeds(space, other, budget, smallest, {}, n=5)}
+    assert mine - {queued[r] for r in first}  # the tables disagree somewhere
+    assert {queued[r] for r in second} <= mine and {queued[r] for r in second} | {queued[r] for r in first} >= mine
+
+
 def test_partial_evaluations_add_up_to_the_full_proxy(setup):
     loaded, desc, space, ev = setup
     plan = space.decode({p: o[-1] for p, o in space.params.items()})

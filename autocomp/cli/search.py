@@ -38,8 +38,9 @@ from autocomp.search.samplers import SAMPLERS
               help="First trials of a new study: uniform plans, or also the additive integer program's plans "
                    "over a sensitivity database (profiled once, cached under studies/sensitivity/).")
 @click.option("--sensitivity", default="fisher", show_default=True, type=click.Choice(SENSITIVITIES),
-              help="How --seeds ilp gets per-option sensitivities: one proxy evaluation each, or the cheaper "
-                   "squared-gradient (Fisher) estimate.")
+              help="How --seeds ilp gets per-option sensitivities: one proxy evaluation each, the cheaper "
+                   "squared-gradient (Fisher) estimate, or both (the integer program's seeds from each table; "
+                   "neither estimate wins at every budget).")
 @click.option("--staged/--no-staged", default=False, show_default=True,
               help="Score the first calibration batch first and skip candidates the front clearly beats.")
 @click.option("--min-bits", default=None, help="Per-modality weight-bit floors, e.g. vision=8 or vision=8,text=4.")

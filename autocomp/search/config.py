@@ -18,7 +18,7 @@ __all__ = ["SearchConfig", "Setting", "SETTINGS", "setting", "validate", "check_
            "METRIC_ATTR", "parse_objectives", "parse_time_ms", "parse_count", "SEEDS", "SENSITIVITIES", "BACKENDS"]
 
 SEEDS = ("uniform", "ilp", "none")
-SENSITIVITIES = ("measured", "fisher")
+SENSITIVITIES = ("measured", "fisher", "both")
 BACKENDS = ("local", "ray")
 
 
@@ -49,7 +49,8 @@ class SearchConfig:
     backend: str = "local"  # "local" | "ray": proxy evaluations in Ray actors (model loaded once per actor)
     workers: int = 2  # Ray actors (one CPU each)
     address: str | None = None  # an existing Ray cluster ("auto", "ray://host:10001"); default: start one here
-    sensitivity: str = "fisher"  # "measured" (one proxy evaluation per option) | "fisher" (squared gradients)
+    sensitivity: str = "fisher"  # "measured" (one proxy evaluation per option) | "fisher" (squared gradients) |
+    # "both" (Fisher for repair and the refiner, the integer program's seeds from each table)
     threads: int | None = None  # torch threads of this worker (default: torch's, every core)
     weights_cache: str = "2GiB"  # compressed weights kept on disk under <studies>/weights/ ("0": none)
 

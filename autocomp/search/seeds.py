@@ -33,16 +33,23 @@ def sensitivity_database(cfg: SearchConfig, loaded: Any, desc: ModelDesc, space:
              "metric": evaluator.metric, "evaluator": "proxy-v1"}
     if stats is not None:
         parts["calibration"] = stats.key
-    emit("status", {"message": f"{cfg.sensitivity} sensitivity database (cached after the first run)"})
     log = lambda m: emit("status", {"message": m})  # noqa: E731
-    if cfg.sensitivity == "fisher":
-        from autocomp.memory import LARGE_MODEL_BYTES
+    measured = None
+    if cfg.sensitivity in ("measured", "both"):
+        emit("status", {"message": "measured sensitivity database (cached after the first run)"})
+        measured = profile(space, fast, cfg.studies_dir / "sensitivity", parts, log=log)
+        if cfg.sensitivity == "measured":
+            return measured
+    from autocomp.memory import LARGE_MODEL_BYTES
 
-        # a large model's backward passes dominate its search (24 GPT-2-medium blocks: ~35 s a probe on 2
-        # cores); 2 probes per output row instead of 8
-        probes = 2 if desc.fp32_bytes > LARGE_MODEL_BYTES else 8
-        return fisher_profile(space, fast, cfg.studies_dir / "sensitivity", parts, probes=probes, log=log)
-    return profile(space, fast, cfg.studies_dir / "sensitivity", parts, log=log)
+    emit("status", {"message": "fisher sensitivity database (cached after the first run)"})
+    # a large model's backward passes dominate its search (24 GPT-2-medium blocks: ~35 s a probe on 2
+    # cores); 2 probes per output row instead of 8
+    probes = 2 if desc.fp32_bytes > LARGE_MODEL_BYTES else 8
+    sens = fisher_profile(space, fast, cfg.studies_dir / "sensitivity", parts, probes=probes, log=log)
+    if measured is not None:  # "both": Fisher drives repair and the refiner; each table gives its seeds
+        sens.others = {"measured": measured}
+    return sens
 
 
 def unit_orders(cfg: SearchConfig, loaded: Any, desc: ModelDesc, space: Any, evaluator: Any,
@@ -90,9 +97,18 @@ def enqueue_seeds(study: Any, cfg: SearchConfig, space: Any, sens: Any, budget: 
 
     seeds = []
     if cfg.seeds == "ilp":  # plans of the additive model for a sweep of budgets up to the user's
-        for frac, assignment in ilp_seeds(space, sens, budget, smallest, split, n=min(12, max(5, cfg.trials // 20)),
-                                          limits=[lim for lim in limits if lim.name in ("latency", "bitops")]):
-            seeds.append((f"ilp-{frac:.2f}", assignment))
+        # with --sensitivity both, the measured table's sweep too (labelled ilp-measured-*): neither estimate
+        # gives the better plan at every budget, and the search keeps what scores best
+        tables = [("ilp", sens), *((f"ilp-{k}", t) for k, t in getattr(sens, "others", {}).items())]
+        taken = set()
+        for prefix, table in tables:
+            for frac, assignment in ilp_seeds(space, table, budget, smallest, split,
+                                              n=min(12, max(5, cfg.trials // 20)),
+                                              limits=[lim for lim in limits if lim.name in ("latency", "bitops")]):
+                key = tuple(sorted(assignment.items()))
+                if key not in taken:  # the same plan from both tables is queued once
+                    taken.add(key)
+                    seeds.append((f"{prefix}-{frac:.2f}", assignment))
     # the uniform reference plans (repaired onto the budget when they do not fit)
     seeds += list(reference_assignments(space).items()) if cfg.seeds != "none" else []
     have = {t.user_attrs.get("reference") for t in study.get_trials(deepcopy=False)}

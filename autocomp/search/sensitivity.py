@@ -49,6 +49,7 @@ class Sensitivity:
         self.path: str | None = None  # the cache file it lives in
         self.seconds = seconds
         self.evals = evals
+        self.others: dict[str, "Sensitivity"] = {}  # other estimates whose seeds the search also queues
 
     def of(self, assignment: dict[str, str]) -> float:
         return sum(self.table.get(p, {}).get(o, 0.0) for p, o in assignment.items())
