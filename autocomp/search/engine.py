@@ -212,8 +212,8 @@ def _prepare(cfg: SearchConfig, req: _Request, emit: Any) -> _Prepared:
     emit("status", {"message": "computing teacher outputs"})
     t3 = time.perf_counter()
     evaluator = ProxyEvaluator(loaded, desc)
-    if evaluator.unpadded.describe(loaded.batches):
-        emit("status", {"message": evaluator.unpadded.describe(loaded.batches)})
+    if line := evaluator.unpadded.describe(loaded.batches):  # the blocks that run on real tokens only
+        emit("status", {"message": line})
     if req.store_bytes:  # compressed weights shared with other workers and later searches of this model
         from autocomp.compressors.store import WeightStore
 
