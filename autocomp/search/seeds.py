@@ -99,7 +99,7 @@ def enqueue_seeds(study: Any, cfg: SearchConfig, space: Any, sens: Any, budget: 
     if cfg.seeds == "ilp":  # plans of the additive model for a sweep of budgets up to the user's
         # with --sensitivity both, the measured table's sweep too (labelled ilp-measured-*): neither estimate
         # gives the better plan at every budget, and the search keeps what scores best
-        tables = [("ilp", sens), *((f"ilp-{k}", t) for k, t in getattr(sens, "others", {}).items())]
+        tables = [("ilp", sens), *((f"ilp-{k}", t) for k, t in sens.others.items())]
         taken = set()
         for prefix, table in tables:
             for frac, assignment in ilp_seeds(space, table, budget, smallest, split,
