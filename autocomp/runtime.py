@@ -6,6 +6,8 @@
   on the fly (per tensor, 7-bit ``reduce_range``), which the proxy simulates the same way. Measured here:
   1.7-2.2x faster than fp32 for MiniLM-sized layers; torchao 0.18's int8 dynamic path was ~25x slower
   than fp32 on this CPU (no fast CPU kernel), so torch's own kernels are used.
+  ``int8f`` (W8A8 on ONNX Runtime's full 8-bit activation grid) runs as simulated, in float32: fbgemm's
+  full-range path saturates its 16-bit pair sums, so torch has no exact kernel for it.
 * Structured pruning physically removes the rows of producers and the columns of consumers, so the
   matmuls shrink (attention modules infer their head count from the shapes).
 * Low-rank layers become two smaller Linear layers (``cols -> rank -> rows``).

@@ -360,13 +360,15 @@ class SearchSpace:
         """Keep only options an ONNX Runtime export stores and runs exactly as the plan's format says
         (:meth:`~autocomp.compressors.base.Technique.onnx_kernel`): e.g. 2/4/8-bit weights, W8A8, low rank,
         structured pruning -- not 3-bit codes (4-bit containers) or unstructured / 2:4 sparsity (dense
-        zeros). A choice left with one option becomes fixed. In place."""
+        zeros). Each option becomes the one whose simulation computes what ORT's kernel does
+        (:meth:`~autocomp.compressors.base.Technique.ort_label`: W8A8 on ORT's full 8-bit activation grid). A
+        choice left with one option becomes fixed. In place."""
         for param in list(self.params):
             t = by_dim(param.rpartition(":")[2])
             if t is None:
                 continue
             keep = []
-            for label in self.params[param]:
+            for label in dict.fromkeys(t.ort_label(x) for x in self.params[param]):
                 option = t.parse(label)
                 layers = [self._by_name[n] for n in self.param_layers(param)]
                 configs = [] if option is None else [t.bind(option, x, [(x.rows, x.cols)]) for x in layers]
@@ -375,6 +377,10 @@ class SearchSpace:
                        for c, x in zip(configs, layers)):
                     keep.append(label)
             self._set_options(param, keep or [t.neutral])
+        for param, label in list(self.fixed.items()):
+            t = by_dim(param.rpartition(":")[2])
+            if t is not None:
+                self.fixed[param] = t.ort_label(label)
         self._plan_memo.clear()
         self._choice_memo.clear()
         return self

@@ -171,6 +171,7 @@ def part_parity() -> dict:
     emb = "bert.embeddings.word_embeddings"
     cases = {"4g128": LayerPlan(bits=4, group_size=128), "2g32a": LayerPlan(bits=2, group_size=32, symmetric=False),
              "3c (4-bit containers)": LayerPlan(bits=3), "8c": LayerPlan(bits=8), "W8A8": LayerPlan(bits=8, act_bits=8),
+             "W8A8 int8f (ORT's grid)": LayerPlan(QuantConfig(8, 0, True, 8, reduce_range=False)),
              "u50 (dense zeros)": LayerPlan(PruneConfig("unstructured", 0.5)), "2:4 + 4g64": LayerPlan(prune="2:4", bits=4, group_size=64),
              "rank 1/2 + 4g32": LayerPlan(LowRankConfig(192), QuantConfig(4, 32)),
              "4g128/gptq": LayerPlan(QuantConfig(4, 128, method="gptq"))}

@@ -271,6 +271,7 @@ def test_ort_device_calibrate_validate_and_search(capsys, tmp_path, studies):
         for layer in Plan.load(e["plan_path"]).layers.values():
             q, p = layer.get("quantize"), layer.get("prune")
             assert p is None and (q is None or q.act_bits == 8 or q.bits in (2, 4, 8)), layer
+            assert q is None or q.reduce_range is False or q.act_bits != 8, layer  # W8A8 on ORT's 8-bit grid
 
 
 def test_ort_cpu_not_calibrated_is_one_line(capsys, tmp_path, monkeypatch):
@@ -302,8 +303,7 @@ def test_trained_student_exports_its_own_weights(tmp_path):
         want, untrained = plain(b), _simulated(loaded, desc, plan, b)
     got = OrtModel(tmp_path / "m.onnx")(b)
     assert not torch.allclose(want, untrained, atol=1e-3)  # training moved it
-    # fc2 is W8A8: ORT's 8-bit activations against the student's 7-bit simulation
-    assert (got - want).norm() <= 0.1 * want.norm() and (got - want).norm() < (got - untrained).norm()
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()  # fc2 (W8A8) included: its 7-bit grid in the graph
 
 
 def test_ort_space_keeps_only_stored_formats():
@@ -325,9 +325,9 @@ def test_ort_space_keeps_only_stored_formats():
             assert len(now) == 1 and now[0] in ("keep", "none", "full"), (param, now)
             continue
         for o in now:
-            assert o in options
+            assert o in options or o == "int8f" and "int8" in options  # W8A8 on ORT's activation grid
             if dim == "q":
-                assert o in ("keep", "int8") or o.split("/")[0][0] in "248" and not o.startswith(("3", "5", "6")), o
+                assert o in ("keep", "int8f") or o.split("/")[0][0] in "248" and not o.startswith(("3", "5", "6")), o
                 kept_any = True
             if dim == "p":
                 assert o == "none", o

@@ -348,6 +348,12 @@ class Technique(ABC):
         store it otherwise (e.g. sparsity as dense zeros), so the predicted bytes would not be the file's."""
         return None
 
+    def ort_label(self, label: str) -> str:
+        """The option a search for ONNX Runtime (``--hardware ort-cpu``) uses in place of ``label``: one whose
+        simulation computes what the ORT kernel does (W8A8: ``int8`` -> ``int8f``, ORT's full 8-bit activation
+        grid). Most options run the same everywhere: ``label`` itself."""
+        return label
+
     def onnx_weight(self, config: Any, part: Part, use: str) -> "OnnxWeight | None":
         """How the ONNX export stores ``part`` when the graph ``use``\ s it as a ``"matmul"`` weight or a
         ``"gather"`` table: an :class:`OnnxWeight` (integer codes an ONNX Runtime kernel runs as stored), or
@@ -364,7 +370,9 @@ class OnnxWeight:
     embedding table gathered from its codes). ``codes``: unsigned integers ``[rows, cols]`` (int8 for
     MatMulInteger); ``scales``: float32 ``[rows, ceil(cols / block)]`` (``[rows]`` for MatMulInteger);
     ``zero_points``: like ``scales``, integers, or None (the kernel's default ``2^(bits-1)``). ``note``:
-    what differs from the plan's own format (e.g. 3-bit codes in 4-bit containers), or ""."""
+    what differs from the plan's own format (e.g. 3-bit codes in 4-bit containers), or "". ``act_grid``
+    (MatMulInteger): the activations' largest code, 255 (ORT's ``DynamicQuantizeLinear``) or 127 (7 bits,
+    quantized by the graph itself, as torch's x86 kernel does)."""
 
     op: str
     bits: int
@@ -373,6 +381,7 @@ class OnnxWeight:
     scales: Any
     zero_points: Any = None
     note: str = ""
+    act_grid: int = 255
 
 
 _REGISTRY: dict[str, Technique] = {}

@@ -1,6 +1,13 @@
 """Round-to-nearest integer weight quantization, symmetric or asymmetric, per channel or group-wise, and
 W8A8 (``int8``: 8-bit per-channel weights, activations quantized on the fly as int8 kernels do).
 
+W8A8 comes in two activation grids, because the int8 kernels a plan deploys to differ: ``int8`` quantizes
+each input tensor to 7 bits (0..127, ``reduce_range``: what torch's x86 / fbgemm dynamic Linear computes, so
+that its u8 x s8 pair sums cannot saturate 16 bits), ``int8f`` to the full 8 bits (0..255: what ONNX Runtime's
+``DynamicQuantizeLinear`` + ``MatMulInteger`` compute). The full grid halves the activation step, so its
+rounding noise is about a quarter; a search for ``--hardware ort-cpu`` uses ``int8f`` wherever the space says
+``int8``, so the proxy scores what the ORT export runs.
+
 Groups run along the input dimension (``group_size`` inputs share a scale; 0 = the whole row). Scales are
 stored as float16 and the codes are computed with the float16-rounded scale, so dequantizing the stored
 codes reproduces exactly the weights the proxy evaluated.
@@ -11,7 +18,7 @@ codes reproduces exactly the weights the proxy evaluated.
   ``q = clamp(round(w / s) + z, 0, 2^b - 1)``; ``w ~ (q - z) s``.
 
 Pruned entries are zero before quantization and stay zero after (the mask is reapplied). Options in
-search spaces: ``keep``, ``int8``, or ``<bits><c|gN>[a]`` (``8c``, ``4g128``, ``3g32a``), each with an optional
+search spaces: ``keep``, ``int8``, ``int8f``, or ``<bits><c|gN>[a]`` (``8c``, ``4g128``, ``3g32a``), each with an optional
 ``/gptq`` suffix (``4g128/gptq``, ``int8/gptq``): the same stored format with the codes chosen by GPTQ's
 error compensation on the layer's calibration statistics (:mod:`~.compensate`; every layer but a grouped
 convolution; an embedding table's statistic is output-side, see :mod:`~.calibration`), or ``/mse`` (any
@@ -38,13 +45,13 @@ from typing import Any, Mapping
 from autocomp.compressors.base import (Execution, LayerContext, OnnxWeight, Part, Stored, Technique, TechniqueConfig, ceil8,
                                        has_statistics, register)
 
-__all__ = ["QuantConfig", "Quantize", "quantize_matrix", "fake_quant_input", "mse_clip", "CLIP_GRID", "CLIPS",
+__all__ = ["QuantConfig", "Quantize", "quantize_matrix", "fake_quant_input", "fake_quant_input_full", "mse_clip", "CLIP_GRID", "CLIPS",
            "CLIP_LR_MULT"]
 
 _MIN_SCALE = 2.0**-24  # smallest positive float16
 _MAX_SCALE = 65504.0
 SCALE_BYTES = 2  # scales are stored as float16
-_LABEL = re.compile(r"^(?:keep|int8|(\d+)(c|g(\d+))(a?))(/gptq|/gptq-columns|/mse)?$")
+_LABEL = re.compile(r"^(?:keep|int8f?|(\d+)(c|g(\d+))(a?))(/gptq|/gptq-columns|/mse)?$")
 METHODS = ("rtn", "gptq", "mse")
 ORDERS = ("columns", "act")  # GPTQ's column order: as stored, or by decreasing input second moment
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # clip ratios tried per group: 1.0, 0.95, ..., 0.5
@@ -59,17 +66,20 @@ class QuantConfig(TechniqueConfig):
     ``rtn`` (round to nearest), ``gptq`` (error-compensated codes) or ``mse`` (least-error clipped ranges),
     all in the same stored format. order (``gptq``): ``act`` sweeps the columns by decreasing input second
     moment with static groups (label ``/gptq``), ``columns`` in stored order (label ``/gptq-columns``; what
-    every ``/gptq`` plan written before version 3 computed, so those plans keep their weights)."""
+    every ``/gptq`` plan written before version 3 computed, so those plans keep their weights).
+    reduce_range (W8A8): activations on a 7-bit grid (``int8``, torch's x86 kernel) or, False, the full 8-bit
+    grid (``int8f``, ONNX Runtime's dynamic quantization)."""
 
     technique = "quantize"
-    VERSION = 3
-    ADDED = {"method": ("rtn", 2), "order": ("columns", 3)}
+    VERSION = 4
+    ADDED = {"method": ("rtn", 2), "order": ("columns", 3), "reduce_range": (True, 4)}
     bits: int = 8
     group_size: int = 0
     symmetric: bool = True
     act_bits: int | None = None
     method: str = "rtn"
     order: str = "columns"
+    reduce_range: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
@@ -80,6 +90,9 @@ class QuantConfig(TechniqueConfig):
             raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")
         if self.act_bits is not None and (self.act_bits != 8 or self.bits != 8 or self.group_size or not self.symmetric):
             raise ValueError("act_bits 8 (W8A8) needs bits 8, group_size 0 (per channel) and symmetric weights")
+        if not isinstance(self.reduce_range, bool) or (not self.reduce_range and self.act_bits != 8):
+            raise ValueError(f"reduce_range must be true or false, and false only with act_bits 8 (W8A8), "
+                             f"got {self.reduce_range!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.order not in ORDERS or (self.order != "columns" and self.method != "gptq"):
@@ -161,18 +174,29 @@ def quantize_fixed(w: Any, scale: Any, zp: Any, bits: int, group_size: int, symm
     return quantize_column(w, s, z, bits, symmetric)
 
 
-def fake_quant_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Dynamic per-tensor asymmetric activation quantization, 7-bit (fbgemm's reduce_range=True): what
-    torch's dynamic int8 Linear does to its inputs on x86. A ``forward_pre_hook``."""
+def _fake_quant(x: Any, qmax: int) -> Any:
+    """``x`` on a dynamic per-tensor asymmetric grid of ``qmax + 1`` levels, its range widened to include 0:
+    ``s = (max - min) / qmax``, ``z = round(-min / s)``, ``q = clamp(round(x / s) + z, 0, qmax)``."""
     import torch
 
-    x = args[0]
     lo = torch.clamp(x.min(), max=0.0)
     hi = torch.clamp(x.max(), min=0.0)
-    scale = torch.clamp((hi - lo) / 127, min=1e-12)
+    scale = torch.clamp((hi - lo) / qmax, min=1e-12)
     zp = torch.round(-lo / scale)
-    xq = (torch.clamp(torch.round(x / scale) + zp, 0, 127) - zp) * scale
-    return (xq, *args[1:])
+    return (torch.clamp(torch.round(x / scale) + zp, 0, qmax) - zp) * scale
+
+
+def fake_quant_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Dynamic per-tensor asymmetric activation quantization, 7-bit (fbgemm's reduce_range=True): what
+    torch's dynamic int8 Linear does to its inputs on x86. A ``forward_pre_hook`` (``int8``)."""
+    return (_fake_quant(args[0], 127), *args[1:])
+
+
+def fake_quant_input_full(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The same on the full 8-bit grid (0..255): ONNX Runtime's ``DynamicQuantizeLinear`` (scale
+    ``(max(0, max) - min(0, min)) / 255``, zero point ``round(-min / scale)``, round half to even, saturate).
+    A ``forward_pre_hook`` (``int8f``)."""
+    return (_fake_quant(args[0], 255), *args[1:])
 
 
 def nbits_block(group_size: int, cols: int) -> int:
@@ -199,6 +223,8 @@ def _parse(label: str) -> tuple[int, int, bool, int | None, str, str] | None:
         return None
     if label.startswith("keep/"):
         raise ValueError(f"quant option {label!r}: keep stores the weights as they are; drop /{suffix}")
+    if label.startswith("int8f"):
+        return 8, 0, True, 8, method, order, False
     if label.startswith("int8"):
         return 8, 0, True, 8, method, order
     bits = int(m.group(1))
@@ -224,14 +250,14 @@ class Quantize(Technique):
         return _parse(label)
 
     def bind(self, option: Any, layer: Any, shapes: list[tuple[int, int]]) -> QuantConfig | None:
-        bits, group, sym, act, method, order = option
+        bits, group, sym, act, method, order, *reduce = option
         if act and layer.type != "Linear":
             return None  # W8A8 kernels exist for Linear layers
         if method == "gptq" and not has_statistics(layer):
             return None  # no statistics: a grouped convolution
         if group >= shapes[0][1]:
             group = 0  # a group spanning the whole row is per-channel
-        return QuantConfig(bits, group, sym, act, method, order)
+        return QuantConfig(bits, group, sym, act, method, order, *reduce)
 
     def calibrated(self, c: QuantConfig) -> bool:
         return c.method == "gptq"
@@ -246,12 +272,12 @@ class Quantize(Technique):
         tail = "" if c.method == "rtn" else "/gptq-columns" if c.method == "gptq" and c.order == "columns" \
             else f"/{c.method}"
         if c.act_bits == 8:
-            return "int8" + tail
+            return ("int8" if c.reduce_range else "int8f") + tail
         return f"{c.bits}{'c' if c.group_size == 0 else f'g{c.group_size}'}{'' if c.symmetric else 'a'}{tail}"
 
     def brief(self, c: QuantConfig) -> str:
         tail = "" if c.method == "rtn" else f"/{c.method}"
-        return f"{'int8' if c.act_bits == 8 else f'{c.bits}b'}{'' if c.group_size == 0 else f'g{c.group_size}'}{tail}"
+        return f"{('int8' if c.reduce_range else 'int8f') if c.act_bits == 8 else f'{c.bits}b'}{'' if c.group_size == 0 else f'g{c.group_size}'}{tail}"
 
     def summary(self, c: QuantConfig) -> dict[str, float]:
         return {"bits": c.bits}
@@ -262,7 +288,7 @@ class Quantize(Technique):
         return QuantConfig(f["bits"], f.get("group_size", 0), f.get("symmetric", True), f.get("act_bits"))
 
     def to_v1(self, c: QuantConfig) -> dict[str, Any] | None:
-        if c.method != "rtn":
+        if c.method != "rtn" or not c.reduce_range:
             return None
         return {"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric, "act_bits": c.act_bits}
 
@@ -322,7 +348,14 @@ class Quantize(Technique):
         return out
 
     def input_hook(self, c: QuantConfig) -> Any:
-        return fake_quant_input if c.act_bits == 8 else None
+        if c.act_bits != 8:
+            return None
+        return fake_quant_input if c.reduce_range else fake_quant_input_full
+
+    def ort_label(self, label: str) -> str:
+        """``int8`` -> ``int8f`` (any method suffix kept): ORT's dynamic int8 path quantizes activations to
+        the full 8-bit grid, so a search for ORT scores that grid."""
+        return "int8f" + label[4:] if label.startswith("int8") and not label.startswith("int8f") else label
 
     # -- training -----------------------------------------------------------------------------------------
     def train_setup(self, c: QuantConfig, holder: Any, latents: list[Any], options: Mapping[str, Any]) -> None:
@@ -410,7 +443,8 @@ class Quantize(Technique):
     # -- hardware -----------------------------------------------------------------------------------------
     def execution(self, c: QuantConfig, ex: Execution, device: Any) -> Execution:
         ex = replace(ex, store_bits=float(c.bits), act_bits=8 if c.act_bits == 8 else ex.act_bits)
-        if c.act_bits == 8 and (device is None or device.int8):
+        if c.act_bits == 8 and (device is None or device.int8) and (c.reduce_range or device is None
+                                                                   or device.runtime == "ort"):
             return replace(ex, dtype="int8", read_bits=8.0, kernel="int8")
         if device is not None and c.bits in device.weight_only_bits:
             return replace(ex, read_bits=float(c.bits))
@@ -446,8 +480,7 @@ class Quantize(Technique):
             codes = np.where(mask, codes, np.repeat(zp, g, axis=1)[:, :cols])
         if c.act_bits == 8 and use == "matmul":
             return OnnxWeight("MatMulInteger", 8, cols, (codes - 128).astype(np.int8), scale.reshape(rows),
-                              note="W8A8 activations at 8 bits per tensor (ORT's DynamicQuantizeLinear; the search "
-                                   "simulated 7, torch's fbgemm)")
+                              act_grid=127 if c.reduce_range else 255)
         container = next((b for b in (2, 4, 8) if b >= c.bits), None)
         if container is None:
             return None
@@ -464,9 +497,18 @@ class Quantize(Technique):
 
     def runtime_linear(self, c: QuantConfig, part: Part, bias: Any) -> Any:
         """W8A8: torch's dynamic-quantized int8 Linear (x86/fbgemm) built from the plan's own codes and
-        float16 scales, so the weights are exactly those the proxy evaluated."""
+        float16 scales, so the weights are exactly those the proxy evaluated. ``int8f`` (ORT's full 8-bit
+        activation grid) runs as simulated: a float32 Linear whose inputs a pre-hook puts on that grid. fbgemm's full-range path
+        saturates its 16-bit pair sums (max error 25-40% of the output's range measured on MiniLM-sized
+        layers), so torch has no exact int8 kernel for it; the ONNX export runs it on ORT's."""
         if c.act_bits != 8 or part.codes is None:
             return None
+        if not c.reduce_range:
+            from autocomp.runtime import _dense_linear
+
+            layer = _dense_linear(part, bias)
+            layer.register_forward_pre_hook(fake_quant_input_full)
+            return layer
         import warnings
 
         import torch
