@@ -461,7 +461,8 @@ def uniform_assignment(space: SearchSpace, quant: str) -> dict[str, str] | None:
             continue
         if quant in opts:
             out[p] = quant
-        elif quant == "int8" and "8c" in opts:  # layers without W8A8 kernels (embeddings) keep 8-bit weights
+        elif quant.split("/")[0] in ("int8", "int8f") and "8c" in opts:  # layers without W8A8 kernels
+            # (embeddings) keep 8-bit weights
             out[p] = "8c"
         else:
             return None

@@ -105,6 +105,7 @@ def part_minilm(plan_paths: list[str]) -> dict:
     from autocomp.models import load_model
     from autocomp.models.introspect import introspect
     from autocomp.ort import OrtModel, export_onnx
+    from autocomp.compressors.quantize import QuantConfig
     from autocomp.plan import LayerPlan, Plan
 
     loaded = load_model("minilm")
@@ -112,6 +113,8 @@ def part_minilm(plan_paths: list[str]) -> dict:
     lin = [l.name for l in desc.layers if l.type == "Linear"]
     plans = {"fp32": None,
              "uniform W8A8": Plan(layers={n: LayerPlan(bits=8, act_bits=8) for n in lin}, fingerprint=desc.fingerprint),
+             "uniform W8A8 int8f": Plan(layers={n: LayerPlan(QuantConfig(8, 0, True, 8, reduce_range=False)) for n in lin},
+                                        fingerprint=desc.fingerprint),
              "uniform 4g128 (+ 4g128 table)": Plan(layers={**{n: LayerPlan(bits=4, group_size=128) for n in lin},
                                                           "bert.embeddings.word_embeddings": LayerPlan(bits=4, group_size=128)},
                                                    fingerprint=desc.fingerprint)}

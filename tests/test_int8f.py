@@ -135,3 +135,22 @@ def test_an_ort_space_holds_int8f_and_a_torch_one_int8():
     assert "int8f" in labels and "int8" not in labels
     labels = {o for opts in SearchSpace.from_yaml("default", desc).params.values() for o in opts}
     assert "int8" in labels and "int8f" not in labels
+
+
+def test_an_ort_space_starts_from_uniform_int8f_too():
+    """The uniform W8A8 reference plan (the front's fast end on ORT) is seeded from int8f as it was from int8: a
+    table without W8A8 kernels keeps 8-bit weights in it."""
+    from autocomp.compressors.base import technique
+    from autocomp.space import SearchSpace, reference_assignments
+
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    space = SearchSpace.from_yaml("default", desc).restrict_to_stored_formats()
+    refs = reference_assignments(space)
+    assert "uniform-int8f" in refs
+    plan = space.decode(refs["uniform-int8f"])
+    kinds = {l.name: l.type for l in desc.layers}
+    for name, layer in plan.layers.items():
+        q = layer.get("quantize")
+        assert q == (FULL if kinds[name] == "Linear" else QuantConfig(8)), (name, q)
+    assert technique("quantize").ort_label("int8") == "int8f"
