@@ -215,7 +215,7 @@ def nbits_block(group_size: int, cols: int) -> int:
 def _parse(label: str) -> tuple[int, int, bool, int | None, str, str] | None:
     m = _LABEL.match(str(label))
     if not m:
-        raise ValueError(f"quant option {label!r} is not keep, int8 or <bits><c|gN>[a], optionally with /gptq, "
+        raise ValueError(f"quant option {label!r} is not keep, int8, int8f or <bits><c|gN>[a], optionally with /gptq, "
                          f"/gptq-columns or /mse (e.g. 8c, 4g128, 3g32a, 4g128/gptq, 3g64/mse)")
     suffix = m.group(5)[1:] if m.group(5) else "rtn"
     method, order = {"gptq": ("gptq", "act"), "gptq-columns": ("gptq", "columns")}.get(suffix, (suffix, "columns"))
