@@ -316,6 +316,26 @@ def test_act_order_keeps_the_stored_groups_and_lowers_the_output_error(bits, gro
     assert output_error(w, deq, h) < output_error(w, plain, h)
 
 
+@pytest.mark.parametrize("bits,group,sym", [(3, 16, True), (4, 16, False), (2, 24, False), (4, 0, True)])
+def test_act_order_groups_take_the_clipped_range_of_their_original_weights(bits, group, sym):
+    """Static groups: each group's scale (and zero point) is the one round to nearest on the clipped grid
+    gives that group of the original weights alone -- also where the groups are clipped in one call (the
+    groups tile the columns) and for a ragged last group (64 columns in groups of 24)."""
+    from autocomp.compressors.compensate import act_order
+    from autocomp.compressors.quantize import group_params, mse_clip
+
+    w, h = _correlated(24, 64, seed=5)
+    _, _, scale, zp = gptq(w, h, bits, group, sym, order=act_order(h))
+    g = group or 64
+    for gi, c0 in enumerate(range(0, 64, g)):
+        sc, z = group_params(mse_clip(w[:, c0:c0 + g], bits, 0, sym), bits, sym)
+        assert torch.equal(scale[:, gi], sc)
+        assert (zp is None and z is None) or torch.equal(zp[:, gi], z)
+    whole = mse_clip(w, bits, g, sym) if 64 % g == 0 else None  # one call: the same values as one per group
+    if whole is not None:
+        assert torch.equal(whole, torch.cat([mse_clip(w[:, c:c + g], bits, 0, sym) for c in range(0, 64, g)], 1))
+
+
 @pytest.mark.parametrize("label", ["keep/gptq", "keep/mse", "none/sparsegpt", "full/aa", "4g128/awq", "u50/gptq",
                                    "4g128/gptq-act", "keep/gptq-columns"])
 def test_bad_method_labels_are_refused(label):

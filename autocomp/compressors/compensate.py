@@ -207,9 +207,16 @@ def _gptq_ordered(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, m
     zps = torch.zeros(n_groups, rows, dtype=torch.int32) if not symmetric else None
     s_cols = torch.empty(cols, rows)  # each column's scale (and zero point), from its group's original weights
     z_cols = None if symmetric else torch.empty(cols, rows)
+    # the clipped grid of every group in one call where the groups tile the columns (the same values as one
+    # call per group, tests/test_compensated.py, in one call instead of 3-48); a ragged last group keeps its own
+    whole = mse_clip(wm, bits, g, symmetric) if MSE_GRID and cols % g == 0 else None
     for gi in range(n_groups):
         x = wm[:, gi * g:min((gi + 1) * g, cols)]
-        sc, z = group_params(mse_clip(x, bits, 0, symmetric) if MSE_GRID else x, bits, symmetric)
+        if whole is not None:
+            x = whole[:, gi * g:(gi + 1) * g]
+        elif MSE_GRID:
+            x = mse_clip(x, bits, 0, symmetric)
+        sc, z = group_params(x, bits, symmetric)
         scales[gi] = sc
         s_cols[gi * g:gi * g + x.shape[1]] = sc.float()
         if zps is not None:
@@ -219,7 +226,6 @@ def _gptq_ordered(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, m
         u = inverse_cholesky(h.double()[order][:, order])
     maskt = None if mask is None else mask.t()[order].contiguous()
     s_ord, z_ord = s_cols[order], None if z_cols is None else z_cols[order]
-    deq = torch.zeros(cols, rows, dtype=torch.float32)  # in sweep order while it runs
     qmax = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
 
     def target(j: int, col: Any) -> Any:
@@ -230,13 +236,13 @@ def _gptq_ordered(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, m
         else:
             z = z_ord[j]
             q = torch.round(c / s).add_(z).clamp_(0, qmax).sub_(z).mul_(s)
-        deq[j] = q
         return q
 
-    _sweep(w[:, order], u, target, lambda *a: None)
+    # the sweep leaves each column at its float32 value (later updates only touch later columns): exact
+    swept = _sweep(w[:, order], u, target, lambda *a: None)
     back = torch.empty_like(order)
     back[order] = torch.arange(cols)
-    deq = deq[back].t().contiguous()
+    deq = swept.float()[:, back].contiguous()
     scale = scales.t().contiguous()
     zp = None if zps is None else zps.t().contiguous()
     z_full = None if zp is None else zp.repeat_interleave(g, dim=1)[:, :cols]
