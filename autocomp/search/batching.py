@@ -570,7 +570,7 @@ def _write_rdb_once(storage: Any, trial_id: int, held: _Held, stored: tuple[set[
                 trial = models.TrialModel.find_or_raise_by_id(trial_id, session)  # KeyError if there is none
                 storage.check_trial_is_updatable(trial_id, trial.state)  # raises: it was finished meanwhile
                 raise AssertionError(f"trial {trial_id} is {trial.state.name} and was not finished")
-        if held.params:  # one multi-row INSERT (the ORM's per-object bookkeeping is most of the cost otherwise)
+        if held.params:  # all rows in one call (the ORM's per-object bookkeeping is most of the cost otherwise)
             _insert(session, models.TrialParamModel.__table__, [
                 {"trial_id": trial_id, "param_name": name, "param_value": value,
                  "distribution_json": distribution_to_json(dist)} for name, (value, dist) in held.params.items()])
@@ -600,8 +600,8 @@ def _write_rdb_once(storage: Any, trial_id: int, held: _Held, stored: tuple[set[
 def _insert(session: Any, table: Any, rows: list[dict[str, Any]]) -> None:
     """Insert ``rows`` into ``table`` in the session's transaction. On PostgreSQL through psycopg 3, one
     ``COPY ... FROM STDIN``: the driver's executemany sends one INSERT per row (pipelined, but each bound and
-    executed on its own), and a MiniLM trial's ~120 parameter rows were most of the server's work per trial.
-    Elsewhere (SQLite in the process, other drivers) the plain executemany."""
+    executed on its own), and a MiniLM trial has ~120 parameter rows (storage work per trial 28.7 -> 20.5 ms,
+    docs/BENCHMARKS.md). Elsewhere (SQLite in the process, other drivers) the plain executemany."""
     conn = session.connection()
     if conn.dialect.name != "postgresql" or conn.dialect.driver != "psycopg" or not rows:
         session.execute(table.insert(), rows)
