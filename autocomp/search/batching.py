@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import enum
 import threading
 from typing import Any, Sequence
 
@@ -627,8 +628,6 @@ def _insert(session: Any, table: Any, rows: list[dict[str, Any]]) -> None:
 
 def _copy_value(v: Any) -> Any:
     """A value as COPY takes it: enums (the trial value type) by the name SQLAlchemy stores."""
-    import enum
-
     return v.name if isinstance(v, enum.Enum) else v
 
 
