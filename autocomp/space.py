@@ -54,7 +54,7 @@ from autocomp.plan import LayerPlan, Plan, StructuredGroup
 from autocomp.space_rules import (SPACES_DIR, LAYER_TYPES, Rule, StructRule, load_yaml, parse_modalities,  # noqa: F401
                                   parse_rules, resolve_space_path)
 
-__all__ = ["SearchSpace", "reference_assignments", "uniform_assignment", "resolve_space_path", "neutral_assignment",
+__all__ = ["SearchSpace", "reference_assignments", "uniform_assignment", "resolve_space_path", "neutral_assignment", "peer_choices",
            "SPACES_DIR"]
 
 ONNX_LOWERED = ("Linear", "Conv1D", "Embedding")  # layer kinds autocomp/ort.py puts on ORT's integer kernels
@@ -444,6 +444,24 @@ def neutral_assignment(space: SearchSpace) -> dict[str, str]:
         else:
             t = by_dim(dim)
             out[p] = t.neutral if t is not None and t.neutral in opts else opts[0]
+    return out
+
+
+def peer_choices(space: SearchSpace, neutral: Mapping[str, str] | None = None) -> dict[str, tuple[Any, ...]]:
+    """Per layer, its choices with one of its parameters off neutral and the rest neutral: what a sensitivity
+    profile asks for one by one, so the applier may compute them together (``PlanApplier.peers``)."""
+    neutral = neutral_assignment(space) if neutral is None else neutral
+    out: dict[str, tuple[Any, ...]] = {}
+    for name, key in space.layer_keys.items():
+        seen: dict[Any, None] = {}
+        for t in axes():
+            param = f"{key}:{t.dim}"
+            for option in space.params.get(param, ()):
+                choice = space.layer_plan(name, {**neutral, param: option})[1]
+                if not choice.is_identity:
+                    seen[choice] = None
+        if seen:
+            out[name] = tuple(seen)
     return out
 
 

@@ -336,6 +336,87 @@ def test_act_order_groups_take_the_clipped_range_of_their_original_weights(bits,
         assert torch.equal(whole, torch.cat([mse_clip(w[:, c:c + g], bits, 0, sym) for c in range(0, 64, g)], 1))
 
 
+def _bits(t: torch.Tensor | None) -> bytes | None:
+    return None if t is None else t.contiguous().numpy().tobytes()
+
+
+def test_several_act_order_options_in_one_sweep_are_each_option_alone(monkeypatch):
+    """gptq_many sweeps a layer's options together; each result is the option computed alone, byte for byte
+    (signed zeros included): symmetric and asymmetric, per channel, ragged groups, a mask beside unmasked jobs,
+    150 columns (a ragged block and inner block), and jobs split over several stacks."""
+    from autocomp.compressors import compensate
+    from autocomp.compressors.compensate import act_order, gptq_many, inverse_cholesky
+
+    w, h = _correlated(20, 150, seed=7)
+    d = torch.linspace(0.2, 3.0, 150).sqrt()
+    h = d[:, None] * h * d[None, :]
+    mask = torch.rand(20, 150, generator=torch.Generator().manual_seed(1)) > 0.4
+    jobs = [(w, None, 3, 32, False), (w, None, 4, 0, True), (w, mask, 2, 16, False), (w * 0.5, None, 4, 64, True),
+            (w, None, 8, 50, False)]
+    order = act_order(h)
+    u = inverse_cholesky(h.double()[order][:, order])
+    alone = [gptq(wj, h, b, g, s, m, u, order) for wj, m, b, g, s in jobs]
+    for stack in (compensate.STACK_BYTES, 2 * 20 * 150 * 8):  # all in one sweep; two jobs a sweep
+        monkeypatch.setattr(compensate, "STACK_BYTES", stack)
+        together = gptq_many(jobs, h, u, order)
+        assert len(together) == len(jobs)
+        for got, want in zip(together, alone):
+            assert [_bits(t) for t in got] == [_bits(t) for t in want]
+    assert not together[2][0][~mask].any()  # the masked job still drives its pruned entries to zero
+
+
+def test_several_sparsegpt_options_in_one_sweep_are_each_option_alone(monkeypatch):
+    """sparsegpt_many: each option's weights and mask are the option computed alone, byte for byte, whatever
+    shares its sweep (one sweep or one job a sweep); counts stay exact."""
+    from autocomp.compressors import compensate
+    from autocomp.compressors.compensate import inverse_cholesky, sparsegpt_many
+
+    w, h = _correlated(20, 152, seed=9)
+    jobs = [("unstructured", 0.5), ("2:4", 0.5), ("unstructured", 0.3), ("unstructured", 0.7)]
+    u = inverse_cholesky(h)
+    alone = [sparsegpt(w, h, kind, sp, u) for kind, sp in jobs]
+    for stack in (compensate.STACK_BYTES, 20 * 152 * 8):
+        monkeypatch.setattr(compensate, "STACK_BYTES", stack)
+        together = sparsegpt_many(w, h, jobs, u)
+        for (values, mask), (want_v, want_m) in zip(together, alone):
+            assert _bits(values) == _bits(want_v) and torch.equal(mask, want_m)
+    for (kind, sp), (_, mask) in zip(jobs, together):
+        if kind == "2:4":
+            assert (mask.reshape(20, -1, 4).sum(-1) == 2).all()
+        else:
+            assert int((~mask).sum()) == n_pruned(20 * 152, sp)
+
+
+def test_a_search_computes_a_layers_compensated_options_in_one_sweep_and_the_same_weights(monkeypatch):
+    """With the space's choices as peers, the first GPTQ (SparseGPT) option a layer is asked for computes its
+    other plain act-order GPTQ (SparseGPT) options in the same sweep; each weight is the one an applier without
+    peers computes, and a choice with an upstream step (pruned, then GPTQ) is computed alone."""
+    from autocomp.compressors import compensate
+    from autocomp.compressors.apply import PlanApplier
+
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    autocomp.calibrate(loaded.module, loaded.batches, desc)
+    options = [LayerPlan(QuantConfig(b, g, s, method="gptq", order="act")) for b, g, s in
+               [(4, 16, False), (3, 0, True), (2, 8, False)]]
+    others = [LayerPlan(QuantConfig(4, 16)), LayerPlan(PruneConfig("unstructured", 0.5), QuantConfig(4, 16, method="gptq", order="act")),
+              LayerPlan(PruneConfig("2:4", method="sparsegpt")), LayerPlan(PruneConfig("unstructured", 0.3, method="sparsegpt"))]
+    calls, pruned = [], []
+    real, real_sp = compensate.gptq_many, compensate.sparsegpt_many
+    monkeypatch.setattr(compensate, "gptq_many", lambda jobs, *a, **k: calls.append(len(jobs)) or real(jobs, *a, **k))
+    monkeypatch.setattr(compensate, "sparsegpt_many", lambda w, h, jobs, *a: pruned.append(len(jobs)) or real_sp(w, h, jobs, *a))
+    with_peers = PlanApplier(loaded.module, desc)
+    with_peers.peers = {"fc1": tuple(options + others)}
+    alone = PlanApplier(loaded.module, desc)
+    for choice in options + others:
+        plan = Plan(layers={"fc1": choice}, fingerprint=desc.fingerprint)
+        assert _bits(with_peers.compressed(plan, "fc1")[0]) == _bits(alone.compressed(plan, "fc1")[0])
+    # peers: one sweep of the three plain options, then the pruned one alone; without peers: one sweep each
+    assert calls[:1] == [3] and calls.count(3) == 1
+    assert pruned == [2, 1, 1]  # the two SparseGPT choices in one sweep (with peers), then one each (without)
+    assert not [k for k in with_peers.cache if k[0] in ("gptq-peer", "sparsegpt-peer")]  # each taken once used
+
+
 @pytest.mark.parametrize("label", ["keep/gptq", "keep/mse", "none/sparsegpt", "full/aa", "4g128/awq", "u50/gptq",
                                    "4g128/gptq-act", "keep/gptq-columns"])
 def test_bad_method_labels_are_refused(label):

@@ -95,6 +95,13 @@ class LayerCache(OrderedDict):
             return super().__getitem__(key)
         return default
 
+    def take(self, key: Any) -> Any:
+        """Remove and return the entry (None if absent): what is used once and then kept elsewhere."""
+        if key not in self:
+            return None
+        self.nbytes -= self._sizes.pop(key)
+        return super().pop(key)
+
     def __setitem__(self, key: Any, value: Any) -> None:
         if key in self:
             self.nbytes -= self._sizes.pop(key)
@@ -140,6 +147,9 @@ class PlanApplier:
         self._weights_bytes = 0
         self._tables: dict[str, Any] = {}  # a row-subset layer's one full-size working copy (see compressed)
         self._store: Any = None
+        # per layer, the choices a search will ask for one by one (its space's options): techniques may compute
+        # them together (:attr:`LayerContext.peers`); empty (the default) computes each choice alone
+        self.peers: dict[str, tuple[Any, ...]] = {}
         self._store_parts: dict[Any, Any] = {}
         if fingerprint(model) != desc.fingerprint:
             raise PlanMismatchError("model does not match its description (fingerprint differs)")
@@ -228,7 +238,8 @@ class PlanApplier:
         from autocomp.compressors.calibration import attached
 
         width = int(self._matrix(name).shape[1]) if cols is None else len(cols)
-        return LayerContext(name, skey, self.cache, stats=attached(self.model), cols=cols, width=width)
+        return LayerContext(name, skey, self.cache, stats=attached(self.model), cols=cols, width=width,
+                            peers=() if skey else self.peers.get(name, ()))
 
     def compressed(self, plan: Plan, name: str) -> tuple[Any, Any]:
         """(weight, bias) in the module's own shapes and dtypes, or (None, None) if unchanged.

@@ -113,6 +113,9 @@ class LayerContext:
     holder: Any = None  # a trained layer's parametrization (compensated options keep their fixed grid / mask)
     index: int = 0  # the position of ``parts[0]`` among the layer's stored matrices (with ``holder``)
     width: int | None = None  # the layer's input columns (an identity statistic for a tied table)
+    # other choices (LayerPlans) of this layer the caller expects to ask for, one at a time (a search's space
+    # options): a technique may compute them together and leave them in ``cache`` (GPTQ does, see quantize.py)
+    peers: tuple[Any, ...] = ()
 
     def hessian(self) -> Any:
         """The input second moment of this layer (float64, cut to the kept columns); a clear error if the

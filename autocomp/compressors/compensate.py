@@ -30,15 +30,20 @@ inputs excite. Written from the papers (no code copied):
   ``B = U_r sqrt(S_r)`` and ``A = sqrt(S_r) V_r^T L^-1``.
 
 Everything runs in float64 on the CPU and is deterministic; the results are cached per (layer, option) by
-the callers.
+the callers. The act-order GPTQ and SparseGPT sweeps run several options of one layer at once
+(:func:`gptq_many`, :func:`sparsegpt_many`): a sweep costs its number of small torch calls more than its
+arithmetic, and a search's sensitivity profile asks for every option of every layer. Each option's result is
+the same bits alone or beside others, so the proxy, ``train`` and ``export`` (which compute one option at a
+time) agree with what the search scored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["BLOCK", "DAMP", "act_order", "dampened", "gptq", "inverse_cholesky", "output_error", "sparsegpt", "whitened_svd"]
+__all__ = ["BLOCK", "DAMP", "act_order", "dampened", "gptq", "gptq_many", "inverse_cholesky", "output_error", "sparsegpt",
+           "sparsegpt_many", "whitened_svd"]
 
 # Fraction of the mean diagonal added to H. The GPTQ paper uses 0.01. Measured on MiniLM, uniform options on
 # every Linear layer, held-out drift: with statistics from the 548 token rows the proxy scores (fewer than the
@@ -50,6 +55,8 @@ __all__ = ["BLOCK", "DAMP", "act_order", "dampened", "gptq", "inverse_cholesky",
 DAMP = 0.1
 MSE_GRID = True  # GPTQ sets each group's range by the clipping ratio of least squared error (as ``/mse``)
 BLOCK = 128  # columns per lazy update block
+SUB = 16  # columns per inner block of the stacked sweep, a multiple of 4 (see _sweep_stack); on MiniLM's shapes 8-32 alike, 4 and 128 slower
+STACK_BYTES = 256 << 20  # the most float64 weights one stacked sweep holds (a 4096x4096 layer: one job at a time)
 
 
 def dampened(h: Any) -> Any:
@@ -193,103 +200,193 @@ def gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, mask: Any 
 
 def _gptq_ordered(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, mask: Any, u: Any,
                   order: Any) -> tuple[Any, Any, Any, Any]:
-    """:func:`gptq` with the columns swept in ``order`` and static groups (see there)."""
+    """:func:`gptq` with the columns swept in ``order`` and static groups (see there): one job of
+    :func:`gptq_many`, so an option alone and an option computed beside others are the same bits."""
+    return gptq_many([(w, mask, bits, group_size, symmetric)], h, u, order)[0]
+
+
+def gptq_many(jobs: Sequence[tuple[Any, Any, int, int, bool]], h: Any, u: Any = None,
+              order: Any = None) -> list[tuple[Any, Any, Any, Any]]:
+    """Act-order GPTQ (:func:`gptq` with ``order``) of several ``(w, mask, bits, group_size, symmetric)`` jobs
+    of one layer -- the same statistics ``h``, the same ``order`` and factor ``u`` -- in one column sweep.
+    -> one ``(dequantized, codes, scale, zero point)`` per job, in order.
+
+    The sweep is sequential in the columns and each step is a handful of small torch calls, so on
+    MiniLM-sized layers its cost is the number of calls, not the arithmetic: sweeping a layer's ten options
+    together costs 2-3x one of them, not 10x. Every step is elementwise per job or a matrix product of the
+    job's own rows, so a job's result does not depend on which jobs share its sweep (tested bit for bit).
+    Jobs are swept in chunks of at most :data:`STACK_BYTES`."""
+    import torch
+
+    order = act_order(h) if order is None else order.long()
+    if u is None:
+        u = inverse_cholesky(h.double()[order][:, order])
+    out: list[tuple[Any, Any, Any, Any]] = []
+    rows, cols = jobs[0][0].shape if jobs else (0, 0)
+    per = max(1, STACK_BYTES // max(1, rows * cols * 8))
+    for c0 in range(0, len(jobs), per):
+        out += _gptq_stack(jobs[c0:c0 + per], u, order)
+    return out
+
+
+def _gptq_stack(jobs: Sequence[tuple[Any, Any, int, int, bool]], u: Any, order: Any) -> list[tuple[Any, Any, Any, Any]]:
     import torch
 
     from autocomp.compressors.quantize import group_params, mse_clip, quantize_column
 
-    rows, cols = w.shape
-    g = group_size or cols
-    n_groups = -(-cols // g)
-    order = order.long()
-    wm = w.float() if mask is None else w.float() * mask
-    scales = torch.zeros(n_groups, rows, dtype=torch.float16)
-    zps = torch.zeros(n_groups, rows, dtype=torch.int32) if not symmetric else None
-    s_cols = torch.empty(cols, rows)  # each column's scale (and zero point), from its group's original weights
-    z_cols = None if symmetric else torch.empty(cols, rows)
-    # every group's clipped grid in one call where the groups tile the columns (3-48 calls on MiniLM before;
-    # the same values, tests/test_compensated.py); a ragged last group is clipped on its own
-    whole = mse_clip(wm, bits, g, symmetric) if MSE_GRID and cols % g == 0 else None
-    for gi in range(n_groups):
-        x = wm[:, gi * g:min((gi + 1) * g, cols)]
-        if whole is not None:
-            x = whole[:, gi * g:(gi + 1) * g]
-        elif MSE_GRID:
-            x = mse_clip(x, bits, 0, symmetric)
-        sc, z = group_params(x, bits, symmetric)
-        scales[gi] = sc
-        s_cols[gi * g:gi * g + x.shape[1]] = sc.float()
-        if zps is not None:
-            zps[gi] = z
-            z_cols[gi * g:gi * g + x.shape[1]] = z.float()
-    if u is None:
-        u = inverse_cholesky(h.double()[order][:, order])
-    maskt = None if mask is None else mask.t()[order].contiguous()
-    s_ord, z_ord = s_cols[order], None if z_cols is None else z_cols[order]
-    qmax = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
+    k = len(jobs)
+    rows, cols = jobs[0][0].shape
+    # each column's scale and zero point, from its group's original weights (static groups); symmetric jobs
+    # take zero point 0 and the range [-qmax, qmax], so one formula serves both kinds
+    s_cols = torch.empty(k, cols, rows)
+    z_cols = torch.zeros(k, cols, rows)
+    lo, hi = torch.empty(k, 1), torch.empty(k, 1)
+    groups = []
+    for i, (w, mask, bits, group_size, symmetric) in enumerate(jobs):
+        g = group_size or cols
+        n_groups = -(-cols // g)
+        wm = w.float() if mask is None else w.float() * mask
+        scales = torch.zeros(n_groups, rows, dtype=torch.float16)
+        zps = torch.zeros(n_groups, rows, dtype=torch.int32) if not symmetric else None
+        # every group's clipped grid in one call where the groups tile the columns (3-48 calls on MiniLM
+        # before; the same values, tests/test_compensated.py); a ragged last group is clipped on its own
+        whole = mse_clip(wm, bits, g, symmetric) if MSE_GRID and cols % g == 0 else None
+        for gi in range(n_groups):
+            x = wm[:, gi * g:min((gi + 1) * g, cols)]
+            if whole is not None:
+                x = whole[:, gi * g:(gi + 1) * g]
+            elif MSE_GRID:
+                x = mse_clip(x, bits, 0, symmetric)
+            sc, z = group_params(x, bits, symmetric)
+            scales[gi] = sc
+            s_cols[i, gi * g:gi * g + x.shape[1]] = sc.float()
+            if zps is not None:
+                zps[gi] = z
+                z_cols[i, gi * g:gi * g + x.shape[1]] = z.float()
+        qmax = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
+        lo[i], hi[i] = (-qmax, qmax) if symmetric else (0, qmax)
+        groups.append((scales, zps, g))
+    s_ord, z_ord = s_cols[:, order].contiguous(), z_cols[:, order].contiguous()
+    maskt = None
+    if any(mask is not None for _, mask, *_ in jobs):  # x * 1 is x exactly: unmasked jobs take ones
+        maskt = torch.stack([torch.ones(cols, rows) if mask is None else mask.t()[order].float()
+                             for _, mask, *_ in jobs])
 
     def target(j: int, col: Any) -> Any:
-        c = col.float() if maskt is None else col.float() * maskt[j]
-        s = s_ord[j]
-        if symmetric:
-            q = torch.round(c / s).clamp_(-qmax, qmax).mul_(s)
-        else:
-            z = z_ord[j]
-            q = torch.round(c / s).add_(z).clamp_(0, qmax).sub_(z).mul_(s)
-        return q
+        c = col.float() if maskt is None else col.float() * maskt[:, j]
+        z = z_ord[:, j]
+        return torch.round(c / s_ord[:, j]).add_(z).clamp_(lo, hi).sub_(z).mul_(s_ord[:, j])
 
+    wt = torch.stack([w[:, order].double().t() for w, *_ in jobs])  # [k, cols, rows]
     # the sweep leaves each column at its float32 value (later updates only touch later columns): exact
-    swept = _sweep(w[:, order], u, target, lambda *a: None)
+    _sweep_stack(wt, u, target)
     back = torch.empty_like(order)
     back[order] = torch.arange(cols)
-    deq = swept.float()[:, back].contiguous()
-    scale = scales.t().contiguous()
-    zp = None if zps is None else zps.t().contiguous()
-    z_full = None if zp is None else zp.repeat_interleave(g, dim=1)[:, :cols]
-    _, codes = quantize_column(deq, scale.repeat_interleave(g, dim=1)[:, :cols], z_full, bits, symmetric)
-    return deq, codes.contiguous(), scale, zp
+    out = []
+    for i, (_, _, bits, _, symmetric) in enumerate(jobs):
+        scales, zps, g = groups[i]
+        deq = wt[i].t().float()[:, back].contiguous()
+        scale = scales.t().contiguous()
+        zp = None if zps is None else zps.t().contiguous()
+        z_full = None if zp is None else zp.repeat_interleave(g, dim=1)[:, :cols]
+        _, codes = quantize_column(deq, scale.repeat_interleave(g, dim=1)[:, :cols], z_full, bits, symmetric)
+        out.append((deq, codes.contiguous(), scale, zp))
+    return out
+
+
+def _sweep_stack(wt: Any, u: Any, target: Callable[[int, Any], Any], block: int = BLOCK, sub: int = SUB,
+                 block_start: Callable[[int, int], None] | None = None) -> None:
+    """The OBS column sweep of ``k`` matrices that share ``u``, in place: ``wt`` ``[k, cols, rows]`` float64
+    (columns as rows, contiguous); ``target(j, columns)`` maps the ``[k, rows]`` column ``j`` of every job
+    to its new value; ``block_start(b0, b1)`` runs when a block begins (its columns then hold every earlier
+    block's update). Within a block of ``block`` columns the rank-one updates reach only the ``sub`` columns
+    of the current inner block (they stay in cache); each inner block then updates the rest of its block,
+    and each block the columns after it, by one matrix product per job. Inner blocks start at multiples of
+    ``sub`` (a multiple of 4): a 2:4 group lies in one, so its four columns are up to date when the first is
+    reached."""
+    import torch
+
+    k, cols, rows = wt.shape
+    inv_d = (1.0 / torch.diagonal(u)).tolist()
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        if block_start is not None:
+            block_start(b0, b1)
+        err = torch.empty(k, b1 - b0, rows, dtype=torch.float64)
+        for s0 in range(b0, b1, sub):
+            s1 = min(s0 + sub, b1)
+            for j in range(s0, s1):
+                col = wt[:, j]
+                new = target(j, col)
+                e = err[:, j - b0]
+                torch.sub(col, new, out=e)
+                e.mul_(inv_d[j])
+                col.copy_(new)
+                if j + 1 < s1:  # W[:, j+1:s1] -= e u[j, j+1:s1], as a product then a difference (no fused
+                    # multiply-add, whose use can depend on where an element sits in memory)
+                    wt[:, j + 1:s1].sub_(u[j, j + 1:s1, None] * e[:, None, :])
+            if s1 < b1:
+                ut = u[s0:s1, s1:b1].t()
+                for i in range(k):
+                    wt[i, s1:b1].addmm_(ut, err[i, s0 - b0:s1 - b0], alpha=-1.0)
+        if b1 < cols:
+            ut = u[b0:b1, b1:].t()
+            for i in range(k):
+                wt[i, b1:].addmm_(ut, err[i], alpha=-1.0)
 
 
 def sparsegpt(w: Any, h: Any, kind: str, sparsity: float, u: Any = None) -> tuple[Any, Any]:
-    """SparseGPT pruning: -> (updated float32 weights, bool keep-mask); the pruned entries are zero."""
+    """SparseGPT pruning: -> (updated float32 weights, bool keep-mask); the pruned entries are zero. One job of
+    :func:`sparsegpt_many`, so an option alone and beside others are the same bits."""
+    return sparsegpt_many(w, h, [(kind, sparsity)], u)[0]
+
+
+def sparsegpt_many(w: Any, h: Any, jobs: Sequence[tuple[str, float]], u: Any = None) -> list[tuple[Any, Any]]:
+    """SparseGPT of one matrix for several ``(kind, sparsity)`` options in one column sweep (see
+    :func:`gptq_many`: each job's result does not depend on the others). -> ``(weights, keep-mask)`` per job."""
     import torch
 
     from autocomp.compressors.prune import n_pruned
 
     rows, cols = w.shape
     u = inverse_cholesky(h) if u is None else u
-    keep = torch.ones(cols, rows, dtype=torch.bool)  # transposed, as the sweep works
     diag = torch.diagonal(u)
+    out: list[tuple[Any, Any]] = []
+    per = max(1, STACK_BYTES // max(1, rows * cols * 8))
+    for c0 in range(0, len(jobs), per):
+        chunk = jobs[c0:c0 + per]
+        k = len(chunk)
+        keep = torch.ones(k, cols, rows, dtype=torch.bool)  # transposed, as the sweep works
+        pairs = [i for i, (kind, _) in enumerate(chunk) if kind == "2:4"]
 
-    def block_start(b0: int, b1: int, wt: Any, uu: Any) -> None:
-        if kind != "unstructured":
-            return
-        # this block's share of the exact total, so the blocks add up to n_pruned(numel, sparsity)
-        n = n_pruned(rows * b1, sparsity) - n_pruned(rows * b0, sparsity)
-        if n <= 0:
-            return
-        score = (wt[b0:b1] / diag[b0:b1, None]).pow(2).t().reshape(-1)  # row-major over [rows, block]
-        drop = torch.sort(score, stable=True).indices[:n]
-        m = torch.ones(score.numel(), dtype=torch.bool)
-        m[drop] = False
-        keep[b0:b1] = m.reshape(rows, b1 - b0).t()
+        def block_start(b0: int, b1: int, wt: Any) -> None:
+            for i, (kind, sparsity) in enumerate(chunk):
+                if kind != "unstructured":
+                    continue
+                # this block's share of the exact total, so the blocks add up to n_pruned(numel, sparsity)
+                n = n_pruned(rows * b1, sparsity) - n_pruned(rows * b0, sparsity)
+                if n <= 0:
+                    continue
+                score = (wt[i, b0:b1] / diag[b0:b1, None]).pow(2).t().reshape(-1)  # row-major over [rows, block]
+                drop = torch.sort(score, stable=True).indices[:n]
+                m = torch.ones(score.numel(), dtype=torch.bool)
+                m[drop] = False
+                keep[i, b0:b1] = m.reshape(rows, b1 - b0).t()
 
-    state: dict[str, Any] = {}
+        def target(j: int, col: Any, wt: Any) -> Any:
+            if pairs and j % 4 == 0:  # 2:4: two of every four columns, chosen when the first is reached
+                for i in pairs:
+                    score = (wt[i, j:j + 4] / diag[j:j + 4, None]).pow(2).t()  # [rows, 4]
+                    top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :2]
+                    keep[i, j:j + 4] = torch.zeros(rows, 4, dtype=torch.bool).scatter_(1, top, True).t()
+            return col * keep[:, j]
 
-    def block_start_all(b0: int, b1: int, wt: Any, uu: Any) -> None:
-        state["wt"] = wt
-        block_start(b0, b1, wt, uu)
-
-    def target(j: int, col: Any) -> Any:
-        if kind == "2:4" and j % 4 == 0:
-            score = (state["wt"][j:j + 4] / diag[j:j + 4, None]).pow(2).t()  # [rows, 4]
-            top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :2]
-            keep[j:j + 4] = torch.zeros(rows, 4, dtype=torch.bool).scatter_(1, top, True).t()
-        return col * keep[j]
-
-    out = _sweep(w, u, target, block_start_all).float()
-    mask = keep.t().contiguous()
-    return out * mask, mask
+        wt = w.double().t().contiguous().unsqueeze(0).repeat(k, 1, 1)  # [k, cols, rows]
+        _sweep_stack(wt, u, lambda j, col: target(j, col, wt), block_start=lambda b0, b1: block_start(b0, b1, wt))
+        for i in range(k):
+            mask = keep[i].t().contiguous()
+            out.append((wt[i].t().float() * mask, mask))
+    return out
 
 
 def whitened_svd(w: Any, h: Any) -> tuple[Any, Any, Any, Any]:

@@ -238,6 +238,9 @@ class Prune(Technique):
             for i, part in enumerate(parts):
                 out[i] = part.evolve(mask=getattr(ctx.holder, f"mask{ctx.index + i}").clone(), nm=c.kind == "2:4")
             return out
+        if len(parts) == 1 and parts[0].mask is None and not ctx.upstream and ctx.peers:
+            values, mask = self._sparsegpt_with_peers(parts[0].values, c, ctx)
+            return [parts[0].evolve(values=values, mask=mask, nm=c.kind == "2:4")]
         h = ctx.hessian()
         for i in reversed(range(len(parts))):
             u = ctx.inverse_cholesky() if i == len(parts) - 1 else None  # the layer's own inputs: shared
@@ -246,6 +249,33 @@ class Prune(Technique):
             if i:
                 h = values.double() @ h @ values.double().T
         return out
+
+    @staticmethod
+    def _sparsegpt_with_peers(w: Any, c: PruneConfig, ctx: LayerContext) -> tuple[Any, Any]:
+        """SparseGPT of a layer's plain matrix together with its other plain SparseGPT choices (``ctx.peers``)
+        not yet computed, in one sweep (:func:`~.compensate.sparsegpt_many`); the others wait in ``ctx.cache``
+        (as GPTQ's, see ``Quantize._gptq_with_peers``)."""
+        from autocomp.compressors.compensate import sparsegpt_many
+
+        def key(cfg: PruneConfig) -> tuple[Any, ...]:
+            return ("sparsegpt-peer", ctx.name, ctx.structured_key, cfg)
+
+        take = getattr(ctx.cache, "take", None)
+        hit = take(key(c)) if take is not None else ctx.cache.pop(key(c), None)
+        if hit is not None:
+            return hit
+        others: list[PruneConfig] = []
+        for peer in ctx.peers:
+            steps = peer.steps()
+            if len(steps) != 1 or not isinstance(steps[0][1], PruneConfig):
+                continue
+            q = steps[0][1]
+            if q.method == "sparsegpt" and q != c and q not in others and key(q) not in ctx.cache:
+                others.append(q)
+        results = sparsegpt_many(w, ctx.hessian(), [(q.kind, q.sparsity) for q in (c, *others)], ctx.inverse_cholesky())
+        for q, r in zip(others, results[1:]):
+            ctx.cache[key(q)] = r
+        return results[0]
 
     # -- training -----------------------------------------------------------------------------------------
     def train_setup(self, c: PruneConfig, holder: Any, latents: list[Any], options: Mapping[str, Any]) -> None:

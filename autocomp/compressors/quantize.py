@@ -332,6 +332,8 @@ class Quantize(Technique):
         ``A x``, so its statistics are ``A' H A'^T`` with the already quantized ``A'``."""
         from autocomp.compressors.compensate import act_order, gptq
 
+        if c.order == "act" and len(parts) == 1 and parts[0].mask is None and not ctx.upstream and ctx.peers:
+            return [parts[0].evolve(**self._gptq_with_peers(parts[0].values, c, ctx))]
         out: list[Part] = list(parts)
         h = ctx.hessian()
         for i in reversed(range(len(parts))):
@@ -346,6 +348,38 @@ class Quantize(Technique):
             if i:
                 h = deq.double() @ h @ deq.double().T
         return out
+
+    @staticmethod
+    def _gptq_with_peers(w: Any, c: QuantConfig, ctx: LayerContext) -> dict[str, Any]:
+        """Act-order GPTQ of a layer's plain matrix, together with the layer's other plain act-order GPTQ choices
+        (``ctx.peers``) not yet computed: one sweep for all of them (:func:`~.compensate.gptq_many`, the same
+        bits as each alone), the others left in ``ctx.cache`` until asked for. A search's sensitivity profile
+        asks for every option of every layer: on MiniLM this halved the GPTQ time of a cold start
+        (docs/BENCHMARKS.md)."""
+        from autocomp.compressors.compensate import gptq_many
+
+        def key(cfg: QuantConfig) -> tuple[Any, ...]:
+            return ("gptq-peer", ctx.name, ctx.structured_key, cfg)
+
+        take = getattr(ctx.cache, "take", None)
+        hit = take(key(c)) if take is not None else ctx.cache.pop(key(c), None)
+        if hit is None:
+            others: list[QuantConfig] = []
+            for peer in ctx.peers:
+                steps = peer.steps()
+                if len(steps) != 1 or not isinstance(steps[0][1], QuantConfig):
+                    continue
+                q = steps[0][1]
+                if q.method == "gptq" and q.order == "act" and q != c and q not in others and key(q) not in ctx.cache:
+                    others.append(q)
+            order, u = ctx.act_order()
+            jobs = [(w, None, q.bits, q.group_size, q.symmetric) for q in (c, *others)]
+            results = gptq_many(jobs, ctx.hessian(), u, order)
+            for q, r in zip(others, results[1:]):
+                ctx.cache[key(q)] = r
+            hit = results[0]
+        deq, codes, scale, zp = hit
+        return {"values": deq, "codes": codes, "scale": scale, "zero_point": zp}
 
     def input_hook(self, c: QuantConfig) -> Any:
         if c.act_bits != 8:

@@ -214,6 +214,9 @@ def _prepare(cfg: SearchConfig, req: _Request, emit: Any) -> _Prepared:
     evaluator = ProxyEvaluator(loaded, desc)
     if line := evaluator.unpadded.describe(loaded.batches):  # the blocks that run on real tokens only
         emit("status", {"message": line})
+    from autocomp.space import peer_choices
+
+    evaluator.applier.peers = peer_choices(space)  # the profile asks for each: techniques may batch them
     if req.store_bytes:  # compressed weights shared with other workers and later searches of this model
         from autocomp.compressors.store import WeightStore
 

@@ -364,8 +364,12 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
     scale = k / (probes * max(den, 1e-30))
     neutral = neutral_assignment(space)
     table: dict[str, dict[str, float]] = {}
+    measured_keys = set(_biggest(space, measure_share, measure_max))
     with torch.no_grad():
         for p, opts in space.params.items():
+            if p.rpartition(":")[0] in measured_keys:  # measured below instead: no estimate (a word table's
+                table[p] = {o: 0.0 for o in opts}  # Kronecker term is a 30k-row product per option)
+                continue
             row = {}
             for o in opts:
                 if o == neutral[p]:
@@ -432,13 +436,18 @@ def _kfac_term(g: Any, h: Any, kind: str, wq: Any, w: Any) -> float:
     return float((g * ((d @ h.float()) * d).sum(1)).sum())
 
 
+def _biggest(space: SearchSpace, share_min: float, most: int) -> list[str]:
+    """The tie keys of at most ``most`` choices holding ``share_min`` of the model's bytes each, biggest first."""
+    by_name = space.desc.by_name
+    share = {key: sum(by_name[n].nbytes for n in names) / space.desc.fp32_bytes for key, names in space.members.items()}
+    return sorted((k for k in share if share[k] >= share_min), key=lambda k: -share[k])[:most]
+
+
 def _measure_biggest(space: SearchSpace, evaluator: Any, table: dict[str, dict[str, float]], neutral: dict[str, str],
                      share_min: float, most: int) -> tuple[list[str], int]:
     """Measure (one proxy evaluation per option) the choices of the biggest tie keys, at most ``most`` of
     those holding ``share_min`` of the model's bytes, into ``table``; -> (their keys, evaluations)."""
-    by_name = space.desc.by_name
-    share = {key: sum(by_name[n].nbytes for n in names) / space.desc.fp32_bytes for key, names in space.members.items()}
-    keys = sorted((k for k in share if share[k] >= share_min), key=lambda k: -share[k])[:most]
+    keys = _biggest(space, share_min, most)
     big = [p for p in space.params if p.rpartition(":")[0] in keys]
     measured = 0
     if big:
