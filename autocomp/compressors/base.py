@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from autocomp.errors import AutocompError
 
@@ -116,6 +116,33 @@ class LayerContext:
     # other choices (LayerPlans) of this layer the caller expects to ask for, one at a time (a search's space
     # options): a technique may compute them together and leave them in ``cache`` (GPTQ does, see quantize.py)
     peers: tuple[Any, ...] = ()
+
+    def with_peers(self, tag: str, config: Any, like: Callable[[Any], bool],
+                   compute: Callable[[list[Any]], list[Any]]) -> Any:
+        """``config``'s result on this layer's plain matrix, computed together with the single-step peers of the
+        same config type that ``like`` accepts and that are not cached yet: ``compute(configs)`` returns one
+        result per config (the first is ``config``'s); the others wait in ``cache`` until asked for, and each
+        is taken out once used."""
+
+        def key(cfg: Any) -> tuple[Any, ...]:
+            return (tag, self.name, self.structured_key, cfg)
+
+        take = getattr(self.cache, "take", None)
+        hit = take(key(config)) if take is not None else self.cache.pop(key(config), None)
+        if hit is not None:
+            return hit
+        others: list[Any] = []
+        for peer in self.peers:
+            steps = peer.steps()
+            if len(steps) != 1 or type(steps[0][1]) is not type(config):
+                continue
+            q = steps[0][1]
+            if like(q) and q != config and q not in others and key(q) not in self.cache:
+                others.append(q)
+        results = compute([config, *others])
+        for q, r in zip(others, results[1:]):
+            self.cache[key(q)] = r
+        return results[0]
 
     def hessian(self) -> Any:
         """The input second moment of this layer (float64, cut to the kept columns); a clear error if the

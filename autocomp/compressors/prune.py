@@ -257,25 +257,10 @@ class Prune(Technique):
         (as GPTQ's, see ``Quantize._gptq_with_peers``)."""
         from autocomp.compressors.compensate import sparsegpt_many
 
-        def key(cfg: PruneConfig) -> tuple[Any, ...]:
-            return ("sparsegpt-peer", ctx.name, ctx.structured_key, cfg)
+        def compute(configs: list[PruneConfig]) -> list[Any]:
+            return sparsegpt_many(w, ctx.hessian(), [(q.kind, q.sparsity) for q in configs], ctx.inverse_cholesky())
 
-        take = getattr(ctx.cache, "take", None)
-        hit = take(key(c)) if take is not None else ctx.cache.pop(key(c), None)
-        if hit is not None:
-            return hit
-        others: list[PruneConfig] = []
-        for peer in ctx.peers:
-            steps = peer.steps()
-            if len(steps) != 1 or not isinstance(steps[0][1], PruneConfig):
-                continue
-            q = steps[0][1]
-            if q.method == "sparsegpt" and q != c and q not in others and key(q) not in ctx.cache:
-                others.append(q)
-        results = sparsegpt_many(w, ctx.hessian(), [(q.kind, q.sparsity) for q in (c, *others)], ctx.inverse_cholesky())
-        for q, r in zip(others, results[1:]):
-            ctx.cache[key(q)] = r
-        return results[0]
+        return ctx.with_peers("sparsegpt-peer", c, lambda q: q.method == "sparsegpt", compute)
 
     # -- training -----------------------------------------------------------------------------------------
     def train_setup(self, c: PruneConfig, holder: Any, latents: list[Any], options: Mapping[str, Any]) -> None:

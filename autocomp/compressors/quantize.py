@@ -358,26 +358,11 @@ class Quantize(Technique):
         (docs/BENCHMARKS.md)."""
         from autocomp.compressors.compensate import gptq_many
 
-        def key(cfg: QuantConfig) -> tuple[Any, ...]:
-            return ("gptq-peer", ctx.name, ctx.structured_key, cfg)
-
-        take = getattr(ctx.cache, "take", None)
-        hit = take(key(c)) if take is not None else ctx.cache.pop(key(c), None)
-        if hit is None:
-            others: list[QuantConfig] = []
-            for peer in ctx.peers:
-                steps = peer.steps()
-                if len(steps) != 1 or not isinstance(steps[0][1], QuantConfig):
-                    continue
-                q = steps[0][1]
-                if q.method == "gptq" and q.order == "act" and q != c and q not in others and key(q) not in ctx.cache:
-                    others.append(q)
+        def compute(configs: list[QuantConfig]) -> list[Any]:
             order, u = ctx.act_order()
-            jobs = [(w, None, q.bits, q.group_size, q.symmetric) for q in (c, *others)]
-            results = gptq_many(jobs, ctx.hessian(), u, order)
-            for q, r in zip(others, results[1:]):
-                ctx.cache[key(q)] = r
-            hit = results[0]
+            return gptq_many([(w, None, q.bits, q.group_size, q.symmetric) for q in configs], ctx.hessian(), u, order)
+
+        hit = ctx.with_peers("gptq-peer", c, lambda q: q.method == "gptq" and q.order == "act", compute)
         deq, codes, scale, zp = hit
         return {"values": deq, "codes": codes, "scale": scale, "zero_point": zp}
 
