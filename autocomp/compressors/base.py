@@ -114,7 +114,7 @@ class LayerContext:
     index: int = 0  # the position of ``parts[0]`` among the layer's stored matrices (with ``holder``)
     width: int | None = None  # the layer's input columns (an identity statistic for a tied table)
     # other choices (LayerPlans) of this layer the caller expects to ask for, one at a time (a search's space
-    # options): a technique may compute them together and leave them in ``cache`` (GPTQ does, see quantize.py)
+    # options): a technique may compute them together and leave them in ``cache`` (:meth:`with_peers`)
     peers: tuple[Any, ...] = ()
 
     def with_peers(self, tag: str, config: Any, like: Callable[[Any], bool],

@@ -364,7 +364,7 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
     scale = k / (probes * max(den, 1e-30))
     neutral = neutral_assignment(space)
     table: dict[str, dict[str, float]] = {}
-    measured_keys = set(_biggest(space, measure_share, measure_max))
+    measured_keys = _biggest(space, measure_share, measure_max)
     with torch.no_grad():
         for p, opts in space.params.items():
             if p.rpartition(":")[0] in measured_keys:  # measured below instead: no estimate (a word table's
@@ -399,12 +399,12 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
             table[p] = row
     del fw, fb, rowf
     release()
-    keys, measured = _measure_biggest(space, evaluator, table, neutral, measure_share, measure_max)
+    measured = _measure_biggest(space, evaluator, table, neutral, measured_keys)
     backward = probes * len(evaluator.batches)
     sens = Sensitivity(table, 0.0, time.perf_counter() - t0, backward + measured)
     atomic_write_text(path, json.dumps(sens.to_dict()))
     sens.path = str(path)
-    log(f"fisher sensitivity: {backward} backward passes + {measured} proxy evaluations (the {len(keys)} "
+    log(f"fisher sensitivity: {backward} backward passes + {measured} proxy evaluations (the {len(measured_keys)} "
         f"biggest choices, >= {measure_share:.0%} of the bytes each), {sens.seconds:.1f} s -> {path}")
     return sens
 
@@ -444,10 +444,9 @@ def _biggest(space: SearchSpace, share_min: float, most: int) -> list[str]:
 
 
 def _measure_biggest(space: SearchSpace, evaluator: Any, table: dict[str, dict[str, float]], neutral: dict[str, str],
-                     share_min: float, most: int) -> tuple[list[str], int]:
-    """Measure (one proxy evaluation per option) the choices of the biggest tie keys, at most ``most`` of
-    those holding ``share_min`` of the model's bytes, into ``table``; -> (their keys, evaluations)."""
-    keys = _biggest(space, share_min, most)
+                     keys: list[str]) -> int:
+    """Measure (one proxy evaluation per option) the choices of the tie keys ``keys`` (:func:`_biggest`) into
+    ``table``; -> the evaluations."""
     big = [p for p in space.params if p.rpartition(":")[0] in keys]
     measured = 0
     if big:
@@ -458,7 +457,7 @@ def _measure_biggest(space: SearchSpace, evaluator: Any, table: dict[str, dict[s
                     value = evaluator(space.decode({**neutral, p: o}))
                     table[p][o] = max(0.0, value - base) if value == value else float("inf")
                     measured += 1
-    return keys, measured
+    return measured
 
 
 def unit_importance(space: SearchSpace, evaluator: Any, cache_dir: Path, key_parts: dict[str, Any], probes: int = 8,
