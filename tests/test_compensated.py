@@ -265,6 +265,26 @@ def test_table_statistics_survive_in_place_adds_and_detached_tables(detach):
         assert 6 < float(st.hessian("pos").trace() / (a.T @ a).trace()) < 12
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_input_and_table_statistics_come_from_one_forward_pass_per_batch(detach):
+    """The Linear layers' H rides on the tables' forward-and-backward pass: one forward per batch, and every
+    batch counts for H even when no gradient reaches the tables (a detached model)."""
+    torch.manual_seed(3)
+    m = InPlace(detach).eval()
+    batches = [torch.randint(0, 30, (8, 6)) for _ in range(3)]
+    desc = introspect(LoadedModel(module=m, name="inplace", spec="x", batches=batches, metric="mse"), measure=False)
+    calls = []
+    h = m.register_forward_pre_hook(lambda mod, a: calls.append(1))
+    st = gather(m, desc, batches, metric="mse")
+    h.remove()
+    assert len(calls) == len(batches)
+    with torch.no_grad():
+        x = torch.cat([(m.emb(b) + m.pos(torch.arange(b.shape[1]))).reshape(-1, 8) for b in batches]).double()
+    assert st.rows["head"] == 144
+    assert torch.allclose(st.hessian("head"), x.T @ x / 144, rtol=1e-5, atol=1e-7)
+    assert st.has("emb") != detach
+
+
 def test_a_tied_table_has_no_statistic_and_its_gptq_is_the_clipped_grid():
     from autocomp.compressors.apply import PlanApplier
     from autocomp.compressors.quantize import mse_clip

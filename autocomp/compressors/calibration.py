@@ -194,9 +194,11 @@ def output_probe(metric: str, y: Any, gen: Any, rows: Any = None) -> Any:
 
 
 def _table_statistics(model: Any, tables: list[str], mods: Mapping[str, Any], batches: list[Any], metric: str,
-                      seed: int = 0) -> tuple[dict[str, Any], dict[str, int]]:
+                      seed: int = 0, each: Any = None) -> tuple[dict[str, Any], dict[str, int]]:
     """``G = E[g g^T]`` of each table's output rows, ``g`` the gradient of a random output probe (see the
-    module docstring): one forward and backward pass per batch, gradients only for the tables' outputs."""
+    module docstring): one forward and backward pass per batch, gradients only for the tables' outputs.
+    ``each(i, batch)``, if given, is called before batch ``i``'s forward pass, and then every batch runs
+    forward even once no gradient reaches the tables (the input statistics' hooks ride on this pass)."""
     import torch
 
     from autocomp.models.base import extract_output, output_metric, run_batch
@@ -215,20 +217,28 @@ def _table_statistics(model: Any, tables: list[str], mods: Mapping[str, Any], ba
     hooks = [mods[n][0].register_forward_hook(hook_for(n)) for n in tables]
     saved = [(p, p.requires_grad) for p in model.parameters()]
     gen = torch.Generator().manual_seed(seed)
+    reached = True
     try:
         for p, _ in saved:
             p.requires_grad_(False)
-        for batch in batches:
+        for i, batch in enumerate(batches):
             mask = batch.get("attention_mask") if isinstance(batch, dict) else None
             outs.clear()
-            with torch.enable_grad():
+            if each is not None:
+                each(i, batch)
+            with torch.enable_grad() if reached else torch.inference_mode():
                 out = run_batch(model, batch)
+                if not reached:
+                    continue
                 y, auto = extract_output(out)
                 if metric == "auto":
                     metric = output_metric(auto, y, model, batch)
                 y = y.float().reshape(-1, y.shape[-1])
                 if not y.requires_grad:  # the output does not depend on the tables differentiably
-                    break
+                    reached = False
+                    if each is None:
+                        break
+                    continue
                 (output_probe(metric, y, gen) * y).sum().backward()
             for name, leaf in outs.items():
                 g = leaf.grad
@@ -248,9 +258,9 @@ def _table_statistics(model: Any, tables: list[str], mods: Mapping[str, Any], ba
 
 
 def gather(model: Any, desc: Any, batches: list[Any], key: str = "", metric: str = "auto") -> CalibrationStats:
-    """One pass over ``batches`` with hooks: H for every compressible layer that has one; then, if the model
-    has embedding tables, one forward and backward pass for their output-side statistics (``metric``: the
-    proxy's, or ``auto`` to decide from the output as the proxy does)."""
+    """One pass over ``batches`` with hooks: H for every compressible layer that has one and, if the model
+    has embedding tables, their output-side statistics from a backward pass per batch on the same forward
+    pass (``metric``: the proxy's, or ``auto`` to decide from the output as the proxy does)."""
     import torch
 
     from autocomp.models.base import run_batch
@@ -285,34 +295,42 @@ def gather(model: Any, desc: Any, batches: list[Any], key: str = "", metric: str
             counts[name] = counts.get(name, 0) + r.shape[0]
         return hook
 
-    for layer in desc.layers:
-        mod, kind = mods[layer.name]
-        if kind != "Embedding":
-            hooks.append(mod.register_forward_pre_hook(hook_for(layer.name, kind)))
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-                state["mask"], state["seen"] = mask, {}
-                run_batch(model, batch)
-                state["first"] = False
-    finally:
-        for h in hooks:
-            h.remove()
-    hess = {n: (s / max(counts[n], 1)).float() for n, s in sums.items()}
-    for n, owner in alias.items():
-        if owner in hess:
-            hess[n] = hess[owner]
-            counts[n] = counts[owner]
+    def each(i: int, batch: Any) -> None:
+        state["first"] = i == 0
+        state["mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
+        state["seen"] = {}
+
     users: dict[int, int] = {}
     for mod, _ in mods.values():
         users[id(mod.weight)] = users.get(id(mod.weight), 0) + 1
     tables = [layer.name for layer in desc.layers if mods[layer.name][1] == "Embedding"]
     tied = [n for n in tables if users[id(mods[n][0].weight)] > 1]
-    if len(tied) < len(tables):
-        g, rows = _table_statistics(model, [n for n in tables if n not in tied], mods, batches, metric)
-        hess.update(g)
-        counts.update(rows)
+    g: dict[str, Any] = {}
+    rows: dict[str, int] = {}
+    for layer in desc.layers:
+        mod, kind = mods[layer.name]
+        if kind != "Embedding":
+            hooks.append(mod.register_forward_pre_hook(hook_for(layer.name, kind)))
+    try:
+        if len(tied) < len(tables):  # one pass for both: the tables' backward rides on the inputs' forward
+            g, rows = _table_statistics(model, [n for n in tables if n not in tied], mods, batches, metric,
+                                        each=each)
+        else:
+            with torch.inference_mode():
+                for i, batch in enumerate(batches):
+                    each(i, batch)
+                    run_batch(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        state["seen"] = {}
+    hess = {n: (s / max(counts[n], 1)).float() for n, s in sums.items()}
+    for n, owner in alias.items():
+        if owner in hess:
+            hess[n] = hess[owner]
+            counts[n] = counts[owner]
+    hess.update(g)
+    counts.update(rows)
     # a tied table, or one no gradient reached (a model that detaches it): the clipped grid, H = I
     plain = [n for n in tables if n not in hess]
     return CalibrationStats(hess, key, counts, time.perf_counter() - t0, plain=plain)
