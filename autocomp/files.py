@@ -89,3 +89,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
             os.fsync(f.fileno())
 
     atomic_write(path, write)
+
+
+def cache_dir() -> Path:
+    """Where derived files that do not belong to a study are cached (the built-in models' trained weights and
+    text): ``$AUTOCOMP_CACHE``, default ``~/.cache/autocomp``."""
+    return Path(os.environ.get("AUTOCOMP_CACHE") or Path.home() / ".cache" / "autocomp")

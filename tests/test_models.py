@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -78,6 +80,30 @@ def test_stdlib_sentences_are_real_deterministic_and_disjoint():
     cal, train = calibration_sentences(32), calibration_sentences(split="train")
     assert len(cal) == 32 and not set(cal) & set(train)
     assert all(x[0].isupper() and x[-1] in ".!?" and len(x.split()) >= 7 for x in cal)
+
+
+def test_the_sentence_list_is_cached_on_disk_and_a_bad_cache_only_costs_the_parse(tmp_path, monkeypatch):
+    from autocomp.models import textdata
+
+    monkeypatch.setenv("AUTOCOMP_CACHE", str(tmp_path / "cache"))
+    textdata.sentences.cache_clear()
+    try:
+        want = textdata._parse(textdata._sources())
+        assert textdata.sentences() == want
+        (path,) = (tmp_path / "cache").glob("sentences-*.json")
+        assert tuple(json.loads(path.read_text())) == want
+        path.write_text(json.dumps(["A sentence that only the cache holds, seven words long."]))
+        textdata.sentences.cache_clear()
+        assert textdata.sentences() == ("A sentence that only the cache holds, seven words long.",)  # read, not parsed
+        path.write_text("{damaged")
+        textdata.sentences.cache_clear()
+        assert textdata.sentences() == want and tuple(json.loads(path.read_text())) == want  # parsed and rewritten
+        (tmp_path / "file").write_text("")
+        monkeypatch.setenv("AUTOCOMP_CACHE", str(tmp_path / "file"))  # not a folder: nothing is written
+        textdata.sentences.cache_clear()
+        assert textdata.sentences() == want
+    finally:
+        textdata.sentences.cache_clear()
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from autocomp.files import cache_dir
 from autocomp.models.base import LoadedModel
 
 __all__ = ["load_clip_digits", "load_clip_digits_fusion", "ZeroShotTask", "digit_splits", "CLASS_WORDS",
@@ -40,10 +41,6 @@ N_TEST, N_CALIB = 497, 128
 DIM, DEPTH, HEADS, MLP, EMBED = 128, 3, 4, 512, 128
 MAX_TEXT = 16
 BATCH = 64  # vision-tower training batch
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("AUTOCOMP_CACHE") or Path.home() / ".cache" / "autocomp")
 
 
 def digit_splits() -> dict[str, tuple[Any, Any]]:

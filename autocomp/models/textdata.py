@@ -3,17 +3,28 @@ docstrings (nothing downloaded, nothing copied into the repository).
 
 The sentence list is deterministic for a given Python installation; calibration and training slices are
 disjoint (``split="calibration"`` takes the first part of a fixed shuffle, ``split="train"`` the rest).
+
+Parsing the ~3 MB of source takes 2-3 s, which every command on the built-in text model would pay, so the
+list is cached as JSON under ``$AUTOCOMP_CACHE`` (default ``~/.cache/autocomp``, as the digits model's
+weights), keyed by the Python version and the bytes of every parsed file and of this module: any change to
+them is a miss and the list is parsed again. An unwritable folder or a damaged file only costs the parse.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import hashlib
+import json
 import random
 import re
+import sys
 import sysconfig
 from pathlib import Path
 from typing import Any
+
+from autocomp.errors import AutocompError
+from autocomp.files import atomic_write_text, cache_dir
 
 __all__ = ["sentences", "calibration_sentences", "tokenize_batches"]
 
@@ -33,17 +44,44 @@ _SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _GOOD = re.compile(r"^[A-Z][A-Za-z ,;:'()\-]+[a-z][.!?]$")
 
 
-@functools.lru_cache(maxsize=1)
-def sentences() -> tuple[str, ...]:
-    """All usable sentences, deduplicated, in a fixed shuffled order."""
+def _sources() -> list[bytes]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    found: dict[str, None] = {}
+    out = []
     for mod in CALIBRATION_MODULES:
         path = root / f"{mod}.py"
-        if not path.is_file():
-            continue
+        if path.is_file():
+            out.append(path.read_bytes())
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def sentences() -> tuple[str, ...]:
+    """All usable sentences, deduplicated, in a fixed shuffled order (cached on disk, see the module doc)."""
+    sources = _sources()
+    h = hashlib.sha256(sys.version.encode())
+    for src in (Path(__file__).read_bytes(), *sources):
+        h.update(len(src).to_bytes(8, "little"))
+        h.update(src)
+    path = cache_dir() / f"sentences-{h.hexdigest()[:24]}.json"
+    try:
+        got = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(got, list) and got and all(isinstance(s, str) for s in got):
+            return tuple(got)
+    except (OSError, ValueError):
+        pass
+    out = _parse(sources)
+    try:
+        atomic_write_text(path, json.dumps(list(out)))
+    except (OSError, AutocompError):
+        pass  # a read-only home: parse again next time
+    return out
+
+
+def _parse(sources: list[bytes]) -> tuple[str, ...]:
+    found: dict[str, None] = {}
+    for raw in sources:
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+            tree = ast.parse(raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n"))
         except SyntaxError:
             continue
         for node in ast.walk(tree):
