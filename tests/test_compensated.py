@@ -304,18 +304,83 @@ def test_a_tied_table_has_no_statistic_and_its_gptq_is_the_clipped_grid():
     assert torch.equal(got, quantize_matrix(mse_clip(w, 3, 8, False), 3, 8, False)[0])
 
 
-def test_gptq_labels_choose_the_column_order():
+def test_gptq_labels_choose_the_column_order_and_the_clip_weighting():
     from autocomp.compressors.base import technique
 
     t = technique("quantize")
     desc = introspect(tiny_loaded())
     fc = desc.by_name["fc2"]
     act = t.bind(t.parse("4g16/gptq"), fc, [(fc.rows, fc.cols)])
+    plain = t.bind(t.parse("4g16/gptq-plain"), fc, [(fc.rows, fc.cols)])
     cols = t.bind(t.parse("4g16/gptq-columns"), fc, [(fc.rows, fc.cols)])
-    assert (act.order, cols.order) == ("act", "columns") and act.method == cols.method == "gptq"
-    assert (t.label(act), t.label(cols)) == ("4g16/gptq", "4g16/gptq-columns")
+    assert (act.order, plain.order, cols.order) == ("act", "act", "columns")
+    assert (act.clip_weight, plain.clip_weight, cols.clip_weight) == ("act", "none", "none")
+    assert act.method == plain.method == cols.method == "gptq"
+    assert [t.label(c) for c in (act, plain, cols)] == ["4g16/gptq", "4g16/gptq-plain", "4g16/gptq-columns"]
+    assert t.bind(t.parse("int8f"), fc, [(fc.rows, fc.cols)]) == QuantConfig(8, 0, True, 8, reduce_range=False)
     with pytest.raises(ValueError, match="order"):
         QuantConfig(4, 16, method="mse", order="act")
+    with pytest.raises(ValueError, match="clip_weight"):
+        QuantConfig(4, 16, method="gptq", order="columns", clip_weight="act")
+
+
+def test_a_weighted_clipped_grid_minimizes_the_weighted_error_per_group():
+    """mse_clip with column weights: each group's ratio is the grid's least weighted squared error, so with
+    weights h_jj of a diagonal H it has the least output error of every ratio, the unweighted choice too."""
+    from autocomp.compressors.quantize import CLIP_GRID, _clamp_groups, _group_range, _grouped, mse_clip
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 64, generator=g) * torch.rand(16, 64, generator=g).pow(3) * 4
+    hd = torch.rand(64, generator=g).pow(4) * 10  # very unequal input energies
+    lo, hi = _group_range(_grouped(w, 16), False)
+
+    def out_err(v):
+        deq = quantize_matrix(v, 3, 16, False)[0]
+        return _grouped((deq - w) ** 2 * hd, 16).sum(-1)
+
+    weighted, plain = out_err(mse_clip(w, 3, 16, False, col_weight=hd)), out_err(mse_clip(w, 3, 16, False))
+    every = torch.stack([out_err(_clamp_groups(w, 16, lo, hi, a)) for a in CLIP_GRID])
+    assert torch.allclose(weighted, every.min(0).values, rtol=1e-6)
+    assert (weighted <= plain * (1 + 1e-6)).all() and float(weighted.sum()) < 0.97 * float(plain.sum())
+
+
+def test_weighted_gptq_clips_with_the_inputs_rms_and_old_act_order_plans_keep_their_weights():
+    """``/gptq`` (quantize version 5) clips its static groups with column weights sqrt(H_jj); an act-order plan
+    written by versions 3-4 (no clip_weight) computes the unweighted grid it computed then."""
+    from autocomp.compressors import compensate
+    from autocomp.compressors.apply import PlanApplier
+    from autocomp.compressors.compensate import act_order, clip_weights
+
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    st = gather(loaded.module, desc, loaded.batches)
+    attach(loaded.module, st)
+    h = st.hessian("fc1")
+    w = loaded.module.fc1.weight.detach().clone()
+    assert torch.equal(clip_weights(h), h.diagonal().sqrt().float())
+    weighted = gptq(w, h, 3, 16, False, order=act_order(h), weighted=True)[0]
+    plain = gptq(w, h, 3, 16, False, order=act_order(h))[0]
+    assert not torch.equal(weighted, plain)
+    seen = []
+    real = compensate.clip_weights
+    try:
+        compensate.clip_weights = lambda hh: seen.append(1) or real(hh)
+        assert torch.equal(gptq(w, h, 3, 16, False, order=act_order(h), weighted=True)[0], weighted)
+    finally:
+        compensate.clip_weights = real
+    assert seen == [1]
+    new = Plan(layers={"fc1": LayerPlan(QuantConfig(3, 16, False, method="gptq", order="act", clip_weight="act"))},
+               fingerprint=desc.fingerprint)
+    d = json.loads(json.dumps(new.to_dict()))
+    assert d["techniques"] == {"quantize": 5} and d["layers"]["fc1"]["quantize"]["clip_weight"] == "act"
+    old = json.loads(json.dumps(d))
+    old["techniques"]["quantize"] = 4
+    del old["layers"]["fc1"]["quantize"]["clip_weight"]
+    for plan_dict, want in ((d, weighted), (old, plain)):
+        with PlanApplier(loaded.module, desc).applied(Plan.from_dict(plan_dict)):
+            assert torch.equal(loaded.module.fc1.weight.detach(), want)
+    assert Plan.from_dict(old).layer("fc1").label() == "3g16a/gptq-plain"
+    attach(loaded.module, None)
 
 
 @pytest.mark.parametrize("bits,group,sym", [(3, 0, True), (4, 16, False), (2, 32, False)])
@@ -371,11 +436,11 @@ def test_several_act_order_options_in_one_sweep_are_each_option_alone(monkeypatc
     d = torch.linspace(0.2, 3.0, 150).sqrt()
     h = d[:, None] * h * d[None, :]
     mask = torch.rand(20, 150, generator=torch.Generator().manual_seed(1)) > 0.4
-    jobs = [(w, None, 3, 32, False), (w, None, 4, 0, True), (w, mask, 2, 16, False), (w * 0.5, None, 4, 64, True),
-            (w, None, 8, 50, False)]
+    jobs = [(w, None, 3, 32, False, True), (w, None, 4, 0, True, False), (w, mask, 2, 16, False, True),
+            (w * 0.5, None, 4, 64, True, False), (w, None, 8, 50, False, True), (w, None, 3, 32, False, False)]
     order = act_order(h)
     u = inverse_cholesky(h.double()[order][:, order])
-    alone = [gptq(wj, h, b, g, s, m, u, order) for wj, m, b, g, s in jobs]
+    alone = [gptq(wj, h, b, g, s, m, u, order, wt) for wj, m, b, g, s, wt in jobs]
     for stack in (compensate.STACK_BYTES, 2 * 20 * 150 * 8):  # all in one sweep; two jobs a sweep
         monkeypatch.setattr(compensate, "STACK_BYTES", stack)
         together = gptq_many(jobs, h, u, order)
@@ -463,7 +528,8 @@ def test_plans_without_compensated_options_are_written_as_before():
     act = Plan(layers={"fc1": LayerPlan(QuantConfig(4, 16, method="gptq", order="act"))})
     ad = act.to_dict()
     assert ad["techniques"] == {"quantize": 3} and ad["layers"]["fc1"]["quantize"]["order"] == "act"
-    assert Plan.from_dict(json.loads(json.dumps(ad))).layer("fc1").label() == "4g16/gptq"
+    # an act-order plan of versions 3-4 keeps its unweighted clipped grid, labelled as such
+    assert Plan.from_dict(json.loads(json.dumps(ad))).layer("fc1").label() == "4g16/gptq-plain"
     assert act.key() != comp.key()
     cd["techniques"]["quantize"] = QuantConfig.VERSION + 1  # written by a newer autocomp
     with pytest.raises(AutocompError, match=f"stores quantize configs of version {QuantConfig.VERSION + 1}"):

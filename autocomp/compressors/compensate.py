@@ -129,7 +129,7 @@ def act_order(h: Any) -> Any:
 
 
 def gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, mask: Any = None,
-         u: Any = None, order: Any = None) -> tuple[Any, Any, Any, Any]:
+         u: Any = None, order: Any = None, weighted: bool = False) -> tuple[Any, Any, Any, Any]:
     """GPTQ quantization of ``w`` (float32 ``[rows, cols]``) with input second moment ``h`` ``[cols, cols]``;
     masked-out entries (``mask`` False) are driven to zero. -> (dequantized float32, codes int32, scale
     float16 ``[rows, groups]``, zero point int32 or None): the format of :func:`~.quantize.quantize_matrix`.
@@ -139,11 +139,14 @@ def gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, mask: Any 
     the ones with the largest inputs first, so that their errors are compensated by the many columns still
     free. The groups stay the stored ones (consecutive columns): each group's range is fixed from the
     original weights before the sweep ("static groups"), so the format and its bytes do not change. ``u``
-    must then be the inverse Cholesky factor of ``h[order][:, order]``."""
+    must then be the inverse Cholesky factor of ``h[order][:, order]``. ``weighted`` (with ``order``): the
+    static groups' clipped ranges weigh each column's error by ``sqrt(h_jj)`` (:func:`clip_weights`)."""
     import torch
 
     if order is not None:
-        return _gptq_ordered(w, h, bits, group_size, symmetric, mask, u, order)
+        return gptq_many([(w, mask, bits, group_size, symmetric, weighted)], h, u, order)[0]
+    if weighted:
+        raise ValueError("weighted clipping needs an act order")
     from autocomp.compressors.quantize import group_params, mse_clip, quantize_column
 
     rows, cols = w.shape
@@ -198,18 +201,21 @@ def gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, mask: Any 
     return deq, codes.contiguous(), scale, zp
 
 
-def _gptq_ordered(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, mask: Any, u: Any,
-                  order: Any) -> tuple[Any, Any, Any, Any]:
-    """:func:`gptq` with the columns swept in ``order`` and static groups (see there): one job of
-    :func:`gptq_many`, so an option alone and an option computed beside others are the same bits."""
-    return gptq_many([(w, mask, bits, group_size, symmetric)], h, u, order)[0]
+def clip_weights(h: Any) -> Any:
+    """Per input column, ``sqrt(h_jj)`` (float32): the RMS of the input a weight multiplies, which weighs its
+    error in a weighted clipped grid. A column whose inputs are large costs the output more per unit of
+    error, and GPTQ cannot compensate a column's rounding error on the columns swept before it. Measured on
+    MiniLM (docs/BENCHMARKS.md): weights ``h_jj`` (the diagonal of GPTQ's own objective) and ``sqrt(h_jj)``
+    both beat the unweighted grid; ``sqrt`` more often."""
+    return h.double().diagonal().clamp_min(0.0).sqrt().float()
 
 
-def gptq_many(jobs: Sequence[tuple[Any, Any, int, int, bool]], h: Any, u: Any = None,
+def gptq_many(jobs: Sequence[tuple[Any, ...]], h: Any, u: Any = None,
               order: Any = None) -> list[tuple[Any, Any, Any, Any]]:
-    """Act-order GPTQ (:func:`gptq` with ``order``) of several ``(w, mask, bits, group_size, symmetric)`` jobs
-    of one layer -- the same statistics ``h``, the same ``order`` and factor ``u`` -- in one column sweep.
-    -> one ``(dequantized, codes, scale, zero point)`` per job, in order.
+    """Act-order GPTQ (:func:`gptq` with ``order``) of several ``(w, mask, bits, group_size, symmetric[,
+    weighted])`` jobs of one layer -- the same statistics ``h``, the same ``order`` and factor ``u`` -- in one
+    column sweep. -> one ``(dequantized, codes, scale, zero point)`` per job, in order; an option alone
+    and an option computed beside others are the same bits.
 
     The sweep is sequential in the columns and each step is a handful of small torch calls, so on
     MiniLM-sized layers its cost is the number of calls, not the arithmetic: sweeping a layer's ten options
@@ -221,15 +227,16 @@ def gptq_many(jobs: Sequence[tuple[Any, Any, int, int, bool]], h: Any, u: Any = 
     order = act_order(h) if order is None else order.long()
     if u is None:
         u = inverse_cholesky(h.double()[order][:, order])
+    cw = clip_weights(h) if any(len(j) > 5 and j[5] for j in jobs) else None
     out: list[tuple[Any, Any, Any, Any]] = []
     rows, cols = jobs[0][0].shape if jobs else (0, 0)
     per = max(1, STACK_BYTES // max(1, rows * cols * 8))
     for c0 in range(0, len(jobs), per):
-        out += _gptq_stack(jobs[c0:c0 + per], u, order)
+        out += _gptq_stack(jobs[c0:c0 + per], u, order, cw)
     return out
 
 
-def _gptq_stack(jobs: Sequence[tuple[Any, Any, int, int, bool]], u: Any, order: Any) -> list[tuple[Any, Any, Any, Any]]:
+def _gptq_stack(jobs: Sequence[tuple[Any, ...]], u: Any, order: Any, cw: Any = None) -> list[tuple[Any, Any, Any, Any]]:
     import torch
 
     from autocomp.compressors.quantize import group_params, mse_clip, quantize_column
@@ -242,7 +249,8 @@ def _gptq_stack(jobs: Sequence[tuple[Any, Any, int, int, bool]], u: Any, order: 
     z_cols = torch.zeros(k, cols, rows)
     lo, hi = torch.empty(k, 1), torch.empty(k, 1)
     groups = []
-    for i, (w, mask, bits, group_size, symmetric) in enumerate(jobs):
+    for i, (w, mask, bits, group_size, symmetric, *weighted) in enumerate(jobs):
+        jw = cw if weighted and weighted[0] else None
         g = group_size or cols
         n_groups = -(-cols // g)
         wm = w.float() if mask is None else w.float() * mask
@@ -250,13 +258,13 @@ def _gptq_stack(jobs: Sequence[tuple[Any, Any, int, int, bool]], u: Any, order: 
         zps = torch.zeros(n_groups, rows, dtype=torch.int32) if not symmetric else None
         # every group's clipped grid in one call where the groups tile the columns (3-48 calls on MiniLM
         # before; the same values, tests/test_compensated.py); a ragged last group is clipped on its own
-        whole = mse_clip(wm, bits, g, symmetric) if MSE_GRID and cols % g == 0 else None
+        whole = mse_clip(wm, bits, g, symmetric, col_weight=jw) if MSE_GRID and cols % g == 0 else None
         for gi in range(n_groups):
             x = wm[:, gi * g:min((gi + 1) * g, cols)]
             if whole is not None:
                 x = whole[:, gi * g:(gi + 1) * g]
             elif MSE_GRID:
-                x = mse_clip(x, bits, 0, symmetric)
+                x = mse_clip(x, bits, 0, symmetric, col_weight=None if jw is None else jw[gi * g:gi * g + x.shape[1]])
             sc, z = group_params(x, bits, symmetric)
             scales[gi] = sc
             s_cols[i, gi * g:gi * g + x.shape[1]] = sc.float()
@@ -283,7 +291,7 @@ def _gptq_stack(jobs: Sequence[tuple[Any, Any, int, int, bool]], u: Any, order: 
     back = torch.empty_like(order)
     back[order] = torch.arange(cols)
     out = []
-    for i, (_, _, bits, _, symmetric) in enumerate(jobs):
+    for i, (_, _, bits, _, symmetric, *_) in enumerate(jobs):
         scales, zps, g = groups[i]
         deq = wt[i].t().float()[:, back].contiguous()
         scale = scales.t().contiguous()

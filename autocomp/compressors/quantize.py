@@ -51,9 +51,10 @@ __all__ = ["QuantConfig", "Quantize", "quantize_matrix", "fake_quant_input", "fa
 _MIN_SCALE = 2.0**-24  # smallest positive float16
 _MAX_SCALE = 65504.0
 SCALE_BYTES = 2  # scales are stored as float16
-_LABEL = re.compile(r"^(?:keep|int8f?|(\d+)(c|g(\d+))(a?))(/gptq|/gptq-columns|/mse)?$")
+_LABEL = re.compile(r"^(?:keep|int8f?|(\d+)(c|g(\d+))(a?))(/gptq|/gptq-plain|/gptq-columns|/mse)?$")
 METHODS = ("rtn", "gptq", "mse")
 ORDERS = ("columns", "act")  # GPTQ's column order: as stored, or by decreasing input second moment
+CLIP_WEIGHTS = ("none", "act")  # GPTQ's clipped grid: every weight's error alike, or weighted by its input's RMS
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # clip ratios tried per group: 1.0, 0.95, ..., 0.5
 CLIPS = ("learned", "mse", "minmax")  # train's quantization ranges (learned = the mse start, then trainable ratios)
 CLIP_LR_MULT = 10.0  # the clipping ratios' learning rate, as a multiple of the weights'
@@ -67,12 +68,15 @@ class QuantConfig(TechniqueConfig):
     all in the same stored format. order (``gptq``): ``act`` sweeps the columns by decreasing input second
     moment with static groups (label ``/gptq``), ``columns`` in stored order (label ``/gptq-columns``; what
     every ``/gptq`` plan written before version 3 computed, so those plans keep their weights).
+    clip_weight (act-order ``gptq``): each group's clipping ratio minimizes its squared error with every
+    column weighted by ``sqrt(H_jj)``, the RMS of the input it multiplies (``act``, label ``/gptq``), or
+    unweighted (``none``, label ``/gptq-plain``: what act-order plans of versions 3-4 computed).
     reduce_range (W8A8): activations on a 7-bit grid (``int8``, torch's x86 kernel) or, False, the full 8-bit
     grid (``int8f``, ONNX Runtime's dynamic quantization)."""
 
     technique = "quantize"
-    VERSION = 4
-    ADDED = {"method": ("rtn", 2), "order": ("columns", 3), "reduce_range": (True, 4)}
+    VERSION = 5
+    ADDED = {"method": ("rtn", 2), "order": ("columns", 3), "reduce_range": (True, 4), "clip_weight": ("none", 5)}
     bits: int = 8
     group_size: int = 0
     symmetric: bool = True
@@ -80,6 +84,7 @@ class QuantConfig(TechniqueConfig):
     method: str = "rtn"
     order: str = "columns"
     reduce_range: bool = True
+    clip_weight: str = "none"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
@@ -98,6 +103,9 @@ class QuantConfig(TechniqueConfig):
         if self.order not in ORDERS or (self.order != "columns" and self.method != "gptq"):
             raise ValueError(f"order must be one of {', '.join(ORDERS)} ({ORDERS[1]!r} with method gptq only), "
                              f"got {self.order!r}")
+        if self.clip_weight not in CLIP_WEIGHTS or (self.clip_weight != "none" and self.order != "act"):
+            raise ValueError(f"clip_weight must be one of {', '.join(CLIP_WEIGHTS)} ({CLIP_WEIGHTS[1]!r} with "
+                             f"act-order gptq only), got {self.clip_weight!r}")
 
 
 def quantize_matrix(w: Any, bits: int, group_size: int, symmetric: bool) -> tuple[Any, Any, Any, Any]:
@@ -216,24 +224,25 @@ def _parse(label: str) -> tuple[int, int, bool, int | None, str, str] | None:
     m = _LABEL.match(str(label))
     if not m:
         raise ValueError(f"quant option {label!r} is not keep, int8, int8f or <bits><c|gN>[a], optionally with /gptq, "
-                         f"/gptq-columns or /mse (e.g. 8c, 4g128, 3g32a, 4g128/gptq, 3g64/mse)")
+                         f"/gptq-plain, /gptq-columns or /mse (e.g. 8c, 4g128, 3g32a, 4g128/gptq, 3g64/mse)")
     suffix = m.group(5)[1:] if m.group(5) else "rtn"
-    method, order = {"gptq": ("gptq", "act"), "gptq-columns": ("gptq", "columns")}.get(suffix, (suffix, "columns"))
+    method, order, weight = {"gptq": ("gptq", "act", "act"), "gptq-plain": ("gptq", "act", "none"),
+                             "gptq-columns": ("gptq", "columns", "none")}.get(suffix, (suffix, "columns", "none"))
     if label == "keep":
         return None
     if label.startswith("keep/"):
         raise ValueError(f"quant option {label!r}: keep stores the weights as they are; drop /{suffix}")
     if label.startswith("int8f"):
-        return 8, 0, True, 8, method, order, False
+        return 8, 0, True, 8, method, order, False, weight
     if label.startswith("int8"):
-        return 8, 0, True, 8, method, order
+        return 8, 0, True, 8, method, order, True, weight
     bits = int(m.group(1))
     if not 2 <= bits <= 8:
         raise ValueError(f"quant option {label!r}: bits must be 2..8")
     group = int(m.group(3)) if m.group(3) else 0
     if m.group(3) and group < 1:
         raise ValueError(f"quant option {label!r}: group size must be >= 1")
-    return bits, group, m.group(4) != "a", None, method, order
+    return bits, group, m.group(4) != "a", None, method, order, True, weight
 
 
 @register
@@ -250,14 +259,14 @@ class Quantize(Technique):
         return _parse(label)
 
     def bind(self, option: Any, layer: Any, shapes: list[tuple[int, int]]) -> QuantConfig | None:
-        bits, group, sym, act, method, order, *reduce = option
+        bits, group, sym, act, method, order, reduce, weight = option
         if act and layer.type != "Linear":
             return None  # W8A8 kernels exist for Linear layers
         if method == "gptq" and not has_statistics(layer):
             return None  # no statistics: a grouped convolution
         if group >= shapes[0][1]:
             group = 0  # a group spanning the whole row is per-channel
-        return QuantConfig(bits, group, sym, act, method, order, *reduce)
+        return QuantConfig(bits, group, sym, act, method, order, reduce, weight)
 
     def calibrated(self, c: QuantConfig) -> bool:
         return c.method == "gptq"
@@ -269,8 +278,10 @@ class Quantize(Technique):
         return c.method != "rtn"  # a searched grid (GPTQ's, or the clipped one) is kept by training
 
     def label(self, c: QuantConfig) -> str:
-        tail = "" if c.method == "rtn" else "/gptq-columns" if c.method == "gptq" and c.order == "columns" \
-            else f"/{c.method}"
+        if c.method != "gptq":
+            tail = "" if c.method == "rtn" else f"/{c.method}"
+        else:
+            tail = "/gptq-columns" if c.order == "columns" else "/gptq" if c.clip_weight == "act" else "/gptq-plain"
         if c.act_bits == 8:
             return ("int8" if c.reduce_range else "int8f") + tail
         return f"{c.bits}{'c' if c.group_size == 0 else f'g{c.group_size}'}{'' if c.symmetric else 'a'}{tail}"
@@ -343,7 +354,8 @@ class Quantize(Technique):
                 order, u = ctx.act_order() if own else (act_order(h), None)
             else:
                 order, u = None, ctx.inverse_cholesky() if own else None
-            deq, codes, scale, zp = gptq(part.values, h, c.bits, c.group_size, c.symmetric, part.mask, u, order)
+            deq, codes, scale, zp = gptq(part.values, h, c.bits, c.group_size, c.symmetric, part.mask, u, order,
+                                         c.clip_weight == "act")
             out[i] = part.evolve(values=deq, codes=codes, scale=scale, zero_point=zp)
             if i:
                 h = deq.double() @ h @ deq.double().T
@@ -360,7 +372,8 @@ class Quantize(Technique):
 
         def compute(configs: list[QuantConfig]) -> list[Any]:
             order, u = ctx.act_order()
-            return gptq_many([(w, None, q.bits, q.group_size, q.symmetric) for q in configs], ctx.hessian(), u, order)
+            return gptq_many([(w, None, q.bits, q.group_size, q.symmetric, q.clip_weight == "act") for q in configs],
+                             ctx.hessian(), u, order)
 
         hit = ctx.with_peers("gptq-peer", c, lambda q: q.method == "gptq" and q.order == "act", compute)
         deq, codes, scale, zp = hit
@@ -545,11 +558,11 @@ class Quantize(Technique):
 
 
 # -- clipping (train --clip, export --clip mse) --------------------------------------------------------------
-def mse_clip(v: Any, bits: int, group_size: int, symmetric: bool, mask: Any = None) -> Any:
+def mse_clip(v: Any, bits: int, group_size: int, symmetric: bool, mask: Any = None, col_weight: Any = None) -> Any:
     """``v`` with each quantization group clamped to the fraction of its range (from :data:`CLIP_GRID`)
-    whose round-to-nearest quantization has the least squared error against ``v``. The plan's min/max
-    quantizer, run on the result, then lands on those clipped ranges: clipping is held in the weights, so
-    the packed format does not change."""
+    whose round-to-nearest quantization has the least squared error against ``v`` (each column's error
+    times ``col_weight[j]`` if given). The plan's min/max quantizer, run on the result, then lands on those
+    clipped ranges: clipping is held in the weights, so the packed format does not change."""
     import torch
 
     w = v if mask is None or not mask.numel() else v * mask
@@ -557,7 +570,8 @@ def mse_clip(v: Any, bits: int, group_size: int, symmetric: bool, mask: Any = No
     best_err = best_a = None
     for a in CLIP_GRID:
         deq = quantize_matrix(_clamp_groups(w, group_size, lo, hi, a), bits, group_size, symmetric)[0]
-        err = _grouped((deq - w) ** 2, group_size).sum(-1, keepdim=True)
+        sq = (deq - w) ** 2 if col_weight is None else (deq - w) ** 2 * col_weight
+        err = _grouped(sq, group_size).sum(-1, keepdim=True)
         if best_err is None:
             best_err, best_a = err, torch.full_like(err, a)
         else:

@@ -29,8 +29,12 @@ def sensitivity_database(cfg: SearchConfig, loaded: Any, desc: ModelDesc, space:
     # of its own threw them away: ~2 s of cold work in a MiniLM search's first trials). The search's embedding
     # rows are a superset of the first batch's, whose rows alone have Fisher mass, so the values agree.
     fast = ProxyEvaluator(sliced, desc, applier=evaluator.applier)
+    from autocomp.compressors.store import code_digest
+
+    # the compressors' code too: an option whose label keeps its meaning can change its weights (e.g. /gptq's
+    # clipped grid in quantize version 5), and a profile of the old weights would mislead the seeds
     parts = {"weights": weights_hash(loaded.module), "data": data_fingerprint(sliced.batches),
-             "metric": evaluator.metric, "evaluator": "proxy-v1"}
+             "metric": evaluator.metric, "evaluator": "proxy-v1", "code": code_digest()}
     if stats is not None:
         parts["calibration"] = stats.key
     log = lambda m: emit("status", {"message": m})  # noqa: E731
