@@ -66,8 +66,9 @@ class QuantConfig(TechniqueConfig):
     symmetric: no zero point; act_bits: 8 for W8A8 (8-bit per-channel symmetric weights only); method:
     ``rtn`` (round to nearest), ``gptq`` (error-compensated codes) or ``mse`` (least-error clipped ranges),
     all in the same stored format. order (``gptq``): ``act`` sweeps the columns by decreasing input second
-    moment with static groups (label ``/gptq``), ``columns`` in stored order (label ``/gptq-columns``; what
-    every ``/gptq`` plan written before version 3 computed, so those plans keep their weights).
+    moment with static groups (labels ``/gptq``, ``/gptq-plain``), ``columns`` in stored order (label
+    ``/gptq-columns``; what every ``/gptq`` plan written before version 3 computed, so those plans keep their
+    weights).
     clip_weight (act-order ``gptq``): each group's clipping ratio minimizes its squared error with every
     column weighted by ``sqrt(H_jj)``, the RMS of the input it multiplies (``act``, label ``/gptq``), or
     unweighted (``none``, label ``/gptq-plain``: what act-order plans of versions 3-4 computed).
@@ -220,7 +221,8 @@ def nbits_block(group_size: int, cols: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _parse(label: str) -> tuple[int, int, bool, int | None, str, str] | None:
+def _parse(label: str) -> tuple[int, int, bool, int | None, str, str, bool, str] | None:
+    """(bits, group size, symmetric, act bits, method, order, reduce range, clip weight), or None for keep."""
     m = _LABEL.match(str(label))
     if not m:
         raise ValueError(f"quant option {label!r} is not keep, int8, int8f or <bits><c|gN>[a], optionally with /gptq, "
