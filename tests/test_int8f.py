@@ -30,8 +30,9 @@ def test_labels_versions_and_old_plans():
     assert q.label(FULL) == "int8f" and q.label(REDUCED) == "int8"
     fc1 = next(l for l in introspect(tiny_loaded()).layers if l.type == "Linear")
     assert q.bind(q.parse("int8f"), fc1, [(fc1.rows, fc1.cols)]) == FULL
-    assert q.label(QuantConfig(8, 0, True, 8, "gptq", "act", False)) == "int8f/gptq"
-    assert q.parse("int8") == (8, 0, True, 8, "rtn", "columns")  # what every plan written before computes
+    assert q.label(QuantConfig(8, 0, True, 8, "gptq", "act", False, "act")) == "int8f/gptq"
+    assert q.label(QuantConfig(8, 0, True, 8, "gptq", "act", False)) == "int8f/gptq-plain"
+    assert q.parse("int8") == (8, 0, True, 8, "rtn", "columns", True, "none")  # what every plan written before computes
     # only int8f writes the new field and the new version: an older autocomp still reads int8 plans
     assert "reduce_range" not in REDUCED.to_dict() and REDUCED.version() == 1
     assert FULL.to_dict()["reduce_range"] is False and FULL.version() == 4
