@@ -304,3 +304,26 @@ def test_the_profile_works_in_the_search_applier_and_its_table_does_not_change(t
     sliced = dataclasses.replace(loaded, batches=loaded.batches[:1], metric=ev.metric)
     own = fisher_profile(space, ProxyEvaluator(sliced, desc), tmp_path / "own", {"other": 1})
     assert shared.table == own.table
+
+
+def test_fisher_estimate_of_a_choice_leaves_out_fixed_choices_elsewhere(tmp_path):
+    """A layer compressed by a rule with one option (a fixed choice) is in every decoded plan: its error must
+    not be charged to the other choices' options (an offset on the compressed options only, not on 'keep',
+    would bias the seeds toward leaving layers uncompressed)."""
+    from autocomp.search.sensitivity import fisher_profile
+
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    ev = ProxyEvaluator(loaded, desc)
+    (tmp_path / "fixed.yaml").write_text("version: 1\nlayers:\n  - match: 'head'\n    quant: [3c]\n"
+                                         "  - types: [Linear]\n    quant: [keep, 8c, 3c]\n")
+    (tmp_path / "free.yaml").write_text("version: 1\nlayers:\n  - match: 'head'\n    quant: [keep]\n"
+                                        "  - types: [Linear]\n    quant: [keep, 8c, 3c]\n")
+    fixed = SearchSpace.from_yaml(tmp_path / "fixed.yaml", desc)
+    free = SearchSpace.from_yaml(tmp_path / "free.yaml", desc)
+    assert fixed.fixed["head:q"] == "3c" and set(fixed.params) == set(free.params) == {"fc1:q", "fc2:q"}
+    a = fisher_profile(fixed, ev, tmp_path / "a", {"weights": "w"}, measure_share=2.0)
+    b = fisher_profile(free, ev, tmp_path / "b", {"weights": "w"}, measure_share=2.0)
+    assert a.table["fc1:q"]["3c"] > 0
+    for p in free.params:
+        assert a.table[p] == pytest.approx(b.table[p], rel=1e-9, abs=0), p

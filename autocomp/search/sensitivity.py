@@ -377,7 +377,7 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
                     continue
                 plan = space.decode({**neutral, p: o})
                 total = 0.0
-                for name in plan.layers.keys() | {n for g in plan.structured.values() for n in (*g.producers, *g.consumers)}:
+                for name in decided_layers(space, p):  # not a fixed choice elsewhere: its error is in every option
                     if name not in mods:
                         continue
                     wq, bq = applier.compressed(plan, name)
@@ -407,6 +407,16 @@ def fisher_profile(space: SearchSpace, evaluator: Any, cache_dir: Path, key_part
     log(f"fisher sensitivity: {backward} backward passes + {measured} proxy evaluations (the {len(measured_keys)} "
         f"biggest choices, >= {measure_share:.0%} of the bytes each), {sens.seconds:.1f} s -> {path}")
     return sens
+
+
+def decided_layers(space: SearchSpace, param: str) -> list[str]:
+    """The layers a parameter of ``space`` decides, in a fixed order: a tie key's members, or a structured
+    group's producers and consumers."""
+    key, _, dim = param.rpartition(":")
+    if dim == "keep":
+        g = space.groups[key]
+        return list(dict.fromkeys((*g.producers, *g.consumers)))
+    return list(space.members.get(key, ()))
 
 
 def _row_fisher(fw: dict[str, Any], stats: Any, applier: Any) -> dict[str, Any]:
