@@ -201,6 +201,10 @@ class Prune(Technique):
     def apply(self, parts: list[Part], c: PruneConfig, ctx: LayerContext) -> list[Part]:
         import torch
 
+        if ctx.holder is not None:  # a trained layer keeps the mask it trained with (not one recomputed from its
+            # trained values: a kept weight that trained to exactly zero would tie with the pruned ones)
+            return [part.evolve(mask=getattr(ctx.holder, f"mask{ctx.index + i}").clone(), nm=c.kind == "2:4")
+                    for i, part in enumerate(parts)]
         if c.method == "sparsegpt":
             return self._apply_sparsegpt(parts, c, ctx)
         out = []
@@ -230,14 +234,10 @@ class Prune(Technique):
 
     def _apply_sparsegpt(self, parts: list[Part], c: PruneConfig, ctx: LayerContext) -> list[Part]:
         """SparseGPT on each stored matrix, factors from the last to the first (the input of ``B`` is ``A x``:
-        statistics ``A' H A'^T`` with the pruned ``A'``). A trained layer keeps the mask it trained with."""
+        statistics ``A' H A'^T`` with the pruned ``A'``)."""
         from autocomp.compressors.compensate import sparsegpt
 
         out: list[Part] = list(parts)
-        if ctx.holder is not None:
-            for i, part in enumerate(parts):
-                out[i] = part.evolve(mask=getattr(ctx.holder, f"mask{ctx.index + i}").clone(), nm=c.kind == "2:4")
-            return out
         if len(parts) == 1 and parts[0].mask is None and not ctx.upstream and ctx.peers:
             values, mask = self._sparsegpt_with_peers(parts[0].values, c, ctx)
             return [parts[0].evolve(values=values, mask=mask, nm=c.kind == "2:4")]
