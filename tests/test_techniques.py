@@ -22,6 +22,7 @@ import torch
 import autocomp
 from autocomp.compressors.apply import PlanApplier
 from autocomp.compressors.calibration import CalibrationStats, plan_needs
+from autocomp.compressors.codebook import CodebookConfig
 from autocomp.compressors.lowrank import LowRankConfig
 from autocomp.compressors.prune import PruneConfig
 from autocomp.compressors.quantize import QuantConfig
@@ -145,6 +146,8 @@ EXAMPLES = {  # built when a test runs (the plug-in registers for this module on
                  lambda: LayerPlan(QuantConfig(8, 0, True, 8, method="gptq")),
                  lambda: LayerPlan(QuantConfig(3, 16, False, method="mse"), PruneConfig("unstructured", 0.3)),
                  lambda: LayerPlan(QuantConfig(8, 0, True, 8, reduce_range=False), PruneConfig("2:4"))],  # int8f
+    "codebook": [lambda: LayerPlan(CodebookConfig(4, 16)),
+                 lambda: LayerPlan(CodebookConfig(4, 8), PruneConfig("unstructured", 0.4), LowRankConfig(8))],
     "cluster": [lambda: LayerPlan(ClusterConfig(16)),
                 lambda: LayerPlan(ClusterConfig(4), PruneConfig("unstructured", 0.4), LowRankConfig(8))],
 }

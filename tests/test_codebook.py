@@ -1,0 +1,87 @@
+"""Codebook (vector) quantization (autocomp/compressors/codebook.py): labels, the fit, the masked assignment and
+the space that stores MiniLM's word table with it. The conformance suite (tests/test_techniques.py) covers its
+bytes, packing, training and export like every technique's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autocomp.compressors.base import LayerContext, Part, technique
+from autocomp.compressors.codebook import CodebookConfig, encode, fit_codebook, nearest
+from autocomp.compressors.quantize import quantize_matrix
+from autocomp.cost.size import layer_bytes
+from autocomp.desc import LayerDesc
+from autocomp.plan import LayerPlan
+
+
+def test_labels_parse_and_refuse_with_the_grammar():
+    t = technique("codebook")
+    assert t.parse("none") is None
+    assert t.parse("vq8x256") == CodebookConfig(8, 256) and t.label(CodebookConfig(8, 256)) == "vq8x256"
+    for bad in ("vq8x100", "vq0x16", "vq8", "k16", "vq8x1"):
+        with pytest.raises(ValueError, match="vq<d>x<k>|power of 2|1..64"):
+            t.parse(bad)
+    assert t.summary(CodebookConfig(8, 256)) == {"bits": 1.0}
+
+
+def test_bind_needs_vectors_that_tile_the_rows_and_enough_of_them():
+    t = technique("codebook")
+    lay = LayerDesc(name="x", type="Linear", rows=16, cols=32)
+    assert t.bind(CodebookConfig(8, 16), lay, [(16, 32)]) == CodebookConfig(8, 16)
+    assert t.bind(CodebookConfig(6, 16), lay, [(16, 32)]) is None  # 32 inputs are not runs of 6
+    assert t.bind(CodebookConfig(8, 128), lay, [(16, 32)]) is None  # 64 vectors for 128 centroids
+
+
+def test_bytes_are_the_indices_plus_a_float16_codebook():
+    lay = LayerDesc(name="x", type="Embedding", rows=1000, cols=64)
+    # 8,000 vectors x 8 bits + 256 x 8 float16 centroids
+    assert layer_bytes(lay, LayerPlan(CodebookConfig(8, 256))) == 8000 + 256 * 8 * 2
+
+
+def test_the_fit_is_deterministic_and_beats_a_scalar_grid_at_the_same_bits():
+    g = torch.Generator().manual_seed(0)
+    # rows with structure (a few directions plus noise), as embedding rows have
+    w = torch.randn(600, 6, generator=g) @ torch.randn(6, 64, generator=g) + 0.3 * torch.randn(600, 64, generator=g)
+    deq, codes, book = encode(w, CodebookConfig(4, 16))  # 1 bit a weight
+    again = encode(w, CodebookConfig(4, 16))
+    assert torch.equal(deq, again[0]) and torch.equal(codes, again[1]) and torch.equal(book, again[2])
+    assert codes.shape == (600, 16) and codes.dtype == torch.int32 and book.dtype == torch.float16
+    assert torch.equal(deq, book.float()[codes.long()].reshape(600, 64))  # decoded from the stored codebook
+    binary = quantize_matrix(w, 1, 0, False)[0]  # 1-bit per-row grid (asymmetric: two levels)
+    assert (deq - w).norm() < 0.8 * (binary - w).norm()
+
+
+def test_lloyd_steps_lower_the_error_of_the_seeding():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4000, 4, generator=g)
+    seeded, fitted = fit_codebook(x, 32, iters=0), fit_codebook(x, 32)
+    err = lambda c: float(((x - c[nearest(x, c)]) ** 2).sum())  # noqa: E731
+    assert err(fitted) < 0.9 * err(seeded)
+
+
+def test_pruned_entries_take_no_part_in_the_assignment():
+    """With a mask the distance counts kept entries only: a decoded-and-masked vector is assigned back to a
+    centroid that decodes it the same (what makes training start at the proxy's weights)."""
+    book = torch.tensor([[1.0, 5.0], [1.0, -5.0], [0.0, 0.0]])
+    x = torch.tensor([[1.0, 0.0]])  # second entry pruned
+    assert int(nearest(x, book)) == 2  # plain distance: the zero vector
+    assert int(nearest(x, book, torch.tensor([[1.0, 0.0]]))) == 0  # kept entry only: exact, lowest index
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 32, generator=g)
+    mask = torch.rand(64, 32, generator=g) > 0.4
+    c = CodebookConfig(4, 16)
+    parts = technique("codebook").apply([Part(values=w, mask=mask)], c, LayerContext("x"))
+    deq, codes, book = parts[0].values, parts[0].codes, parts[0].extra["codebook"]
+    assert not deq[~mask].any()
+    again = encode(deq, c, book, mask)
+    assert torch.equal(again[0], deq)
+
+
+def test_the_codebook_space_offers_the_word_table_codebooks_only(minilm, minilm_desc):
+    from autocomp.space import SearchSpace
+
+    space = SearchSpace.from_yaml("codebook", minilm_desc)
+    assert space.params["bert.embeddings.word_embeddings:v"] == ("vq8x256", "vq6x256", "vq4x64", "vq4x256")
+    assert "bert.embeddings.word_embeddings:q" not in space.params
+    assert "bert.embeddings.position_embeddings:q" in space.params
