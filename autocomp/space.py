@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from autocomp.compressors.base import Stored, Technique, axes, by_dim, registered
+from autocomp.compressors.base import Stored, Technique, axes, by_dim, option_of, registered
 from autocomp.compressors.pipeline import stored_matrices
 from autocomp.compressors.structured import structured_shape
 from autocomp.cost.size import layer_bytes
@@ -153,7 +153,7 @@ class SearchSpace:
     @staticmethod
     def _saves(t: Technique, label: str, layer: LayerDesc) -> bool:
         """Whether an option alone applies to this layer and makes it smaller."""
-        option = t.parse(label)
+        t, option = option_of(t, label)
         if option is None:
             return True
         config = t.bind(option, layer, [(layer.rows, layer.cols)])
@@ -169,8 +169,8 @@ class SearchSpace:
         per-channel), keep the first."""
         seen: dict[tuple[Any, ...], str] = {}
         for lab in labels:
-            option = t.parse(lab)
-            bound = tuple(None if option is None else t.bind(option, lay, [(lay.rows, lay.cols)]) for lay in layers)
+            u, option = option_of(t, lab)
+            bound = tuple(None if option is None else u.bind(option, lay, [(lay.rows, lay.cols)]) for lay in layers)
             seen.setdefault(bound, lab)
         return [lab for lab in labels if lab in seen.values()]
 
@@ -261,7 +261,7 @@ class SearchSpace:
         configs = []
         stored = [Stored(rows, cols, rows * cols, 32)]
         for t, label in zip(techniques, labels):
-            option = t.parse(label)
+            t, option = option_of(t, label)
             if option is None:
                 continue
             config = t.bind(option, layer, [(s.rows, s.cols) for s in stored])
@@ -368,26 +368,26 @@ class SearchSpace:
             if t is None:
                 continue
             keep = []
-            for label in dict.fromkeys(t.ort_label(x) for x in self.params[param]):
-                option = t.parse(label)
+            for label in dict.fromkeys(option_of(t, x)[0].ort_label(x) for x in self.params[param]):
+                u, option = option_of(t, label)
                 layers = [self._by_name[n] for n in self.param_layers(param)]
-                configs = [] if option is None else [t.bind(option, x, [(x.rows, x.cols)]) for x in layers]
+                configs = [] if option is None else [u.bind(option, x, [(x.rows, x.cols)]) for x in layers]
                 # the export lowers Linear / HF Conv1D / Embedding weights to ORT kernels; a Conv stays dense
-                if all(c is None or (x.type in ONNX_LOWERED and t.onnx_kernel(c) is not None and _gathered(c, x))
+                if all(c is None or (x.type in ONNX_LOWERED and u.onnx_kernel(c) is not None and _gathered(c, x))
                        for c, x in zip(configs, layers)):
                     keep.append(label)
             self._set_options(param, keep or [t.neutral])
         for param, label in list(self.fixed.items()):
             t = by_dim(param.rpartition(":")[2])
             if t is not None:
-                self.fixed[param] = t.ort_label(label)
+                self.fixed[param] = option_of(t, label)[0].ort_label(label)
         self._plan_memo.clear()
         self._choice_memo.clear()
         return self
 
     def _figure(self, t: Technique, label: str, param: str, figure: str, default: float) -> float:
         """A technique's summary figure (bits, sparsity) of an option, the extreme over the param's layers."""
-        option = t.parse(label)
+        t, option = option_of(t, label)
         values = [default]
         for n in self.param_layers(param):
             layer = self._by_name[n]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from autocomp.compressors.base import axes
+from autocomp.compressors.base import axes, option_of
 from autocomp.errors import AutocompError
 
 __all__ = ["Rule", "StructRule", "parse_rules", "parse_modalities", "load_yaml", "as_list", "resolve_space_path",
@@ -141,7 +141,7 @@ def _layer_rule(r: Any, where: str) -> Rule:
             raise AutocompError(f"{where}.{t.axis}: needs at least one option")
         for lab in labels:
             try:
-                t.parse(lab)
+                option_of(t, lab)
             except ValueError as e:
                 raise AutocompError(f"{where}.{t.axis}: {e}") from None
         if any(lab != t.neutral for lab in labels):

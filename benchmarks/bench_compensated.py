@@ -163,7 +163,7 @@ def part_search(loaded, desc, out, trials: int, seed: int, studies: Path, budget
                 spaces=("default", "compensated"), baselines: bool = True):
     import optuna
 
-    from autocomp.compressors.calibration import attach, ensure
+    from autocomp.compressors.calibration import attach, ensure, plan_needs
     from autocomp.evaluators.proxy import ProxyEvaluator
     from autocomp.plan import Plan
     from autocomp.search.config import SearchConfig
@@ -196,13 +196,13 @@ def part_search(loaded, desc, out, trials: int, seed: int, studies: Path, budget
                                     space=space, studies_dir=studies), on_event=on_event)
             study = optuna.load_study(study_name=name, storage=f"sqlite:///{studies}/{name}.db")
             attach(loaded.module, None)
-            if space == "compensated":  # the search's statistics, for scoring its plans on held-out text here
-                ensure(loaded, desc, studies / "calibration")
             done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
             seeded = [t.number for t in done if t.user_attrs.get("reference")]
             best = min((t for t in done if t.values[1] <= fp32 * frac), key=lambda t: t.values[0])
             first_seed = next(t for t in done if t.user_attrs.get("reference") == "ilp-1.00")  # ILP at the budget
             plan = Plan.from_dict(best.user_attrs["plan"])
+            if plan_needs(plan):  # the search's statistics, for scoring its plans on held-out text here
+                ensure(loaded, desc, studies / "calibration")
             pts = [(t.values[1] / fp32, t.values[0]) for t in done]
             res[space][f"{frac:.2f}"] = {
                 "proxy": round(best.values[0], 5), "heldout": round(ho(plan), 5), "trial": best.number,

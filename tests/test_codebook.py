@@ -78,10 +78,40 @@ def test_pruned_entries_take_no_part_in_the_assignment():
     assert torch.equal(again[0], deq)
 
 
-def test_the_codebook_space_offers_the_word_table_codebooks_only(minilm, minilm_desc):
-    from autocomp.space import SearchSpace
+def test_the_codebook_space_offers_codebooks_beside_the_tables_grids(minilm, minilm_desc):
+    """In a rule's quant list, codebook labels are alternatives of the same choice: a table is encoded by a
+    grid or by a codebook, never both."""
+    from autocomp.space import SearchSpace, neutral_assignment
 
     space = SearchSpace.from_yaml("codebook", minilm_desc)
-    assert space.params["bert.embeddings.word_embeddings:v"] == ("vq8x256", "vq6x256", "vq4x64", "vq4x256")
-    assert "bert.embeddings.word_embeddings:q" not in space.params
-    assert "bert.embeddings.position_embeddings:q" in space.params
+    word = "bert.embeddings.word_embeddings"
+    opts = space.params[f"{word}:q"]
+    assert opts[:2] == ("keep", "8c") and opts[-4:] == ("vq8x256", "vq6x256", "vq4x64", "vq4x256")
+    assert f"{word}:v" not in space.params  # the codebook axis itself is not offered
+    assert "vq8x256" not in space.params["bert.encoder.layer.0.output.dense:q"]
+    neutral = neutral_assignment(space)
+    choice = space.decode({**neutral, f"{word}:q": "vq8x256", f"{word}:p": "u30"}).layer(word)
+    assert choice.get("codebook") == CodebookConfig(8, 256) and choice.get("quantize") is None
+    assert choice.get("prune").sparsity == 0.3
+    assert space.decode({**neutral, f"{word}:q": "4g64/gptq"}).layer(word).get("codebook") is None
+
+
+def test_alternatives_on_an_axis_are_parsed_by_their_own_technique(tmp_path):
+    from autocomp.compressors.base import option_of
+    from autocomp.errors import AutocompError
+    from autocomp.models.introspect import introspect
+    from autocomp.space import SearchSpace
+    from conftest import tiny_loaded
+
+    q = technique("quantize")
+    assert option_of(q, "vq4x16") == (technique("codebook"), CodebookConfig(4, 16))
+    assert option_of(q, "4g16")[0] is q
+    with pytest.raises(ValueError):
+        option_of(q, "none")  # the codebook's neutral label is not an option of the quant axis
+    desc = introspect(tiny_loaded())
+    (tmp_path / "s.yaml").write_text("version: 1\nlayers:\n  - types: [Linear]\n    quant: [keep, 4g16, vq4x16, vq5x16]\n")
+    space = SearchSpace.from_yaml(tmp_path / "s.yaml", desc)
+    assert space.params["fc1:q"] == ("keep", "4g16", "vq4x16")  # 5 does not divide 32 inputs: dropped
+    (tmp_path / "bad.yaml").write_text("version: 1\nlayers:\n  - types: [Linear]\n    quant: [keep, vq4]\n")
+    with pytest.raises(AutocompError, match="quant"):
+        SearchSpace.from_yaml(tmp_path / "bad.yaml", desc)

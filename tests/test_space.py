@@ -26,7 +26,7 @@ def write(tmp_path, text):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
 def test_shipped_spaces_parse(name, desc):
-    assert name in {"default", "transformer", "cnn", "multimodal", "compensated"}
+    assert name in {"default", "transformer", "cnn", "multimodal", "compensated", "codebook"}
     if name == "multimodal":  # more in test_multimodal.py
         from autocomp.models import load_model
         from conftest import TINY

@@ -47,7 +47,7 @@ from typing import Any, Callable, ClassVar, Mapping
 from autocomp.errors import AutocompError
 
 __all__ = ["Part", "OnnxWeight", "Stored", "Execution", "LayerContext", "TechniqueConfig", "Technique", "register", "registered",
-           "technique", "axes", "by_dim", "ceil8", "has_statistics", "unregister", "STAGES"]
+           "technique", "axes", "by_dim", "ceil8", "has_statistics", "option_of", "unregister", "STAGES"]
 
 STAGES = ("factor", "sparsify", "encode")
 
@@ -236,6 +236,9 @@ class Technique(ABC):
     title: ClassVar[str] = ""  # how plan summaries name it ("pruned", "low-rank")
     row_local: ClassVar[bool] = False  # output row i depends only on input row i (of part 0)
     reference_axis: ClassVar[bool] = False  # its options define the uniform reference plans of a study
+    # the axis of another technique of the same stage whose rules may list this one's labels too, as
+    # alternatives of one choice (codebooks beside scalar grids on ``quant``); see :func:`option_of`
+    shares_axis: ClassVar[str | None] = None
 
     # -- options ------------------------------------------------------------------------------------------
     @abstractmethod
@@ -489,6 +492,24 @@ def technique(name: str) -> Technique:
 def by_dim(dim: str) -> Technique | None:
     _load_builtins()
     return next((t for t in _REGISTRY.values() if t.dim == dim), None)
+
+
+def option_of(t: Technique, label: str) -> tuple[Technique, Any]:
+    """(the technique ``label`` means on ``t``'s axis, its parsed option): ``t`` itself, or else a technique
+    of ``t``'s stage that shares its axis (:attr:`Technique.shares_axis`) and parses ``label`` to an option
+    (its neutral label is not one). A label neither parses raises ``t``'s own ``ValueError``."""
+    try:
+        return t, t.parse(label)
+    except ValueError:
+        for other in _ORDERED:
+            if other.shares_axis == t.axis and other.stage == t.stage and other is not t:
+                try:
+                    option = other.parse(label)
+                except ValueError:
+                    continue
+                if option is not None:
+                    return other, option
+        raise
 
 
 def has_statistics(layer: Any) -> bool:

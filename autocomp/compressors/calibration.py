@@ -399,7 +399,7 @@ def plan_needs(plan: Any) -> bool:
 
 def space_needs(space: Any) -> bool:
     """Whether any option of a bound search space needs calibration statistics."""
-    from autocomp.compressors.base import by_dim
+    from autocomp.compressors.base import by_dim, option_of
 
     if any(g.refit for g in space.groups.values()):
         return True
@@ -408,8 +408,8 @@ def space_needs(space: Any) -> bool:
         if t is None:
             continue
         for label in opts:
-            option = t.parse(label)
-            if option is not None and t.calibrated_option(option):
+            u, option = option_of(t, label)
+            if option is not None and u.calibrated_option(option):
                 return True
     return False
 

@@ -8,8 +8,10 @@ breaks down. MiniLM's 30,522-row word table is the case it is for: at 6% of fp32
 the budget and nothing in the task metric, while a 1-bit-a-weight codebook (``vq8x256``) keeps the metric
 within a few percent of fp32 (docs/BENCHMARKS.md).
 
-Options in search spaces (rule key ``codebook``): ``none`` or ``vq<d>x<k>``: vectors of ``d`` inputs,
-``k`` centroids (a power of two: ``log2 k``-bit indices). Stored, per matrix: the indices, packed, and the
+Options in search spaces: ``vq<d>x<k>``, vectors of ``d`` inputs and ``k`` centroids (a power of two:
+``log2 k``-bit indices), in a rule's ``quant`` list beside the scalar grids (one choice: a layer is encoded
+one way or the other), or under its own key ``codebook`` (``none`` or ``vq<d>x<k>``; then the rule offers no
+``quant``). Stored, per matrix: the indices, packed, and the
 codebook in float16 (``k x d``); the size model counts both. A layer whose input count ``d`` does not divide,
 or with fewer vectors than centroids, is not offered the option.
 
@@ -146,6 +148,7 @@ class Codebook(Technique):
     axis, dim, neutral = "codebook", "v", "none"
     title = "vector-quantized"
     row_local = False  # one codebook for the whole matrix
+    shares_axis = "quant"  # a rule's quant list may offer codebooks beside scalar grids, as one choice
 
     def parse(self, label: str) -> Any:
         return _parse(label)
