@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from autocomp.compressors.base import LayerContext, Part, technique
-from autocomp.compressors.codebook import CodebookConfig, encode, fit_codebook, nearest
+from autocomp.compressors.codebook import CodebookConfig, encode, encode_compensated, fit_codebook, nearest
+from autocomp.compressors.compensate import output_error, vq_gptq
 from autocomp.compressors.quantize import quantize_matrix
 from autocomp.cost.size import layer_bytes
 from autocomp.desc import LayerDesc
@@ -23,6 +24,9 @@ def test_labels_parse_and_refuse_with_the_grammar():
         with pytest.raises(ValueError, match="vq<d>x<k>|power of 2|1..64"):
             t.parse(bad)
     assert t.summary(CodebookConfig(8, 256)) == {"bits": 1.0}
+    assert t.parse("vq4x256/gptq") == CodebookConfig(4, 256, "gptq") and t.label(CodebookConfig(4, 256, "gptq")) == "vq4x256/gptq"
+    assert CodebookConfig(4, 256).to_dict() == {"dim": 4, "centroids": 256}  # readable by version 1
+    assert CodebookConfig(4, 256, "gptq").version() == 2
 
 
 def test_bind_needs_vectors_that_tile_the_rows_and_enough_of_them():
@@ -86,12 +90,13 @@ def test_the_codebook_space_offers_codebooks_beside_the_tables_grids(minilm, min
     space = SearchSpace.from_yaml("codebook", minilm_desc)
     word = "bert.embeddings.word_embeddings"
     opts = space.params[f"{word}:q"]
-    assert opts[:2] == ("keep", "8c") and opts[-4:] == ("vq8x256", "vq6x256", "vq4x64", "vq4x256")
+    assert opts[:2] == ("keep", "8c") and opts[-4:] == ("vq8x256/gptq", "vq6x256/gptq", "vq4x64/gptq", "vq4x256/gptq")
     assert f"{word}:v" not in space.params  # the codebook axis itself is not offered
-    assert "vq8x256" not in space.params["bert.encoder.layer.0.output.dense:q"]
+    assert "vq8x256/gptq" not in space.params["bert.encoder.layer.0.output.dense:q"]
+    assert space.params["bert.encoder.layer.0.output.dense:q"][-1] == "vq4x256/gptq"  # 2 bits: beats 2g64/gptq
     neutral = neutral_assignment(space)
-    choice = space.decode({**neutral, f"{word}:q": "vq8x256", f"{word}:p": "u30"}).layer(word)
-    assert choice.get("codebook") == CodebookConfig(8, 256) and choice.get("quantize") is None
+    choice = space.decode({**neutral, f"{word}:q": "vq8x256/gptq", f"{word}:p": "u30"}).layer(word)
+    assert choice.get("codebook") == CodebookConfig(8, 256, "gptq") and choice.get("quantize") is None
     assert choice.get("prune").sparsity == 0.3
     assert space.decode({**neutral, f"{word}:q": "4g64/gptq"}).layer(word).get("codebook") is None
 
@@ -115,3 +120,24 @@ def test_alternatives_on_an_axis_are_parsed_by_their_own_technique(tmp_path):
     (tmp_path / "bad.yaml").write_text("version: 1\nlayers:\n  - types: [Linear]\n    quant: [keep, vq4]\n")
     with pytest.raises(AutocompError, match="quant"):
         SearchSpace.from_yaml(tmp_path / "bad.yaml", desc)
+
+
+@pytest.mark.parametrize("dim,k", [(2, 16), (4, 64)])
+def test_the_compensated_assignment_halves_the_output_error_of_the_nearest_one(dim, k):
+    g = torch.Generator().manual_seed(dim)
+    rows, cols = 96, 32
+    x = (torch.randn(2000, cols, generator=g) * torch.linspace(0.2, 3.0, cols)) @ (
+        torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g))  # uneven, correlated inputs
+    h = (x.T @ x / 2000).double()
+    w = torch.randn(rows, cols, generator=g)
+    deq, codes, book = encode(w, CodebookConfig(dim, k))
+    comp, comp_codes = vq_gptq(w, h, book.float(), dim)
+    assert torch.equal(comp, book.float()[comp_codes].reshape(rows, cols))  # decoded from the same codebook
+    assert output_error(w, comp, h) < 0.75 * output_error(w, deq, h)
+    same = encode_compensated(w, CodebookConfig(dim, k, "gptq"), h)
+    assert torch.equal(same[2], book) and torch.equal(same[0], comp)  # the fit is encode's; the sweep assigns
+    mask = torch.rand(rows, cols, generator=g) > 0.5  # with a pruning mask: pruned entries stay zero
+    deq_m = encode(w * mask, CodebookConfig(dim, k), book, mask)[0]
+    comp_m, _ = vq_gptq(w * mask, h, book.float(), dim, mask=mask)
+    assert not comp_m[~mask].any()
+    assert output_error(w * mask, comp_m, h) < output_error(w * mask, deq_m, h)

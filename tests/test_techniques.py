@@ -147,7 +147,10 @@ EXAMPLES = {  # built when a test runs (the plug-in registers for this module on
                  lambda: LayerPlan(QuantConfig(3, 16, False, method="mse"), PruneConfig("unstructured", 0.3)),
                  lambda: LayerPlan(QuantConfig(8, 0, True, 8, reduce_range=False), PruneConfig("2:4"))],  # int8f
     "codebook": [lambda: LayerPlan(CodebookConfig(4, 16)),
-                 lambda: LayerPlan(CodebookConfig(4, 8), PruneConfig("unstructured", 0.4), LowRankConfig(8))],
+                 lambda: LayerPlan(CodebookConfig(4, 8), PruneConfig("unstructured", 0.4), LowRankConfig(8)),
+                 lambda: LayerPlan(CodebookConfig(4, 16, "gptq")),
+                 lambda: LayerPlan(CodebookConfig(4, 8, "gptq"), PruneConfig("unstructured", 0.4, "sparsegpt"),
+                                   LowRankConfig(8, "aa"))],
     "cluster": [lambda: LayerPlan(ClusterConfig(16)),
                 lambda: LayerPlan(ClusterConfig(4), PruneConfig("unstructured", 0.4), LowRankConfig(8))],
 }

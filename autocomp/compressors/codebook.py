@@ -10,14 +10,17 @@ within a few percent of fp32 (docs/BENCHMARKS.md).
 
 Options in search spaces: ``vq<d>x<k>``, vectors of ``d`` inputs and ``k`` centroids (a power of two:
 ``log2 k``-bit indices), in a rule's ``quant`` list beside the scalar grids (one choice: a layer is encoded
-one way or the other), or under its own key ``codebook`` (``none`` or ``vq<d>x<k>``; then the rule offers no
+one way or the other), or under its own key ``codebook`` (``none`` or ``vq<d>x<k>[/gptq]``; then the rule offers no
 ``quant``). Stored, per matrix: the indices, packed, and the
 codebook in float16 (``k x d``); the size model counts both. A layer whose input count ``d`` does not divide,
 or with fewer vectors than centroids, is not offered the option.
 
 The fit, deterministic on a machine: k-means++ seeding then :data:`ITERS` Lloyd steps on a fixed-seed sample
 of :data:`SAMPLE` vectors (64 a centroid where that is more; all of them when fewer), the centroids rounded to float16,
-then every vector assigned to its nearest stored centroid. The codebook is fitted on every row, so it is not
+then every vector assigned to its nearest stored centroid. ``vq<d>x<k>/gptq`` (config version 2, ``method``
+``gptq``) fits the same codebook and assigns the vectors by GPTQ's sweep instead, with the layer's calibration
+statistics (:func:`~.compensate.vq_gptq`, after GPTVQ): on MiniLM's Linear layers at 2 bits a weight
+(``vq4x256/gptq``) it drifts 0.61x of the nearest assignment and 0.74x of ``2g64/gptq``. The codebook is fitted on every row, so it is not
 row-local: an embedding table the proxy looks up on a few rows still gets the codebook of the whole table.
 Training keeps the codebook (its indices follow the trained weights, nearest centroid, straight-through);
 the ONNX export stores the decoded matrix (dense float32: no ONNX Runtime kernel gathers from a codebook).
@@ -30,12 +33,14 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from autocomp.compressors.base import Execution, LayerContext, Part, Stored, Technique, TechniqueConfig, register
+from autocomp.compressors.base import (Execution, LayerContext, Part, Stored, Technique, TechniqueConfig, has_statistics,
+                                       register)
 from autocomp.errors import AutocompError
 
-__all__ = ["CodebookConfig", "Codebook", "fit_codebook", "nearest"]
+__all__ = ["CodebookConfig", "Codebook", "encode", "encode_compensated", "fit_codebook", "nearest"]
 
-_LABEL = re.compile(r"^(?:none|vq(\d+)x(\d+))$")
+_LABEL = re.compile(r"^(?:none|vq(\d+)x(\d+)(/gptq)?)$")
+METHODS = ("kmeans", "gptq")
 ITERS = 20  # Lloyd steps
 SAMPLE = 1 << 16  # the Lloyd steps' sample: this many vectors, or 64 a centroid where that is more
 SEED_SAMPLE = 16  # k-means++ seeds from the first 16 sample vectors a centroid (it is sequential in the seeds)
@@ -48,9 +53,11 @@ class CodebookConfig(TechniqueConfig):
     """dim: weights a vector (consecutive inputs of one row); centroids: the codebook's size, a power of 2."""
 
     technique = "codebook"
-    VERSION = 1
+    VERSION = 2
+    ADDED = {"method": ("kmeans", 2)}
     dim: int = 8
     centroids: int = 256
+    method: str = "kmeans"
 
     def __post_init__(self) -> None:
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or not 1 <= self.dim <= 64:
@@ -58,6 +65,8 @@ class CodebookConfig(TechniqueConfig):
         k = self.centroids
         if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 1 << 16 or k & (k - 1):
             raise ValueError(f"codebook centroids must be a power of 2 in 2..65536, got {k!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"codebook method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
     @property
     def bits(self) -> int:
@@ -69,18 +78,19 @@ class CodebookConfig(TechniqueConfig):
 def _parse(label: str) -> CodebookConfig | None:
     m = _LABEL.match(str(label))
     if not m:
-        raise ValueError(f"codebook option {label!r} is not none or vq<d>x<k> (vectors of d weights, k centroids, "
-                         f"e.g. vq8x256)")
+        raise ValueError(f"codebook option {label!r} is not none or vq<d>x<k>[/gptq] (vectors of d weights, k "
+                         f"centroids, e.g. vq8x256 or vq4x256/gptq)")
     if label == "none":
         return None
-    return CodebookConfig(int(m.group(1)), int(m.group(2)))
+    return CodebookConfig(int(m.group(1)), int(m.group(2)), "gptq" if m.group(3) else "kmeans")
 
 
 def nearest(x: Any, book: Any, mask: Any = None) -> Any:
     """Index (int64) of the nearest row of ``book`` ``[k, d]`` for each row of ``x`` ``[n, d]`` (float32,
     squared Euclidean distance; the lowest index on a tie). ``mask`` (float ``[n, d]``, 1 = kept, ``x`` zero
     elsewhere): the distance over the kept entries only, so a pruned entry takes no part in the choice, and a
-    vector decoded from ``book`` and masked is assigned back to a centroid that decodes it the same."""
+    vector decoded from ``book`` and masked is assigned back to a centroid that decodes it the same. More
+    generally, with ``mask`` weights ``m >= 0`` and ``x`` given as ``m * x``: the least ``sum m (x - c)^2``."""
     import torch
 
     squares = book * book
@@ -139,6 +149,20 @@ def encode(w: Any, c: CodebookConfig, book: Any = None, mask: Any = None) -> tup
     return deq if mask is None else deq * mask, codes.to(torch.int32).reshape(rows, -1), book
 
 
+def encode_compensated(w: Any, c: CodebookConfig, h: Any, u: Any = None, mask: Any = None) -> tuple[Any, Any, Any]:
+    """``/gptq``: the codebook fitted to the weights as :func:`encode` fits it, then the vectors assigned by
+    GPTQ's sweep (:func:`~.compensate.vq_gptq`). Weighing each weight in the fit by its input's second moment
+    (``h_jj``, or its square root) was measured no better on MiniLM (docs/BENCHMARKS.md). -> as :func:`encode`."""
+    import torch
+
+    from autocomp.compressors.compensate import vq_gptq
+
+    x = (w.float() if mask is None else w.float() * mask).reshape(-1, c.dim)
+    book = fit_codebook(x, c.centroids).half()
+    deq, codes = vq_gptq(w, h, book.float(), c.dim, u, mask)
+    return deq, codes.to(torch.int32), book
+
+
 @register
 class Codebook(Technique):
     name = "codebook"
@@ -154,10 +178,18 @@ class Codebook(Technique):
         return _parse(label)
 
     def bind(self, option: CodebookConfig, layer: Any, shapes: list[tuple[int, int]]) -> CodebookConfig | None:
+        if option.method == "gptq" and not has_statistics(layer):
+            return None
         for rows, cols in shapes:
             if cols % option.dim or rows * cols // option.dim < option.centroids:
                 return None
         return option
+
+    def calibrated(self, c: CodebookConfig) -> bool:
+        return c.method == "gptq"
+
+    def calibrated_option(self, option: Any) -> bool:
+        return option is not None and option.method == "gptq"
 
     def check(self, c: CodebookConfig, layer: Any, shapes: list[tuple[int, int]]) -> None:
         for rows, cols in shapes:
@@ -168,7 +200,7 @@ class Codebook(Technique):
         return True  # training keeps the fitted codebook
 
     def label(self, c: CodebookConfig) -> str:
-        return f"vq{c.dim}x{c.centroids}"
+        return f"vq{c.dim}x{c.centroids}" + ("/gptq" if c.method == "gptq" else "")
 
     def summary(self, c: CodebookConfig) -> dict[str, float]:
         return {"bits": c.bits / c.dim}
@@ -181,15 +213,26 @@ class Codebook(Technique):
 
     # -- proxy --------------------------------------------------------------------------------------------
     def apply(self, parts: list[Part], c: CodebookConfig, ctx: LayerContext) -> list[Part]:
-        out = []
+        for part in parts:
+            if part.values.shape[1] % c.dim:
+                raise AutocompError(f"layer {ctx.name}: codebook vectors of {c.dim} do not tile its "
+                                    f"{part.values.shape[1]} inputs")
+        out: list[Part] = list(parts)
+        if c.method == "gptq" and ctx.holder is None:
+            # factors (B @ A) from the last to the first: the input of B is A x, statistics A' H A'^T
+            h = ctx.hessian()
+            for i in reversed(range(len(parts))):
+                u = ctx.inverse_cholesky() if i == len(parts) - 1 else None
+                deq, codes, book = encode_compensated(parts[i].values, c, h, u, parts[i].mask)
+                out[i] = parts[i].evolve(values=deq, codes=codes, scale=None, zero_point=None,
+                                         extra={"codebook": book.clone()})
+                if i:
+                    h = deq.double() @ h @ deq.double().T
+            return out
         for i, part in enumerate(parts):
-            w = part.values
-            if w.shape[1] % c.dim:
-                raise AutocompError(f"layer {ctx.name}: codebook vectors of {c.dim} do not tile its {w.shape[1]} inputs")
             book = getattr(ctx.holder, f"vqbook{ctx.index + i}") if ctx.holder is not None else None
-            deq, codes, book = encode(w, c, book, part.mask)
-            out.append(part.evolve(values=deq, codes=codes, scale=None, zero_point=None,
-                                   extra={"codebook": book.clone()}))
+            deq, codes, book = encode(part.values, c, book, part.mask)
+            out[i] = part.evolve(values=deq, codes=codes, scale=None, zero_point=None, extra={"codebook": book.clone()})
         return out
 
     # -- training -----------------------------------------------------------------------------------------

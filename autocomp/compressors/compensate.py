@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["BLOCK", "DAMP", "act_order", "dampened", "gptq", "gptq_many", "inverse_cholesky", "output_error", "sparsegpt",
-           "sparsegpt_many", "whitened_svd"]
+           "sparsegpt_many", "vq_gptq", "whitened_svd"]
 
 # Fraction of the mean diagonal added to H. The GPTQ paper uses 0.01. Measured on MiniLM, uniform options on
 # every Linear layer, held-out drift: with statistics from the 548 token rows the proxy scores (fewer than the
@@ -404,3 +404,55 @@ def whitened_svd(w: Any, h: Any) -> tuple[Any, Any, Any, Any]:
     lo = torch.linalg.cholesky(dampened(h))
     u, s, vh = torch.linalg.svd(w.double() @ lo, full_matrices=False)
     return u, s, vh, lo
+
+
+def vq_gptq(w: Any, h: Any, book: Any, dim: int, u: Any = None, mask: Any = None) -> tuple[Any, Any]:
+    """GPTQ's sweep for a codebook (after GPTVQ, van Baalen et al., 2024, "GPTVQ: The Blessing of
+    Dimensionality for LLM Quantization"): each run of ``dim`` columns is assigned jointly, every row's
+    ``dim``-vector to the centroid of ``book`` (``[k, dim]``) that costs the output least given the columns
+    already fixed, and its error is compensated on the columns not yet swept, as GPTQ does a column's.
+
+    That cost is ``||A (x - c)||^2`` with ``A = U_BB^-T``: with ``U`` the upper Cholesky factor of ``H^-1``,
+    ``U_BB^T U_BB`` is the block of the inverse second moment of the columns not yet fixed, and its inverse
+    is the OBS metric of a ``dim``-column change (for ``dim`` 1, GPTQ's ``e^2 / U_jj^2``). With a pruning
+    ``mask`` a row's kept entries differ, so the metric is its diagonal ``1 / U_jj^2`` over the kept entries
+    and the pruned ones are driven to zero. Columns are swept in stored order (a vector is a run of stored
+    columns). -> (decoded float32 ``[rows, cols]``, indices int64 ``[rows, cols / dim]``)."""
+    import torch
+
+    from autocomp.compressors.codebook import nearest
+
+    rows, cols = w.shape
+    u = inverse_cholesky(h) if u is None else u
+    bookd = book.double()
+    codes = torch.empty(rows, cols // dim, dtype=torch.long)
+    maskt = None if mask is None else mask.t().double().contiguous()
+    state: dict[str, Any] = {}
+
+    def block_start(b0: int, b1: int, wt: Any, _u: Any) -> None:
+        state["wt"] = wt
+
+    def target(j: int, col: Any) -> Any:
+        r = j % dim
+        if r == 0:
+            x = state["wt"][j:j + dim].t()  # [rows, dim], with every earlier column's update
+            ub = u[j:j + dim, j:j + dim]
+            if maskt is None:
+                a = torch.linalg.solve_triangular(ub, torch.eye(dim, dtype=torch.float64), upper=True).t()
+                idx = nearest((x @ a.t()).float(), (bookd @ a.t()).float())
+                q = bookd[idx]
+            else:
+                m = maskt[j:j + dim].t()
+                wm = (m / torch.diagonal(ub) ** 2).float()  # sum wm (x - c)^2 = sum wm x^2 - 2 (wm x) c + wm c^2
+                idx = nearest((x.float() * wm), bookd.float(), wm)
+                q = bookd[idx] * m
+            codes[:, j // dim] = idx
+            state["q"] = q
+        return state["q"][:, r]
+
+    _sweep(w, u, target, block_start, dim * max(1, BLOCK // dim))
+    deq = bookd[codes].reshape(rows, cols)
+    if mask is not None:
+        deq = deq * mask
+    return deq.float(), codes
+
