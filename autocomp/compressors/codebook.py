@@ -20,8 +20,8 @@ of :data:`SAMPLE` vectors (64 a centroid where that is more; all of them when fe
 then every vector assigned to its nearest stored centroid. ``vq<d>x<k>/gptq`` (config version 2, ``method``
 ``gptq``) fits the same codebook and assigns the vectors by GPTQ's sweep instead, with the layer's calibration
 statistics (:func:`~.compensate.vq_gptq`, after GPTVQ): on MiniLM's Linear layers at 2 bits a weight
-(``vq4x256/gptq``) it drifts 0.61x of the nearest assignment and 0.74x of ``2g64/gptq``. The codebook is fitted on every row, so it is not
-row-local: an embedding table the proxy looks up on a few rows still gets the codebook of the whole table.
+(``vq4x256/gptq``) it drifts 0.33x of the nearest assignment and 0.64x of ``2g64/gptq``. The codebook is
+fitted on every row, so it is not row-local: an embedding table the proxy looks up on a few rows still gets the codebook of the whole table.
 Training keeps the codebook (its indices follow the trained weights, nearest centroid, straight-through);
 the ONNX export stores the decoded matrix (dense float32: no ONNX Runtime kernel gathers from a codebook).
 """
@@ -149,7 +149,7 @@ def encode(w: Any, c: CodebookConfig, book: Any = None, mask: Any = None) -> tup
     return deq if mask is None else deq * mask, codes.to(torch.int32).reshape(rows, -1), book
 
 
-def encode_compensated(w: Any, c: CodebookConfig, h: Any, u: Any = None, mask: Any = None) -> tuple[Any, Any, Any]:
+def encode_compensated(w: Any, c: CodebookConfig, h: Any, mask: Any = None) -> tuple[Any, Any, Any]:
     """``/gptq``: the codebook fitted to the weights as :func:`encode` fits it, then the vectors assigned by
     GPTQ's sweep (:func:`~.compensate.vq_gptq`). Weighing each weight in the fit by its input's second moment
     (``h_jj``, or its square root) was measured no better on MiniLM (docs/BENCHMARKS.md). -> as :func:`encode`."""
@@ -159,7 +159,7 @@ def encode_compensated(w: Any, c: CodebookConfig, h: Any, u: Any = None, mask: A
 
     x = (w.float() if mask is None else w.float() * mask).reshape(-1, c.dim)
     book = fit_codebook(x, c.centroids).half()
-    deq, codes = vq_gptq(w, h, book.float(), c.dim, u, mask)
+    deq, codes = vq_gptq(w, h, book.float(), c.dim, mask)
     return deq, codes.to(torch.int32), book
 
 
@@ -222,8 +222,7 @@ class Codebook(Technique):
             # factors (B @ A) from the last to the first: the input of B is A x, statistics A' H A'^T
             h = ctx.hessian()
             for i in reversed(range(len(parts))):
-                u = ctx.inverse_cholesky() if i == len(parts) - 1 else None
-                deq, codes, book = encode_compensated(parts[i].values, c, h, u, parts[i].mask)
+                deq, codes, book = encode_compensated(parts[i].values, c, h, parts[i].mask)
                 out[i] = parts[i].evolve(values=deq, codes=codes, scale=None, zero_point=None,
                                          extra={"codebook": book.clone()})
                 if i:
