@@ -39,7 +39,7 @@ PAIRS = [  # (round-to-nearest label, compensated label, axis)
     ("3g32", "3g32/gptq", "quant"), ("3g128", "3g128/gptq", "quant"), ("3c", "3c/gptq", "quant"),
     ("4g32", "4g32/gptq", "quant"), ("4g128", "4g128/gptq", "quant"), ("4c", "4c/gptq", "quant"),
     ("u50", "u50/sparsegpt", "prune"), ("2:4", "2:4/sparsegpt", "prune"), ("r0.5", "r0.5/aa", "rank"),
-    ("u50+4g128", "u50/sparsegpt+4g128/gptq", "both"),
+    ("u50+4g128", "u50/sparsegpt+4g128/gptq", "both"), ("vq4x256", "vq4x256/gptq", "codebook"),
 ]
 BUDGETS = (0.10, 0.12, 0.15)
 
@@ -50,7 +50,7 @@ def log(msg: str) -> None:
 
 def linear_plan(desc, label: str, types=("Linear",)):
     """``label`` (``4g128/gptq``, ``u50``, ``u50/sparsegpt+4g128/gptq``) on every layer of ``types``."""
-    from autocomp.compressors.base import technique
+    from autocomp.compressors.base import option_of, technique
     from autocomp.plan import LayerPlan, Plan
 
     layers = {}
@@ -60,8 +60,8 @@ def linear_plan(desc, label: str, types=("Linear",)):
         configs = []
         for part in label.split("+"):
             name = "lowrank" if part.startswith("r") else "prune" if part.startswith(("u", "2:4")) else "quantize"
-            t = technique(name)
-            c = t.bind(t.parse(part), layer, [(layer.rows, layer.cols)])
+            t, option = option_of(technique(name), part)  # a codebook label is an alternative on the quant axis
+            c = t.bind(option, layer, [(layer.rows, layer.cols)])
             if c is not None:
                 configs.append(c)
         if configs:
