@@ -6,14 +6,15 @@ neighbor search", 2011; Gong et al., "Compressing deep convolutional networks us
 2014): a ``b``-bit index per ``d`` weights is ``b / d`` bits a weight, below the 2 bits where a scalar grid
 breaks down. MiniLM's 30,522-row word table is the case it is for: at 6% of fp32 a scalar table cost 55% of
 the budget and nothing in the task metric, while a 1-bit-a-weight codebook (``vq8x256``) keeps the metric
-within a few percent of fp32 (docs/BENCHMARKS.md).
+within a few percent of fp32; assigned by GPTQ's sweep (``/gptq``), a 2-bit codebook also beats the 2-bit
+grids on the encoder's Linear layers (docs/BENCHMARKS.md).
 
 Options in search spaces: ``vq<d>x<k>``, vectors of ``d`` inputs and ``k`` centroids (a power of two:
 ``log2 k``-bit indices), in a rule's ``quant`` list beside the scalar grids (one choice: a layer is encoded
-one way or the other), or under its own key ``codebook`` (``none`` or ``vq<d>x<k>[/gptq]``; then the rule offers no
-``quant``). Stored, per matrix: the indices, packed, and the
-codebook in float16 (``k x d``); the size model counts both. A layer whose input count ``d`` does not divide,
-or with fewer vectors than centroids, is not offered the option.
+one way or the other), or under its own key ``codebook`` (``none`` or ``vq<d>x<k>[/gptq]``; then the rule
+offers no ``quant``). Stored, per matrix: the indices, packed, and the codebook in float16 (``k x d``); the
+size model counts both. A layer whose input count ``d`` does not divide, or with fewer vectors than
+centroids, is not offered the option.
 
 The fit, deterministic on a machine: k-means++ seeding then :data:`ITERS` Lloyd steps on a fixed-seed sample
 of :data:`SAMPLE` vectors (64 a centroid where that is more; all of them when fewer), the centroids rounded to float16,
@@ -21,7 +22,8 @@ then every vector assigned to its nearest stored centroid. ``vq<d>x<k>/gptq`` (c
 ``gptq``) fits the same codebook and assigns the vectors by GPTQ's sweep instead, with the layer's calibration
 statistics (:func:`~.compensate.vq_gptq`, after GPTVQ): on MiniLM's Linear layers at 2 bits a weight
 (``vq4x256/gptq``) it drifts 0.33x of the nearest assignment and 0.64x of ``2g64/gptq``. The codebook is
-fitted on every row, so it is not row-local: an embedding table the proxy looks up on a few rows still gets the codebook of the whole table.
+fitted on every row, so it is not row-local: an embedding table the proxy looks up on a few rows still gets
+the codebook of the whole table.
 Training keeps the codebook (its indices follow the trained weights, nearest centroid, straight-through);
 the ONNX export stores the decoded matrix (dense float32: no ONNX Runtime kernel gathers from a codebook).
 """
