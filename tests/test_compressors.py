@@ -10,6 +10,7 @@ import torch
 from autocomp import PlanMismatchError, apply_plan
 from autocomp.compressors.apply import PlanApplier
 from autocomp.compressors.base import LayerContext, registered
+from autocomp.compressors.codebook import CodebookConfig
 from autocomp.compressors.pipeline import reconstruct, run_pipeline
 from autocomp.compressors.prune import magnitude_mask, nm_mask
 from autocomp.compressors.quantize import quantize_matrix
@@ -21,6 +22,7 @@ from conftest import tiny_loaded
 
 # one plan per registered technique, and all of them combined
 TECHNIQUE_CHOICE = {
+    "codebook": LayerPlan(CodebookConfig(4, 16)),
     "lowrank": LayerPlan(rank=8),
     "prune": LayerPlan(prune="unstructured", sparsity=0.5),
     "quantize": LayerPlan(bits=3, group_size=16, symmetric=False),
