@@ -120,6 +120,9 @@ def test_alternatives_on_an_axis_are_parsed_by_their_own_technique(tmp_path):
     (tmp_path / "bad.yaml").write_text("version: 1\nlayers:\n  - types: [Linear]\n    quant: [keep, vq4]\n")
     with pytest.raises(AutocompError, match="quant"):
         SearchSpace.from_yaml(tmp_path / "bad.yaml", desc)
+    # the message names the codebook's own mistake, not only the scalar grids' grammar
+    with pytest.raises(ValueError, match=r"<bits>.*as a codebook option: codebook centroids must be a power of 2"):
+        option_of(q, "vq4x100/gptq")
 
 
 @pytest.mark.parametrize("dim,k", [(2, 16), (4, 64)])

@@ -497,19 +497,24 @@ def by_dim(dim: str) -> Technique | None:
 def option_of(t: Technique, label: str) -> tuple[Technique, Any]:
     """(the technique ``label`` means on ``t``'s axis, its parsed option): ``t`` itself, or else a technique
     of ``t``'s stage that shares its axis (:attr:`Technique.shares_axis`) and parses ``label`` to an option
-    (its neutral label is not one). A label neither parses raises ``t``'s own ``ValueError``."""
+    (its neutral label is not one). A label none parses raises ``t``'s ``ValueError``, followed by each
+    sharing technique's (so the message names every grammar the axis accepts, and a codebook label's own
+    mistake: ``vq4x100`` is not a power of 2)."""
     try:
         return t, t.parse(label)
-    except ValueError:
+    except ValueError as own:
+        reasons = [str(own)]
         for other in _ORDERED:
             if other.shares_axis == t.axis and other.stage == t.stage and other is not t:
                 try:
                     option = other.parse(label)
-                except ValueError:
+                except ValueError as e:
+                    reasons.append(f"as a {other.name} option: {e}")
                     continue
                 if option is not None:
                     return other, option
-        raise
+                reasons.append(f"as a {other.name} option: {label!r} is its neutral label, not an option")
+        raise ValueError("; ".join(reasons)) from None
 
 
 def has_statistics(layer: Any) -> bool:
