@@ -15,7 +15,13 @@ the decoded matrix (or its transpose) -- and the node is replaced by the kernel 
   so that no CPU's u8 x s8 path saturates (:func:`_lower_w8a8`);
 * quantized embedding tables -> ``com.microsoft::GatherBlockQuantized``: rows gathered from the packed
   codes and dequantized per lookup (the table stays packed in memory);
-* everything else dense float32: Conv layers, weights above 8 bits, groups no kernel block divides.
+* codebook layers (no ONNX Runtime kernel reads a codebook) -> their packed indices and float16 codebook,
+  decoded by ordinary ONNX ops (:func:`_lower_codebook`): a matrix feeds its ``MatMul`` / ``Gemm`` from a
+  decoding subgraph of constants only, which ONNX Runtime folds into the dense float32 matrix when it builds
+  the session (small file; dense speed and memory), a table gathers the packed index rows of the looked-up
+  tokens and decodes only them (the table stays packed in memory);
+* everything else dense float32: Conv layers, weights above 8 bits, groups no kernel block divides, pruned
+  codebook layers.
 
 Scales are float32 in ORT's kernels (float16 in autocomp's packed format) and a per-channel scale repeats
 per block, so the file is somewhat larger than the plan's predicted bytes; the JSON reports both.
@@ -270,6 +276,95 @@ def _lower_gather(gr: _Graph, indices: str, out: str, w: Any, key: str) -> list[
                              quantize_axis=1, block_size=w.block, bits=w.bits)]
 
 
+def _row_packed(codes: Any, bits: int) -> Any:
+    """Indices ``[rows, m]`` packed per row in autocomp's bit order (a little-endian bit stream: index i at
+    bits ``i * bits ...``), each row padded with zero bits to whole bytes -> uint8 ``[rows, ceil(m * bits / 8)]``."""
+    import numpy as np
+
+    rows, m = codes.shape
+    if bits == 8:
+        return codes.astype(np.uint8)
+    planes = ((codes.astype(np.uint32)[:, :, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    stream = np.zeros((rows, -(-m * bits // 8) * 8), np.uint8)
+    stream[:, :m * bits] = planes.reshape(rows, -1)
+    return np.packbits(stream, axis=1, bitorder="little")
+
+
+def _unpack_last(gr: _Graph, packed: str, bits: int, m: int, width: int, out: str) -> list[Any]:
+    """Nodes: the ``m`` int32 indices of each row of ``packed`` (uint8, ``width`` bytes along its last axis,
+    any leading axes) -> ``out``. Index i starts at bit ``i * bits``: the (up to 3) bytes it spans are
+    gathered, summed little-endian, divided by ``2^shift`` and reduced modulo ``2^bits``. A byte past the
+    row's end is clamped to its last byte: the bits it would give are above the index and reduced away."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    if bits == 8:
+        return [helper.make_node("Cast", [packed], [out], to=TensorProto.INT32)]
+    start = np.arange(m, dtype=np.int64) * bits
+    byte, shift = start // 8, start % 8
+    spans = int(((shift + bits + 7) // 8).max())
+    stem = f"autocomp/vq{bits}x{m}in{width}"
+    nodes, total = [], None
+    for j in range(spans):
+        pos = gr.init(f"{stem}_byte{j}", np.minimum(byte + j, width - 1))
+        raw, val = gr.tmp("vqbyte"), gr.tmp("vqint")
+        nodes += [helper.make_node("Gather", [packed, pos], [raw], axis=-1),
+                  helper.make_node("Cast", [raw], [val], to=TensorProto.INT32)]
+        if j:
+            scaled = gr.tmp("vqint")
+            nodes.append(helper.make_node("Mul", [val, gr.init(f"autocomp/i32_{1 << 8 * j}",
+                                                                np.array(1 << 8 * j, np.int32))], [scaled]))
+            val = scaled
+        if total is not None:
+            summed = gr.tmp("vqint")
+            nodes.append(helper.make_node("Add", [total, val], [summed]))
+            val = summed
+        total = val
+    if shift.any():
+        shifted = gr.tmp("vqint")
+        nodes.append(helper.make_node("Div", [total, gr.init(f"{stem}_shift", (1 << shift).astype(np.int32))],
+                                      [shifted]))
+        total = shifted
+    nodes.append(helper.make_node("Mod", [total, gr.init(f"autocomp/i32_{1 << bits}", np.array(1 << bits, np.int32))],
+                                  [out]))
+    return nodes
+
+
+def _lower_codebook(gr: _Graph, w: Any, key: str, indices: str | None, out: str, transposed: bool = False) -> list[Any]:
+    """Nodes decoding a codebook layer (:class:`OnnxWeight` ``Codebook``) -> ``out``. ``indices`` None: the
+    whole matrix (``[rows, cols]``, or ``[cols, rows]`` when ``transposed``), from constants only, so ONNX
+    Runtime folds it when it builds the session; else a table's rows at ``indices`` (``[..., cols]``), the
+    packed index rows gathered first and only they decoded, at run time."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    rows, m = w.codes.shape
+    cols = m * w.block
+    packed = _row_packed(w.codes, w.bits)
+    codes = gr.init(f"{key}.vqcodes", packed)
+    book = gr.init(f"{key}.codebook", np.ascontiguousarray(w.scales.astype(np.float16)))
+    book32, ix, vectors = gr.tmp("vqbook"), gr.tmp("vqindex"), gr.tmp("vqvectors")
+    nodes = [helper.make_node("Cast", [book], [book32], to=TensorProto.FLOAT)]
+    if indices is None:
+        nodes += _unpack_last(gr, codes, w.bits, m, packed.shape[1], ix)
+        nodes.append(helper.make_node("Gather", [book32, ix], [vectors], axis=0))
+        dense = gr.tmp("vqdense") if transposed else out
+        nodes.append(helper.make_node("Reshape", [vectors, gr.init(f"autocomp/shape_{rows}x{cols}",
+                                                                   np.array([rows, cols], np.int64))], [dense]))
+        if transposed:
+            nodes.append(helper.make_node("Transpose", [dense], [out], perm=[1, 0]))
+        return nodes
+    picked, shape, target = gr.tmp("vqrows"), gr.tmp("vqshape"), gr.tmp("vqtarget")
+    nodes += [helper.make_node("Gather", [codes, indices], [picked], axis=0)]
+    nodes += _unpack_last(gr, picked, w.bits, m, packed.shape[1], ix)
+    nodes += [helper.make_node("Gather", [book32, ix], [vectors], axis=0),
+              helper.make_node("Shape", [indices], [shape]),
+              helper.make_node("Concat", [shape, gr.init(f"autocomp/cols_{cols}", np.array([cols], np.int64))],
+                               [target], axis=0),
+              helper.make_node("Reshape", [vectors, target], [out])]
+    return nodes
+
+
 def _lower(model: Any, lowerings: dict[str, tuple[str, Any]], accuracy: int = 0) -> dict[str, Any]:
     """Replace every node whose weight initializer is a quantized layer's decoded matrix. ``lowerings``:
     digest of the matrix as the graph holds it ([N, K] or [K, N]) -> (key, OnnxWeight)."""
@@ -289,9 +384,35 @@ def _lower(model: Any, lowerings: dict[str, tuple[str, Any]], accuracy: int = 0)
 
     done: dict[str, int] = {}
     nodes = []
+    decoded: dict[str, str] = {}  # initializer -> its codebook decoding's output
+
+    def decode(name: str, key: str, w: Any) -> str:
+        """A codebook matrix as the graph holds it, decoded by nodes added before the first node reading it."""
+        if name not in decoded:
+            import numpy as np
+
+            dims = tuple(int(d) for d in gr.inits[name].dims)
+            rows, cols = w.codes.shape[0], w.codes.shape[1] * w.block
+            transposed = dims != (rows, cols) or (rows == cols and not np.array_equal(
+                numpy_helper.to_array(gr.inits[name]), w.scales.astype(np.float32)[w.codes].reshape(rows, cols)))
+            decoded[name] = gr.tmp("vqmatrix")
+            nodes.extend(_lower_codebook(gr, w, key, None, decoded[name], transposed))
+            done["Codebook"] = done.get("Codebook", 0) + 1
+        return decoded[name]
+
     for node in gr.g.node:
         new = None
-        if node.op_type == "MatMul" and len(node.input) == 2:
+        hits = {i: match(x) for i, x in enumerate(node.input) if x in gr.inits}
+        books = {i: h for i, h in hits.items() if h is not None and h[1].op == "Codebook"}
+        if books:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if node.op_type == "Gather" and list(books) == [0] and attrs.get("axis", 0) == 0:
+                key, w = books[0]
+                new = _lower_codebook(gr, w, key, node.input[1], node.output[0])
+            else:
+                for i, (key, w) in books.items():
+                    node.input[i] = decode(node.input[i], key, w)
+        elif node.op_type == "MatMul" and len(node.input) == 2:
             hit = match(node.input[1])
             if hit is not None and hit[1].op in ("MatMulNBits", "MatMulInteger"):
                 key, w = hit
@@ -322,7 +443,7 @@ def _lower(model: Any, lowerings: dict[str, tuple[str, Any]], accuracy: int = 0)
         else:
             nodes.extend(new)
             op = next((x.op_type for x in new if x.op_type in ("MatMulNBits", "MatMulInteger", "GatherBlockQuantized")),
-                      new[0].op_type)
+                      "Codebook" if books else new[0].op_type)
             done[op] = done.get(op, 0) + 1
     del gr.g.node[:]
     gr.g.node.extend(nodes)

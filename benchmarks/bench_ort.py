@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/bench_ort.py --part kernels        # MatMulNBits vs MatMul, decoder layer at M = 1
     .venv/bin/python benchmarks/bench_ort.py --part minilm --plans P1.json,P2.json  # MiniLM sessions
+    .venv/bin/python benchmarks/bench_ort.py --part minilm --files M1.onnx  # + files `autocomp export` wrote
     .venv/bin/python benchmarks/bench_ort.py --part parity         # output differences per technique / end to end
 
 Timings are interleaved (each round runs every candidate once, in a fresh random order; lower quartile), so
 the shared machine's drift hits every candidate alike; ratios are what to compare. Session memory: each
 model in a fresh process (resident set after two runs at 1x15 tokens minus the same process after it created
-and ran a weightless session: the runtime's own baseline).
+and ran a weightless session: the runtime's own baseline); ``session_load_s`` is the time that process took to
+build the session (codebook layers are decoded then).
 """
 
 from __future__ import annotations
@@ -84,19 +86,24 @@ empty.run(None, {'A': np.ones(4, np.float32)})
 from autocomp.memory import release
 release()  # OrtModel gives the heap it freed back (malloc_trim): so does the baseline
 before = rss()
+import time
+t0 = time.perf_counter()
 m = OrtModel(sys.argv[1])
+load = time.perf_counter() - t0
 m(**batch); m(**batch)
-print(json.dumps({"rss_over_baseline": rss() - before}))
+print(json.dumps({"rss_over_baseline": rss() - before, "load_s": load}))
 """
 
 
-def session_rss(path: Path) -> int:
+def session_rss(path: Path) -> dict:
+    """-> {"rss_over_baseline": bytes, "load_s": seconds to build the session}, in a fresh process."""
     r = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(path)], capture_output=True, text=True, check=True)
-    return int(json.loads(r.stdout.strip().splitlines()[-1])["rss_over_baseline"])
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def part_minilm(plan_paths: list[str]) -> dict:
-    """MiniLM at 1x128 and 1x16 tokens in ORT: fp32, uniform W8A8, uniform 4g128 and the given plans."""
+def part_minilm(plan_paths: list[str], files: list[str] = ()) -> dict:
+    """MiniLM at 1x128 and 1x16 tokens in ORT: fp32, uniform W8A8, uniform 4g128, the given plans (exported
+    here: plans without calibration statistics) and the given ONNX files (exported by `autocomp export`)."""
     import torch
 
     from autocomp.cost.size import plan_bytes
@@ -127,8 +134,16 @@ def part_minilm(plan_paths: list[str]) -> dict:
             path = Path(tmp) / f"{len(models)}.onnx"
             r = export_onnx(loaded.module, desc, plan, path, loaded.batches[0], output_name="embeddings")
             models[name] = OrtModel(path, spinning=False)  # sessions timed side by side must not spin
+            mem = session_rss(path)
             rows[name] = {"predicted_bytes": r["predicted_bytes"], "file_bytes": r["file_bytes"],
-                          "kernels": r["kernels"], "session_rss_over_baseline": session_rss(path)}
+                          "kernels": r["kernels"], "session_rss_over_baseline": mem["rss_over_baseline"],
+                          "session_load_s": round(mem["load_s"], 3)}
+        for f in files:
+            name = Path(f).stem
+            models[name] = OrtModel(f, spinning=False)
+            mem = session_rss(Path(f))
+            rows[name] = {"predicted_bytes": int(models[name].meta["predicted_bytes"]), "file_bytes": Path(f).stat().st_size,
+                          "session_rss_over_baseline": mem["rss_over_baseline"], "session_load_s": round(mem["load_s"], 3)}
         for seq in (128, 16):
             batch = workload_batch(loaded, desc, Workload(1, seq))
             feeds = {name: m.feed(**batch) for name, m in models.items()}
@@ -143,7 +158,7 @@ def part_minilm(plan_paths: list[str]) -> dict:
             applier = PlanApplier(loaded.module, desc)
             batch = workload_batch(loaded, desc, Workload(1, 128))
             eager = {name: (build_runtime_model(loaded.module, desc, plan, applier) if plan is not None else loaded.module)
-                     for name, plan in plans.items()}
+                     for name, plan in plans.items()}  # (not the files': their plans may need calibration)
             ms = interleaved({name: (lambda m=m: m(**batch)) for name, m in eager.items()}, rounds=20)
             for name, v in ms.items():
                 rows[name]["torch_eager_ms_1x128"] = round(v, 3)
@@ -217,8 +232,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["kernels", "minilm", "parity"], required=True)
     ap.add_argument("--plans", default="", help="--part minilm: comma-separated plan files to add")
+    ap.add_argument("--files", default="", help="--part minilm: comma-separated ONNX files (autocomp export) to add")
     args = ap.parse_args()
-    fn = {"kernels": part_kernels, "minilm": lambda: part_minilm([p for p in args.plans.split(",") if p]),
+    fn = {"kernels": part_kernels, "minilm": lambda: part_minilm([p for p in args.plans.split(",") if p],
+                                                                       [f for f in args.files.split(",") if f]),
           "parity": part_parity}[args.part]
     import onnxruntime
 

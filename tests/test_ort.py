@@ -123,6 +123,79 @@ def test_causal_lm_with_tied_head_exports_its_logits(tmp_path):
     assert (out.logits - sim.logits).abs().max() <= 1e-4 * sim.logits.abs().max()
 
 
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_codebook_indices_decode_in_the_graph_for_every_width(bits):
+    """The graph's own decoding of row-packed indices (autocomp/ort.py, _lower_codebook) gives exactly the
+    codebook's vectors at every index width, a matrix (in either orientation) and a table looked up at
+    indices of any shape, with ONNX Runtime folding the matrix into a constant and without optimizations."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from autocomp.compressors.base import OnnxWeight
+    from autocomp.ort import _Graph, _lower_codebook
+
+    rng = np.random.default_rng(bits)
+    rows, m, d = 7, 13, 3  # 13 indices a row: every width but 8 and 16 pads its rows
+    codes = rng.integers(0, 1 << bits, (rows, m))
+    codes[0, :] = (1 << bits) - 1  # the largest index, every bit set, beside smaller ones
+    book = rng.standard_normal((1 << bits, d)).astype(np.float16)
+    dense = book.astype(np.float32)[codes].reshape(rows, m * d)
+    w = OnnxWeight("Codebook", bits, d, codes, book)
+    gr = _Graph(helper.make_model(helper.make_graph([], "g", [], [])))
+    nodes = (_lower_codebook(gr, w, "t", None, "matrix") + _lower_codebook(gr, w, "t", None, "matrix_t", True)
+             + _lower_codebook(gr, w, "t", "ids", "rows"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["a", "b"] if n != "rows" else [2, 3, m * d])
+                               for n in ("matrix", "matrix_t", "rows")], list(gr.added.values()))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    packed = next(t for t in graph.initializer if t.name == "t.vqcodes")
+    assert packed.data_type == TensorProto.UINT8 and tuple(packed.dims) == (rows, -(-m * bits // 8))
+    ids = np.array([[6, 0, 2], [0, 5, 5]])
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = level
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        matrix, matrix_t, looked_up = sess.run(None, {"ids": ids})
+        assert np.array_equal(matrix, dense) and np.array_equal(matrix_t, dense.T)
+        assert np.array_equal(looked_up, dense[ids])
+
+
+def test_codebook_table_tied_to_the_head_stays_packed(tmp_path):
+    """A codebook on a GPT-2 token table its head also reads: the file holds the packed indices and the float16
+    codebook (no float copy of the table), the lookup decodes gathered rows, the head a decoded matrix, and the
+    logits are the simulation's."""
+    transformers = pytest.importorskip("transformers")
+    from autocomp.compressors.codebook import CodebookConfig
+    from autocomp.models.minilm import load_tokenizer
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=30522, n_embd=32, n_layer=1, n_head=4,
+                                                                 n_positions=64))
+    model.save_pretrained(tmp_path / "gpt2")
+    load_tokenizer().save_pretrained(tmp_path / "gpt2")
+    loaded = load_model(f"hf:{tmp_path / 'gpt2'}")
+    desc = introspect(loaded)
+    table = next(l for l in desc.layers if l.type == "Embedding" and l.rows == 30522)
+    plan = Plan(layers={table.name: LayerPlan(CodebookConfig(8, 64))}, fingerprint=desc.fingerprint)
+    b = loaded.batches[0]
+    r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", b, output_name="logits", accuracy_level=0)
+    assert r["kernels"] == {"Codebook": 3}, r  # two lookups (GPT-2 embeds token_type_ids with wte too), the head
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert not [t for t in graph.initializer if 30522 in t.dims and t.data_type == onnx.TensorProto.FLOAT]
+    inits = {t.name: t for t in graph.initializer}
+    assert tuple(inits[f"{table.name}.vqcodes"].dims) == (30522, 3)  # 4 indices of 6 bits: 3 bytes a row
+    assert tuple(inits[f"{table.name}.codebook"].dims) == (64, 8)
+    # the table's share of the file is what the plan predicts for it, to the byte
+    stored = inits[f"{table.name}.vqcodes"].raw_data + inits[f"{table.name}.codebook"].raw_data
+    from autocomp.cost.size import layer_bytes
+
+    assert len(stored) == layer_bytes(table, plan.layer(table.name))
+    sim = _simulated(loaded, desc, plan, b)
+    out = OrtModel(tmp_path / "m.onnx")(**b)
+    assert (out.logits - sim.logits).abs().max() <= 1e-4 * sim.logits.abs().max()
+
+
 @pytest.mark.slow
 def test_minilm_end_to_end_through_the_cli(capsys, tmp_path, monkeypatch):
     """MiniLM: the fp32 reference and a mixed plan (4-bit groups, W8A8, low rank, 2:4, 3-bit) exported by the CLI,

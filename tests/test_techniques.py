@@ -281,9 +281,12 @@ def test_onnx_runtime_matches_the_simulation(case, tmp_path):
             sim = loaded.module(b)
         ref = loaded.module(b)
     real = OrtModel(tmp_path / "m.onnx")(b)
-    q = example(case).get("quantize")
+    q, book = example(case).get("quantize"), example(case).get("codebook")
     assert (real - sim).abs().max() <= 1e-4 * sim.abs().max()
-    if q is not None and q.act_bits == 8:  # W8A8 on either activation grid, exactly (int8: 7 bits, int8f: 8)
+    if book is not None:  # decoded in the graph from the stored indices and codebook; a pruned layer dense
+        n = 0 if example(case).get("prune") is not None else 3 * len(example(case).get("lowrank") and [0, 1] or [0])
+        assert r["kernels"] == ({"Codebook": n} if n else {}), r
+    elif q is not None and q.act_bits == 8:  # W8A8 on either activation grid, exactly (int8: 7 bits, int8f: 8)
         assert r["kernels"] == {"MatMulInteger": 3}
     elif q is not None and q.bits <= 8:
         n = 3 * len(example(case).get("lowrank") and [0, 1] or [0])

@@ -399,8 +399,10 @@ class Technique(ABC):
 class OnnxWeight:
     """One matrix as an ONNX Runtime integer kernel stores it. ``op``: ``MatMulNBits`` (com.microsoft;
     weight-only, 2/4/8-bit codes in blocks of ``block`` inputs), ``MatMulInteger`` (W8A8: int8 weights per
-    row, activations quantized per tensor at run time) or ``GatherBlockQuantized`` (com.microsoft; an
-    embedding table gathered from its codes). ``codes``: unsigned integers ``[rows, cols]`` (int8 for
+    row, activations quantized per tensor at run time), ``GatherBlockQuantized`` (com.microsoft; an
+    embedding table gathered from its codes) or ``Codebook`` (no kernel: ``codes`` are indices into the
+    rows of ``scales``, a ``[k, block]`` float16 codebook, each index ``bits`` wide and decoding ``block``
+    consecutive weights of its row; the graph decodes them). ``codes``: unsigned integers ``[rows, cols]`` (int8 for
     MatMulInteger); ``scales``: float32 ``[rows, ceil(cols / block)]`` (``[rows]`` for MatMulInteger);
     ``zero_points``: like ``scales``, integers, or None (the kernel's default ``2^(bits-1)``). ``note``:
     what differs from the plan's own format (e.g. 3-bit codes in 4-bit containers), or "". ``act_grid``

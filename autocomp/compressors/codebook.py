@@ -24,8 +24,11 @@ statistics (:func:`~.compensate.vq_gptq`, after GPTVQ): on MiniLM's Linear layer
 (``vq4x256/gptq``) it drifts 0.33x of the nearest assignment and 0.64x of ``2g64/gptq``. The codebook is
 fitted on every row, so it is not row-local: an embedding table the proxy looks up on a few rows still gets
 the codebook of the whole table.
-Training keeps the codebook (its indices follow the trained weights, nearest centroid, straight-through);
-the ONNX export stores the decoded matrix (dense float32: no ONNX Runtime kernel gathers from a codebook).
+Training keeps the codebook (its indices follow the trained weights, nearest centroid, straight-through).
+The ONNX export stores the indices, packed, and the float16 codebook, and decodes them in the graph (no ONNX
+Runtime kernel reads a codebook): a matrix once, when the session is built (ONNX Runtime folds the decoding
+into a dense float32 constant: the file is small, the session and its speed are those of the dense layer), a
+table per looked-up row at run time (the table stays packed in memory). See :mod:`autocomp.ort`.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from autocomp.compressors.base import (Execution, LayerContext, Part, Stored, Technique, TechniqueConfig, has_statistics,
-                                       register)
+from autocomp.compressors.base import (Execution, LayerContext, OnnxWeight, Part, Stored, Technique, TechniqueConfig,
+                                       has_statistics, register)
 from autocomp.errors import AutocompError
 
 __all__ = ["CodebookConfig", "Codebook", "encode", "encode_compensated", "fit_codebook", "nearest"]
@@ -269,6 +272,25 @@ class Codebook(Technique):
         if mask is not None:
             values = values * mask
         state["values"] = values.astype(np.float32)
+
+    # -- ONNX -------------------------------------------------------------------------------------------
+    def onnx_weight(self, c: CodebookConfig, part: Part, use: str) -> OnnxWeight | None:
+        """``Codebook``: the indices ``[rows, cols / dim]`` and the float16 codebook ``[k, dim]``, decoded by the
+        graph (:func:`autocomp.ort._lower_codebook`). None (dense) for a pruned part: the mask would be a
+        second stored tensor the graph has to apply."""
+        import numpy as np
+
+        if part.codes is None or part.mask is not None or "codebook" not in part.extra:
+            return None
+        codes = part.codes.detach().cpu().numpy().astype(np.int64).reshape(part.values.shape[0], -1)
+        book = part.extra["codebook"].detach().cpu().numpy().astype(np.float16).reshape(c.centroids, c.dim)
+        notes = []
+        if use == "matmul":
+            notes.append("codebook decoded to a dense float32 matrix when the ONNX Runtime session is built")
+        if (codes.shape[1] * c.bits) % 8:
+            notes.append(f"{c.bits}-bit codebook indices padded to whole bytes per row")
+        note = "; ".join(notes)
+        return OnnxWeight("Codebook", c.bits, c.dim, codes, book, note=note)
 
     # -- hardware -----------------------------------------------------------------------------------------
     def execution(self, c: CodebookConfig, ex: Execution, device: Any) -> Execution:
