@@ -19,7 +19,10 @@ Prints one JSON object (asserts nothing):
 * ``others``: the digits model (Conv2d + Linear; zero-shot accuracy on its held-out digits) and a GPT-2-shaped
   causal LM with random weights (HF Conv1D; KL proxy), uniform options, round to nearest vs compensated;
 * ``speed``: warm proxy evaluations per second of a round-to-nearest and a compensated plan of the same
-  bytes, interleaved (a trial still costs one forward pass).
+  bytes, interleaved (a trial still costs one forward pass);
+* ``sequential`` (``--plans P1.json,P2.json``, their statistics in ``--studies-dir``): each plan with the
+  search's statistics and with sequential ones (``autocomp plan --sequential``): calibration and held-out
+  drift, MRR, and the seconds the sequential pass took.
 """
 
 from __future__ import annotations
@@ -376,6 +379,33 @@ def part_others(out, studies: Path):
     out["others"] = res
 
 
+def part_sequential(desc, out, plans: list[str], studies: Path):
+    from autocomp.compressors.calibration import attach, attached
+    from autocomp.compressors.sequential import sequential_statistics
+    from autocomp.deploy import evaluate_plan, load_for_plan
+    from autocomp.evaluators.proxy import ProxyEvaluator
+
+    rows = []
+    for path in plans:
+        plan, loaded, desc = load_for_plan(Path(path), None, None, studies)
+        row = {"plan": path, "size_bytes": plan.metrics.get("size_bytes")}
+        base = attached(loaded.module)
+        seq = sequential_statistics(loaded, desc, plan)
+        row["sequential_seconds"] = round(seq.seconds, 1)
+        for key, stats in (("search", base), ("sequential", seq)):
+            attach(loaded.module, stats)
+            row[f"{key}_calib"] = round(ProxyEvaluator(loaded, desc)(plan), 5)
+            row[f"{key}_heldout"] = round(ProxyEvaluator(held_out(loaded), desc)(plan), 5)
+            r = evaluate_plan(loaded, plan, desc, None, None)
+            row[f"{key}_mrr"], row["fp32_mrr"] = round(r["value"], 5), round(r["fp32_value"], 5)
+        row["heldout_ratio"] = round(row["sequential_heldout"] / row["search_heldout"], 3)
+        rows.append(row)
+        log(f"sequential {path}: held-out {row['search_heldout']:.4f} -> {row['sequential_heldout']:.4f}, MRR "
+            f"{row['search_mrr']:.4f} -> {row['sequential_mrr']:.4f} (fp32 {row['fp32_mrr']:.4f}), "
+            f"{row['sequential_seconds']} s")
+    out["sequential"] = rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=100)
@@ -385,6 +415,7 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     ap.add_argument("--spaces", nargs="+", default=["default", "compensated"])
     ap.add_argument("--no-baselines", action="store_true", help="skip the ILP baselines of the search part")
+    ap.add_argument("--plans", default="", help="--parts sequential: comma-separated plan files")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -415,6 +446,8 @@ def main() -> None:
         part_others(out, studies)
     if "structured" in parts:
         part_structured(loaded, desc, out, studies)
+    if "sequential" in parts:
+        part_sequential(desc, out, [p for p in args.plans.split(",") if p], studies)
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
 
 

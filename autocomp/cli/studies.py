@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -28,13 +29,10 @@ def pareto(study: str, storage: str | None, by_modality: bool, as_json: bool, st
     if by_modality and result["pareto"]:
         from autocomp.deploy import modality_breakdown
         from autocomp.desc import ModelDesc
-        from autocomp.models import load_model
 
         meta = handle.meta
         desc = ModelDesc.from_dict(meta["model"])
-        data = str(meta.get("data_spec") or "")
-        loaded = load_model(meta["model_spec"], data=data if ":" in data and not data.startswith("builtin:") else None,
-                            metric=meta.get("metric", "auto"))
+        loaded = _study_model(handle)
         cost = None
         if meta.get("hardware"):
             from autocomp.cost.device import load_device
@@ -48,14 +46,28 @@ def pareto(study: str, storage: str | None, by_modality: bool, as_json: bool, st
     print_result(result, as_json, by_modality=by_modality)
 
 
+def _study_model(handle: Any) -> Any:
+    """The study's model, loaded with its calibration data and proxy metric."""
+    from autocomp.models import load_model
+
+    meta = handle.meta
+    data = str(meta.get("data_spec") or "")
+    return load_model(meta["model_spec"], data=data if ":" in data and not data.startswith("builtin:") else None,
+                      metric=meta.get("metric", "auto"))
+
+
 @cli.command()
 @click.option("--study", required=True)
 @click.option("--storage", default=None)
 @click.option("--pick", default="best", show_default=True,
               help="best (lowest proxy) | smallest | knee | trial:N (a front trial number)")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Where to write the plan JSON.")
+@click.option("--sequential", is_flag=True,
+              help="Compute the plan's compensated layers again in forward order, each on the inputs the layers "
+                   "before it give once compressed (GPTQ's sequential mode; loads the model: ~2 min for MiniLM). "
+                   "The statistics go beside the search's; evaluate, train and export use them.")
 @STUDIES_DIR
-def plan(study: str, storage: str | None, pick: str, out: Path, studies_dir: Path | None) -> None:
+def plan(study: str, storage: str | None, pick: str, out: Path, sequential: bool, studies_dir: Path | None) -> None:
     """Write one plan of the study's Pareto front to --out."""
     from autocomp.files import check_output
     from autocomp.search.pareto import knee_index
@@ -86,11 +98,36 @@ def plan(study: str, storage: str | None, pick: str, out: Path, studies_dir: Pat
     p = plan_of(chosen, handle)
     p = type(p)(**{**p.__dict__, "meta": {**p.meta, "study": study, "trial": chosen.number,
                                            "budget_bytes": handle.budget_bytes}})
+    if sequential:
+        p = _sequential(p, handle, resolve_studies_dir(studies_dir))
     p.save(out)
     from autocomp.budget import format_bytes
 
     console().print(f"wrote {out}: trial {chosen.number}, {format_bytes(p.metrics['size_bytes'])}, "
-                     f"proxy {p.metrics['proxy']:.5f}")
+                     f"proxy {p.metrics['proxy']:.5f}" + (" (the search's, before --sequential)"
+                                                         if "sequential" in p.meta else ""))
+
+
+def _sequential(p: Any, handle: Any, studies: Path) -> Any:
+    """``p`` with sequential statistics of its own (saved in ``studies/calibration``, recorded in its meta)."""
+    from autocomp.compressors.calibration import attached, ensure, plan_needs
+    from autocomp.compressors.sequential import sequential_statistics
+    from autocomp.models.introspect import introspect
+
+    con = console()
+    if not plan_needs(p):
+        con.print("--sequential: this plan has no compensated (GPTQ / SparseGPT / activation-aware) layers; "
+                  "nothing to recompute")
+        return p
+    loaded = _study_model(handle)
+    desc = introspect(loaded)
+    cache = studies / "calibration"
+    ensure(loaded, desc, cache, p, con.print)
+    base = attached(loaded.module)
+    seq = sequential_statistics(loaded, desc, p, con.print)
+    seq.save(cache / f"{seq.key}.safetensors")
+    meta = {**p.meta, "calibration": seq.key, "sequential": {"base": base.key, "seconds": round(seq.seconds, 1)}}
+    return type(p)(**{**p.__dict__, "meta": meta})
 
 
 

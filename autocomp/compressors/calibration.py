@@ -437,6 +437,25 @@ def ensure(loaded: Any, desc: Any, cache_dir: Path | None, plan: Any = None, log
     if stats is None:
         stats = load_or_gather(loaded.module, desc, data, cache_dir, log, loaded.metric)
         attach(loaded.module, stats)
+    sequential = (plan.meta or {}).get("sequential") if plan is not None else None
+    if recorded and isinstance(sequential, dict) and recorded != stats.key:
+        # `autocomp plan --sequential` recorded statistics of its own that are not here (another studies folder,
+        # deleted): they follow from the original ones and the plan, so make them again
+        if sequential.get("base") != stats.key:
+            raise AutocompError(f"this plan's sequential statistics start from calibration statistics "
+                                f"{sequential.get('base')}, these data give {stats.key}; pass the --data the "
+                                f"search used")
+        from autocomp.compressors.sequential import sequential_statistics
+
+        log("sequential statistics: not in the calibration folder, gathering them again")
+        seq = sequential_statistics(loaded, desc, plan, log)
+        if seq.key != recorded:
+            raise AutocompError(f"this plan's layers are not those its sequential statistics {recorded} were made "
+                                f"for (edited?); run `autocomp plan --sequential` again")
+        if cache_dir is not None:
+            seq.save(Path(cache_dir) / f"{seq.key}.safetensors")
+        attach(loaded.module, seq)
+        return seq
     if recorded and recorded != stats.key:
         raise AutocompError(f"this plan's compensated weights were computed on other calibration data (statistics "
                             f"{recorded}, these data give {stats.key}); pass the --data the search used")
