@@ -101,18 +101,23 @@ def test_structured_heads_are_physically_smaller(tmp_path):
     assert r["predicted_bytes"] == plan_bytes(desc, plan)
 
 
-def test_causal_lm_with_tied_head_exports_its_logits(tmp_path):
-    """HF GPT-2 (Conv1D layers, a head tied to the token table): logits out, Conv1D as MatMulNBits, the table
-    gathered from its codes."""
+def _tiny_gpt2(tmp_path, layers: int):
+    """A random-weight HF GPT-2 with MiniLM's 30,522-token vocabulary, saved and loaded as a user's `hf:DIR`."""
     transformers = pytest.importorskip("transformers")
     from autocomp.models.minilm import load_tokenizer
 
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=4,
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=30522, n_embd=32, n_layer=layers, n_head=4,
                                                                  n_positions=64))
     model.save_pretrained(tmp_path / "gpt2")
     load_tokenizer().save_pretrained(tmp_path / "gpt2")
-    loaded = load_model(f"hf:{tmp_path / 'gpt2'}")
+    return load_model(f"hf:{tmp_path / 'gpt2'}")
+
+
+def test_causal_lm_with_tied_head_exports_its_logits(tmp_path):
+    """HF GPT-2 (Conv1D layers, a head tied to the token table): logits out, Conv1D as MatMulNBits, the table
+    gathered from its codes."""
+    loaded = _tiny_gpt2(tmp_path, layers=2)
     desc = introspect(loaded)
     plan = _uniform(desc, LayerPlan(bits=4, group_size=32), emb=LayerPlan(bits=8, group_size=32))
     b = loaded.batches[0]
@@ -165,16 +170,9 @@ def test_codebook_table_tied_to_the_head_stays_packed(tmp_path):
     """A codebook on a GPT-2 token table its head also reads: the file holds the packed indices and the float16
     codebook (no float copy of the table), the lookup decodes gathered rows, the head a decoded matrix, and the
     logits are the simulation's."""
-    transformers = pytest.importorskip("transformers")
     from autocomp.compressors.codebook import CodebookConfig
-    from autocomp.models.minilm import load_tokenizer
 
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=30522, n_embd=32, n_layer=1, n_head=4,
-                                                                 n_positions=64))
-    model.save_pretrained(tmp_path / "gpt2")
-    load_tokenizer().save_pretrained(tmp_path / "gpt2")
-    loaded = load_model(f"hf:{tmp_path / 'gpt2'}")
+    loaded = _tiny_gpt2(tmp_path, layers=1)
     desc = introspect(loaded)
     table = next(l for l in desc.layers if l.type == "Embedding" and l.rows == 30522)
     plan = Plan(layers={table.name: LayerPlan(CodebookConfig(8, 64))}, fingerprint=desc.fingerprint)
