@@ -20,8 +20,8 @@ the decoded matrix (or its transpose) -- and the node is replaced by the kernel 
   decoding subgraph of constants only, which ONNX Runtime folds into the dense float32 matrix when it builds
   the session (small file; dense speed and memory), a table gathers the packed index rows of the looked-up
   tokens and decodes only them (the table stays packed in memory);
-* everything else dense float32: Conv layers, weights above 8 bits, groups no kernel block divides, pruned
-  codebook layers.
+  a pruned codebook layer's mask is a bitmap the decoding multiplies by;
+* everything else dense float32: Conv layers, weights above 8 bits, groups no kernel block divides.
 
 Scales are float32 in ORT's kernels (float16 in autocomp's packed format) and a per-channel scale repeats
 per block, so the file is somewhat larger than the plan's predicted bytes; the JSON reports both.
@@ -345,23 +345,40 @@ def _lower_codebook(gr: _Graph, w: Any, key: str, indices: str | None, out: str,
     book = gr.init(f"{key}.codebook", np.ascontiguousarray(w.scales.astype(np.float16)))
     book32, ix, vectors = gr.tmp("vqbook"), gr.tmp("vqindex"), gr.tmp("vqvectors")
     nodes = [helper.make_node("Cast", [book], [book32], to=TensorProto.FLOAT)]
+    bitmap = None if w.mask is None else gr.init(f"{key}.mask", _row_packed(w.mask.astype(np.int64), 1))
+
+    def masked(rows_of_mask: str, decoded: str, result: str) -> list[Any]:
+        """``decoded`` times the kept positions of the bitmap rows ``rows_of_mask`` -> ``result``."""
+        bit, keep = gr.tmp("vqbit"), gr.tmp("vqkeep")
+        return (_unpack_last(gr, rows_of_mask, 1, cols, -(-cols // 8), bit)
+                + [helper.make_node("Cast", [bit], [keep], to=TensorProto.FLOAT),
+                   helper.make_node("Mul", [decoded, keep], [result])])
+
     if indices is None:
         nodes += _unpack_last(gr, codes, w.bits, m, packed.shape[1], ix)
         nodes.append(helper.make_node("Gather", [book32, ix], [vectors], axis=0))
         dense = gr.tmp("vqdense") if transposed else out
+        full = gr.tmp("vqfull") if bitmap is not None else dense
         nodes.append(helper.make_node("Reshape", [vectors, gr.init(f"autocomp/shape_{rows}x{cols}",
-                                                                   np.array([rows, cols], np.int64))], [dense]))
+                                                                   np.array([rows, cols], np.int64))], [full]))
+        if bitmap is not None:
+            nodes += masked(bitmap, full, dense)
         if transposed:
             nodes.append(helper.make_node("Transpose", [dense], [out], perm=[1, 0]))
         return nodes
     picked, shape, target = gr.tmp("vqrows"), gr.tmp("vqshape"), gr.tmp("vqtarget")
+    full = gr.tmp("vqfull") if bitmap is not None else out
     nodes += [helper.make_node("Gather", [codes, indices], [picked], axis=0)]
     nodes += _unpack_last(gr, picked, w.bits, m, packed.shape[1], ix)
     nodes += [helper.make_node("Gather", [book32, ix], [vectors], axis=0),
               helper.make_node("Shape", [indices], [shape]),
               helper.make_node("Concat", [shape, gr.init(f"autocomp/cols_{cols}", np.array([cols], np.int64))],
                                [target], axis=0),
-              helper.make_node("Reshape", [vectors, target], [out])]
+              helper.make_node("Reshape", [vectors, target], [full])]
+    if bitmap is not None:
+        mask_rows = gr.tmp("vqmaskrows")
+        nodes.append(helper.make_node("Gather", [bitmap, indices], [mask_rows], axis=0))
+        nodes += masked(mask_rows, full, out)
     return nodes
 
 
@@ -393,8 +410,11 @@ def _lower(model: Any, lowerings: dict[str, tuple[str, Any]], accuracy: int = 0)
 
             dims = tuple(int(d) for d in gr.inits[name].dims)
             rows, cols = w.codes.shape[0], w.codes.shape[1] * w.block
+            dense = w.scales.astype(np.float32)[w.codes].reshape(rows, cols)
+            if w.mask is not None:
+                dense = dense * w.mask
             transposed = dims != (rows, cols) or (rows == cols and not np.array_equal(
-                numpy_helper.to_array(gr.inits[name]), w.scales.astype(np.float32)[w.codes].reshape(rows, cols)))
+                numpy_helper.to_array(gr.inits[name]), dense))
             decoded[name] = gr.tmp("vqmatrix")
             nodes.extend(_lower_codebook(gr, w, key, None, decoded[name], transposed))
             done["Codebook"] = done.get("Codebook", 0) + 1
@@ -488,12 +508,12 @@ def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any,
             choice = plan.layer(name)
             use = {"Linear": "matmul", "Conv1D": "matmul", "Embedding": "gather"}.get(kinds.get(name, ""))
             for i, (part, _) in enumerate(built):
-                if part.mask is not None:
-                    notes.setdefault("sparsity stored as zeros (ORT has no sparse kernel)", []).append(name)
                 w = None
                 if use is not None:
                     for tech, config in choice.steps():
                         w = tech.onnx_weight(config, part, use) or w
+                if part.mask is not None and (w is None or w.mask is None):
+                    notes.setdefault("sparsity stored as zeros (ORT has no sparse kernel)", []).append(name)
                 if w is None:
                     if not choice.is_identity:
                         notes.setdefault("dense float32 (no integer kernel for this option or layer kind)",

@@ -166,16 +166,19 @@ def test_codebook_indices_decode_in_the_graph_for_every_width(bits):
         assert np.array_equal(looked_up, dense[ids])
 
 
-def test_codebook_table_tied_to_the_head_stays_packed(tmp_path):
+@pytest.mark.parametrize("pruned", [False, True])
+def test_codebook_table_tied_to_the_head_stays_packed(tmp_path, pruned):
     """A codebook on a GPT-2 token table its head also reads: the file holds the packed indices and the float16
-    codebook (no float copy of the table), the lookup decodes gathered rows, the head a decoded matrix, and the
-    logits are the simulation's."""
+    codebook (and, pruned, the mask as a bitmap; no float copy of the table), the lookup decodes gathered rows,
+    the head a decoded matrix, and the logits are the simulation's."""
     from autocomp.compressors.codebook import CodebookConfig
+    from autocomp.compressors.prune import PruneConfig
 
     loaded = _tiny_gpt2(tmp_path, layers=1)
     desc = introspect(loaded)
     table = next(l for l in desc.layers if l.type == "Embedding" and l.rows == 30522)
-    plan = Plan(layers={table.name: LayerPlan(CodebookConfig(8, 64))}, fingerprint=desc.fingerprint)
+    choice = LayerPlan(CodebookConfig(8, 64), *([PruneConfig("unstructured", 0.4)] if pruned else []))
+    plan = Plan(layers={table.name: choice}, fingerprint=desc.fingerprint)
     b = loaded.batches[0]
     r = export_onnx(loaded.module, desc, plan, tmp_path / "m.onnx", b, output_name="logits", accuracy_level=0)
     assert r["kernels"] == {"Codebook": 3}, r  # two lookups (GPT-2 embeds token_type_ids with wte too), the head
@@ -186,6 +189,10 @@ def test_codebook_table_tied_to_the_head_stays_packed(tmp_path):
     assert tuple(inits[f"{table.name}.codebook"].dims) == (64, 8)
     # the table's share of the file is what the plan predicts for it, to the byte
     stored = inits[f"{table.name}.vqcodes"].raw_data + inits[f"{table.name}.codebook"].raw_data
+    if pruned:
+        assert tuple(inits[f"{table.name}.mask"].dims) == (30522, 4)  # 32 positions a row, one bit each
+        stored += inits[f"{table.name}.mask"].raw_data
+    assert r["notes"] == {}, r
     from autocomp.cost.size import layer_bytes
 
     assert len(stored) == layer_bytes(table, plan.layer(table.name))

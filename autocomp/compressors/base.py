@@ -417,6 +417,7 @@ class OnnxWeight:
     zero_points: Any = None
     note: str = ""
     act_grid: int = 255
+    mask: Any = None  # Codebook: bool [rows, cols], the kept positions (a pruned layer), stored as a bitmap
 
 
 _REGISTRY: dict[str, Technique] = {}

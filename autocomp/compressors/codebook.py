@@ -275,12 +275,12 @@ class Codebook(Technique):
 
     # -- ONNX -------------------------------------------------------------------------------------------
     def onnx_weight(self, c: CodebookConfig, part: Part, use: str) -> OnnxWeight | None:
-        """``Codebook``: the indices ``[rows, cols / dim]`` and the float16 codebook ``[k, dim]``, decoded by the
-        graph (:func:`autocomp.ort._lower_codebook`). None (dense) for a pruned part: the mask would be a
-        second stored tensor the graph has to apply."""
+        """``Codebook``: the indices ``[rows, cols / dim]``, the float16 codebook ``[k, dim]`` and, for a pruned
+        part, its mask (a bitmap, as the packed format stores it), decoded by the graph
+        (:func:`autocomp.ort._lower_codebook`)."""
         import numpy as np
 
-        if part.codes is None or part.mask is not None or "codebook" not in part.extra:
+        if part.codes is None or "codebook" not in part.extra:
             return None
         codes = part.codes.detach().cpu().numpy().astype(np.int64).reshape(part.values.shape[0], -1)
         book = part.extra["codebook"].detach().cpu().numpy().astype(np.float16).reshape(c.centroids, c.dim)
@@ -290,7 +290,8 @@ class Codebook(Technique):
         if (codes.shape[1] * c.bits) % 8:
             notes.append(f"{c.bits}-bit codebook indices padded to whole bytes per row")
         note = "; ".join(notes)
-        return OnnxWeight("Codebook", c.bits, c.dim, codes, book, note=note)
+        mask = None if part.mask is None else part.mask.detach().cpu().numpy().astype(bool)
+        return OnnxWeight("Codebook", c.bits, c.dim, codes, book, note=note, mask=mask)
 
     # -- hardware -----------------------------------------------------------------------------------------
     def execution(self, c: CodebookConfig, ex: Execution, device: Any) -> Execution:
