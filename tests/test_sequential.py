@@ -70,7 +70,13 @@ def test_plan_sequential_through_the_cli(tmp_path, capsys, monkeypatch):
                               *common], capsys)
     assert code == 0, err
     res = json.loads(out)
-    trial = next(e["trial"] for e in res["pareto"] if plan_needs(Plan.load(e["plan_path"])))
+    searched = next(e for e in res["pareto"] if plan_needs(Plan.load(e["plan_path"])))
+    trial = searched["trial"]
+    # `score` re-checks a compensated plan with the statistics it records: the search's proxy, to float rounding
+    code, out, err = run_cli(["score", "--plan", searched["plan_path"], "--data", f"{TINY}:calib", "--json", *common],
+                             capsys)
+    assert code == 0, err
+    assert abs(json.loads(out)["proxy"] - searched["proxy"]) <= 1e-6 * max(searched["proxy"], 1e-6)
     dest = tmp_path / "seq.json"
     code, out, err = run_cli(["plan", "--study", "c", "--pick", f"trial:{trial}", "--out", str(dest), "--sequential",
                               *common], capsys)
@@ -98,6 +104,12 @@ def test_plan_sequential_through_the_cli(tmp_path, capsys, monkeypatch):
     with torch.no_grad():
         back = torch.cat([autocomp.load(tmp_path / "m.acz.safetensors")(b) for b in loaded.batches])
     assert torch.equal(back, sim)
+    # and `score` gives the sequential plan's own proxy
+    from autocomp.evaluators.proxy import ProxyEvaluator
+
+    code, out, err = run_cli(["score", "--plan", str(dest), "--data", f"{TINY}:calib", "--json", *common], capsys)
+    assert code == 0, err
+    assert abs(json.loads(out)["proxy"] - ProxyEvaluator(loaded, desc)(plan)) <= 1e-9
     # the statistics file is gone: made again from the search's statistics and the plan, the same score
     seq_file.unlink()
     code, out, err = run_cli(["evaluate", "--plan", str(dest), *task], capsys)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from autocomp.cli.common import cli, console
+from autocomp.cli.common import STUDIES_DIR, cli, console, resolve_studies_dir
 from autocomp.errors import AutocompError
 from autocomp.evaluators.proxy import METRICS
 
@@ -60,9 +60,12 @@ def layers(model: str, data: str | None, as_json: bool) -> None:
 @click.option("--data", default=None)
 @click.option("--metric", default="auto", type=click.Choice(METRICS))
 @click.option("--json", "as_json", is_flag=True)
-def score(plan_path: Path, model: str | None, data: str | None, metric: str, as_json: bool) -> None:
+@STUDIES_DIR
+def score(plan_path: Path, model: str | None, data: str | None, metric: str, as_json: bool,
+          studies_dir: Path | None) -> None:
     """Apply a plan to its model and report exact size and proxy (checks the plan fits the model)."""
     from autocomp.compressors.apply import check_plan
+    from autocomp.compressors.calibration import ensure
     from autocomp.cost.size import plan_bytes
     from autocomp.evaluators.proxy import ProxyEvaluator
     from autocomp.models import load_model
@@ -76,6 +79,8 @@ def score(plan_path: Path, model: str | None, data: str | None, metric: str, as_
     loaded = load_model(spec, data=data, metric=metric)
     desc = introspect(loaded)
     check_plan(p, desc)
+    # compensated options: the statistics the plan records (the search's, or its --sequential ones)
+    ensure(loaded, desc, resolve_studies_dir(studies_dir) / "calibration", p)
     out = {"model": spec, "size_bytes": plan_bytes(desc, p), "fp32_bytes": desc.fp32_bytes,
            "proxy": ProxyEvaluator(loaded, desc)(p)}
     click.echo(json.dumps(out) if as_json else
