@@ -445,13 +445,13 @@ def ensure(loaded: Any, desc: Any, cache_dir: Path | None, plan: Any = None, log
             raise AutocompError(f"this plan's sequential statistics start from calibration statistics "
                                 f"{sequential.get('base')}, these data give {stats.key}; pass the --data the "
                                 f"search used")
-        from autocomp.compressors.sequential import sequential_statistics
+        from autocomp.compressors.sequential import sequential_key, sequential_statistics
 
-        log("sequential statistics: not in the calibration folder, gathering them again")
-        seq = sequential_statistics(loaded, desc, plan, log)
-        if seq.key != recorded:
+        if sequential_key(stats.key, plan) != recorded:
             raise AutocompError(f"this plan's layers are not those its sequential statistics {recorded} were made "
                                 f"for (edited?); run `autocomp plan --sequential` again")
+        log("sequential statistics: not in the calibration folder, gathering them again")
+        seq = sequential_statistics(loaded, desc, plan, log)
         if cache_dir is not None:
             seq.save(Path(cache_dir) / f"{seq.key}.safetensors")
         attach(loaded.module, seq)
