@@ -64,7 +64,7 @@ def _study_model(handle: Any) -> Any:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Where to write the plan JSON.")
 @click.option("--sequential", is_flag=True,
               help="Compute the plan's compensated layers again in forward order, each on the inputs the layers "
-                   "before it give once compressed (GPTQ's sequential mode; loads the model: ~2 min for MiniLM). "
+                   "before it give once compressed (GPTQ's sequential mode; loads the model: ~1.5 min for MiniLM). "
                    "The statistics go beside the search's; evaluate, train and export use them.")
 @STUDIES_DIR
 def plan(study: str, storage: str | None, pick: str, out: Path, sequential: bool, studies_dir: Path | None) -> None:
