@@ -389,7 +389,8 @@ def validate(loaded: Any, desc: Any, space: Any, device: Device, workload: Any, 
             for i, plan in enumerate(plans):
                 path = Path(tmp) / f"plan{i}.onnx"
                 export_onnx(loaded.module, desc, plan, path, loaded.batches[0],
-                            accuracy_level=int((device.ort or {}).get("accuracy_level", 4)))
+                            accuracy_level=int((device.ort or {}).get("accuracy_level", 4)),
+                            int8_kernel=str((device.ort or {}).get("int8_kernel", "portable")))
                 models.append(OrtModel(path, threads=threads, spinning=False))
                 log(f"  exported plan {i + 1}/{len(plans)} to ONNX")
             measured = time_models(models, batch, runs=runs)

@@ -12,7 +12,8 @@ the decoded matrix (or its transpose) -- and the node is replaced by the kernel 
   points (3-bit codes in 4-bit containers, 5..7-bit in 8-bit: the same values, more bytes);
 * W8A8 layers -> ``MatMulInteger`` on activations quantized per tensor at run time, per-row scales:
   ``int8f`` with ``DynamicQuantizeLinear`` and uint8 weights, ``int8`` on a 7-bit grid the graph computes,
-  so that no CPU's u8 x s8 path saturates (:func:`_lower_w8a8`);
+  so that no CPU's u8 x s8 path saturates (:func:`_lower_w8a8`); ``int8f`` with int8 weights for the faster
+  u8 x s8 kernel of CPUs with VNNI where the export is asked for it (``int8_kernel="vnni"``);
 * quantized embedding tables -> ``com.microsoft::GatherBlockQuantized``: rows gathered from the packed
   codes and dequantized per lookup (the table stays packed in memory);
 * codebook layers (no ONNX Runtime kernel reads a codebook) -> their packed indices and float16 codebook,
@@ -43,9 +44,10 @@ from typing import Any
 
 from autocomp.errors import AutocompError
 
-__all__ = ["export_onnx", "OrtModel", "ONNX_FORMAT"]
+__all__ = ["export_onnx", "OrtModel", "ONNX_FORMAT", "INT8_KERNELS", "cpu_has_vnni"]
 
 ONNX_FORMAT = "autocomp-onnx-1"
+INT8_KERNELS = ("portable", "vnni")  # how W8A8 weights are stored: u8 x u8 (exact everywhere) / u8 x s8 (VNNI)
 OPSET = 18
 MS_DOMAIN = "com.microsoft"
 
@@ -61,6 +63,24 @@ def _require() -> tuple[Any, Any]:
 
 
 # -- tracing ----------------------------------------------------------------------------------------------
+def cpu_has_vnni() -> bool | None:
+    """Whether this CPU has x86's VNNI instructions (``avx512_vnni`` / ``avx_vnni``), on which ONNX Runtime's
+    u8 x s8 ``MatMulInteger`` sums in 32 bits; False on an x86 CPU without them (its u8 x s8 path sums pairs
+    in 16 bits and saturates); None where this cannot be read (not Linux) or the CPU is not x86."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
+        return None
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    if flags is None:
+        return None
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
 def _flatten_output(out: Any, default: str) -> tuple[list[str], list[Any]]:
     """(names, tensors) of a model output: a tensor, a dict / ModelOutput of tensors, or a tuple."""
     import torch
@@ -178,9 +198,13 @@ def _zero_points(zp: Any, bits: int) -> Any:
 
 
 class _Graph:
-    """The exported graph being lowered: new nodes and initializers, dead ones swept at the end."""
+    """The exported graph being lowered: new nodes and initializers, dead ones swept at the end.
+    ``int8_kernel``: how W8A8 layers are stored (:data:`INT8_KERNELS`, :func:`_lower_w8a8`)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, int8_kernel: str = "portable") -> None:
+        if int8_kernel not in INT8_KERNELS:
+            raise AutocompError(f"int8 kernel must be one of {', '.join(INT8_KERNELS)}, got {int8_kernel!r}")
+        self.int8_kernel = int8_kernel
         self.model = model
         self.g = model.graph
         self.inits = {t.name: t for t in self.g.initializer}
@@ -226,6 +250,10 @@ def _lower_w8a8(gr: _Graph, a: str, out: str, w: Any, key: str) -> list[Any]:
     * ``act_grid`` 255 (``int8f``): ``DynamicQuantizeLinear`` and the weights stored as uint8 codes ``q + 128``
       against a zero point of 128 (u8 x u8: ORT's exact path everywhere; 1.2x the time of u8 x s8 there, 1.3x
       faster than fp32 at 128 x 384 -> 1536);
+      with ``gr.int8_kernel == "vnni"`` the weights are stored as int8 codes with no zero point (u8 x s8):
+      the same integers, exact on CPUs with VNNI (``vpdpbusd`` sums in 32 bits), and there 1.4-2.7x faster
+      than u8 x u8 on MiniLM's shapes (Zen 4, docs/BENCHMARKS.md); a file made so is refused by
+      :class:`OrtModel` on an x86 CPU without VNNI;
     * ``act_grid`` 127 (``int8``): the graph quantizes the activations to 7 bits itself (``ReduceMin`` /
       ``ReduceMax``, ``Round``, ``Clip``: the simulation's formula), and int8 weights: two 7-bit x 7-bit
       products cannot saturate 16 bits."""
@@ -234,7 +262,11 @@ def _lower_w8a8(gr: _Graph, a: str, out: str, w: Any, key: str) -> list[Any]:
 
     ws = gr.init(f"{key}.scale", w.scales.astype(np.float32))
     xq, xs, xz, acc, acc_f, sc = (gr.tmp(s) for s in ("xq", "xs", "xz", "acc", "accf", "scale"))
-    if w.act_grid == 255:
+    if w.act_grid == 255 and gr.int8_kernel == "vnni":
+        wq = gr.init(f"{key}.qweight", np.ascontiguousarray(w.codes.T.astype(np.int8)))
+        nodes = [helper.make_node("DynamicQuantizeLinear", [a], [xq, xs, xz]),
+                 helper.make_node("MatMulInteger", [xq, wq, xz], [acc])]
+    elif w.act_grid == 255:
         wq = gr.init(f"{key}.qweight", np.ascontiguousarray((w.codes.T.astype(np.int16) + 128).astype(np.uint8)))
         wz = gr.init("autocomp/u8_128", np.array(128, np.uint8))
         nodes = [helper.make_node("DynamicQuantizeLinear", [a], [xq, xs, xz]),
@@ -382,12 +414,13 @@ def _lower_codebook(gr: _Graph, w: Any, key: str, indices: str | None, out: str,
     return nodes
 
 
-def _lower(model: Any, lowerings: dict[str, tuple[str, Any]], accuracy: int = 0) -> dict[str, Any]:
+def _lower(model: Any, lowerings: dict[str, tuple[str, Any]], accuracy: int = 0,
+           int8_kernel: str = "portable") -> dict[str, Any]:
     """Replace every node whose weight initializer is a quantized layer's decoded matrix. ``lowerings``:
     digest of the matrix as the graph holds it ([N, K] or [K, N]) -> (key, OnnxWeight)."""
     from onnx import helper, numpy_helper
 
-    gr = _Graph(model)
+    gr = _Graph(model, int8_kernel)
     shapes = {d.split(":")[0] for d in lowerings}
     digests: dict[str, str | None] = {}
 
@@ -479,8 +512,13 @@ def _lower(model: Any, lowerings: dict[str, tuple[str, Any]], accuracy: int = 0)
 
 # -- export -----------------------------------------------------------------------------------------------
 def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any, *, parts: Any = None,
-                spec: str | None = None, output_name: str = "output", accuracy_level: int = 4) -> dict[str, Any]:
+                spec: str | None = None, output_name: str = "output", accuracy_level: int = 4,
+                int8_kernel: str = "portable") -> dict[str, Any]:
     """Write ``plan`` applied to ``module`` (or the fp32 model when ``plan`` is None) as one ONNX file.
+
+    ``int8_kernel`` (:data:`INT8_KERNELS`): ``portable`` stores W8A8 weights for ORT's u8 x u8 path, exact
+    on every CPU; ``vnni`` for its u8 x s8 path, faster, and exact only on CPUs with VNNI (x86 CPUs without
+    it saturate; see :func:`_lower_w8a8`).
 
     ``batch``: one calibration batch (the graph's inputs and a trace). ``parts``: a trained student's
     ``name -> (parts, rows, cols)``. -> ``{"path", "format": "onnx", "predicted_bytes", "file_bytes",
@@ -492,9 +530,12 @@ def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any,
 
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise AutocompError(f"accuracy level must be 0..4 (ONNX Runtime's MatMulNBits), got {accuracy_level}")
+    if int8_kernel not in INT8_KERNELS:
+        raise AutocompError(f"int8 kernel must be one of {', '.join(INT8_KERNELS)}, got {int8_kernel!r}")
     notes: dict[str, list[str]] = {}
     lowerings: dict[str, tuple[str, Any]] = {}
     nbits_layers: set[str] = set()
+    int8_layers: set[str] = set()
     if plan is None:
         runtime = copy.deepcopy(module).eval()
         predicted = int(desc.fp32_bytes)
@@ -523,6 +564,8 @@ def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any,
                     notes.setdefault(w.note, []).append(name)
                 if w.op == "MatMulNBits":
                     nbits_layers.add(name)
+                if w.op == "MatMulInteger":
+                    int8_layers.add(name)
                 dense = (part.values if part.mask is None else part.values * part.mask).detach().cpu().numpy()
                 key = f"{name}.{i}" if len(built) > 1 else name
                 lowerings[_digest(dense)] = (key, w)
@@ -536,14 +579,18 @@ def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any,
     if hasattr(getattr(runtime, "config", None), "use_cache"):
         runtime.config.use_cache = False  # a causal LM's key/value cache is not an output of the graph
     model, in_names, out_names, in_kind, out_kind = _trace(runtime, batch, output_name)
-    kernels = _lower(model, lowerings, accuracy_level) if lowerings else {}
+    kernels = _lower(model, lowerings, accuracy_level, int8_kernel) if lowerings else {}
+    if kernels.get("MatMulInteger") and int8_kernel == "vnni":
+        notes["W8A8 as u8 x s8 (--int8-kernel vnni): exact on CPUs with VNNI only; x86 CPUs without it "
+              "saturate (autocomp.load refuses the file there)"] = list(int8_layers)
     if kernels.get("MatMulNBits") and accuracy_level:
         notes[f"MatMulNBits at accuracy level {accuracy_level}: activations rounded to int8 per block (not "
               f"simulated by the search; --accuracy-level 0 computes exactly the searched model)"] = list(nbits_layers)
     meta = {"autocomp_format": ONNX_FORMAT, "model_spec": spec or getattr(plan, "model_spec", "") or "",
             "plan": json.dumps(plan.to_dict(), separators=(",", ":")) if plan is not None else "",
             "predicted_bytes": str(predicted), "fingerprint": desc.fingerprint,
-            "accuracy_level": str(accuracy_level), "inputs": json.dumps(in_names), "input_kind": in_kind,
+            "accuracy_level": str(accuracy_level), "int8_kernel": int8_kernel if kernels.get("MatMulInteger") else "",
+            "inputs": json.dumps(in_names), "input_kind": in_kind,
             "outputs": json.dumps(out_names), "output_kind": out_kind}
     for k, v in meta.items():
         entry = model.metadata_props.add()
@@ -609,6 +656,9 @@ class OrtModel:
         if self.meta.get("autocomp_format") != ONNX_FORMAT:
             raise AutocompError(f"{str(p)!r} is not an autocomp ONNX export; make one with "
                                 f"`autocomp export --format onnx`")
+        if self.meta.get("int8_kernel") == "vnni" and cpu_has_vnni() is False:
+            raise AutocompError(f"{str(p)!r} stores its W8A8 layers for ONNX Runtime's u8 x s8 kernel, which "
+                                f"saturates on this CPU (x86 without VNNI); export it again with --int8-kernel portable")
         self.path = p
         self.input_names = json.loads(self.meta["inputs"])
         self.output_names = json.loads(self.meta["outputs"])

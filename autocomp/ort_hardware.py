@@ -34,7 +34,7 @@ def kernel_classes(blocks: tuple[int, ...] = BLOCKS) -> list[str]:
     return ["fp32", "int8", *(f"nbits{b}g{k}" for b in (2, 4, 8) for k in blocks)]
 
 
-def kernel_graph(cls: str, k: int, n: int, accuracy: int = 4) -> bytes:
+def kernel_graph(cls: str, k: int, n: int, accuracy: int = 4, int8_kernel: str = "portable") -> bytes:
     """A serialized one-layer ONNX model ``Y = A @ W^T`` [M, K] -> [M, N] running kernel class ``cls``."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
@@ -52,7 +52,7 @@ def kernel_graph(cls: str, k: int, n: int, accuracy: int = 4) -> bytes:
         model.graph.initializer.append(w)
         model.graph.node.append(helper.make_node("MatMul", ["A", "W"], ["Y"]))
         return model.SerializeToString()
-    gr = _Graph(model)
+    gr = _Graph(model, int8_kernel)
     if cls == "int8":
         w = OnnxWeight("MatMulInteger", 8, k, rng.integers(-127, 128, (n, k)).astype(np.int8),
                        np.full(n, 0.01, np.float32))
@@ -114,14 +114,15 @@ def _fit(rows: list[tuple[float, float, float, float]], times: list[float]) -> l
 
 
 def _time_kernels(classes: list[str], shapes: list[tuple[int, int]], ms: list[int], threads: int | None,
-                  base: float, accuracy: int, log: Callable[[str], None]) -> tuple[dict[str, list[float]], dict[str, Any]]:
+                  base: float, accuracy: int, log: Callable[[str], None],
+                  int8_kernel: str = "portable") -> tuple[dict[str, list[float]], dict[str, Any]]:
     import numpy as np
 
     fits, samples = {}, {}
     for cls in classes:
         pts: list[tuple[int, tuple[float, float, float, float], float]] = []
         for k, n in shapes:
-            sess = _session(kernel_graph(cls, k, n, accuracy), threads)
+            sess = _session(kernel_graph(cls, k, n, accuracy, int8_kernel), threads)
             for m in ms:
                 a = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
                 t = max(_time(lambda: sess.run(None, {"A": a})) - base, 1e-7)
@@ -202,9 +203,10 @@ def _fit_other(loaded: Any, desc: Any, device_doc: dict[str, Any], threads: int 
 
 def calibrate_ort(out: Path, name: str = "ort-cpu", quick: bool = False, log: Callable[[str], None] = print,
                   model: Any = None, workload: str | None = None, threads: int | None = None,
-                  accuracy_level: int = 4) -> Any:
+                  accuracy_level: int = 4, int8_kernel: str = "portable") -> Any:
     """Write (atomically) and return the ``runtime: ort`` device file of this machine, for exports at
-    ``accuracy_level`` (MatMulNBits' compute type; 4: int8, what `export --format onnx` uses by default)."""
+    ``accuracy_level`` (MatMulNBits' compute type; 4: int8, what `export --format onnx` uses by default) and
+    ``int8_kernel`` (the W8A8 kernel, as `export --format onnx --int8-kernel`)."""
     import onnxruntime
     import yaml
 
@@ -223,7 +225,7 @@ def calibrate_ort(out: Path, name: str = "ort-cpu", quick: bool = False, log: Ca
     shapes = _SHAPES[:4] if quick else _SHAPES
     ms = [1, 16, 128] if quick else _ROWS
     classes = kernel_classes((32, 128) if quick else BLOCKS)
-    kernels, samples = _time_kernels(classes, shapes, ms, threads, base, accuracy_level, log)
+    kernels, samples = _time_kernels(classes, shapes, ms, threads, base, accuracy_level, log, int8_kernel)
     kernels["gather"] = _time_gather(threads, base)
     fp32_rate = 1.0 / max(kernels["fp32"][0], 1e-18)  # MACs/s at large shapes
     src = f"timed by autocomp hardware calibrate --runtime ort (onnxruntime {onnxruntime.__version__}) on {platform.node()}"
@@ -240,6 +242,7 @@ def calibrate_ort(out: Path, name: str = "ort-cpu", quick: bool = False, log: Ca
         "layer_overhead_s": {"value": max(kernels["fp32"][3], 1e-7), "source": src},
         "accelerates": {"int8": True, "weight_only_bits": [2, 4, 8]},
         "ort": {"version": onnxruntime.__version__, "threads": threads or 0, "accuracy_level": accuracy_level,
+                "int8_kernel": int8_kernel,
                 "empty_run_s": base, "kernels": kernels, "samples": samples},
     }
     if fit_model is not None:

@@ -101,9 +101,10 @@ def session_rss(path: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def part_minilm(plan_paths: list[str], files: list[str] = ()) -> dict:
+def part_minilm(plan_paths: list[str], files: list[str] = (), int8_kernel: str = "portable") -> dict:
     """MiniLM at 1x128 and 1x16 tokens in ORT: fp32, uniform W8A8, uniform 4g128, the given plans (exported
-    here: plans without calibration statistics) and the given ONNX files (exported by `autocomp export`)."""
+    here with ``int8_kernel``: plans without calibration statistics) and the given ONNX files (exported by
+    `autocomp export`). On a CPU with VNNI, uniform int8f also with the u8 x s8 kernel (``--int8-kernel vnni``)."""
     import torch
 
     from autocomp.cost.size import plan_bytes
@@ -111,7 +112,7 @@ def part_minilm(plan_paths: list[str], files: list[str] = ()) -> dict:
     from autocomp.cost.latency import Workload
     from autocomp.models import load_model
     from autocomp.models.introspect import introspect
-    from autocomp.ort import OrtModel, export_onnx
+    from autocomp.ort import OrtModel, cpu_has_vnni, export_onnx
     from autocomp.compressors.quantize import QuantConfig
     from autocomp.plan import LayerPlan, Plan
 
@@ -125,14 +126,20 @@ def part_minilm(plan_paths: list[str], files: list[str] = ()) -> dict:
              "uniform 4g128 (+ 4g128 table)": Plan(layers={**{n: LayerPlan(bits=4, group_size=128) for n in lin},
                                                           "bert.embeddings.word_embeddings": LayerPlan(bits=4, group_size=128)},
                                                    fingerprint=desc.fingerprint)}
+    kernel = {name: "portable" for name in plans}
+    if cpu_has_vnni():
+        plans["uniform W8A8 int8f, vnni kernel"] = plans["uniform W8A8 int8f"]
+        kernel["uniform W8A8 int8f, vnni kernel"] = "vnni"
     for p in plan_paths:
         plans[Path(p).stem] = Plan.load(p)
+        kernel[Path(p).stem] = int8_kernel
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         models = {}
         for name, plan in plans.items():
             path = Path(tmp) / f"{len(models)}.onnx"
-            r = export_onnx(loaded.module, desc, plan, path, loaded.batches[0], output_name="embeddings")
+            r = export_onnx(loaded.module, desc, plan, path, loaded.batches[0], output_name="embeddings",
+                            int8_kernel=kernel[name])
             models[name] = OrtModel(path, spinning=False)  # sessions timed side by side must not spin
             mem = session_rss(path)
             rows[name] = {"predicted_bytes": r["predicted_bytes"], "file_bytes": r["file_bytes"],
@@ -233,9 +240,12 @@ def main() -> None:
     ap.add_argument("--part", choices=["kernels", "minilm", "parity"], required=True)
     ap.add_argument("--plans", default="", help="--part minilm: comma-separated plan files to add")
     ap.add_argument("--files", default="", help="--part minilm: comma-separated ONNX files (autocomp export) to add")
+    ap.add_argument("--int8-kernel", default="portable", choices=["portable", "vnni"],
+                    help="--part minilm: the W8A8 kernel the --plans are exported for (as autocomp export)")
     args = ap.parse_args()
     fn = {"kernels": part_kernels, "minilm": lambda: part_minilm([p for p in args.plans.split(",") if p],
-                                                                       [f for f in args.files.split(",") if f]),
+                                                                       [f for f in args.files.split(",") if f],
+                                                                       args.int8_kernel),
           "parity": part_parity}[args.part]
     import onnxruntime
 

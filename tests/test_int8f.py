@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -155,3 +156,50 @@ def test_an_ort_space_starts_from_uniform_int8f_too():
         q = layer.get("quantize")
         assert q == (FULL if kinds[name] == "Linear" else QuantConfig(8)), (name, q)
     assert technique("quantize").ort_label("int8") == "int8f"
+
+
+def test_vnni_kernel_stores_int8_weights_and_equals_the_portable_file(tmp_path, monkeypatch):
+    """--int8-kernel vnni: the same integers as int8 weights with no zero point (ORT's u8 x s8 path, faster on
+    VNNI CPUs), the same outputs as the portable u8 x u8 file where the CPU has VNNI; a file made so is refused
+    (one error naming the fix) on an x86 CPU without VNNI, where that path saturates."""
+    import autocomp.ort as ort_mod
+    from autocomp.errors import AutocompError
+    from autocomp.ort import OrtModel, cpu_has_vnni, export_onnx
+
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    b = loaded.batches[0]
+    plan = _plan(desc, FULL)
+    n_linear = sum(1 for l in desc.layers if l.type == "Linear")
+    files = {}
+    for kernel in ("portable", "vnni"):
+        files[kernel] = tmp_path / f"{kernel}.onnx"
+        r = export_onnx(loaded.module, desc, plan, files[kernel], b, accuracy_level=0, int8_kernel=kernel)
+        assert r["kernels"] == {"MatMulInteger": n_linear}
+        assert bool(r["notes"]) == (kernel == "vnni")
+    graphs = {k: onnx.load(str(f)) for k, f in files.items()}
+    for kernel, g in graphs.items():
+        mmi = [n for n in g.graph.node if n.op_type == "MatMulInteger"]
+        assert len(mmi) == n_linear and all(len(n.input) == (3 if kernel == "vnni" else 4) for n in mmi)
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.graph.initializer}
+        w = inits[mmi[0].input[1]]
+        assert w.dtype == (np.int8 if kernel == "vnni" else np.uint8)
+        meta = {p.key: p.value for p in g.metadata_props}
+        assert meta["int8_kernel"] == kernel
+    wv = {t.name: onnx.numpy_helper.to_array(t) for t in graphs["vnni"].graph.initializer}
+    wp = {t.name: onnx.numpy_helper.to_array(t) for t in graphs["portable"].graph.initializer}
+    for name in (n.input[1] for n in graphs["vnni"].graph.node if n.op_type == "MatMulInteger"):
+        assert np.array_equal(wv[name].astype(np.int16) + 128, wp[name].astype(np.int16))  # the same integers
+    if cpu_has_vnni() is not False:
+        with torch.inference_mode(), PlanApplier(loaded.module, desc).applied(plan):
+            sim = loaded.module(b)
+        out = {k: OrtModel(f)(b) for k, f in files.items()}
+        assert (out["vnni"] - out["portable"]).abs().max() <= 1e-5 * sim.abs().max()
+        assert (out["vnni"] - sim).abs().max() <= 1e-4 * sim.abs().max()
+    monkeypatch.setattr(ort_mod, "cpu_has_vnni", lambda: False)
+    with pytest.raises(AutocompError, match="--int8-kernel portable"):
+        OrtModel(files["vnni"])
+    OrtModel(files["portable"])  # the portable file runs anywhere
+    with pytest.raises(AutocompError, match="int8 kernel"):
+        export_onnx(loaded.module, desc, plan, tmp_path / "bad.onnx", b, int8_kernel="avx")
+    assert not (tmp_path / "bad.onnx").exists()

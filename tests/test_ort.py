@@ -289,6 +289,36 @@ def test_bad_export_input_is_one_line_exit_2_and_no_file(capsys, tmp_path):
     assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*tmp*"))
 
 
+def test_int8_kernel_through_the_cli(capsys, tmp_path, monkeypatch):
+    """`export --int8-kernel vnni` stores W8A8 layers for the u8 x s8 kernel (int8 weights); calibrating that
+    kernel is refused on an x86 CPU without VNNI and with the torch runtime (one line, exit 2)."""
+    import autocomp.ort as ort_mod
+
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    tiny = ["--model", f"{TINY}:tiny", "--data", f"{TINY}:calib"]
+    Plan(layers={"fc1": LayerPlan(bits=8, act_bits=8), "fc2": LayerPlan(bits=4, group_size=16)},
+         fingerprint=desc.fingerprint, model_spec=f"{TINY}:tiny").save(tmp_path / "p.json")
+    code, out, err = run_cli(["export", "--plan", str(tmp_path / "p.json"), *tiny, "--format", "onnx", "--int8-kernel",
+                              "vnni", "--out", str(tmp_path / "v.onnx"), "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["kernels"] == {"MatMulInteger": 1, "MatMulNBits": 1}
+    assert any("u8 x s8" in k and v == ["fc1"] for k, v in r["notes"].items()), r["notes"]
+    g = onnx.load(str(tmp_path / "v.onnx"))
+    inits = {t.name: t for t in g.graph.initializer}
+    node = next(n for n in g.graph.node if n.op_type == "MatMulInteger")
+    assert len(node.input) == 3 and inits[node.input[1]].data_type == onnx.TensorProto.INT8
+    code, _, err = run_cli(["hardware", "calibrate", "--int8-kernel", "vnni", "--out", str(tmp_path / "d.yaml"), *tiny],
+                           capsys)
+    assert code == 2 and "--runtime ort" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(ort_mod, "cpu_has_vnni", lambda: False)
+    code, _, err = run_cli(["hardware", "calibrate", "--runtime", "ort", "--int8-kernel", "vnni", "--quick",
+                            "--out", str(tmp_path / "d.yaml"), *tiny], capsys)
+    assert code == 2 and "VNNI" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d.yaml").exists()
+
+
 def test_load_refuses_the_wrong_runtime_or_file(tmp_path):
     loaded = tiny_loaded()
     desc = introspect(loaded)
@@ -320,7 +350,7 @@ def test_ort_device_calibrate_validate_and_search(capsys, tmp_path, studies):
     code, _, err = run_cli(["hardware", "calibrate", "--runtime", "ort", "--quick", "--out", str(out), *tiny], capsys)
     assert code == 0, err
     dev = load_device(str(out))
-    assert dev.runtime == "ort" and dev.ort["accuracy_level"] == 4
+    assert dev.runtime == "ort" and dev.ort["accuracy_level"] == 4 and dev.ort["int8_kernel"] == "portable"
     assert {"fp32", "int8", "nbits4g32", "nbits4g128", "nbits2g32", "nbits8g128", "fp32@1"} <= set(dev.ort["kernels"])
     assert all(min(v) >= 0 for v in dev.ort["kernels"].values())
     desc = introspect(tiny_loaded())

@@ -113,6 +113,10 @@ def train(plan_path: Path, model: str | None, data: str | None, steps: int, out:
               help="--format onnx: MatMulNBits' compute type. 4: activations quantized to int8 per block, the fast CPU "
                    "path (on MiniLM +0.0006 cosine drift at 4g128); 0: float, exactly the searched model, but 2- and "
                    "8-bit layers then run ~10x slower than fp32 here (docs/BENCHMARKS.md).")
+@click.option("--int8-kernel", default="portable", show_default=True, type=click.Choice(["portable", "vnni"]),
+              help="--format onnx, W8A8 layers: portable runs ORT's u8 x u8 kernel, exact on every CPU; vnni its "
+                   "u8 x s8 kernel, 1.4-2.7x faster per layer on CPUs with VNNI (AVX-512 VNNI / AVX-VNNI) and wrong "
+                   "on x86 CPUs without it (autocomp.load refuses the file there).")
 @click.option("--study", default=None,
               help="Record predicted vs real bytes in this study for its report (default: the study the plan came "
                    "from, when it is found).")
@@ -123,7 +127,7 @@ def train(plan_path: Path, model: str | None, data: str | None, steps: int, out:
 @click.option("--json", "as_json", is_flag=True)
 @STUDIES_DIR
 def export(plan_path: Path | None, model: str | None, data: str | None, weights: Path | None, out: Path, fmt: str,
-           accuracy_level: int, study: str | None, storage: str | None, clip: str, as_json: bool,
+           accuracy_level: int, int8_kernel: str, study: str | None, storage: str | None, clip: str, as_json: bool,
            studies_dir: Path | None) -> None:
     """Write the packed model (safetensors, docs/FORMAT.md; its payload is exactly the predicted size) or,
     with --format onnx, an ONNX Runtime model."""
@@ -144,7 +148,8 @@ def export(plan_path: Path | None, model: str | None, data: str | None, weights:
         from autocomp.models.introspect import introspect
 
         loaded = load_model(model or "minilm", data=data)
-        result = _export_onnx(loaded, introspect(loaded), None, out, None, model or "minilm", accuracy_level)
+        result = _export_onnx(loaded, introspect(loaded), None, out, None, model or "minilm", accuracy_level,
+                              int8_kernel)
         _print_export(result, out, as_json)
         return
     plan_obj, loaded, desc = load_for_plan(plan_path, model, data, resolve_studies_dir(studies_dir))
@@ -160,7 +165,7 @@ def export(plan_path: Path | None, model: str | None, data: str | None, weights:
         start_training(student, clip)
     if fmt == "onnx":
         result = _export_onnx(loaded, desc, plan_obj, out, student if weights is not None or clip != "minmax" else None,
-                              model or plan_obj.model_spec, accuracy_level)
+                              model or plan_obj.model_spec, accuracy_level, int8_kernel)
     else:
         from autocomp.artifact import export as do_export
 
@@ -176,7 +181,7 @@ def export(plan_path: Path | None, model: str | None, data: str | None, weights:
 
 
 def _export_onnx(loaded: Any, desc: Any, plan: Any, out: Path, student: Any, spec: str,
-                 accuracy_level: int = 4) -> dict[str, Any]:
+                 accuracy_level: int = 4, int8_kernel: str = "portable") -> dict[str, Any]:
     """The ONNX export of ``plan`` (None: fp32); ``student``: trained (or clipped) weights to export instead
     of the plan applied to the original ones."""
     from autocomp.ort import export_onnx
@@ -189,7 +194,7 @@ def _export_onnx(loaded: Any, desc: Any, plan: Any, out: Path, student: Any, spe
         module, parts = finalize(student), by_layer.get
     name = "embeddings" if loaded.metric == "cosine" else "logits" if loaded.metric == "kl" else "output"
     return export_onnx(module, desc, plan, out, loaded.batches[0], parts=parts, spec=spec, output_name=name,
-                       accuracy_level=accuracy_level)
+                       accuracy_level=accuracy_level, int8_kernel=int8_kernel)
 
 
 def _print_export(result: dict[str, Any], out: Path, as_json: bool) -> None:

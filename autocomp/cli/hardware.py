@@ -57,6 +57,9 @@ def hardware_list(as_json: bool) -> None:
 @click.option("--threads", default=None, type=int, help="--runtime ort: the session's intra-op threads (default: all cores).")
 @click.option("--accuracy-level", default=4, show_default=True, type=click.IntRange(0, 4),
               help="--runtime ort: MatMulNBits' compute type to time (as `export --format onnx --accuracy-level`).")
+@click.option("--int8-kernel", default="portable", show_default=True, type=click.Choice(["portable", "vnni"]),
+              help="--runtime ort: the W8A8 kernel to time (as `export --format onnx --int8-kernel`; vnni needs a "
+                   "CPU with VNNI). `hardware validate` exports with the device's.")
 @click.option("--model", default="minilm", show_default=True,
               help="Also time real compressed versions of this model and fit a whole-model correction for it "
                    "('none' to time kernels only).")
@@ -64,8 +67,8 @@ def hardware_list(as_json: bool) -> None:
 @click.option("--workload", default=None, help="BATCH or BATCHxSEQ for the whole-model runs (default 1x128).")
 @click.option("--fit-plans", default=12, show_default=True, type=int, help="Random plans timed for the whole-model fit.")
 @click.option("--quick", is_flag=True, help="Fewer kernels (for tests).")
-def hardware_calibrate(out: Path | None, runtime: str, name: str | None, threads: int | None, accuracy_level: int, model: str,
-                       data: str | None, workload: str | None, fit_plans: int, quick: bool) -> None:
+def hardware_calibrate(out: Path | None, runtime: str, name: str | None, threads: int | None, accuracy_level: int,
+                       int8_kernel: str, model: str, data: str | None, workload: str | None, fit_plans: int, quick: bool) -> None:
     """Time representative kernels here and fit a correction on top of the analytic model."""
     from autocomp.cost.device import local_dir
     from autocomp.hardware import calibrate
@@ -74,6 +77,14 @@ def hardware_calibrate(out: Path | None, runtime: str, name: str | None, threads
     out = out or local_dir() / f"{name}.yaml"
     if threads is not None and (threads < 1 or runtime != "ort"):
         raise AutocompError("--threads takes a positive count and applies to --runtime ort")
+    if int8_kernel != "portable":
+        from autocomp.ort import cpu_has_vnni
+
+        if runtime != "ort":
+            raise AutocompError("--int8-kernel applies to --runtime ort")
+        if cpu_has_vnni() is False:
+            raise AutocompError("--int8-kernel vnni needs a CPU with VNNI (this x86 CPU has none: ONNX Runtime's "
+                                "u8 x s8 kernel saturates here); calibrate with --int8-kernel portable")
     loaded = None
     if model.lower() != "none":
         from autocomp.models import load_model
@@ -90,7 +101,7 @@ def hardware_calibrate(out: Path | None, runtime: str, name: str | None, threads
         con.print(f"calibrating {name}: timing ONNX Runtime's MatMul, MatMulNBits (2/4/8-bit), MatMulInteger and "
                   f"Gather kernels{' and the fp32 graph of ' + loaded.name if loaded is not None else ''}…")
         calibrate_ort(out, name=name, quick=quick, log=con.print, model=loaded, workload=workload, threads=threads,
-                      accuracy_level=accuracy_level)
+                      accuracy_level=accuracy_level, int8_kernel=int8_kernel)
         con.print(f"wrote {out}; use it with --hardware {out if out.parent != local_dir() else name}")
         return
     con.print(f"calibrating {name}: timing matmul, int8 and attention/elementwise kernels…")
