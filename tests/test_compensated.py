@@ -67,6 +67,40 @@ def test_statistics_equal_a_hand_computation_and_share_only_the_same_input():
     assert st.rows == {"a": 15, "b": 15, "c": 15, "d": 15}
 
 
+def test_convolutions_reading_one_tensor_share_statistics_only_if_they_unfold_it_alike(tmp_path):
+    """A ResNet block's 3x3 conv and its 1x1 downsample read the same tensor: each gets the moments of its own
+    patches (they were shared, so the downsample was compensated with the 3x3 conv's first 16 rows of H). A
+    statistics file written so is gathered again."""
+    import arch_models
+
+    from autocomp.compressors.calibration import CalibrationStats, calibration_key, load_or_gather
+    from autocomp.search.sensitivity import weights_hash
+
+    m = arch_models.resnet()
+    batches = arch_models.images()
+    loaded = LoadedModel(module=m, name="r", spec="x", batches=batches, metric="mse")
+    desc = introspect(loaded, measure=False)
+    st = gather(m, desc, batches)
+    ds, conv1 = m.layer2[0].downsample[0], m.layer2[0].conv1
+    x = []
+    h = conv1.register_forward_pre_hook(lambda mod, a: x.append(a[0]))
+    with torch.no_grad():
+        for b in batches:
+            m(b)
+    h.remove()
+    rows = torch.cat([xi[:, :, ::2, ::2].permute(0, 2, 3, 1).reshape(-1, 16) for xi in x]).double()  # 1x1, stride 2
+    name = "layer2.0.downsample.0"
+    assert st.hessians[name].shape == (16, 16) and st.hessians["layer2.0.conv1"].shape == (144, 144)
+    assert torch.allclose(st.hessian(name), rows.T @ rows / rows.shape[0], rtol=1e-5, atol=1e-6)
+    # a file from before: the downsample aliased to the 3x3 conv
+    key = calibration_key(m, batches, weights_hash(m), "mse")
+    stale = CalibrationStats({**st.hessians, name: st.hessians["layer2.0.conv1"]}, key, st.rows, weights=weights_hash(m))
+    stale.save(tmp_path / f"{key}.safetensors")
+    again = load_or_gather(m, desc, batches, tmp_path, metric="mse")
+    assert again.hessians[name].shape == (16, 16)
+    assert CalibrationStats.load(tmp_path / f"{key}.safetensors", key).hessians[name].shape == (16, 16)  # rewritten
+
+
 def test_conv_statistics_are_the_unfolded_patches():
     from conftest import tiny_loaded as tl
 

@@ -150,6 +150,16 @@ class CalibrationStats:
         return out
 
 
+def share_key(kind: str, mod: Any) -> tuple[Any, ...]:
+    """What, besides reading the same tensor, two layers need in common to have the same statistics: the kind,
+    and for a convolution how it unfolds its input (a ResNet block's 3x3 conv and its 1x1 downsample read
+    the same tensor and have different H)."""
+    if kind in ("Conv2d", "Conv1d"):
+        return (kind, tuple(mod.kernel_size), tuple(mod.dilation), str(mod.padding), tuple(mod.stride), mod.groups,
+                mod.padding_mode)
+    return (kind,)
+
+
 def _rows_of(kind: str, mod: Any, x: Any, token_mask: Any) -> Any:
     """The layer's input as ``[N, cols]`` rows of its weight matrix's column space, or None (no statistics)."""
     import torch
@@ -281,7 +291,7 @@ def gather(model: Any, desc: Any, batches: list[Any], key: str = "", metric: str
             x = args[0].detach()
             if state["first"]:  # layers reading the very same tensor object share one statistic; the tensor is
                 # held until the batch ends, so its id cannot be reused by another tensor in the meantime
-                owner, _ = state["seen"].setdefault((id(args[0]), kind), (name, args[0]))
+                owner, _ = state["seen"].setdefault((id(args[0]), share_key(kind, mod)), (name, args[0]))
                 if owner != name:
                     alias[name] = owner
                     return
@@ -370,6 +380,11 @@ def load_or_gather(model: Any, desc: Any, batches: list[Any], cache_dir: Path | 
     path = Path(cache_dir) / f"{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
         hit = CalibrationStats.load(path, key)
+        cols = {layer.name: layer.cols for layer in desc.layers if layer.type != "Embedding"}
+        if hit is not None and any(n in cols and h.shape[0] != cols[n] for n, h in hit.hessians.items()):
+            # written before convolutions with another geometry stopped sharing statistics: gather them again
+            log(f"calibration statistics: {path} holds a convolution's statistics of the wrong shape; gathering again")
+            hit = None
         if hit is not None:
             log(f"calibration statistics: cached ({path})")
             return hit
