@@ -124,3 +124,36 @@ def test_plan_sequential_through_the_cli(tmp_path, capsys, monkeypatch):
     code, out, err = run_cli(["evaluate", "--plan", str(edited), *task], capsys)
     errors = [ln for ln in err.strip().splitlines() if ln.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and "autocomp plan --sequential" in errors[0] and "Traceback" not in err
+
+
+def test_layers_reading_one_tensor_are_gathered_in_one_pass():
+    """Layers that read the very same tensor (query / key / value) have the same sequential statistics, so they
+    are gathered in one pass (Fan: a and b read x; c reads relu(a(x)), d tanh(b(x))): three passes, not four,
+    and every statistic still equals a gather on the model with every earlier layer compressed."""
+    from test_compensated import Fan
+
+    from autocomp.models.base import LoadedModel
+
+    torch.manual_seed(0)
+    m = Fan().eval()
+    batches = [torch.randn(6, 8) for _ in range(3)]
+    loaded = LoadedModel(module=m, name="fan", spec="x", batches=batches, metric="mse")
+    desc = introspect(loaded, measure=False)
+    base = autocomp.calibrate(m, batches, desc)
+    gptq = LayerPlan(QuantConfig(3, 8, method="gptq"))
+    plan = Plan(layers={n: gptq for n in "abcd"}, fingerprint=desc.fingerprint)
+    calls = []
+    h = m.register_forward_pre_hook(lambda mod, a: calls.append(1))
+    seq = sequential_statistics(loaded, desc, plan)
+    h.remove()
+    assert attached(m) is base  # left as it was
+    assert len(calls) == 3 * len(batches) + 1  # + the pass that finds the forward order
+    assert seq.hessians["a"] is seq.hessians["b"]
+    order = ["a", "c", "b", "d"]
+    for i, name in enumerate(order):
+        attach(m, seq)
+        prefix = Plan(layers={n: plan.layers[n] for n in order[:i]}, fingerprint=desc.fingerprint)
+        with PlanApplier(m, desc).applied(prefix):
+            by_hand = gather(m, desc, batches).hessians[name]
+        assert torch.allclose(seq.hessians[name], by_hand, rtol=1e-5, atol=1e-6), name
+    assert not torch.allclose(seq.hessians["d"], base.hessians["d"], rtol=1e-3)  # b compressed changes d's input

@@ -26,7 +26,7 @@ import json
 import time
 from typing import Any, Callable
 
-from autocomp.compressors.calibration import CalibrationStats, _rows_of, attach, attached
+from autocomp.compressors.calibration import CalibrationStats, _rows_of, attach, attached, share_key
 from autocomp.errors import AutocompError
 
 __all__ = ["sequential_key", "sequential_statistics"]
@@ -84,16 +84,25 @@ def sequential_statistics(loaded: Any, desc: Any, plan: Any, log: Callable[[str]
     hess = dict(base.hessians)
     rows = dict(base.rows)
     saved: list[tuple[Any, str, Any]] = []
-    redone = 0
+    redone, passes = 0, 0
+    pending = [n for n in order if mods[n][1] != "Embedding" and n in base.hessians
+               and any(t.calibrated(c) for t, c in plan.layer(n).steps())]
+    early: dict[str, tuple[Any, int]] = {}  # gathered with an earlier layer that reads the very same tensor
     try:
         for name in order:
-            choice = plan.layer(name)
             mod, kind = mods[name]
-            if kind != "Embedding" and name in base.hessians and any(t.calibrated(c) for t, c in choice.steps()):
-                h, n = _gather_one(model, mod, kind, batches, run_batch)
+            if name in early:
+                hess[name], rows[name] = early.pop(name)
+                redone += 1
+            elif name in pending:
+                later = {n: mods[n][0] for n in pending[pending.index(name) + 1:]
+                         if share_key(*mods[n][::-1]) == share_key(kind, mod)}
+                h, n, shared = _gather_one(model, mod, kind, batches, run_batch, later)
+                passes += 1
                 if n:
                     same = next((x for x in hess.values() if x.shape == h.shape and torch.equal(x, h)), None)
                     hess[name], rows[name] = (h if same is None else same), n
+                    early.update({s: (hess[name], n) for s in shared})
                     redone += 1
             attach(model, CalibrationStats(hess, f"sequential-partial-{name}", rows, weights=base.weights,
                                            plain=base.plain))
@@ -111,20 +120,29 @@ def sequential_statistics(loaded: Any, desc: Any, plan: Any, log: Callable[[str]
             getattr(mod, attr).data = data
         attach(model, base)
     seconds = time.perf_counter() - t0
-    log(f"sequential statistics: {redone} layers gathered again on the compressed model's inputs, {seconds:.1f} s")
+    log(f"sequential statistics: {redone} layers gathered again on the compressed model's inputs "
+        f"({passes} passes over the batches), {seconds:.1f} s")
     return CalibrationStats(hess, sequential_key(base.key, plan), rows, seconds, weights=base.weights,
                             plain=base.plain)
 
 
-def _gather_one(model: Any, mod: Any, kind: str, batches: list[Any], run_batch: Any) -> tuple[Any, int]:
-    """H (float32, mean over the input rows) of one layer's inputs over ``batches``, and the row count."""
+def _gather_one(model: Any, mod: Any, kind: str, batches: list[Any], run_batch: Any,
+                later: dict[str, Any] | None = None) -> tuple[Any, int, list[str]]:
+    """H (float32, mean over the input rows) of one layer's inputs over ``batches``, the row count, and which
+    of the ``later`` layers (name -> module, run after it) read the very same tensor object in the first
+    batch (as :func:`~.calibration.gather` decides sharing): the query / key / value of one attention block.
+    Their inputs come before this layer, so no layer compressed in between changes them: they have the
+    same statistics, and the pass is not repeated for them."""
     import torch
 
-    state: dict[str, Any] = {"sum": None, "n": 0, "mask": None}
+    state: dict[str, Any] = {"sum": None, "n": 0, "mask": None, "first": True, "input": None}
+    shared: list[str] = []
 
     def hook(m: Any, args: tuple[Any, ...]) -> None:
         if not args or not torch.is_tensor(args[0]) or not torch.is_floating_point(args[0]):
             return
+        if state["first"] and state["input"] is None:
+            state["input"] = args[0]  # held until the batch ends: its id cannot be another tensor's meanwhile
         r = _rows_of(kind, m, args[0].detach(), state["mask"])
         if r is None:
             return
@@ -132,14 +150,28 @@ def _gather_one(model: Any, mod: Any, kind: str, batches: list[Any], run_batch: 
         state["sum"] = r.T @ r if state["sum"] is None else state["sum"] + r.T @ r
         state["n"] += r.shape[0]
 
-    handle = mod.register_forward_pre_hook(hook)
+    def follower(name: str) -> Any:
+        def check(m: Any, args: tuple[Any, ...]) -> None:
+            if state["first"] and args and state["input"] is not None and args[0] is state["input"] and name not in shared:
+                shared.append(name)
+        return check
+
+    handles = [mod.register_forward_pre_hook(hook)]
+    handles += [m.register_forward_pre_hook(follower(n)) for n, m in (later or {}).items() if m is not mod]
     try:
         with torch.inference_mode():
-            for batch in batches:
+            for i, batch in enumerate(batches):
+                state["first"], state["input"] = i == 0, None
                 state["mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
                 run_batch(model, batch)
+                if i == 0:  # sharing is decided on the first batch, as gather() decides it
+                    for h in handles[1:]:
+                        h.remove()
+                    del handles[1:]
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
+        state["input"] = None
     if not state["n"]:
-        return None, 0
-    return (state["sum"] / state["n"]).float(), state["n"]
+        return None, 0, []
+    return (state["sum"] / state["n"]).float(), state["n"], shared
