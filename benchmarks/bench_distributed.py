@@ -35,12 +35,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def storage_overhead(url_or_path: str, n: int = 100, batched: bool = True) -> float:
+def storage_overhead(url_or_path: str, n: int = 100, batched: bool = True, warmup: int = 0) -> float:
     """Seconds of storage work per trial, as the engine does it (``batched``: the trial's writes held and
     written in one batch once the plan is decided, the rest with the tell), or one transaction per write.
     The figure is the whole ask / suggest / tell loop of a random MiniLM trial, so it includes the sampler's
     draws and the plan's decoding; ``":memory:"`` runs the same loop on Optuna's in-memory storage (no
-    batching), the baseline that is not storage work."""
+    batching), the baseline that is not storage work. ``warmup`` trials run first, untimed (the process's
+    first trials on a storage pay one-time costs -- connections, compiled statements -- that a search
+    spreads over all of its trials)."""
     import optuna
 
     from autocomp.engine import open_storage as _open_storage
@@ -62,7 +64,9 @@ def storage_overhead(url_or_path: str, n: int = 100, batched: bool = True) -> fl
     study = optuna.create_study(study_name=f"ovh-{uuid.uuid4().hex[:8]}", storage=storage,
                                 sampler=optuna.samplers.RandomSampler(seed=0), directions=["minimize", "minimize"])
     t0 = time.perf_counter()
-    for _ in range(n):
+    for i in range(warmup + n):
+        if i == warmup:
+            t0 = time.perf_counter()
         trial = study.ask()
         a = {p: trial.suggest_categorical(p, list(o)) for p, o in space.params.items()}
         plan = space.decode(a)

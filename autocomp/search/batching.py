@@ -39,6 +39,7 @@ from optuna.trial import FrozenTrial, TrialState
 __all__ = ["BatchedStorage", "batched", "tell", "WRITE_THROUGH"]
 
 WRITE_THROUGH = frozenset({"autocomp_heartbeat", "autocomp_stale"})  # other workers must see these at once
+SMALL_INSERT = 16  # rows: fewer go to PostgreSQL as one multi-row INSERT, more by COPY (see _insert)
 
 
 def batched(storage: BaseStorage, sole: bool = False) -> "BatchedStorage":
@@ -602,10 +603,15 @@ def _insert(session: Any, table: Any, rows: list[dict[str, Any]]) -> None:
     """Insert ``rows`` into ``table`` in the session's transaction. On PostgreSQL through psycopg 3, one
     ``COPY ... FROM STDIN``: the driver's executemany sends one INSERT per row (pipelined, but each bound and
     executed on its own), and a MiniLM trial has ~120 parameter rows (storage work per trial 28.7 -> 20.5 ms,
-    docs/BENCHMARKS.md). Elsewhere (SQLite in the process, other drivers) the plain executemany."""
+    docs/BENCHMARKS.md); up to :data:`SMALL_INSERT` rows (attributes, values) one multi-row ``INSERT``, which
+    waits for the server once where a COPY waits two or three times. Elsewhere (SQLite in the process,
+    other drivers) the plain executemany."""
     conn = session.connection()
     if conn.dialect.name != "postgresql" or conn.dialect.driver != "psycopg" or not rows:
         session.execute(table.insert(), rows)
+        return
+    if len(rows) <= SMALL_INSERT:  # one multi-row INSERT: one round trip, where a COPY takes two or three
+        session.execute(table.insert().values(rows))
         return
     from sqlalchemy import exc as sqlalchemy_exc
 
