@@ -309,6 +309,12 @@ def test_int8_kernel_through_the_cli(capsys, tmp_path, monkeypatch):
     inits = {t.name: t for t in g.graph.initializer}
     node = next(n for n in g.graph.node if n.op_type == "MatMulInteger")
     assert len(node.input) == 3 and inits[node.input[1]].data_type == onnx.TensorProto.INT8
+    for vnni in (True, False):  # a portable export says when the CPU it runs on could take the faster kernel
+        monkeypatch.setattr(ort_mod, "cpu_has_vnni", lambda vnni=vnni: vnni)
+        code, out, err = run_cli(["export", "--plan", str(tmp_path / "p.json"), *tiny, "--format", "onnx",
+                                  "--out", str(tmp_path / f"p{vnni}.onnx")], capsys)
+        assert code == 0, err
+        assert ("--int8-kernel vnni runs the W8A8 layers faster" in out) == vnni, out
     code, _, err = run_cli(["hardware", "calibrate", "--int8-kernel", "vnni", "--out", str(tmp_path / "d.yaml"), *tiny],
                            capsys)
     assert code == 2 and "--runtime ort" in err and len(err.strip().splitlines()) == 1

@@ -150,7 +150,7 @@ def export(plan_path: Path | None, model: str | None, data: str | None, weights:
         loaded = load_model(model or "minilm", data=data)
         result = _export_onnx(loaded, introspect(loaded), None, out, None, model or "minilm", accuracy_level,
                               int8_kernel)
-        _print_export(result, out, as_json)
+        _print_export(result, out, as_json, int8_kernel)
         return
     plan_obj, loaded, desc = load_for_plan(plan_path, model, data, resolve_studies_dir(studies_dir))
     handle = fidelity_study(study, storage, studies_dir, plan_obj.meta.get("study"), desc)
@@ -177,7 +177,7 @@ def export(plan_path: Path | None, model: str | None, data: str | None, weights:
 
         record(handle.study, "export", {**result, "path": str(out.resolve()), "trial": plan_obj.meta.get("trial"),
                                         "trained": weights is not None})
-    _print_export(result, out, as_json)
+    _print_export(result, out, as_json, int8_kernel)
 
 
 def _export_onnx(loaded: Any, desc: Any, plan: Any, out: Path, student: Any, spec: str,
@@ -197,7 +197,7 @@ def _export_onnx(loaded: Any, desc: Any, plan: Any, out: Path, student: Any, spe
                        accuracy_level=accuracy_level, int8_kernel=int8_kernel)
 
 
-def _print_export(result: dict[str, Any], out: Path, as_json: bool) -> None:
+def _print_export(result: dict[str, Any], out: Path, as_json: bool, int8_kernel: str = "portable") -> None:
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -209,6 +209,12 @@ def _print_export(result: dict[str, Any], out: Path, as_json: bool) -> None:
                    f"{format_bytes(result['predicted_bytes'])}); ONNX Runtime kernels: {kernels}")
         for note, layers in result["notes"].items():
             click.echo(f"  {note}: {len(layers)} layer(s), e.g. {layers[0]}")
+        if result["kernels"].get("MatMulInteger") and int8_kernel == "portable":
+            from autocomp.ort import cpu_has_vnni
+
+            if cpu_has_vnni():
+                click.echo("  this CPU has VNNI: --int8-kernel vnni runs the W8A8 layers faster (MiniLM 2.03x fp32 "
+                           "instead of 1.33x on a Zen 4 VM), for CPUs with VNNI only")
         return
     click.echo(f"wrote {out}: payload {format_bytes(result['payload_bytes'])} (predicted "
                f"{format_bytes(result['predicted_bytes'])}), file {format_bytes(result['file_bytes'])}")
