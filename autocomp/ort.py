@@ -522,8 +522,9 @@ def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any,
 
     ``batch``: one calibration batch (the graph's inputs and a trace). ``parts``: a trained student's
     ``name -> (parts, rows, cols)``. -> ``{"path", "format": "onnx", "predicted_bytes", "file_bytes",
-    "kernels", "notes"}``: ``kernels`` counts the nodes per integer kernel; ``notes`` says what is stored
-    otherwise than the plan's format (e.g. 3-bit codes in 4-bit containers, dense layers)."""
+    "kernels", "notes", "int8_kernel"}``: ``kernels`` counts the nodes per integer kernel; ``notes`` says what
+    is stored otherwise than the plan's format (e.g. 3-bit codes in 4-bit containers, dense layers);
+    ``int8_kernel`` the W8A8 kernel the file's ``int8f`` layers are stored for ("" when it has none)."""
     _require()
     from autocomp.cost.size import plan_bytes
     from autocomp.files import atomic_write
@@ -564,7 +565,7 @@ def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any,
                     notes.setdefault(w.note, []).append(name)
                 if w.op == "MatMulNBits":
                     nbits_layers.add(name)
-                if w.op == "MatMulInteger":
+                if w.op == "MatMulInteger" and w.act_grid == 255:  # the 7-bit grid runs u8 x s8 safely anywhere
                     int8_layers.add(name)
                 dense = (part.values if part.mask is None else part.values * part.mask).detach().cpu().numpy()
                 key = f"{name}.{i}" if len(built) > 1 else name
@@ -580,7 +581,7 @@ def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any,
         runtime.config.use_cache = False  # a causal LM's key/value cache is not an output of the graph
     model, in_names, out_names, in_kind, out_kind = _trace(runtime, batch, output_name)
     kernels = _lower(model, lowerings, accuracy_level, int8_kernel) if lowerings else {}
-    if kernels.get("MatMulInteger") and int8_kernel == "vnni":
+    if int8_layers and int8_kernel == "vnni":
         notes["W8A8 as u8 x s8 (--int8-kernel vnni): exact on CPUs with VNNI only; x86 CPUs without it "
               "saturate (autocomp.load refuses the file there)"] = list(int8_layers)
     if kernels.get("MatMulNBits") and accuracy_level:
@@ -589,7 +590,7 @@ def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any,
     meta = {"autocomp_format": ONNX_FORMAT, "model_spec": spec or getattr(plan, "model_spec", "") or "",
             "plan": json.dumps(plan.to_dict(), separators=(",", ":")) if plan is not None else "",
             "predicted_bytes": str(predicted), "fingerprint": desc.fingerprint,
-            "accuracy_level": str(accuracy_level), "int8_kernel": int8_kernel if kernels.get("MatMulInteger") else "",
+            "accuracy_level": str(accuracy_level), "int8_kernel": int8_kernel if int8_layers else "",
             "inputs": json.dumps(in_names), "input_kind": in_kind,
             "outputs": json.dumps(out_names), "output_kind": out_kind}
     for k, v in meta.items():
@@ -605,7 +606,8 @@ def export_onnx(module: Any, desc: Any, plan: Any, path: str | Path, batch: Any,
 
     out = atomic_write(path, write)
     return {"path": str(out), "format": "onnx", "predicted_bytes": predicted, "file_bytes": out.stat().st_size,
-            "kernels": kernels, "notes": {k: sorted(set(v)) for k, v in notes.items()}}
+            "kernels": kernels, "notes": {k: sorted(set(v)) for k, v in notes.items()},
+            "int8_kernel": meta["int8_kernel"]}
 
 
 # -- serving ----------------------------------------------------------------------------------------------

@@ -196,10 +196,14 @@ def test_vnni_kernel_stores_int8_weights_and_equals_the_portable_file(tmp_path, 
         out = {k: OrtModel(f)(b) for k, f in files.items()}
         assert (out["vnni"] - out["portable"]).abs().max() <= 1e-5 * sim.abs().max()
         assert (out["vnni"] - sim).abs().max() <= 1e-4 * sim.abs().max()
+    # the 7-bit grid (int8) already runs u8 x s8 without saturating: such a file is not marked
+    r = export_onnx(loaded.module, desc, _plan(desc, REDUCED), tmp_path / "reduced.onnx", b, int8_kernel="vnni")
+    assert r["notes"] == {} and r["kernels"] == {"MatMulInteger": n_linear} and r["int8_kernel"] == ""
     monkeypatch.setattr(ort_mod, "cpu_has_vnni", lambda: False)
     with pytest.raises(AutocompError, match="--int8-kernel portable"):
         OrtModel(files["vnni"])
     OrtModel(files["portable"])  # the portable file runs anywhere
+    OrtModel(tmp_path / "reduced.onnx")
     with pytest.raises(AutocompError, match="int8 kernel"):
         export_onnx(loaded.module, desc, plan, tmp_path / "bad.onnx", b, int8_kernel="avx")
     assert not (tmp_path / "bad.onnx").exists()

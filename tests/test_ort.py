@@ -297,13 +297,16 @@ def test_int8_kernel_through_the_cli(capsys, tmp_path, monkeypatch):
     loaded = tiny_loaded()
     desc = introspect(loaded)
     tiny = ["--model", f"{TINY}:tiny", "--data", f"{TINY}:calib"]
-    Plan(layers={"fc1": LayerPlan(bits=8, act_bits=8), "fc2": LayerPlan(bits=4, group_size=16)},
+    from autocomp.compressors.quantize import QuantConfig
+
+    int8f = LayerPlan(QuantConfig(8, 0, True, 8, reduce_range=False))  # W8A8 on ORT's full 8-bit grid
+    Plan(layers={"fc1": int8f, "fc2": LayerPlan(bits=4, group_size=16)},
          fingerprint=desc.fingerprint, model_spec=f"{TINY}:tiny").save(tmp_path / "p.json")
     code, out, err = run_cli(["export", "--plan", str(tmp_path / "p.json"), *tiny, "--format", "onnx", "--int8-kernel",
                               "vnni", "--out", str(tmp_path / "v.onnx"), "--json"], capsys)
     assert code == 0, err
     r = json.loads(out)
-    assert r["kernels"] == {"MatMulInteger": 1, "MatMulNBits": 1}
+    assert r["kernels"] == {"MatMulInteger": 1, "MatMulNBits": 1} and r["int8_kernel"] == "vnni"
     assert any("u8 x s8" in k and v == ["fc1"] for k, v in r["notes"].items()), r["notes"]
     g = onnx.load(str(tmp_path / "v.onnx"))
     inits = {t.name: t for t in g.graph.initializer}

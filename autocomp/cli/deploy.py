@@ -209,7 +209,7 @@ def _print_export(result: dict[str, Any], out: Path, as_json: bool, int8_kernel:
                    f"{format_bytes(result['predicted_bytes'])}); ONNX Runtime kernels: {kernels}")
         for note, layers in result["notes"].items():
             click.echo(f"  {note}: {len(layers)} layer(s), e.g. {layers[0]}")
-        if result["kernels"].get("MatMulInteger") and int8_kernel == "portable":
+        if result.get("int8_kernel") == "portable":  # int8f layers (the 7-bit grid runs u8 x s8 already)
             from autocomp.ort import cpu_has_vnni
 
             if cpu_has_vnni():
