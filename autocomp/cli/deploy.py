@@ -150,7 +150,7 @@ def export(plan_path: Path | None, model: str | None, data: str | None, weights:
         loaded = load_model(model or "minilm", data=data)
         result = _export_onnx(loaded, introspect(loaded), None, out, None, model or "minilm", accuracy_level,
                               int8_kernel)
-        _print_export(result, out, as_json, int8_kernel)
+        _print_export(result, out, as_json)
         return
     plan_obj, loaded, desc = load_for_plan(plan_path, model, data, resolve_studies_dir(studies_dir))
     handle = fidelity_study(study, storage, studies_dir, plan_obj.meta.get("study"), desc)
@@ -177,7 +177,7 @@ def export(plan_path: Path | None, model: str | None, data: str | None, weights:
 
         record(handle.study, "export", {**result, "path": str(out.resolve()), "trial": plan_obj.meta.get("trial"),
                                         "trained": weights is not None})
-    _print_export(result, out, as_json, int8_kernel)
+    _print_export(result, out, as_json)
 
 
 def _export_onnx(loaded: Any, desc: Any, plan: Any, out: Path, student: Any, spec: str,
@@ -197,7 +197,7 @@ def _export_onnx(loaded: Any, desc: Any, plan: Any, out: Path, student: Any, spe
                        accuracy_level=accuracy_level, int8_kernel=int8_kernel)
 
 
-def _print_export(result: dict[str, Any], out: Path, as_json: bool, int8_kernel: str = "portable") -> None:
+def _print_export(result: dict[str, Any], out: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result))
         return
