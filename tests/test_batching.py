@@ -32,10 +32,32 @@ def _study(kind, tmp_path, name):
     return optuna.create_study(study_name=name, storage=wrapped, directions=["minimize", "minimize"]), url
 
 
+def _raw_statements(monkeypatch) -> list[str]:
+    """Every statement psycopg sends on any connection from now on (COPY included), in order."""
+    import psycopg
+
+    seen: list[str] = []
+    execute, copy = psycopg.Cursor.execute, psycopg.Cursor.copy
+
+    def executed(self, query, *args, **kwargs):
+        seen.append(str(query))
+        return execute(self, query, *args, **kwargs)
+
+    def copied(self, statement, *args, **kwargs):
+        seen.append(str(statement))
+        return copy(self, statement, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", executed)
+    monkeypatch.setattr(psycopg.Cursor, "copy", copied)
+    return seen
+
+
 def _writes(study, url, monkeypatch):
     """Count write transactions on the inner storage (commits on a database, appends on a journal). On
-    PostgreSQL rows go in by COPY on the driver's own cursor, which SQLAlchemy's events do not see: counted
-    as a write through :func:`autocomp.search.batching._insert`."""
+    PostgreSQL a trial's rows go in on the driver's own connection (:func:`autocomp.search.batching._pg_connection`),
+    which SQLAlchemy's events do not see: each of its uses that wrote counts as one."""
+    import contextlib
+
     import autocomp.search.batching as batching
 
     base = study._storage.inner
@@ -55,24 +77,28 @@ def _writes(study, url, monkeypatch):
             wrote[0] = False
 
         event.listen(base.engine, "before_cursor_execute", statement)
-        insert = batching._insert
-
-        def inserted(session, table, rows):
-            wrote[0] = True
-            return insert(session, table, rows)
-
-        monkeypatch.setattr(batching, "_insert", inserted)
         event.listen(base.engine, "commit", commit)
         event.listen(base.engine, "rollback", lambda conn: wrote.__setitem__(0, False))
+        if base.engine.dialect.name == "postgresql":
+            raw, real = _raw_statements(monkeypatch), batching._pg_connection
+
+            @contextlib.contextmanager
+            def counted(storage, autocommit=False):
+                n = len(raw)
+                with real(storage, autocommit) as pg:
+                    yield pg
+                count[0] += any(("INSERT" in q or "UPDATE" in q or q.startswith("COPY")) for q in raw[n:])
+
+            monkeypatch.setattr(batching, "_pg_connection", counted)
     else:
         backend = base._backend
         append = backend.append_logs
 
-        def counted(logs):
+        def counted_logs(logs):
             count[0] += 1
             return append(logs)
 
-        backend.append_logs = counted
+        backend.append_logs = counted_logs
     return count
 
 
@@ -101,34 +127,33 @@ def test_a_trial_is_three_writes_and_others_see_it_only_when_flushed(kind, tmp_p
 
 
 @pytest.mark.skipif(not PG, reason="no PostgreSQL server")
-def test_postgresql_rows_go_in_by_copy_and_read_back_exactly(tmp_path):
-    """On PostgreSQL a trial's many parameter rows reach the database by COPY (no INSERT statement for them),
-    its few attribute and value rows as one multi-row INSERT per table (one round trip where COPY takes two),
-    and what Optuna reads back is what was written either way: names and values with quotes, backslashes,
-    tabs, newlines and non-ASCII text, infinite objective values."""
-    from sqlalchemy import event
-
-    from autocomp.search.batching import SMALL_INSERT
-
+def test_postgresql_rows_go_in_by_copy_and_one_statement_and_read_back_exactly(tmp_path, monkeypatch):
+    """On PostgreSQL a trial's many parameter rows reach the database by COPY, its attributes in one statement
+    with the state check (a flush), its last attributes, values and state in one statement (a tell), and what
+    Optuna reads back is what was written: names and values with quotes, backslashes, tabs, newlines and
+    non-ASCII text, infinite objective values."""
     study, url = _study("postgresql", tmp_path, "copy-pg")
-    engine = study._storage.inner._backend.engine
-    seen = []
-    event.listen(engine, "before_cursor_execute", lambda conn, cursor, sql, *a: seen.append(sql))
     trial = study.ask()
-    names = ['a"b', "c\\d", "e\tf", "g\nh", "ü:q", "plain", *(f"layer{i}:q" for i in range(SMALL_INSERT))]
+    names = ['a"b', "c\\d", "e\tf", "g\nh", "ü:q", "plain", *(f"layer{i}:q" for i in range(20))]
     params = {n: trial.suggest_categorical(n, ["keep", "x\ty", 'q"uote']) for n in names}
     trial.set_user_attr("plan", {"text": 'tab\there "quoted" back\\slash\nnew line ∑'})
     trial.set_user_attr('odd"key\t', [1.5, None, "ü"])
+    trial.set_constraint("size", -1.0)
+    seen = _raw_statements(monkeypatch)
     study._storage.flush(trial._trial_id)
+    flushed = list(seen)
+    trial.set_user_attr("eval_seconds", 0.25)
     study.tell(trial, [float("inf"), -float("inf")])
+    told = seen[len(flushed):]
     done = optuna.load_study(study_name="copy-pg", storage=open_storage(PG)).trials[0]
     assert done.params == params and done.values == [float("inf"), -float("inf")]
     assert done.user_attrs["plan"] == {"text": 'tab\there "quoted" back\\slash\nnew line ∑'}
-    assert done.user_attrs['odd"key\t'] == [1.5, None, "ü"]
-    inserts = [q for q in seen if q.lstrip().upper().startswith("INSERT")]
-    assert not any("trial_params" in q for q in inserts), inserts
-    for table in ("trial_user_attributes", "trial_values"):  # the two attributes in one statement, both values in one
-        assert sum(f"INSERT INTO {table} " in q for q in inserts) == 1, inserts
+    assert done.user_attrs['odd"key\t'] == [1.5, None, "ü"] and done.user_attrs["eval_seconds"] == 0.25
+    assert done.constraints == {"size": -1.0} and done.state == optuna.trial.TrialState.COMPLETE
+    assert len(flushed) == 2 and flushed[0].startswith("COPY trial_params"), flushed
+    assert all(f"INSERT INTO {t} " in flushed[1] for t in ("trial_user_attributes", "trial_system_attributes"))
+    assert len(told) == 1 and all(f"{w} {t} " in told[0] for w, t in (
+        ("UPDATE", "trials"), ("INSERT INTO", "trial_user_attributes"), ("INSERT INTO", "trial_values"))), told
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -421,3 +446,16 @@ def test_a_sole_writer_does_not_keep_a_read_another_thread_wrote_during(tmp_path
     inner.get_all_trials = read_then_tell
     study.get_trials()
     assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE]
+
+
+def test_a_distribution_s_json_is_made_once_and_never_mixed_up_with_an_equal_one():
+    """The JSON kept per distribution tells apart distributions Optuna calls equal whose JSON differs:
+    choices (1, 0), (1.0, 0.0) and (True, False) compare equal in Python."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, distribution_to_json
+
+    from autocomp.search.batching import _distribution_json
+
+    dists = [CategoricalDistribution([1, 0]), CategoricalDistribution([1.0, 0.0]), CategoricalDistribution([True, False]),
+             FloatDistribution(0.0, 1.0), FloatDistribution(0.0, 1.0, log=False), FloatDistribution(-0.0, 1.0)]
+    for _ in range(2):  # made, then kept
+        assert [_distribution_json(d) for d in dists] == [distribution_to_json(d) for d in dists]
