@@ -490,3 +490,24 @@ def test_evaluate_scores_an_onnx_file_in_onnx_runtime(capsys, tmp_path):
                             *data, *task], capsys)
     errors = [ln for ln in err.strip().splitlines() if ln.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and "another plan" in errors[0] and "Traceback" not in err
+
+
+def test_the_first_run_gives_its_freed_heap_back_once(tmp_path, monkeypatch):
+    """OrtModel trims the heap once after building the session and once after its first run (whose one-time
+    buffers glibc would keep), never on later runs: serving pays nothing per call."""
+    import autocomp.memory
+
+    loaded = tiny_loaded()
+    desc = introspect(loaded)
+    export_onnx(loaded.module, desc, _uniform(desc, LayerPlan(bits=4, group_size=16)), tmp_path / "m.onnx",
+                loaded.batches[0])
+    calls = []
+    monkeypatch.setattr(autocomp.memory, "release", lambda: calls.append(1))
+    model = OrtModel(tmp_path / "m.onnx")
+    assert len(calls) == 1  # the session built
+    first = model(loaded.batches[0])
+    assert len(calls) == 2
+    for _ in range(3):
+        assert torch.equal(model(loaded.batches[0]), first)
+    model.run_numpy(model.feed(loaded.batches[0]))
+    assert len(calls) == 2
