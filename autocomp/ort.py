@@ -662,6 +662,7 @@ class OrtModel:
             raise AutocompError(f"{str(p)!r} stores its W8A8 layers for ONNX Runtime's u8 x s8 kernel, which "
                                 f"saturates on this CPU (x86 without VNNI); export it again with --int8-kernel portable")
         self.path = p
+        self._ran = False  # see _run
         self.input_names = json.loads(self.meta["inputs"])
         self.output_names = json.loads(self.meta["outputs"])
         self.plan = None
@@ -675,7 +676,7 @@ class OrtModel:
 
     def _run(self, feed: dict[str, Any]) -> list[Any]:
         outs = self.session.run(None, feed)
-        if not self.__dict__.get("_ran"):
+        if not self._ran:
             # the first run's one-time work (kernels' scratch, the memory planner's buffers) freed blocks that
             # glibc keeps, and later runs reuse the arena instead: give them back once (MiniLM plans: ~2 MB
             # of the session's resident set, 20.8 -> 19.0 MB for a 4-bit plan; docs/BENCHMARKS.md)

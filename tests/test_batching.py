@@ -259,7 +259,8 @@ def test_a_trial_failed_meanwhile_by_another_worker_is_not_told_over(kind, tmp_p
 @pytest.mark.parametrize("kind", [k for k in KINDS if k != "journal"])
 def test_an_attribute_another_worker_wrote_meanwhile_is_updated_not_duplicated(kind, tmp_path):
     """Attributes this worker never wrote are inserted without a look-up; a row written meanwhile by someone
-    else makes the insert fail, and the batch is redone with the look-up (one row, this worker's value)."""
+    else makes the insert fail on SQLite, and the batch is redone with the look-up; on PostgreSQL the insert is
+    an upsert. Either way one row, this worker's value."""
     study, url = _study(kind, tmp_path, f"a-{kind}")
     trial = study.ask()
     trial.set_user_attr("note", "mine")

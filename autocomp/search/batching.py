@@ -435,7 +435,7 @@ def _create_rdb(storage: Any, study_id: int) -> FrozenTrial | None:
     as Optuna's ``create_new_trial`` adds it. None, having written nothing, where that is not possible (another
     Optuna, a database without INSERT ... RETURNING)."""
     try:
-        from optuna.storages._cached_storage import _CachedStorage, _StudyInfo  # noqa: F401 - _cached_new's
+        from optuna.storages._cached_storage import _CachedStorage, _StudyInfo  # noqa: F401 - _cached_new uses it
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
         from sqlalchemy import func, literal, select
