@@ -294,3 +294,38 @@ def test_device_yaml_errors_name_line_and_column(capsys, work):
     (work / "dev.yaml").write_text("name: x\npeak_ops: {fp32: [1,\n")
     refused(capsys, ["search", *TINY_ARGS, "--budget", "40%", "--hardware", "dev.yaml", "--studies-dir",
                      str(work / "studies")], "not valid YAML at line", work)
+
+
+def test_a_database_that_fails_mid_search_is_one_line(capsys, work, monkeypatch):
+    """A study database that fails under a running command (here: Optuna's wrapper of SQLAlchemy's error of
+    a server that shut down) is one line naming it, with the password masked, and what was kept; other
+    errors keep their traceback."""
+    import optuna
+    from sqlalchemy import exc
+
+    import autocomp.search.engine
+
+    def failing(cfg, on_event=None):
+        try:
+            try:
+                raise RuntimeError("postgresql://u:secret@127.0.0.1:1/db: terminating connection due to "
+                                   "administrator command")
+            except RuntimeError as e:
+                raise exc.OperationalError("SELECT 1", {}, e) from e
+        except exc.OperationalError as e:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from e
+
+    monkeypatch.setattr(autocomp.search.engine, "run_search", failing)
+    code, out, err = run_cli(["search", *TINY_ARGS, "--budget", "40%", "--storage",
+                              "postgresql://u:secret@127.0.0.1:1/db"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "database failed" in lines[0] and "administrator command" in lines[0] and "resume" in lines[0]
+    assert "secret" not in err
+
+    def broken(cfg, on_event=None):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(autocomp.search.engine, "run_search", broken)
+    with pytest.raises(ZeroDivisionError):
+        run_cli(["search", *TINY_ARGS, "--budget", "40%"], capsys)

@@ -460,3 +460,33 @@ def test_a_distribution_s_json_is_made_once_and_never_mixed_up_with_an_equal_one
              FloatDistribution(0.0, 1.0), FloatDistribution(0.0, 1.0, log=False), FloatDistribution(-0.0, 1.0)]
     for _ in range(2):  # made, then kept
         assert [_distribution_json(d) for d in dists] == [distribution_to_json(d) for d in dists]
+
+
+@pytest.mark.skipif(not PG, reason="no PostgreSQL server")
+def test_postgresql_writes_survive_connections_the_server_dropped(tmp_path):
+    """The server ends every connection the worker holds (as a restart or an idle timeout does): the flush, the
+    next ask and the tell are redone on fresh connections, and the study has the trials exactly once."""
+    import psycopg
+
+    study, url = _study("postgresql", tmp_path, "dropped-pg")
+
+    def drop_all():
+        with psycopg.connect(PG, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+    first = study.ask()
+    params = {f"layer{i}:q": first.suggest_categorical(f"layer{i}:q", ["keep", "8c"]) for i in range(20)}
+    first.set_user_attr("plan", {"p": 1})
+    drop_all()
+    study._storage.flush(first._trial_id)
+    drop_all()
+    study.tell(first, [0.5, 1.0])
+    drop_all()
+    second = study.ask()
+    second.suggest_categorical("layer0:q", ["keep", "8c"])
+    drop_all()
+    study.tell(second, [0.25, 2.0])
+    done = optuna.load_study(study_name="dropped-pg", storage=open_storage(url)).trials
+    assert [t.number for t in done] == [0, 1] and [t.values for t in done] == [[0.5, 1.0], [0.25, 2.0]]
+    assert done[0].params == params and done[0].user_attrs == {"plan": {"p": 1}}

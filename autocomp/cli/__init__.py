@@ -32,6 +32,23 @@ def _command(argv: list[str] | None) -> str | None:
     return next((a for a in args if not a.startswith("-")), None)
 
 
+def _database_failed(e: BaseException) -> str | None:
+    """One line for a study database that failed under a running command (a server restarted or gone, a
+    connection dropped: SQLAlchemy's or a driver's OperationalError / InterfaceError, after the storage's own
+    retries), or None for any other error."""
+    seen = e
+    while seen is not None:
+        names = {c.__name__ for c in type(seen).__mro__}
+        if type(seen).__module__.split(".")[0] in ("sqlalchemy", "psycopg", "psycopg2", "pymysql", "sqlite3") and \
+                names & {"OperationalError", "InterfaceError"}:
+            from autocomp.search.study import mask_url
+
+            first = (str(seen).strip().splitlines() or [type(seen).__name__])[0]
+            return f"the study's database failed ({mask_url(first)[:200]}); check the server or file"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2; Ctrl-C exits 130 after saving."""
     try:
@@ -53,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
+    except Exception as e:  # a study database that failed mid-command: one line, and what was kept
+        line = _database_failed(e)
+        if line is None:
+            raise
+        click.echo(f"error: {line}; {_KEPT.get(_command(argv), _KEPT[None])}", err=True)
+        return 2
     return 0
 
 

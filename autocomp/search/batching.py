@@ -471,13 +471,17 @@ def _create_pg(storage: Any, study_id: int, now: datetime.datetime) -> tuple[int
     from optuna.storages._rdb import models
 
     studies, trials = models.StudyModel.__tablename__, models.TrialModel.__tablename__
-    with _pg_connection(storage) as pg:
-        if pg.execute(f"SELECT 1 FROM {studies} WHERE study_id = %s FOR UPDATE", (study_id,)).fetchone() is None:
-            raise KeyError(models.NOT_FOUND_MSG)
-        row = pg.execute(f"INSERT INTO {trials} (study_id, number, state, datetime_start) SELECT %s, count(*), "
-                         f"'RUNNING', %s FROM {trials} WHERE study_id = %s RETURNING trial_id, number",
-                         (study_id, now, study_id)).fetchone()
-    return row[0], row[1]
+
+    def once() -> tuple[int, int]:
+        with _pg_connection(storage) as pg:
+            if pg.execute(f"SELECT 1 FROM {studies} WHERE study_id = %s FOR UPDATE", (study_id,)).fetchone() is None:
+                raise KeyError(models.NOT_FOUND_MSG)
+            row = pg.execute(f"INSERT INTO {trials} (study_id, number, state, datetime_start) SELECT %s, count(*), "
+                             f"'RUNNING', %s FROM {trials} WHERE study_id = %s RETURNING trial_id, number",
+                             (study_id, now, study_id)).fetchone()
+        return row[0], row[1]
+
+    return _pg_retrying(storage, once)
 
 
 def _cached_new(storage: Any, study_id: int, trial_id: int, number: int, now: datetime.datetime) -> FrozenTrial:
@@ -529,9 +533,12 @@ def _any_waiting(storage: Any, study_id: int) -> bool:
 
         trials = models.TrialModel.__table__
         if _pg(storage) is not None:
-            with _pg_connection(storage, autocommit=True) as pg:
-                return pg.execute(f"SELECT 1 FROM {trials.name} WHERE study_id = %s AND state = 'WAITING' LIMIT 1",
-                                  (study_id,)).fetchone() is not None
+            def look() -> bool:
+                with _pg_connection(storage, autocommit=True) as pg:
+                    return pg.execute(f"SELECT 1 FROM {trials.name} WHERE study_id = %s AND state = 'WAITING' LIMIT 1",
+                                      (study_id,)).fetchone() is not None
+
+            return _pg_retrying(storage, look)
         query = (trials.select().with_only_columns(trials.c.trial_id)
                  .where(trials.c.study_id == study_id, trials.c.state == TrialState.WAITING).limit(1))
         with _autocommit(storage) as conn:
@@ -700,6 +707,31 @@ def _pg_connection(storage: Any, autocommit: bool = False) -> Any:
         raw.close()
 
 
+RETRY_WAITS = (0.0, 0.5, 1.0, 2.0, 4.0)  # seconds before each retry after a lost PostgreSQL connection (7.5 s in all)
+
+
+def _pg_retrying(storage: Any, work: Any) -> Any:
+    """``work()`` (statements through :func:`_pg_connection`), tried again after a lost connection or a
+    transaction the server aborted (a restarted server, a dropped connection, a deadlock): the storage's pool
+    is renewed -- Optuna's own statements then get fresh connections too -- and the work redone after
+    :data:`RETRY_WAITS`. Each try is one transaction, rolled back by the server if it broke off, so a redo
+    writes nothing twice (unless the connection was lost after the server committed and before it answered:
+    the redo then meets the rows it wrote and fails). The last error is raised as it came."""
+    import time
+
+    from sqlalchemy import exc as sqlalchemy_exc
+
+    for wait in (*RETRY_WAITS, None):
+        try:
+            return work()
+        except sqlalchemy_exc.OperationalError:  # the connection, the server or the transaction, not the data
+            if wait is None:
+                raise
+            storage.engine.dispose()  # every pooled connection may be to the old server
+            time.sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 @functools.lru_cache(maxsize=64)
 def _pg_statement(finish: bool, users: int, systems: int, values: int) -> str:
     """The statement that writes a trial's ``users`` user and ``systems`` system attributes and (``finish``) its
@@ -741,7 +773,8 @@ def _write_pg(storage: Any, trial_id: int, held: _Held,
     """:func:`_write_rdb` on PostgreSQL through psycopg: the parameter rows by ``COPY`` (a MiniLM trial's
     ~120), then one statement for the attributes, the values and the state (:func:`_pg_statement`); without
     parameters that statement alone, in autocommit mode. A flush waits on the server 4 times instead of 6, a
-    tell once instead of 4, and SQLAlchemy's statement building (~1 ms a statement) is skipped."""
+    tell once instead of 4, and SQLAlchemy's statement building (~1 ms a statement) is skipped. A lost
+    connection is retried (:func:`_pg_retrying`)."""
     import json
 
     from optuna.storages._rdb import models
@@ -759,6 +792,13 @@ def _write_pg(storage: Any, trial_id: int, held: _Held,
             x, kind = models.TrialValueModel.value_to_stored_repr(v)
             args[f"v{i}x"], args[f"v{i}k"] = x, kind.name
     statement = _pg_statement(finish is not None, len(held.user), len(held.system), len(values))
+    return _pg_retrying(storage, lambda: _write_pg_once(storage, trial_id, held, finish is None, statement, args))
+
+
+def _write_pg_once(storage: Any, trial_id: int, held: _Held, flush: bool, statement: str,
+                   args: dict[str, Any]) -> bool | None:
+    from optuna.storages._rdb import models
+
     with _pg_connection(storage, autocommit=not held.params) as pg:
         if held.params:
             table = models.TrialParamModel.__tablename__
@@ -767,7 +807,7 @@ def _write_pg(storage: Any, trial_id: int, held: _Held,
                 for name, (value, dist) in held.params.items():
                     copy.write_row((trial_id, name, value, _distribution_json(dist)))
         row = pg.execute(statement, args).fetchone()
-        if finish is None:
+        if flush:
             if row is None:
                 raise KeyError(models.NOT_FOUND_MSG)
             storage.check_trial_is_updatable(trial_id, TrialState[row[0]])  # raises (rolled back) if finished
