@@ -559,8 +559,9 @@ def _write(storage: BaseStorage, trial_id: int, held: _Held, stored: tuple[set[s
         return None
     base = storage._backend if isinstance(storage, _CachedStorage) else storage  # noqa: SLF001 - Optuna's cache
     try:  # the batched paths use Optuna 5's storage internals; another Optuna gets the writes one by one
-        if _pg(base) is not None:
-            return _write_pg(_pg(base), trial_id, held, finish)
+        pg = _pg(base)
+        if pg is not None:
+            return _write_pg(pg, trial_id, held, finish)
         if _rdb(base) is not None:
             return _write_rdb(base, trial_id, held, stored, finish)
         if isinstance(base, JournalStorage) and finish is None:
