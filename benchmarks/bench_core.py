@@ -155,9 +155,10 @@ def uniform_drifts() -> dict[str, float]:
     return out
 
 
-def storage_ms(postgres: str | None, n: int) -> tuple[dict[str, float], dict[str, float], float]:
+def storage_ms(postgres: str | None, n: int) -> dict[str, dict[str, float]]:
     """Storage work of one MiniLM-sized trial per storage kind, as the engine does it (batched) and one
-    transaction per write (before issue #14); see benchmarks/bench_distributed.storage_overhead."""
+    transaction per write (before issue #14), in ms: the time inside the storage's methods and the whole loop
+    around them; see benchmarks/bench_distributed.storage_overhead."""
     from bench_distributed import storage_overhead
 
     tmp = Path(tempfile.mkdtemp(prefix="autocomp-storage-"))
@@ -165,11 +166,18 @@ def storage_ms(postgres: str | None, n: int) -> tuple[dict[str, float], dict[str
     if postgres:
         stores["postgresql"] = postgres
     warm = 5  # untimed first trials on each storage (connections, compiled statements: once per search)
-    batched = {k: 1e3 * storage_overhead(u, n, batched=True, warmup=warm) for k, u in stores.items()}
-    single = {k: 1e3 * storage_overhead(u, min(n, 30), batched=False, warmup=warm) for k, u in stores.items()}
-    memory = 1e3 * storage_overhead(":memory:", n, warmup=warm)  # the same loop with no storage to speak of
+    out: dict[str, dict[str, float]] = {f"{w}{x}": {} for w in ("storage", "loop") for x in ("", "_refine", "_single")}
+    for k, u in stores.items():
+        # the random sampler (no reads of the study), the engine's default sampler (its reads each trial), and
+        # the random sampler with one write per transaction (the old way)
+        for way, trials, sampler, suffix in ((True, n, "random", ""), (True, n, "refine", "_refine"),
+                                             (False, min(n, 30), "random", "_single")):
+            spent = storage_overhead(u, trials, batched=way, warmup=warm, sampler=sampler)
+            out["storage" + suffix][k], out["loop" + suffix][k] = 1e3 * spent["storage"], 1e3 * spent["loop"]
+    memory = storage_overhead(":memory:", n, warmup=warm)  # the same loop on Optuna's in-memory storage
+    out["memory"] = {k: 1e3 * v for k, v in memory.items()}
     shutil.rmtree(tmp, ignore_errors=True)
-    return batched, single, memory
+    return out
 
 
 def search_trials_per_second(trials: int = 100, replay: bool = False) -> tuple[float, dict[str, float] | None]:
@@ -239,15 +247,24 @@ def main() -> None:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         e = evals_per_second(10 if args.quick else 30)
-        batched, single, memory = storage_ms(args.postgres, 10 if args.quick else 100)
+        spent = storage_ms(args.postgres, 10 if args.quick else 100)
         rate, replayed = search_trials_per_second(30 if args.quick else 100, replay=True)
-        print(json.dumps({"evals_per_second": e["evals_per_s_local"], "proxy_ms_per_trial": 1e3 / e["evals_per_s_local"],
+        proxy_ms = 1e3 / e["evals_per_s_local"]
+        print(json.dumps({"evals_per_second": e["evals_per_s_local"], "proxy_ms_per_trial": proxy_ms,
                           "evals_per_second_cold": e["evals_per_s_cold"],
-                          # the whole ask / suggest / tell loop of a trial on each storage (sampler draws and
-                          # plan decoding included), the same loop in memory, and the difference: the storage's own
-                          "storage_ms_per_trial": batched, "loop_ms_per_trial_in_memory": memory,
-                          "storage_ms_per_trial_over_memory": {k: v - memory for k, v in batched.items()},
-                          "storage_ms_per_trial_one_write_per_transaction": single,
+                          # the time inside the storage's methods per trial, its share of a proxy evaluation, and
+                          # the whole ask / suggest / tell loop around it (Optuna's suggest machinery, the
+                          # sampler's draws and the plan's decoding added); the same on Optuna's in-memory storage
+                          "storage_ms_per_trial": spent["storage"],
+                          "storage_share_of_proxy": {k: v / proxy_ms for k, v in spent["storage"].items()},
+                          "storage_ms_per_trial_default_sampler": spent["storage_refine"],
+                          "storage_share_of_proxy_default_sampler": {k: v / proxy_ms
+                                                                     for k, v in spent["storage_refine"].items()},
+                          "loop_ms_per_trial_default_sampler": spent["loop_refine"],
+                          "loop_ms_per_trial": spent["loop"], "loop_ms_per_trial_in_memory": spent["memory"]["loop"],
+                          "storage_ms_per_trial_in_memory": spent["memory"]["storage"],
+                          "storage_ms_per_trial_one_write_per_transaction": spent["storage_single"],
+                          "loop_ms_per_trial_one_write_per_transaction": spent["loop_single"],
                           "search_trials_per_second": rate, "search_replayed": replayed}))
         return
 

@@ -115,6 +115,7 @@ class BatchedStorage(BaseStorage):
         self.sole = sole
         self._own: dict[int, _Own] = {}
         self._told: dict[int, FrozenTrial] = {}  # own trials just finished, as told (see told())
+        self._finished: dict[int, FrozenTrial] = {}  # the same, until a read of the study's trials takes them
         self._kept: dict[int, dict[int, FrozenTrial]] = {}  # sole writer: study -> number -> trial
         self._study_of: dict[int, int] = {}  # own running trial -> its study (sole writer)
         self._writes = 0
@@ -268,6 +269,10 @@ class BatchedStorage(BaseStorage):
                 self._told[trial_id] = done
                 while len(self._told) > 64:  # a trial nobody asked for (e.g. one failed on the way) is not kept
                     self._told.pop(next(iter(self._told)))
+                if not self.sole:
+                    self._finished[trial_id] = done
+                    while len(self._finished) > 256:  # no read took it: the next read reads it from the storage
+                        self._finished.pop(next(iter(self._finished)))
                 study_id = self._study_of.pop(trial_id, None)
             self._keep(study_id, done)
         else:  # another trial's state (a queued one taken, a dead worker's failed), or a refused tell
@@ -342,12 +347,30 @@ class BatchedStorage(BaseStorage):
             if deepcopy:
                 trials = copy.deepcopy(trials)
         else:
-            trials = self.inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+            trials = self._cached_trials(study_id, deepcopy, states)
+            if trials is None:
+                trials = self.inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
         with self._lock:
             if not self._own:
                 return trials
             return [self._own[t._trial_id].view() if t._trial_id in self._own and t.state == TrialState.RUNNING
                     else t for t in trials]
+
+    def _cached_trials(self, study_id: int, deepcopy: bool, states: Any) -> list[FrozenTrial] | None:
+        """The study's trials from Optuna's cache over a database, brought up to date by :func:`_refresh_cache`
+        (this worker's running and just-told trials not read back) -- or None where the storage is not that."""
+        with self._lock:
+            mine, finished = set(self._own), dict(self._finished)
+        took = _refresh_cache(self.inner, study_id, mine, finished)
+        if took is None:
+            return None
+        with self._lock:
+            for trial_id in took:
+                self._finished.pop(trial_id, None)
+        with self.inner._lock:  # noqa: SLF001 - as Optuna's cache lists them
+            cached = self.inner._studies[study_id].trials  # noqa: SLF001
+            trials = sorted((t for t in cached.values() if states is None or t.state in states), key=lambda t: t.number)
+        return copy.deepcopy(trials) if deepcopy else trials
 
     def get_trial_params(self, trial_id: int) -> dict[str, Any]:
         return self.get_trial(trial_id).params
@@ -421,6 +444,86 @@ def _rdb(storage: Any) -> Any:
 
     base = storage._backend if isinstance(storage, _CachedStorage) else storage  # noqa: SLF001 - Optuna's cache
     return base if isinstance(base, RDBStorage) else None
+
+
+def _refresh_cache(cache: Any, study_id: int, mine: set[int], finished: dict[int, FrozenTrial]) -> set[int] | None:
+    """Optuna's cache over a database (``cache``) brought up to date for ``study_id`` as its own refresh does --
+    every trial still unfinished when last read, and every trial after the last finished one -- but without
+    reading back, with all their rows, the trials this worker knows: its running ones (``mine``, their rows are
+    its own; the cache keeps them as created, and reads see them through :meth:`BatchedStorage.get_all_trials`)
+    and the ones it just finished (``finished``, as told, put in the cache). One light statement (ids, numbers,
+    states) says which trials changed; only the others' are read in full. Optuna's refresh re-read the worker's
+    running trial (~120 parameters and the plan) on every read of the study: 3 reads a trial with the default
+    sampler, 18 ms a MiniLM trial on PostgreSQL over loopback. Returns the ids taken from ``finished``; None,
+    having read nothing, where ``cache`` is not Optuna's cache over a database as this module knows it."""
+    try:
+        from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from sqlalchemy import or_, orm, select
+
+        backend = _rdb(cache) if isinstance(cache, _CachedStorage) else None
+        if backend is None:
+            return None
+        build = backend._build_frozen_trial_from_trial_model  # noqa: SLF001 - Optuna's own reader
+        lock, studies, index = cache._lock, cache._studies, cache._trial_id_to_study_id_and_number  # noqa: SLF001
+        add = cache._add_trials_to_cache  # noqa: SLF001
+    except (ImportError, AttributeError):  # pragma: no cover - another Optuna
+        return None
+    t = models.TrialModel
+    took: set[int] = set()
+    with lock:  # as Optuna's refresh: one thread at a time
+        info = studies.setdefault(study_id, _StudyInfo())
+        changed = t.trial_id > info.last_finished_trial_id
+        if info.unfinished_trial_ids:
+            changed = or_(changed, t.trial_id.in_(sorted(info.unfinished_trial_ids)))
+        if _pg(backend) is not None:  # the same statement on the driver's connection (no statement building)
+            rows = _pg_retrying(backend, lambda: _pg_changed(backend, study_id, info))
+        else:
+            with _autocommit(backend) as conn:
+                rows = conn.execute(select(t.trial_id, t.number, t.state).where(t.study_id == study_id, changed)).all()
+        fresh, need = [], []
+        for trial_id, number, state in rows:
+            if state == TrialState.RUNNING and trial_id in mine and index.get(trial_id) == (study_id, number):
+                continue
+            done = finished.get(trial_id)
+            if done is not None and done.state == state and done.number == number:
+                fresh.append(done)
+                took.add(trial_id)
+            else:
+                need.append(trial_id)
+        if need or not rows:
+            with _create_scoped_session(backend.scoped_session) as session:
+                if not rows:
+                    models.StudyModel.find_or_raise_by_id(study_id, session)  # KeyError, as Optuna's refresh
+                for i in range(0, len(need), 500):  # bounded IN lists (SQLite's limit on variables)
+                    query = (session.query(t).options(orm.selectinload(t.params), orm.selectinload(t.values),
+                                                      orm.selectinload(t.user_attributes),
+                                                      orm.selectinload(t.system_attributes),
+                                                      orm.selectinload(t.intermediate_values))
+                             .filter(t.trial_id.in_(need[i:i + 500])))
+                    fresh += [build(m) for m in query.all()]
+        add(study_id, fresh)
+        now = {trial_id: state for trial_id, _, state in rows}
+        now.update((f._trial_id, f.state) for f in fresh)  # as read in full (it may have moved on meanwhile)
+        for trial_id in sorted(now):  # as Optuna's refresh keeps its marks
+            if now[trial_id].is_finished():
+                info.last_finished_trial_id = max(info.last_finished_trial_id, trial_id)
+                info.unfinished_trial_ids.discard(trial_id)
+            else:
+                info.unfinished_trial_ids.add(trial_id)
+    return took
+
+
+def _pg_changed(storage: Any, study_id: int, info: Any) -> list[tuple[int, int, TrialState]]:
+    """:func:`_refresh_cache`'s light statement on PostgreSQL through psycopg, in autocommit mode."""
+    from optuna.storages._rdb import models
+
+    with _pg_connection(storage, autocommit=True) as pg:
+        rows = pg.execute(f"SELECT trial_id, number, state::text FROM {models.TrialModel.__tablename__} "
+                          "WHERE study_id = %s AND (trial_id > %s OR trial_id = ANY(%s))",
+                          (study_id, info.last_finished_trial_id, sorted(info.unfinished_trial_ids))).fetchall()
+    return [(trial_id, number, TrialState[state]) for trial_id, number, state in rows]
 
 
 def _autocommit(storage: Any) -> Any:
