@@ -22,7 +22,9 @@ that every ``ask`` looks at is asked of the database alone, in one statement, an
 never wrote are inserted without looking them up first: 9 statements a MiniLM-sized trial on a database, plus
 what the sampler reads (42 before, then 25 with the sampler's read). A sole writer (a single-writer SQLite study)
 reads the study's trials once and keeps them as it writes them: 8 statements a trial, none of them a read of
-the study.
+the study. In a shared study a read of the study's trials asks which trials changed (one light statement) and
+reads in full only those this worker does not know (:func:`_refresh_cache`): not its own running trial, nor
+the one it just told, which Optuna's cache re-read on every read.
 
 On PostgreSQL through psycopg 3 the same transactions are a few plain statements on the driver's connection
 (:func:`_write_pg`): the parameters by ``COPY``, the attributes with the state check as one statement
