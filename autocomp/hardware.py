@@ -260,6 +260,25 @@ def time_models(models: list[Any], batch: Any, runs: int = 10, seed: int = 0) ->
     return [sorted(t)[(len(t) - 1) // 4] for t in times]
 
 
+def ort_models(loaded: Any, desc: Any, plans: list[Any], device: Device, folder: Path,
+               log: Callable[[str], None] = print) -> list[Any]:
+    """Each plan exported to ONNX under ``folder`` as the ``runtime: ort`` device's exports are made (its
+    accuracy level and W8A8 kernel) and opened as ORT sessions with the device's threads, sleeping between
+    runs as every timed session here (see OrtModel)."""
+    from autocomp.ort import OrtModel, export_onnx
+
+    ort = device.ort or {}
+    threads = int(ort.get("threads") or 0) or None
+    models = []
+    for i, plan in enumerate(plans):
+        path = folder / f"plan{i}.onnx"
+        export_onnx(loaded.module, desc, plan, path, loaded.batches[0], accuracy_level=int(ort.get("accuracy_level", 4)),
+                    int8_kernel=str(ort.get("int8_kernel", "portable")))
+        models.append(OrtModel(path, threads=threads, spinning=False))
+        log(f"  exported plan {i + 1}/{len(plans)} to ONNX")
+    return models
+
+
 DRAWS = ("spread", "uniform")
 
 
@@ -381,18 +400,8 @@ def validate(loaded: Any, desc: Any, space: Any, device: Device, workload: Any, 
     if runtime == "ort":
         import tempfile
 
-        from autocomp.ort import OrtModel, export_onnx
-
-        threads = int((device.ort or {}).get("threads") or 0) or None
         with tempfile.TemporaryDirectory() as tmp:
-            models = []
-            for i, plan in enumerate(plans):
-                path = Path(tmp) / f"plan{i}.onnx"
-                export_onnx(loaded.module, desc, plan, path, loaded.batches[0],
-                            accuracy_level=int((device.ort or {}).get("accuracy_level", 4)),
-                            int8_kernel=str((device.ort or {}).get("int8_kernel", "portable")))
-                models.append(OrtModel(path, threads=threads, spinning=False))
-                log(f"  exported plan {i + 1}/{len(plans)} to ONNX")
+            models = ort_models(loaded, desc, plans, device, Path(tmp), log)
             measured = time_models(models, batch, runs=runs)
             del models
     else:

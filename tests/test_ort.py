@@ -352,7 +352,7 @@ def test_ort_device_calibrate_validate_and_search(capsys, tmp_path, studies):
     """`hardware calibrate --runtime ort` writes a runtime-ort device of timed kernel fits; validate times real ONNX
     exports (same JSON contract as torch); a search on it proposes only formats ORT runs as stored."""
     from autocomp.cost.device import load_device
-    from autocomp.cost.latency import CostModel
+    from autocomp.cost.latency import CostModel, Workload
 
     out = tmp_path / "ort.yaml"
     tiny = ["--model", f"{TINY}:tiny", "--data", f"{TINY}:calib"]
@@ -369,6 +369,15 @@ def test_ort_device_calibrate_validate_and_search(capsys, tmp_path, studies):
     int8 = cost.latency_ms(Plan(layers={"fc1": LayerPlan(bits=8, act_bits=8)}))
     four = cost.latency_ms(Plan(layers={"fc1": LayerPlan(bits=4, group_size=32)}))
     assert len({fp32, int8, four}) == 3
+    # the whole-model fit on the model's own exported plans: a scale per kernel group, at the fitted workload only
+    e2e = dev.ort["end_to_end"]
+    assert e2e["workload"] == cost.workload.label() and e2e["plans"] == 13
+    assert set(e2e["scales"]) == {"fp32", "int8", "nbits", "other"} and all(v >= 0 for v in e2e["scales"].values())
+    parts = cost.ort_breakdown(Plan(layers={}))
+    assert fp32 == pytest.approx(1e3 * sum(e2e["scales"][g] * t for g, t in parts.items()), rel=1e-9)
+    other = CostModel(dev, desc, Workload(4, cost.workload.seq))  # not fitted there: kernel-level prediction
+    assert other.latency_ms(Plan(layers={})) == pytest.approx(1e3 * sum(other.ort_breakdown(Plan(layers={})).values()),
+                                                              rel=1e-9)
     code, out_json, err = run_cli(["hardware", "validate", "--runtime", "ort", "--hardware", str(out), *tiny,
                                    "--plans", "4", "--runs", "3", "--json"], capsys)
     assert code == 0, err

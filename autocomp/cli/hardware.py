@@ -101,7 +101,7 @@ def hardware_calibrate(out: Path | None, runtime: str, name: str | None, threads
         con.print(f"calibrating {name}: timing ONNX Runtime's MatMul, MatMulNBits (2/4/8-bit), MatMulInteger and "
                   f"Gather kernels{' and the fp32 graph of ' + loaded.name if loaded is not None else ''}…")
         calibrate_ort(out, name=name, quick=quick, log=con.print, model=loaded, workload=workload, threads=threads,
-                      accuracy_level=accuracy_level, int8_kernel=int8_kernel)
+                      accuracy_level=accuracy_level, int8_kernel=int8_kernel, fit_plans=fit_plans)
         con.print(f"wrote {out}; use it with --hardware {out if out.parent != local_dir() else name}")
         return
     con.print(f"calibrating {name}: timing matmul, int8 and attention/elementwise kernels…")

@@ -131,6 +131,11 @@ class CostModel:
         # weight fingerprint): per-class scales on the kernel-level prediction plus a per-forward constant.
         e2e = (device.correction or {}).get("end_to_end")
         self._e2e = e2e if e2e and e2e.get("fingerprint") == desc.fingerprint else None
+        # ONNX Runtime: per kernel group scales fitted by `calibrate --runtime ort` on exported plans of this
+        # very model at this workload (:func:`autocomp.ort_hardware.fit_plans_ort`)
+        ort_e2e = ((device.ort or {}).get("end_to_end") or {}) if device.runtime == "ort" else {}
+        fitted = ort_e2e.get("fingerprint") == desc.fingerprint and ort_e2e.get("workload") == self.workload.label()
+        self._ort_scales: dict[str, float] | None = ort_e2e.get("scales") if fitted else None
 
     # -- per layer ---------------------------------------------------------------------------------------
     def positions(self, layer: LayerDesc) -> float:
@@ -186,22 +191,33 @@ class CostModel:
 
     def _ort_layer(self, layer: LayerDesc, choice: LayerPlan, rows: int, cols: int, m: float) -> tuple[float, float, float, float]:
         """ONNX Runtime: each matmul at its kernel class's timed fit (``t = a MKN + b KN + c M(K+N) + d``,
-        :func:`autocomp.ort_hardware.calibrate_ort`); an embedding gather per gathered element."""
+        :func:`autocomp.ort_hardware.calibrate_ort`); an embedding gather per gathered element; each kernel
+        group scaled as the whole-model fit says, where there is one for this model and workload."""
+        parts, bitops, energy, macs = self._ort_parts(layer, choice, rows, cols, m)
+        scales = self._ort_scales or {}
+        return sum(t * float(scales.get(group, 1.0)) for group, t in parts.items()), bitops, energy, macs
+
+    def _ort_parts(self, layer: LayerDesc, choice: LayerPlan, rows: int, cols: int,
+                   m: float) -> tuple[dict[str, float], float, float, float]:
+        """({kernel group: seconds} before any whole-model scale, bitops, energy pJ, MACs) of one layer in ONNX
+        Runtime. Groups: ``fp32`` (MatMul), ``int8`` (W8A8), ``nbits`` (MatMulNBits), ``other`` (gathers)."""
         fits = self.device.ort["kernels"]  # type: ignore[index]
         if layer.type == "Embedding":
             c, d0 = fits["gather"]
-            return c * m * cols + d0, 0.0, m * cols * 4 * self._dram_pj, 0.0
+            return {"other": c * m * cols + d0}, 0.0, m * cols * 4 * self._dram_pj, 0.0
         ex = self.execution(layer, choice, rows, cols)
         q = choice.get("quantize")
-        seconds = energy = macs = 0.0
+        parts: dict[str, float] = {}
+        energy = macs = 0.0
         for k, n in ex.shapes:
             cls = ort_class(ex, q.group_size if q is not None else 0, k) if layer.type in ("Linear", "Conv1D") else "fp32"
             a, b, c, d0 = _ort_fit(fits, cls, m == 1)
-            seconds += a * m * k * n + b * k * n + c * m * (k + n) + d0
+            group = "nbits" if cls.startswith("nbits") else cls
+            parts[group] = parts.get(group, 0.0) + a * m * k * n + b * k * n + c * m * (k + n) + d0
             macs += m * k * n
             w_bytes = k * n * min(ex.store_bits, 32.0) / 8
             energy += m * k * n * self._mac_pj.get(ex.dtype, self._mac_pj["fp32"]) + w_bytes * self._dram_pj
-        return seconds, macs * ex.store_bits * ex.act_bits, energy, macs
+        return parts, macs * ex.store_bits * ex.act_bits, energy, macs
 
     def execution(self, layer: LayerDesc, choice: LayerPlan, rows: int, cols: int) -> Any:
         """How the layer runs on this device (:class:`~autocomp.compressors.base.Execution`)."""
@@ -246,7 +262,7 @@ class CostModel:
         if e2e.get("fingerprint") == self.desc.fingerprint:
             u, v, w = e2e["other"]
             t = self.workload.batch * (self.workload.seq or 1)
-            return u + v * t + w * t * t / max(self.workload.batch, 1)
+            return (u + v * t + w * t * t / max(self.workload.batch, 1)) * float((self._ort_scales or {}).get("other", 1.0))
         return flops / 2 * ort["kernels"]["fp32"][0]
 
     def _raw(self, plan: Plan) -> tuple[float, float, float]:
@@ -267,6 +283,20 @@ class CostModel:
 
     def latency_ms(self, plan: Plan) -> float:
         return self.evaluate(plan)["latency_ms"]
+
+    def ort_breakdown(self, plan: Plan) -> dict[str, float]:
+        """ONNX Runtime: seconds per kernel group (``fp32``, ``int8``, ``nbits``; gathers and the rest of the
+        graph as ``other``) before the whole-model scales -- the features `calibrate --runtime ort` fits on."""
+        saved, self._ort_scales = self._ort_scales, None
+        try:
+            out = {"fp32": 0.0, "int8": 0.0, "nbits": 0.0, "other": self.other_cost()[0]}
+            for layer in self.desc.layers:
+                rows, cols = structured_shape(layer, plan.structured)
+                for group, t in self._ort_parts(layer, plan.layer(layer.name), rows, cols, self.positions(layer))[0].items():
+                    out[group] += t
+            return out
+        finally:
+            self._ort_scales = saved
 
     def breakdown(self, plan: Plan) -> dict[str, float]:
         """Kernel-level seconds per class (``dense``, ``int8``, ``other``) before any whole-model
