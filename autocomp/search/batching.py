@@ -353,10 +353,11 @@ class BatchedStorage(BaseStorage):
             if trials is None:
                 trials = self.inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
         with self._lock:
-            if not self._own:
+            if not self._own and not self._finished:
                 return trials
-            return [self._own[t._trial_id].view() if t._trial_id in self._own and t.state == TrialState.RUNNING
-                    else t for t in trials]
+            # this worker's running trials as it holds them; one another thread of it told meanwhile, as told
+            return [t if t.state != TrialState.RUNNING else self._own[t._trial_id].view() if t._trial_id in self._own
+                    else self._finished.get(t._trial_id, t) for t in trials]
 
     def _cached_trials(self, study_id: int, deepcopy: bool, states: Any) -> list[FrozenTrial] | None:
         """The study's trials from Optuna's cache over a database, brought up to date by :func:`_refresh_cache`
