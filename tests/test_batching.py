@@ -381,6 +381,18 @@ def test_progress_counts_in_one_statement_what_the_trials_say(kind, tmp_path):
         assert len(seen) == 1
 
 
+def _decided(study, i):
+    """A new trial of ``study`` with 20 parameters, a plan and a constraint, flushed as the engine does once the
+    plan is decided."""
+    trial = study.ask()
+    for j in range(20):
+        trial.suggest_categorical(f"layer{j}:q", ["keep", "8c", "4g128"])
+    trial.set_user_attr("plan", {"i": i})
+    trial.set_constraint("size", -1.0)
+    study._storage.flush(trial._trial_id)
+    return trial
+
+
 def test_a_sole_writer_reads_the_study_once_and_sees_what_a_fresh_read_sees(tmp_path):
     """Single writer (SQLite, the lock held): the study's trials are read once, then kept as this worker writes
     them; a queued trial and a dead process's trial failed drop the kept list. Every read equals a fresh load
@@ -400,12 +412,7 @@ def test_a_sole_writer_reads_the_study_once_and_sees_what_a_fresh_read_sees(tmp_
         return [(t.number, t.state, t.values, t.params, t.user_attrs, t.system_attrs) for t in trials]
 
     def one(i):
-        trial = study.ask()
-        for j in range(20):
-            trial.suggest_categorical(f"layer{j}:q", ["keep", "8c", "4g128"])
-        trial.set_user_attr("plan", {"i": i})
-        trial.set_constraint("size", -1.0)
-        study._storage.flush(trial._trial_id)
+        trial = _decided(study, i)
         study.tell(trial, [0.1 * i, 100.0 - i])
         assert fields(study.get_trials()) == fields(optuna.load_study(study_name="sole", storage=url).trials)
 
@@ -449,12 +456,7 @@ def test_a_shared_worker_reads_in_full_only_the_trials_others_changed(kind, tmp_
         return fields(optuna.load_study(study_name=f"sh-{kind}", storage=open_storage(url)).trials)
 
     def one(s, i, tell=True):
-        trial = s.ask()
-        for j in range(20):
-            trial.suggest_categorical(f"layer{j}:q", ["keep", "8c", "4g128"])
-        trial.set_user_attr("plan", {"i": i})
-        trial.set_constraint("size", -1.0)
-        s._storage.flush(trial._trial_id)
+        trial = _decided(s, i)
         running = s.get_trials(deepcopy=False)[-1]  # what a sampler reads while the trial runs: all it wrote
         assert running.params == trial.params and running.user_attrs["plan"] == {"i": i}
         if tell:
