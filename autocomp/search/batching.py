@@ -477,12 +477,12 @@ def _refresh_cache(cache: Any, study_id: int, mine: set[int], finished: dict[int
     took: set[int] = set()
     with lock:  # as Optuna's refresh: one thread at a time
         info = studies.setdefault(study_id, _StudyInfo())
-        changed = t.trial_id > info.last_finished_trial_id
-        if info.unfinished_trial_ids:
-            changed = or_(changed, t.trial_id.in_(sorted(info.unfinished_trial_ids)))
         if _pg(backend) is not None:  # the same statement on the driver's connection (no statement building)
             rows = _pg_retrying(backend, lambda: _pg_changed(backend, study_id, info))
         else:
+            changed = t.trial_id > info.last_finished_trial_id
+            if info.unfinished_trial_ids:
+                changed = or_(changed, t.trial_id.in_(sorted(info.unfinished_trial_ids)))
             with _autocommit(backend) as conn:
                 rows = conn.execute(select(t.trial_id, t.number, t.state).where(t.study_id == study_id, changed)).all()
         fresh, need = [], []
