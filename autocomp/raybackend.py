@@ -44,6 +44,9 @@ class _Worker:
 
         loaded = load_model(model, data=data, metric=metric)
         desc = introspect(loaded)
+        from autocomp.memory import settle_for
+
+        settle_for(desc.fp32_bytes)  # as the driver's process: a small model's freed activations are kept
         if calibration_dir is not None:  # compensated options: the driver's statistics (its cache file)
             from autocomp.compressors.calibration import ensure
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from autocomp.budget import format_bytes, parse_budget
 from autocomp.desc import ModelDesc
 from autocomp.errors import AutocompError
-from autocomp.memory import LARGE_MODEL_BYTES, large_blocks_to_mmap, release
+from autocomp.memory import LARGE_MODEL_BYTES, large_blocks_to_mmap, release, settle_for
 from autocomp.plan import Plan, atomic_write_text
 from autocomp.search.config import (METRIC_ATTR, SearchConfig, check_same, parse_count, parse_objectives,
                                     parse_time_ms, space_hash, validate)
@@ -186,6 +186,7 @@ def _prepare(cfg: SearchConfig, req: _Request, emit: Any) -> _Prepared:
     space = SearchSpace.from_yaml(req.space_path, introspect(loaded))
     t2 = time.perf_counter()
     desc = space.desc  # with the space's modality tags, if it has any
+    settle_for(desc.fp32_bytes)
     constraints = parse_constraints(desc, cfg.min_bits, cfg.max_sparsity, cfg.budget_split)
     if constraints.min_bits or constraints.max_sparsity:
         space.restrict(constraints.min_bits, constraints.max_sparsity)
