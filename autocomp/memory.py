@@ -39,10 +39,7 @@ def large_blocks_to_mmap() -> bool:
     freed, instead of fragmenting the heap. Measured on a 6-layer GPT-2-medium-shaped model, the Fisher
     phase's peak resident set fell by 0.6 GB (one backward pass had kept every layer's freed gradient).
     -> whether it could (glibc only)."""
-    lib = _libc()
-    if lib is None or not hasattr(lib, "mallopt"):
-        return False
-    return bool(lib.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def settle_for(fp32_bytes: int) -> bool:
@@ -55,11 +52,12 @@ def settle_for(fp32_bytes: int) -> bool:
     :func:`large_blocks_to_mmap`'s setting (memory before speed). -> whether it could (glibc only)."""
     if fp32_bytes >= LARGE_MODEL_BYTES:
         return large_blocks_to_mmap()
+    return _mallopt(_M_MMAP_THRESHOLD, SMALL_MODEL_MMAP_THRESHOLD) and _mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+
+
+def _mallopt(param: int, value: int) -> bool:
     lib = _libc()
-    if lib is None or not hasattr(lib, "mallopt"):
-        return False
-    return bool(lib.mallopt(_M_MMAP_THRESHOLD, SMALL_MODEL_MMAP_THRESHOLD)) and bool(
-        lib.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return lib is not None and hasattr(lib, "mallopt") and bool(lib.mallopt(param, value))
 
 
 def release() -> bool:
