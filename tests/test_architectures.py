@@ -370,14 +370,29 @@ def test_layer_cache_is_bounded_and_least_recently_used_goes_first():
 
 
 def test_magnitude_selection_prunes_exactly_what_the_stable_sort_prunes():
-    from autocomp.compressors.prune import SORT_BELOW, magnitude_mask
+    from autocomp.compressors.prune import magnitude_mask
 
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(1024, SORT_BELOW // 1024, generator=g).half().float()  # fp16 values: many ties
+    w = torch.randn(1024, 1024, generator=g).half().float()  # fp16 values: many ties
     w[0, :300] = 0.0
     for sparsity in (0.1, 0.3, 0.5, 0.7):
         order = torch.sort(w.reshape(-1).abs(), stable=True).indices
         assert torch.equal(magnitude_mask(w, sparsity), magnitude_mask(w, sparsity, order))
+
+
+def test_bracketed_selection_finds_kthvalue_on_random_tied_and_patterned_vectors():
+    from autocomp.compressors.prune import SAMPLE, _bracketed_kth
+
+    g = torch.Generator().manual_seed(2)
+    n = 8 * SAMPLE
+    random = torch.randn(n, generator=g).abs()
+    tied = torch.randint(0, 5, (n,), generator=g).float()  # every bracket edge a tie
+    ramp = torch.arange(n, dtype=torch.float32)  # the strided sample sees every step-th value only
+    stairs = torch.arange(n).div(n // 3, rounding_mode="floor").float()  # the sample cannot bracket a jump
+    for mag in (random, tied, ramp, stairs, ramp.flip(0)):  # (kthvalue itself takes seconds on the last one)
+        ranked = mag.sort().values
+        for k in (1, 7, n // 3, n // 3 + 1, n // 2, n - 5, n):
+            assert float(_bracketed_kth(mag, k)) == float(ranked[k - 1]), k
 
 
 def test_fisher_in_pieces_with_bfloat16_estimates_the_same_diagonal(monkeypatch):
@@ -412,10 +427,10 @@ def test_gram_svd_gives_the_same_truncations_as_lapack():
 def test_cached_magnitude_threshold_gives_the_sort_mask_and_survives_eviction():
     from autocomp.compressors.apply import LayerCache
     from autocomp.compressors.base import LayerContext, Part
-    from autocomp.compressors.prune import SORT_BELOW, Prune, PruneConfig, magnitude_mask, magnitude_threshold
+    from autocomp.compressors.prune import Prune, PruneConfig, magnitude_mask, magnitude_threshold
 
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(SORT_BELOW // 512, 512, generator=g).half().float()  # fp16 values: many ties
+    w = torch.randn(2048, 512, generator=g).half().float()  # fp16 values: many ties
     order = torch.sort(w.reshape(-1).abs(), stable=True).indices
     assert torch.equal(magnitude_mask(w, 0.4, threshold=magnitude_threshold(w, 0.4)), magnitude_mask(w, 0.4, order))
     cache = LayerCache(1)  # evicts everything but the newest entry

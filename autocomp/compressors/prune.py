@@ -64,21 +64,57 @@ def n_pruned(numel: int, sparsity: float) -> int:
     return int(math.floor(sparsity * numel + 1e-9))
 
 
-SORT_BELOW = 1 << 20  # matrices smaller than this cache one stable sort of |W|; larger ones cache, per
+SORT_BELOW = 1 << 14  # matrices smaller than this cache one stable sort of |W|; larger ones cache, per
 # sparsity, only the threshold a selection finds (an int64 index array is 2x the matrix: a large model's
-# bounded cache could not hold them, and re-sorting was a third of a 12-block GPT-2-medium's trial)
+# bounded cache could not hold them, and re-sorting was a third of a 12-block GPT-2-medium's trial). Even at
+# MiniLM's 384 x 1536 the selection (:func:`_bracketed_kth`) and its mask took 11 ms against 75 ms for the sort
 
 
 def magnitude_threshold(values, sparsity: float) -> tuple[float, int] | None:  # type: ignore[no-untyped-def]
-    """``(t, ties)``: the n-th smallest magnitude t (``kthvalue``, linear time, no index array) and how many
+    """``(t, ties)``: the n-th smallest magnitude t (a selection, linear time, no index array: :func:`_bracketed_kth`) and how many
     of the entries with |w| == t the n pruned include (the first ones in index order). None: nothing pruned."""
+    import torch
+
     flat = values.reshape(-1)
     n = n_pruned(flat.numel(), sparsity)
     if n == 0:
         return None
     mag = flat.abs()
-    t = mag.kthvalue(n).values
-    return float(t), n - int((mag < t).sum())
+    t = _bracketed_kth(mag, n)
+    return float(t), n - int(torch.count_nonzero(mag < t))
+
+
+SAMPLE = 1 << 16  # entries of a strided sample that bracket the n-th smallest (see _bracketed_kth)
+
+
+def _bracketed_kth(mag, n: int):  # type: ignore[no-untyped-def]
+    """The n-th smallest of ``mag`` (1-based), exactly: a strided sample's order statistics around the
+    quantile n / numel give a bracket [lo, hi]; if the count below lo and the entries inside show that the
+    n-th smallest lies in it, only those entries are selected from (a few percent of a large matrix), else
+    the whole vector is. ~4x faster than ``kthvalue`` on MiniLM's 30522 x 384 word table, the same value."""
+    import torch
+
+    numel = mag.numel()
+    step = numel // SAMPLE
+    if step < 4:
+        return mag.kthvalue(n).values
+    sample = mag[::step].sort().values
+    m = sample.numel()
+    at = n * m / numel
+    margin = 8 * math.isqrt(m) + 8  # ~16 standard deviations of the sample's rank of the true quantile
+    i, j = int(at) - margin, int(at) + margin
+    lo = sample[i] if i >= 0 else None
+    hi = sample[j] if j < m else None
+    below = int(torch.count_nonzero(mag < lo)) if lo is not None else 0
+    if lo is None or hi is None:
+        inside = mag[mag >= lo] if lo is not None else mag[mag <= hi] if hi is not None else mag
+    else:
+        inside = mag[(mag >= lo) & (mag <= hi)]
+    if below < n <= below + inside.numel():
+        return inside.kthvalue(n - below).values
+    # the sample misled (a strongly patterned matrix): from all, by a sort (torch's kthvalue takes seconds on a
+    # descending 2^19-vector: its selection degrades on ordered input)
+    return mag.sort().values[n - 1]
 
 
 def magnitude_mask(values, sparsity: float, order=None, threshold=None):  # type: ignore[no-untyped-def]
