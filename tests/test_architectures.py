@@ -388,8 +388,10 @@ def test_bracketed_selection_finds_kthvalue_on_random_tied_and_patterned_vectors
     random = torch.randn(n, generator=g).abs()
     tied = torch.randint(0, 5, (n,), generator=g).float()  # every bracket edge a tie
     ramp = torch.arange(n, dtype=torch.float32)  # the strided sample sees every step-th value only
-    stairs = torch.arange(n).div(n // 3, rounding_mode="floor").float()  # the sample cannot bracket a jump
-    for mag in (random, tied, ramp, stairs, ramp.flip(0)):  # (kthvalue itself takes seconds on the last one)
+    stairs = torch.arange(n).div(n // 3, rounding_mode="floor").float()  # three plateaus: ranks deep in ties
+    comb = torch.full((n,), 10.0)
+    comb[:: n // SAMPLE] = torch.rand(SAMPLE, generator=g)  # the sample sees only the teeth: the fallback runs
+    for mag in (random, tied, ramp, stairs, ramp.flip(0), comb):  # (kthvalue itself takes seconds on flip(0))
         ranked = mag.sort().values
         for k in (1, 7, n // 3, n // 3 + 1, n // 2, n - 5, n):
             assert float(_bracketed_kth(mag, k)) == float(ranked[k - 1]), k

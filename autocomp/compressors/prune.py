@@ -71,8 +71,9 @@ SORT_BELOW = 1 << 14  # matrices smaller than this cache one stable sort of |W|;
 
 
 def magnitude_threshold(values, sparsity: float) -> tuple[float, int] | None:  # type: ignore[no-untyped-def]
-    """``(t, ties)``: the n-th smallest magnitude t (a selection, linear time, no index array: :func:`_bracketed_kth`) and how many
-    of the entries with |w| == t the n pruned include (the first ones in index order). None: nothing pruned."""
+    """``(t, ties)``: the n-th smallest magnitude t (a selection, linear time, no index array:
+    :func:`_bracketed_kth`) and how many of the entries with |w| == t the n pruned include (the first ones in
+    index order). None: nothing pruned."""
     import torch
 
     flat = values.reshape(-1)
