@@ -43,14 +43,14 @@ def large_blocks_to_mmap() -> bool:
 
 
 def settle_for(fp32_bytes: int) -> bool:
-    """Once the model is loaded: a model under :data:`LARGE_MODEL_BYTES` keeps its freed blocks up to
+    """Once the model is loaded: a model up to :data:`LARGE_MODEL_BYTES` keeps its freed blocks up to
     :data:`SMALL_MODEL_MMAP_THRESHOLD` in the heap for the next trial instead of mapping and unmapping them
     (every fresh mapping is page-faulted in again, zeroed by the kernel). Fixing the mmap threshold also
     fixes glibc's trim threshold at its 128 KiB default, which would give the heap's top back after nearly
     every tensor freed, so that is raised to :data:`TRIM_THRESHOLD` too. Measured on MiniLM, 100 search
     trials: minor page faults 1.2 M -> 0.11 M, system time 3-4 s -> 0.3-0.7 s. A large model keeps
     :func:`large_blocks_to_mmap`'s setting (memory before speed). -> whether it could (glibc only)."""
-    if fp32_bytes >= LARGE_MODEL_BYTES:
+    if fp32_bytes > LARGE_MODEL_BYTES:  # as every other large-model switch (apply, reuse, seeds, engine)
         return large_blocks_to_mmap()
     return _mallopt(_M_MMAP_THRESHOLD, SMALL_MODEL_MMAP_THRESHOLD) and _mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
